@@ -1,0 +1,3 @@
+//! The gateway agent (see the crate's `main.rs` for the binary).
+
+pub mod ingest;

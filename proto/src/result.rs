@@ -1,0 +1,58 @@
+//! What the gateway makes of a device message, and what the cloud stores.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Fields;
+
+/// One processed event (INTERFACES.md "Results"). Timestamps are epoch milliseconds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventResult {
+    /// `{device}/{id}`: unique across the fleet because a device id is one MQTT topic level.
+    pub event_id: String,
+    pub device: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub seq: u64,
+    pub ts: i64,
+    pub gateway: String,
+    /// Gateway-wide, gap-free order of results in the outbox.
+    pub edge_seq: u64,
+    pub input: Fields,
+    pub result: Fields,
+    /// Names the exact calculation that produced `result` (a hash of its definition).
+    pub calc_version: String,
+    pub status: Status,
+    pub flags: Vec<String>,
+    pub anomaly_score: f64,
+    pub processed_at: i64,
+    pub correction: Option<Correction>,
+}
+
+impl EventResult {
+    pub fn event_id(device: &str, id: &str) -> String {
+        format!("{device}/{id}")
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    Anomaly,
+    Corrected,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Correction {
+    pub reason: String,
+    pub previous_result: Fields,
+    pub at: i64,
+    pub by: CorrectedBy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CorrectedBy {
+    Edge,
+    Cloud,
+}

@@ -17,4 +17,5 @@ pub use decode::{DecodeError, DecodeErrorKind, decode_message};
 pub use dlq::{DlqEntry, Stage};
 pub use limits::Limits;
 pub use message::{DeviceMessage, Fields};
-pub use result::{Correction, CorrectedBy, EventResult, Status};
+pub use result::{CorrectedBy, Correction, EventResult, Status};
+pub use wire::{Batch, WireError};

@@ -1,0 +1,293 @@
+//! The `[broker]` section of the agent configuration.
+//!
+//! Every field has a default, so an empty (or missing) `[broker]` table means "run the embedded
+//! MQTT front on 127.0.0.1:1883". Unknown fields are rejected so a typo is reported with its path
+//! (by `serde_path_to_error` in the agent's config loader) instead of being silently ignored.
+//!
+//! ```toml
+//! [broker]
+//! mode = "embedded"                 # or "external"
+//!
+//! [broker.embedded]
+//! listen = "127.0.0.1:1883"
+//! max_packet_bytes = 262144
+//! connect_timeout_ms = 10000
+//! shutdown_grace_ms = 10000
+//! # username = "devices"            # when set, every CONNECT must carry these credentials
+//! # password = "secret"
+//!
+//! [broker.external]
+//! host = "127.0.0.1"
+//! port = 1883
+//! client_id = "edge-agent"
+//! filter = "devices/+/events/+"
+//! keep_alive_s = 30
+//! max_packet_bytes = 262144
+//! reconnect_min_ms = 500
+//! reconnect_max_ms = 30000
+//! shutdown_grace_ms = 10000
+//! # username = "agent"
+//! # password = "secret"
+//! # ca = "/etc/edge-agent/broker-ca.pem"   # setting `ca` switches the connection to TLS
+//! # cert = "/etc/edge-agent/agent.pem"
+//! # key = "/etc/edge-agent/agent.key"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+/// Where device messages come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The agent's own MQTT 3.1.1 endpoint ([`super::embedded`]).
+    #[default]
+    Embedded,
+    /// A client of an existing broker such as mosquitto ([`super::external`]).
+    External,
+}
+
+/// The `[broker]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    pub mode: Mode,
+    pub embedded: EmbeddedConfig,
+    pub external: ExternalConfig,
+}
+
+/// `[broker.embedded]`: the agent's own MQTT endpoint for devices.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmbeddedConfig {
+    /// TCP address to listen on. Loopback by default: expose it deliberately.
+    pub listen: SocketAddr,
+    /// Largest accepted MQTT packet (remaining length). A larger packet closes the connection:
+    /// its bytes are never buffered. The engine applies its own, usually smaller, payload limit
+    /// and dead-letters payloads above it.
+    pub max_packet_bytes: usize,
+    /// A client must send CONNECT within this time after the TCP accept.
+    pub connect_timeout_ms: u64,
+    /// On shutdown, how long a connection waits for the pipeline to release the acks of
+    /// messages it already handed over before it is closed anyway.
+    pub shutdown_grace_ms: u64,
+    /// When set, a CONNECT must carry this user name (and `password`, when that is set).
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 1883)),
+            max_packet_bytes: 256 * 1024,
+            connect_timeout_ms: 10_000,
+            shutdown_grace_ms: 10_000,
+            username: None,
+            password: None,
+        }
+    }
+}
+
+/// `[broker.external]`: the agent as a client of an existing broker.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExternalConfig {
+    pub host: String,
+    pub port: u16,
+    /// Fixed, so the broker keeps the agent's persistent session (and queues messages for it)
+    /// across reconnects and restarts.
+    pub client_id: String,
+    /// Subscription filter (QoS 1).
+    pub filter: String,
+    pub keep_alive_s: u16,
+    /// Largest accepted incoming packet.
+    pub max_packet_bytes: usize,
+    /// Reconnect backoff: first delay, doubled per failed attempt up to `reconnect_max_ms`.
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// On shutdown, how long to wait for the pipeline to release outstanding acks before
+    /// disconnecting (unacked messages are redelivered by the broker next session).
+    pub shutdown_grace_ms: u64,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM file with the CA certificate(s) that sign the broker's certificate. Setting it
+    /// switches the connection to TLS (rustls, through rumqttc).
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key for mutual TLS (both or neither).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl Default for ExternalConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            client_id: "edge-agent".into(),
+            filter: "devices/+/events/+".into(),
+            keep_alive_s: 30,
+            max_packet_bytes: 256 * 1024,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 30_000,
+            shutdown_grace_ms: 10_000,
+            username: None,
+            password: None,
+            ca: None,
+            cert: None,
+            key: None,
+        }
+    }
+}
+
+/// MQTT's largest encodable remaining length.
+const MQTT_MAX_PACKET: usize = 268_435_455;
+
+impl IngestConfig {
+    /// Checks what serde cannot. Errors name the field by its path under `broker`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match self.mode {
+            Mode::Embedded => self.embedded.validate(),
+            Mode::External => self.external.validate(),
+        }
+    }
+}
+
+impl EmbeddedConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_packet_size("broker.embedded.max_packet_bytes", self.max_packet_bytes)?;
+        if self.connect_timeout_ms == 0 {
+            anyhow::bail!("broker.embedded.connect_timeout_ms: must be > 0");
+        }
+        if self.password.is_some() && self.username.is_none() {
+            anyhow::bail!("broker.embedded.password: set without broker.embedded.username");
+        }
+        Ok(())
+    }
+}
+
+impl ExternalConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.host.is_empty() {
+            anyhow::bail!("broker.external.host: must not be empty");
+        }
+        if self.port == 0 {
+            anyhow::bail!("broker.external.port: must not be 0");
+        }
+        if self.client_id.is_empty() {
+            anyhow::bail!(
+                "broker.external.client_id: must not be empty (a persistent session needs a fixed id)"
+            );
+        }
+        if !rumqttc::valid_filter(&self.filter) {
+            anyhow::bail!(
+                "broker.external.filter: {:?} is not a valid MQTT topic filter",
+                self.filter
+            );
+        }
+        if self.keep_alive_s == 0 {
+            anyhow::bail!("broker.external.keep_alive_s: must be >= 1");
+        }
+        check_packet_size("broker.external.max_packet_bytes", self.max_packet_bytes)?;
+        if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
+            anyhow::bail!(
+                "broker.external.reconnect_min_ms/reconnect_max_ms: need 0 < min <= max (got {} and {})",
+                self.reconnect_min_ms,
+                self.reconnect_max_ms
+            );
+        }
+        if self.password.is_some() && self.username.is_none() {
+            anyhow::bail!("broker.external.password: set without broker.external.username");
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            anyhow::bail!("broker.external.cert/key: set both or neither");
+        }
+        if self.cert.is_some() && self.ca.is_none() {
+            anyhow::bail!("broker.external.cert: a client certificate needs `ca` (TLS)");
+        }
+        Ok(())
+    }
+
+    /// Whether the connection to the broker uses TLS.
+    pub fn uses_tls(&self) -> bool {
+        self.ca.is_some()
+    }
+}
+
+fn check_packet_size(path: &str, n: usize) -> anyhow::Result<()> {
+    if !(1024..=MQTT_MAX_PACKET).contains(&n) {
+        anyhow::bail!("{path}: must be between 1024 and {MQTT_MAX_PACKET} (got {n})");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Agent {
+        #[serde(default)]
+        broker: IngestConfig,
+    }
+
+    #[test]
+    fn empty_broker_section_means_embedded_on_loopback_1883() {
+        let a: Agent = toml::from_str("[broker]\n").unwrap();
+        assert_eq!(a.broker, IngestConfig::default());
+        assert_eq!(a.broker.mode, Mode::Embedded);
+        assert_eq!(a.broker.embedded.listen.to_string(), "127.0.0.1:1883");
+        a.broker.validate().unwrap();
+        let none: Agent = toml::from_str("").unwrap();
+        assert_eq!(none.broker, IngestConfig::default());
+    }
+
+    #[test]
+    fn external_section_parses_and_validates() {
+        let a: Agent = toml::from_str(
+            r#"
+            [broker]
+            mode = "external"
+            [broker.external]
+            host = "broker.local"
+            port = 8883
+            client_id = "gw-7"
+            ca = "/etc/ca.pem"
+            cert = "/etc/c.pem"
+            key = "/etc/c.key"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(a.broker.mode, Mode::External);
+        assert_eq!(a.broker.external.port, 8883);
+        assert!(a.broker.external.uses_tls());
+        assert_eq!(a.broker.external.filter, "devices/+/events/+");
+        a.broker.validate().unwrap();
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_rejected_with_their_path() {
+        let err = toml::from_str::<Agent>("[broker.embedded]\nlisten_addr = \"x\"\n")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+        assert!(toml::from_str::<Agent>("[broker]\nmode = \"rumqttd\"\n").is_err());
+        assert!(
+            toml::from_str::<Agent>("[broker.embedded]\nlisten = \"not an address\"\n").is_err()
+        );
+
+        let mut c = IngestConfig {
+            mode: Mode::External,
+            ..Default::default()
+        };
+        c.external.filter = "devices/#/x".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.starts_with("broker.external.filter"), "{err}");
+        c.external.filter = "devices/+/events/+".into();
+        c.external.cert = Some("/c.pem".into());
+        assert!(c.validate().unwrap_err().to_string().contains("cert/key"));
+    }
+}

@@ -1,0 +1,758 @@
+//! The embedded MQTT 3.1.1 endpoint devices publish to (the default source).
+//!
+//! # Why not rumqttd
+//! rumqttd's router sends the PUBACK as soon as a publish is in its in-memory log, and its
+//! protocol types keep `Publish::pkid` crate-private, so it cannot hold a device's PUBACK until
+//! the message's outcome is durable. This module is therefore a thin, ingest-only server on
+//! rumqtt's own codec (`rumqttc::mqttbytes::v4`, public fields) and tokio:
+//!
+//! * CONNECT within `connect_timeout_ms`; wrong protocol → CONNACK 0x01, empty client id with
+//!   `clean_session = false` → 0x02, bad credentials → 0x04 / none when required → 0x05.
+//! * CONNACK always says `session_present = false`: no server-side session is kept. A device
+//!   retransmits its unacknowledged QoS 1/2 publishes after reconnecting and the engine
+//!   de-duplicates them, so nothing is lost by forgetting a session.
+//! * A CONNECT with the client id of a live connection closes the old one (take-over, MQTT-3.1.4-2).
+//! * Keep-alive: a connection that sends nothing for 1.5 × its keep-alive is closed.
+//! * PUBLISH QoS 0 → no ack; QoS 1 → PUBACK and QoS 2 → PUBREC only when the pipeline releases
+//!   the [`Ack`]; PUBREL → PUBCOMP at once (the engine, not this front, de-duplicates).
+//! * SUBSCRIBE → SUBACK with failure codes (0x80), UNSUBSCRIBE → UNSUBACK: this endpoint only
+//!   ingests. PINGREQ → PINGRESP. DISCONNECT → close (the will, if any, is discarded).
+//! * A packet larger than `max_packet_bytes` closes the connection before its body is read.
+//!
+//! # Data path
+//! Each connection has a reader (this task) and a writer task. The reader reads into a
+//! `BytesMut` and parses every packet buffered per read syscall; payloads are zero-copy slices
+//! of that buffer. Each publish is handed to the pipeline channel; when the channel is full the
+//! reader awaits the send, so a slow pipeline stops socket reads (TCP backpressure) instead of
+//! buffering without bound. Responses produced while parsing one read (PINGRESP, PUBCOMP, …)
+//! and the acks of one [`AckSet::release`](super::AckSet::release) are each appended to the
+//! connection's output buffer as one piece; the writer swaps the buffer out and sends it with
+//! one write, so several releases that land while a write is in flight share the next write.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::BytesMut;
+use metrics::{Counter, Gauge};
+use rumqttc::mqttbytes::v4::{
+    ConnAck, ConnectReturnCode, Packet, SubAck, SubscribeReasonCode, UnsubAck,
+};
+use rumqttc::mqttbytes::{Error as MqttError, QoS};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::{Instant, sleep, timeout};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::config::EmbeddedConfig;
+use super::{Ack, AckKind, Inbound, now_ms};
+
+/// Spare capacity ensured before each socket read.
+const READ_CHUNK: usize = 8 * 1024;
+/// How long a closing connection may take to flush its last bytes.
+const FINAL_FLUSH: Duration = Duration::from_secs(5);
+/// How long a closing connection keeps reading (and discarding) until the peer closes too.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// Runs the embedded endpoint on `cfg.listen` until `shutdown` fires.
+///
+/// Equivalent to [`EmbeddedServer::bind`] followed by [`EmbeddedServer::run`]; use those to learn
+/// the bound address first (port 0 in tests).
+pub async fn serve(
+    cfg: EmbeddedConfig,
+    tx: mpsc::Sender<Inbound>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    EmbeddedServer::bind(cfg).await?.run(tx, shutdown).await
+}
+
+/// A bound, not yet serving, embedded endpoint.
+#[derive(Debug)]
+pub struct EmbeddedServer {
+    listener: TcpListener,
+    cfg: EmbeddedConfig,
+}
+
+impl EmbeddedServer {
+    pub async fn bind(cfg: EmbeddedConfig) -> anyhow::Result<Self> {
+        cfg.validate()?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("binding the embedded MQTT endpoint on {}", cfg.listen))?;
+        Ok(Self { listener, cfg })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts and serves connections until `shutdown` fires, then stops accepting and reading,
+    /// drops every `Sender` clone, lets each connection wait (up to `shutdown_grace_ms`) until
+    /// the acks it handed out are released or dropped, flushes them and closes. Returns when all
+    /// connections are closed. Returns an error if the pipeline's receiver is dropped first.
+    pub async fn run(
+        self,
+        tx: mpsc::Sender<Inbound>,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let EmbeddedServer { listener, cfg } = self;
+        let addr = listener.local_addr()?;
+        describe_metrics();
+        let ctx = Arc::new(Ctx {
+            cfg,
+            m: Metrics::new(),
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            subscribe_logged: AtomicBool::new(false),
+        });
+        // Connections stop on `stop`: the caller's shutdown, or the pipeline going away.
+        let stop = shutdown.child_token();
+        let tracker = TaskTracker::new();
+        info!(%addr, "embedded MQTT endpoint listening");
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                _ = tx.closed() => break Err(anyhow::anyhow!("the pipeline closed its channel")),
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        tracker.spawn(connection(
+                            stream,
+                            peer,
+                            Arc::clone(&ctx),
+                            tx.clone(),
+                            stop.clone(),
+                        ));
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        warn!(error = %e, "accept failed");
+                        sleep(Duration::from_millis(100)).await;
+                    }
+                },
+            }
+        };
+        drop(listener);
+        drop(tx);
+        stop.cancel();
+        tracker.close();
+        tracker.wait().await;
+        info!(%addr, "embedded MQTT endpoint stopped");
+        result
+    }
+}
+
+struct Ctx {
+    cfg: EmbeddedConfig,
+    m: Metrics,
+    /// client id → (connection id, its take-over token).
+    sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    next_id: AtomicU64,
+    subscribe_logged: AtomicBool,
+}
+
+/// Metric handles, resolved once so the per-read path does no registry lookups.
+struct Metrics {
+    connections_total: Counter,
+    connections: Gauge,
+    messages: Counter,
+    bytes: Counter,
+    connect_refused: Counter,
+    protocol_errors: Counter,
+    oversized: Counter,
+    keepalive_timeouts: Counter,
+    takeovers: Counter,
+    subscribe_refused: Counter,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        Self {
+            connections_total: metrics::counter!("ingest_connections_total"),
+            connections: metrics::gauge!("ingest_connections"),
+            messages: metrics::counter!("ingest_messages_total"),
+            bytes: metrics::counter!("ingest_payload_bytes_total"),
+            connect_refused: metrics::counter!("ingest_connect_refused_total"),
+            protocol_errors: metrics::counter!("ingest_protocol_errors_total"),
+            oversized: metrics::counter!("ingest_oversized_packets_total"),
+            keepalive_timeouts: metrics::counter!("ingest_keepalive_timeouts_total"),
+            takeovers: metrics::counter!("ingest_takeovers_total"),
+            subscribe_refused: metrics::counter!("ingest_subscribe_refused_total"),
+        }
+    }
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!("ingest_connections_total", "MQTT connections accepted");
+    describe_gauge!("ingest_connections", "MQTT connections open now");
+    describe_counter!(
+        "ingest_messages_total",
+        "PUBLISH packets handed to the pipeline"
+    );
+    describe_counter!(
+        "ingest_payload_bytes_total",
+        "payload bytes handed to the pipeline"
+    );
+    describe_counter!(
+        "ingest_connect_refused_total",
+        "CONNECTs refused or timed out"
+    );
+    describe_counter!(
+        "ingest_protocol_errors_total",
+        "connections closed for a protocol error"
+    );
+    describe_counter!(
+        "ingest_oversized_packets_total",
+        "connections closed for a packet over max_packet_bytes"
+    );
+    describe_counter!(
+        "ingest_keepalive_timeouts_total",
+        "connections closed for keep-alive"
+    );
+    describe_counter!(
+        "ingest_takeovers_total",
+        "connections closed by a CONNECT with their client id"
+    );
+    describe_counter!(
+        "ingest_subscribe_refused_total",
+        "SUBSCRIBE filters refused (ingest-only endpoint)"
+    );
+    describe_counter!(
+        "ingest_acks_released_total",
+        "acks sent after a durable commit"
+    );
+    describe_counter!(
+        "ingest_acks_dropped_total",
+        "acks dropped because their connection had closed"
+    );
+}
+
+/// The output side of one connection, shared by its reader, its writer and every
+/// [`AckSet`](super::AckSet) that holds one of its acks.
+#[derive(Debug)]
+struct ConnIo {
+    out: Mutex<Out>,
+    wake: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Out {
+    buf: BytesMut,
+    closed: bool,
+}
+
+impl ConnIo {
+    /// Appends `bytes` for the writer; false if the connection has closed.
+    fn push(&self, bytes: &[u8]) -> bool {
+        {
+            let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+            if out.closed {
+                return false;
+            }
+            out.buf.extend_from_slice(bytes);
+        }
+        self.wake.notify_one();
+        true
+    }
+
+    /// Refuses further output; the writer sends what is buffered and shuts the socket.
+    fn close(&self) {
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        self.wake.notify_one();
+    }
+}
+
+/// What an [`Ack`] of the embedded endpoint points to. Its last reference going away (every ack
+/// released or dropped, and the reader done) drops `_outstanding`, which tells a connection that
+/// is shutting down that it may close.
+#[derive(Debug)]
+pub(crate) struct AckTarget {
+    io: Arc<ConnIo>,
+    _outstanding: oneshot::Sender<()>,
+}
+
+impl AckTarget {
+    pub(crate) fn release(&self, frames: &[u8]) -> bool {
+        self.io.push(frames)
+    }
+}
+
+/// Why a connection's read loop ended.
+#[derive(Debug)]
+enum End {
+    Disconnect,
+    Eof,
+    Io(io::Error),
+    KeepAlive,
+    Protocol(String),
+    TooLarge(usize),
+    TakenOver,
+    Shutdown,
+    PipelineGone,
+}
+
+/// Decrements the open-connections gauge however the connection task ends.
+struct OpenGuard<'a>(&'a Metrics);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connections.decrement(1.0);
+    }
+}
+
+async fn connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Ctx>,
+    tx: mpsc::Sender<Inbound>,
+    stop: CancellationToken,
+) {
+    ctx.m.connections_total.increment(1);
+    ctx.m.connections.increment(1.0);
+    let _open = OpenGuard(&ctx.m);
+    let _ = stream.set_nodelay(true);
+    let conn_id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+
+    let connect_timeout = Duration::from_millis(ctx.cfg.connect_timeout_ms);
+    let accepted = tokio::select! {
+        r = timeout(connect_timeout, handshake(&mut stream, &mut buf, &ctx, conn_id)) => match r {
+            Ok(Ok(Some(a))) => a,
+            Ok(Ok(None)) => return, // refused; already logged and answered
+            Ok(Err(e)) => {
+                ctx.m.connect_refused.increment(1);
+                debug!(%peer, error = %e, "connection closed before CONNECT completed");
+                return;
+            }
+            Err(_) => {
+                ctx.m.connect_refused.increment(1);
+                debug!(%peer, "no CONNECT within {connect_timeout:?}");
+                return;
+            }
+        },
+        _ = stop.cancelled() => return,
+    };
+    let Accepted {
+        client_id,
+        keep_alive,
+        kick,
+        registered,
+    } = accepted;
+    debug!(%peer, %client_id, keep_alive, "connected");
+
+    let (mut rd, wr) = stream.into_split();
+    let io = Arc::new(ConnIo {
+        out: Mutex::new(Out::default()),
+        wake: Notify::new(),
+    });
+    let (outstanding_tx, outstanding_rx) = oneshot::channel();
+    let target = Arc::new(AckTarget {
+        io: Arc::clone(&io),
+        _outstanding: outstanding_tx,
+    });
+    let mut writer = tokio::spawn(write_loop(wr, Arc::clone(&io)));
+
+    let end = read_loop(&mut rd, buf, &ctx, &tx, &target, keep_alive, &kick, &stop).await;
+    // Stop producing: the pipeline's recv() can end once every sender is gone.
+    drop(tx);
+    drop(target);
+    match &end {
+        End::Disconnect | End::Eof => debug!(%peer, %client_id, "disconnected"),
+        End::Io(e) => debug!(%peer, %client_id, error = %e, "connection error"),
+        End::KeepAlive => {
+            ctx.m.keepalive_timeouts.increment(1);
+            info!(%peer, %client_id, keep_alive, "keep-alive expired, closing");
+        }
+        End::Protocol(what) => {
+            ctx.m.protocol_errors.increment(1);
+            warn!(%peer, %client_id, "protocol error, closing: {what}");
+        }
+        End::TooLarge(n) => {
+            ctx.m.oversized.increment(1);
+            warn!(
+                %peer, %client_id, size = n, max = ctx.cfg.max_packet_bytes,
+                "packet larger than max_packet_bytes, closing"
+            );
+        }
+        End::TakenOver => {
+            ctx.m.takeovers.increment(1);
+            info!(%peer, %client_id, "closed: a new connection took over this client id");
+        }
+        End::Shutdown => {
+            // Let the pipeline release what it already has from this connection.
+            let grace = Duration::from_millis(ctx.cfg.shutdown_grace_ms);
+            if timeout(grace, outstanding_rx).await.is_err() {
+                warn!(%peer, %client_id, "acks still outstanding after {grace:?}; closing anyway");
+            }
+        }
+        End::PipelineGone => debug!(%peer, %client_id, "pipeline gone, closing"),
+    }
+    io.close();
+    if timeout(FINAL_FLUSH, &mut writer).await.is_err() {
+        writer.abort();
+    }
+    if !matches!(end, End::Eof | End::Io(_)) {
+        linger(&mut rd).await;
+    }
+    if registered {
+        let mut sessions = ctx.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.get(&client_id).map(|s| s.0) == Some(conn_id) {
+            sessions.remove(&client_id);
+        }
+    }
+}
+
+struct Accepted {
+    client_id: String,
+    keep_alive: u16,
+    kick: CancellationToken,
+    /// Whether `client_id` is in the take-over registry (not for server-assigned ids).
+    registered: bool,
+}
+
+/// Reads and answers CONNECT. `Ok(None)`: refused (CONNACK sent when the spec asks for one).
+async fn handshake(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    ctx: &Ctx,
+    conn_id: u64,
+) -> io::Result<Option<Accepted>> {
+    let max = ctx.cfg.max_packet_bytes;
+    let peer = stream.peer_addr().ok();
+    // Frame the first packet.
+    loop {
+        match rumqttc::mqttbytes::check(buf.iter(), max) {
+            Ok(_) => break,
+            Err(MqttError::InsufficientBytes(n)) => {
+                buf.reserve(n.max(256));
+                if stream.read_buf(buf).await? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+            Err(e) => {
+                ctx.m.connect_refused.increment(1);
+                warn!(?peer, error = %e, "bad first packet, closing");
+                return Ok(None);
+            }
+        }
+    }
+    match precheck_connect(buf) {
+        Precheck::Mqtt311 => {}
+        Precheck::NotConnect => {
+            ctx.m.connect_refused.increment(1);
+            warn!(?peer, "first packet is not CONNECT, closing");
+            return Ok(None);
+        }
+        Precheck::UnsupportedLevel(level) => {
+            refuse(stream, ctx, ConnectReturnCode::RefusedProtocolVersion).await;
+            info!(?peer, level, "refused: only MQTT 3.1.1 is supported");
+            return Ok(None);
+        }
+    }
+    let connect = match Packet::read(buf, max) {
+        Ok(Packet::Connect(c)) => c,
+        Ok(other) => unreachable!("prechecked CONNECT parsed as {other:?}"),
+        Err(e) => {
+            ctx.m.connect_refused.increment(1);
+            warn!(?peer, error = %e, "malformed CONNECT, closing");
+            return Ok(None);
+        }
+    };
+    if connect.client_id.is_empty() && !connect.clean_session {
+        refuse(stream, ctx, ConnectReturnCode::BadClientId).await;
+        info!(?peer, "refused: empty client id needs clean_session");
+        return Ok(None);
+    }
+    if let Some(user) = &ctx.cfg.username {
+        let code = match &connect.login {
+            None => Some(ConnectReturnCode::NotAuthorized),
+            Some(login) => {
+                let user_ok = ct_eq(login.username.as_bytes(), user.as_bytes());
+                let pass_ok = ctx
+                    .cfg
+                    .password
+                    .as_ref()
+                    .is_none_or(|p| ct_eq(login.password.as_bytes(), p.as_bytes()));
+                (!(user_ok && pass_ok)).then_some(ConnectReturnCode::BadUserNamePassword)
+            }
+        };
+        if let Some(code) = code {
+            refuse(stream, ctx, code).await;
+            info!(?peer, client_id = %connect.client_id, ?code, "refused: credentials");
+            return Ok(None);
+        }
+    }
+
+    let kick = CancellationToken::new();
+    let (client_id, registered) = if connect.client_id.is_empty() {
+        (format!("auto-{conn_id}"), false)
+    } else {
+        let old = ctx
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(connect.client_id.clone(), (conn_id, kick.clone()));
+        if let Some((_, old)) = old {
+            old.cancel();
+        }
+        (connect.client_id, true)
+    };
+    let mut out = BytesMut::with_capacity(4);
+    let _ = ConnAck::new(ConnectReturnCode::Success, false).write(&mut out);
+    stream.write_all(&out).await?;
+    Ok(Some(Accepted {
+        client_id,
+        keep_alive: connect.keep_alive,
+        kick,
+        registered,
+    }))
+}
+
+async fn refuse(stream: &mut TcpStream, ctx: &Ctx, code: ConnectReturnCode) {
+    ctx.m.connect_refused.increment(1);
+    let mut out = BytesMut::with_capacity(4);
+    let _ = ConnAck::new(code, false).write(&mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.shutdown().await;
+}
+
+enum Precheck {
+    Mqtt311,
+    NotConnect,
+    UnsupportedLevel(u8),
+}
+
+/// Looks at the protocol name and level of a fully buffered first packet before parsing it:
+/// the v4 codec would misparse an MQTT 5 CONNECT, and the spec wants CONNACK 0x01 for a level we
+/// do not speak (including MQTT 3.1's "MQIsdp").
+fn precheck_connect(frame: &[u8]) -> Precheck {
+    if frame.first().map(|b| b >> 4) != Some(1) {
+        return Precheck::NotConnect;
+    }
+    // Skip the fixed header: type byte, then 1–4 remaining-length bytes.
+    let mut i = 1;
+    while i < frame.len() && frame[i] & 0x80 != 0 {
+        i += 1;
+    }
+    i += 1;
+    let name_len = match frame.get(i..i + 2) {
+        Some(b) => u16::from_be_bytes([b[0], b[1]]) as usize,
+        None => return Precheck::NotConnect,
+    };
+    let name = frame.get(i + 2..i + 2 + name_len);
+    let level = frame.get(i + 2 + name_len).copied();
+    match (name, level) {
+        (Some(b"MQTT"), Some(4)) => Precheck::Mqtt311,
+        (Some(b"MQTT" | b"MQIsdp"), Some(level)) => Precheck::UnsupportedLevel(level),
+        _ => Precheck::NotConnect,
+    }
+}
+
+/// Constant-time comparison for credentials.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_loop(
+    rd: &mut OwnedReadHalf,
+    mut buf: BytesMut,
+    ctx: &Ctx,
+    tx: &mpsc::Sender<Inbound>,
+    target: &Arc<AckTarget>,
+    keep_alive: u16,
+    kick: &CancellationToken,
+    stop: &CancellationToken,
+) -> End {
+    let max = ctx.cfg.max_packet_bytes;
+    // MQTT-3.1.2-24: close after 1.5 × keep-alive without any packet. 0 disables it.
+    let ka = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+    let idle = sleep(ka.unwrap_or(Duration::from_secs(365 * 86_400)));
+    tokio::pin!(idle);
+    // Responses produced while parsing one read, pushed to the writer as one piece.
+    let mut ctrl: Vec<u8> = Vec::new();
+    loop {
+        // Parse everything that is buffered (CONNECT may have been followed by more packets).
+        let received_at = now_ms();
+        let (mut msgs, mut bytes) = (0u64, 0u64);
+        let end = loop {
+            match Packet::read(&mut buf, max) {
+                Ok(Packet::Publish(p)) => {
+                    if p.topic.is_empty() || p.topic.contains(['+', '#']) {
+                        break Some(End::Protocol(format!("invalid topic name {:?}", p.topic)));
+                    }
+                    let ack = match p.qos {
+                        QoS::AtMostOnce => Ack::none(),
+                        qos => {
+                            let [hi, lo] = p.pkid.to_be_bytes();
+                            let kind = if qos == QoS::AtLeastOnce { 0x40 } else { 0x50 };
+                            Ack(AckKind::Embedded {
+                                conn: Arc::clone(target),
+                                frame: [kind, 0x02, hi, lo],
+                            })
+                        }
+                    };
+                    msgs += 1;
+                    bytes += p.payload.len() as u64;
+                    let inbound = Inbound {
+                        topic: p.topic,
+                        payload: p.payload,
+                        received_at,
+                        ack,
+                    };
+                    match tx.try_send(inbound) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(inbound)) => {
+                            // Backpressure: stop reading until the pipeline takes it.
+                            if !ctrl.is_empty() {
+                                target.io.push(&ctrl);
+                                ctrl.clear();
+                            }
+                            tokio::select! {
+                                biased;
+                                r = tx.send(inbound) => if r.is_err() {
+                                    break Some(End::PipelineGone);
+                                },
+                                _ = stop.cancelled() => break Some(End::Shutdown),
+                                _ = kick.cancelled() => break Some(End::TakenOver),
+                            }
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => break Some(End::PipelineGone),
+                    }
+                }
+                Ok(Packet::PubRel(r)) => {
+                    let [hi, lo] = r.pkid.to_be_bytes();
+                    ctrl.extend_from_slice(&[0x70, 0x02, hi, lo]);
+                }
+                Ok(Packet::PingReq) => ctrl.extend_from_slice(&[0xD0, 0x00]),
+                Ok(Packet::Subscribe(s)) => {
+                    ctx.m.subscribe_refused.increment(s.filters.len() as u64);
+                    if !ctx.subscribe_logged.swap(true, Ordering::Relaxed) {
+                        info!(
+                            filters = ?s.filters.iter().map(|f| &f.path).collect::<Vec<_>>(),
+                            "SUBSCRIBE refused: the embedded endpoint only ingests (logged once)"
+                        );
+                    }
+                    let codes = vec![SubscribeReasonCode::Failure; s.filters.len()];
+                    let mut out = BytesMut::new();
+                    let _ = SubAck::new(s.pkid, codes).write(&mut out);
+                    ctrl.extend_from_slice(&out);
+                }
+                Ok(Packet::Unsubscribe(u)) => {
+                    let mut out = BytesMut::new();
+                    let _ = UnsubAck::new(u.pkid).write(&mut out);
+                    ctrl.extend_from_slice(&out);
+                }
+                Ok(Packet::Disconnect) => break Some(End::Disconnect),
+                // We never publish to clients, so acks from them refer to nothing; ignore them.
+                Ok(Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)) => {}
+                Ok(other) => {
+                    break Some(End::Protocol(format!(
+                        "unexpected {:?}",
+                        packet_name(&other)
+                    )));
+                }
+                Err(MqttError::InsufficientBytes(n)) => {
+                    buf.reserve(n);
+                    break None;
+                }
+                Err(MqttError::PayloadSizeLimitExceeded(n)) => break Some(End::TooLarge(n)),
+                Err(e) => break Some(End::Protocol(e.to_string())),
+            }
+        };
+        if msgs > 0 {
+            ctx.m.messages.increment(msgs);
+            ctx.m.bytes.increment(bytes);
+        }
+        if !ctrl.is_empty() {
+            target.io.push(&ctrl);
+            ctrl.clear();
+        }
+        if let Some(end) = end {
+            return end;
+        }
+
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return End::Shutdown,
+            _ = kick.cancelled() => return End::TakenOver,
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => return End::Eof,
+                Ok(_) => {
+                    if let Some(ka) = ka {
+                        idle.as_mut().reset(Instant::now() + ka);
+                    }
+                }
+                Err(e) => return End::Io(e),
+            },
+            _ = &mut idle, if ka.is_some() => return End::KeepAlive,
+        }
+    }
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "second CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::SubAck(_) => "SUBACK",
+        Packet::UnsubAck(_) => "UNSUBACK",
+        Packet::PingResp => "PINGRESP",
+        _ => "packet",
+    }
+}
+
+/// After our FIN, reads and discards until the peer closes (bounded by [`LINGER`]). Closing a
+/// socket with unread input makes the kernel send RST instead of FIN, and a RST can make the
+/// peer's kernel discard our last PUBACKs before the device has read them — the device would
+/// then send those messages again for nothing.
+async fn linger(rd: &mut OwnedReadHalf) {
+    let mut sink = [0u8; 4096];
+    let _ = timeout(LINGER, async {
+        while let Ok(n) = rd.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Sends whatever the reader and releases append, one write per wake-up.
+async fn write_loop(mut wr: OwnedWriteHalf, io: Arc<ConnIo>) {
+    let mut spare = BytesMut::with_capacity(256);
+    loop {
+        io.wake.notified().await;
+        let closed = {
+            let mut out = io.out.lock().unwrap_or_else(|e| e.into_inner());
+            std::mem::swap(&mut out.buf, &mut spare);
+            out.closed
+        };
+        if !spare.is_empty() {
+            if let Err(e) = wr.write_all(&spare).await {
+                debug!(error = %e, "write failed");
+                io.out.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+                break;
+            }
+            spare.clear();
+        }
+        if closed {
+            break;
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,100 @@
+//! `edge-agent`: the command line of the gateway agent.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edge_agent::config::AgentConfig;
+use edge_agent::{agent, inspect, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "edge-agent",
+    version,
+    about = "Gateway agent: MQTT ingest, verification, calculation and a durable outbox"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (SIGTERM/SIGINT drain and exit 0).
+    Run {
+        #[arg(long, env = "EDGE_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config; prints the problem with the field path, exit 2 when bad.
+    CheckConfig {
+        #[arg(long, env = "EDGE_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Queue depth and bytes, DLQ count, sequence counters (reads the store; agent stopped).
+    Status {
+        #[command(flatten)]
+        store: inspect::StoreArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect the outbox (results waiting for the cloud).
+    Outbox {
+        #[command(subcommand)]
+        command: inspect::OutboxCommand,
+    },
+    /// Inspect the local dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: inspect::DlqCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Run { config } => run(config),
+        Command::CheckConfig { config } => return check_config(config),
+        Command::Status { store, json } => inspect::status(&store, json),
+        Command::Outbox { command } => inspect::outbox(command),
+        Command::Dlq { command } => inspect::dlq(command),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edge-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: PathBuf) -> ExitCode {
+    match AgentConfig::load(&path) {
+        Ok(cfg) => {
+            let types = cfg.engine.event_types.len();
+            println!("{}: ok ({types} event types)", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edge-agent: invalid config: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(path: PathBuf) -> anyhow::Result<()> {
+    let cfg = match AgentConfig::load(&path) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("edge-agent: invalid config: {e}");
+            std::process::exit(2);
+        }
+    };
+    telemetry::init_logs(&cfg.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("edge-agent")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(agent::run(cfg))
+}

@@ -1,0 +1,686 @@
+//! Pipeline tests: every stage and every rejection class, through `Engine::process`.
+
+use super::*;
+use serde_json::{Value, json};
+
+const SPEC: &str = r#"
+topic = "devices/{device}/events/{type}"
+
+[event_types.meter]
+allowed_devices = ["meter-*"]
+max_clock_skew_s = 300
+
+[event_types.meter.constants]
+tariff = 0.5
+
+[event_types.meter.fields]
+kwh = { type = "number", required = true, min = 0 }
+voltage = { type = "number", min = 0, max = 500 }
+current = { type = "number", min = 0, default = 0 }
+state = { type = "string", enum = ["on", "off"] }
+note = { type = "string", max_len = 8 }
+
+[[event_types.meter.rules]]
+name = "counter_monotonic"
+expr = "!has_prev || kwh >= prev.kwh"
+message = "cumulative kWh must not decrease"
+
+[[event_types.meter.calc]]
+name = "delta_kwh"
+expr = 'delta("kwh")'
+
+[[event_types.meter.calc]]
+name = "rate_kwh_s"
+expr = 'rate("kwh")'
+
+[[event_types.meter.calc]]
+name = "cost"
+expr = "delta_kwh * tariff"
+
+[[event_types.meter.calc]]
+name = "power_w"
+expr = 'if(has("voltage"), voltage * current, 0)'
+
+[[event_types.meter.checks]]
+name = "cost_bounded"
+expr = "cost < 100"
+message = "cost is implausibly high"
+
+[event_types.calcfail.fields]
+x = { type = "number", required = true }
+
+[[event_types.calcfail.calc]]
+name = "inv"
+expr = "1 / x"
+
+[[event_types.calcfail.calc]]
+name = "root"
+expr = "math::sqrt(x)"
+
+[[event_types.calcfail.calc]]
+name = "label"
+expr = 'if(x > 10, "big", "small")'
+"#;
+
+const T0: i64 = 1_764_000_000_000;
+
+fn engine() -> Engine {
+    let spec: EngineSpec = toml::from_str(SPEC).unwrap();
+    Engine::new(&spec).unwrap()
+}
+
+fn payload(id: &str, seq: u64, ts: i64, data: Value) -> Vec<u8> {
+    json!({"id": id, "seq": seq, "ts": ts, "data": data})
+        .to_string()
+        .into_bytes()
+}
+
+struct Run {
+    engine: Engine,
+    state: State,
+}
+
+impl Run {
+    fn new() -> Run {
+        Run {
+            engine: engine(),
+            state: State::new(),
+        }
+    }
+
+    fn raw(&mut self, topic: &str, payload: &[u8], received_at: i64, replay: bool) -> Outcome {
+        let input = Input {
+            topic,
+            payload,
+            received_at,
+            gateway: "gw-1",
+            replay,
+        };
+        self.engine.process(&mut self.state, &input)
+    }
+
+    /// A meter reading from `meter-1`, received 1 s after `ts`.
+    fn meter(&mut self, seq: u64, ts: i64, data: Value) -> Outcome {
+        let p = payload(&format!("m{seq}"), seq, ts, data);
+        self.raw("devices/meter-1/events/meter", &p, ts + 1000, false)
+    }
+}
+
+fn accepted(o: Outcome) -> (EventResult, Option<SeqRange>, bool) {
+    match o {
+        Outcome::Accepted { result, gap, late } => (result, gap, late),
+        other => panic!("expected Accepted, got {other:?}"),
+    }
+}
+
+fn rejected(o: Outcome) -> Rejection {
+    match o {
+        Outcome::Rejected(r) => r,
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+}
+
+fn num(r: &EventResult, k: &str) -> f64 {
+    r.result[k]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{k}: {:?}", r.result.get(k)))
+}
+
+#[test]
+fn first_reading_then_deltas() {
+    let mut run = Run::new();
+    let (r, gap, late) = accepted(run.meter(1, T0, json!({"kwh": 10.0, "voltage": 230})));
+    assert_eq!((gap, late), (None, false));
+    assert_eq!(r.event_id, "meter-1/m1");
+    assert_eq!(r.device, "meter-1");
+    assert_eq!(r.event_type, "meter");
+    assert_eq!((r.seq, r.ts, r.edge_seq), (1, T0, 0));
+    assert_eq!(r.gateway, "gw-1");
+    assert_eq!(r.processed_at, T0 + 1000);
+    assert_eq!(r.status, Status::Ok);
+    assert_eq!(r.anomaly_score, 0.0);
+    assert_eq!(r.correction, None);
+    assert_eq!(r.flags, ["first_reading"]);
+    assert_eq!(
+        Value::Object(r.input.clone()),
+        json!({"kwh": 10.0, "voltage": 230})
+    );
+    assert_eq!(num(&r, "delta_kwh"), 0.0);
+    assert_eq!(num(&r, "rate_kwh_s"), 0.0);
+    assert_eq!(num(&r, "cost"), 0.0);
+    // current absent: its default (0) is used; the input is not changed.
+    assert_eq!(num(&r, "power_w"), 0.0);
+    assert_eq!(r.calc_version, run.engine.calc_version("meter").unwrap());
+
+    let (r, _, _) = accepted(run.meter(
+        2,
+        T0 + 60_000,
+        json!({"kwh": 12.5, "voltage": 230, "current": 2}),
+    ));
+    assert!(r.flags.is_empty(), "{:?}", r.flags);
+    assert_eq!(num(&r, "delta_kwh"), 2.5);
+    assert!((num(&r, "rate_kwh_s") - 2.5 / 60.0).abs() < 1e-12);
+    assert_eq!(num(&r, "cost"), 1.25);
+    assert_eq!(num(&r, "power_w"), 460.0);
+    assert_eq!(
+        r.result.keys().collect::<Vec<_>>(),
+        ["cost", "delta_kwh", "power_w", "rate_kwh_s"]
+    );
+}
+
+#[test]
+fn topic_mismatch_is_a_decode_rejection() {
+    let mut run = Run::new();
+    let p = payload("a", 1, T0, json!({"kwh": 1}));
+    let r = rejected(run.raw("devices/meter-1/status", &p, T0, false));
+    assert_eq!(r.stage, Stage::Decode);
+    assert_eq!(
+        r.reason,
+        "topic 'devices/meter-1/status' does not match the pattern \
+         'devices/{device}/events/{type}'"
+    );
+    assert_eq!((r.device, r.event_id, r.event_type), (None, None, None));
+    assert!(run.state.is_empty());
+}
+
+#[test]
+fn decode_and_envelope_errors() {
+    let mut run = Run::new();
+    let r = rejected(run.raw("devices/meter-1/events/meter", b"{not json", T0, false));
+    assert_eq!(r.stage, Stage::Decode);
+    assert_eq!(r.device.as_deref(), Some("meter-1"));
+    assert_eq!(r.event_type.as_deref(), Some("meter"));
+
+    let p = json!({"id": "x1", "ts": T0, "data": {}}).to_string();
+    let r = rejected(run.raw("devices/meter-1/events/meter", p.as_bytes(), T0, false));
+    assert_eq!(r.stage, Stage::Schema);
+    assert!(r.reason.contains("seq"), "{}", r.reason);
+    assert_eq!(r.event_id.as_deref(), Some("meter-1/x1"));
+    // Neither touched the device's sequence.
+    assert!(run.state.device("meter-1").is_none());
+}
+
+#[test]
+fn payload_must_agree_with_topic() {
+    let mut run = Run::new();
+    let p = json!({"id": "a", "seq": 1, "ts": T0, "device": "meter-2", "data": {"kwh": 1}});
+    let r = rejected(run.raw(
+        "devices/meter-1/events/meter",
+        p.to_string().as_bytes(),
+        T0,
+        false,
+    ));
+    assert_eq!(r.stage, Stage::Schema);
+    assert_eq!(
+        r.reason,
+        "device: the payload says 'meter-2' but the topic says 'meter-1'"
+    );
+    assert_eq!(r.event_id.as_deref(), Some("meter-1/a"));
+    let p = json!({"id": "a", "seq": 1, "ts": T0, "type": "gps", "data": {"kwh": 1}});
+    let r = rejected(run.raw(
+        "devices/meter-1/events/meter",
+        p.to_string().as_bytes(),
+        T0,
+        false,
+    ));
+    assert_eq!(
+        r.reason,
+        "type: the payload says 'gps' but the topic says 'meter'"
+    );
+    // Agreeing values are fine.
+    let p = json!({"id": "a", "seq": 1, "ts": T0, "device": "meter-1", "type": "meter",
+                   "data": {"kwh": 1}});
+    accepted(run.raw(
+        "devices/meter-1/events/meter",
+        p.to_string().as_bytes(),
+        T0,
+        false,
+    ));
+}
+
+#[test]
+fn unknown_event_type_still_takes_its_seq() {
+    let mut run = Run::new();
+    let p = payload("u1", 1, T0, json!({}));
+    let r = rejected(run.raw("devices/meter-1/events/toaster", &p, T0, false));
+    assert_eq!(r.stage, Stage::Schema);
+    assert_eq!(
+        r.reason,
+        "unknown event type 'toaster' (known: calcfail, meter)"
+    );
+    assert_eq!(r.event_type.as_deref(), Some("toaster"));
+    // seq 1 is taken: the next one is in order, no gap.
+    let (_, gap, _) = accepted(run.meter(2, T0, json!({"kwh": 1})));
+    assert_eq!(gap, None);
+}
+
+fn schema_reason(data: Value) -> String {
+    let mut run = Run::new();
+    let r = rejected(run.meter(1, T0, data));
+    assert_eq!(r.stage, Stage::Schema, "{}", r.reason);
+    assert_eq!(r.event_id.as_deref(), Some("meter-1/m1"));
+    r.reason
+}
+
+#[test]
+fn schema_rejections_name_the_field() {
+    assert_eq!(
+        schema_reason(json!({"voltage": 230})),
+        "data.kwh: required field is missing"
+    );
+    assert_eq!(
+        schema_reason(json!({"kwh": "10"})),
+        "data.kwh: expected a number, got string \"10\""
+    );
+    assert_eq!(
+        schema_reason(json!({"kwh": 1, "voltage": 612})),
+        "data.voltage: 612 is above max 500"
+    );
+    assert_eq!(
+        schema_reason(json!({"kwh": -1})),
+        "data.kwh: -1 is below min 0"
+    );
+    assert_eq!(
+        schema_reason(json!({"kwh": 1, "state": "idle"})),
+        "data.state: 'idle' is not one of 'on', 'off'"
+    );
+    assert_eq!(
+        schema_reason(json!({"kwh": 1, "note": "far too long"})),
+        "data.note: 12 characters, more than max_len 8"
+    );
+    assert_eq!(
+        schema_reason(json!({"kwh": 1, "volts": 3})),
+        "data: undeclared field 'volts' (declared: current, kwh, note, state, voltage)"
+    );
+}
+
+#[test]
+fn rejected_message_still_marks_its_seq() {
+    let mut run = Run::new();
+    accepted(run.meter(1, T0, json!({"kwh": 1})));
+    rejected(run.meter(2, T0 + 1000, json!({"kwh": "bad"})));
+    // seq 2 is in the DLQ, not missing: a new message with seq 2 is a duplicate …
+    let p = payload("other", 2, T0 + 2000, json!({"kwh": 2}));
+    let o = run.raw("devices/meter-1/events/meter", &p, T0 + 2000, false);
+    let Outcome::Duplicate {
+        event_id,
+        device,
+        reason,
+    } = o
+    else {
+        panic!("{o:?}")
+    };
+    assert_eq!(event_id, "meter-1/other");
+    assert_eq!(device, "meter-1");
+    assert_eq!(reason, "seq 2 was already seen (highest 2)");
+    // … and seq 3 shows no gap.
+    let (_, gap, _) = accepted(run.meter(3, T0 + 3000, json!({"kwh": 3})));
+    assert_eq!(gap, None);
+    assert!(
+        run.state
+            .device("meter-1")
+            .unwrap()
+            .seq()
+            .missing()
+            .is_empty()
+    );
+}
+
+#[test]
+fn rule_failure_names_rule_and_values() {
+    let mut run = Run::new();
+    accepted(run.meter(1, T0, json!({"kwh": 12})));
+    let r = rejected(run.meter(2, T0 + 1000, json!({"kwh": 10})));
+    assert_eq!(r.stage, Stage::Rule);
+    assert_eq!(
+        r.reason,
+        "rule counter_monotonic: cumulative kWh must not decrease \
+         (has_prev=true, kwh=10, prev.kwh=12)"
+    );
+    // The rejected reading did not become the previous one.
+    let (res, _, _) = accepted(run.meter(3, T0 + 2000, json!({"kwh": 13})));
+    assert_eq!(num(&res, "delta_kwh"), 1.0);
+}
+
+#[test]
+fn allow_list_rejects_other_devices() {
+    let mut run = Run::new();
+    let p = payload("a", 1, T0, json!({"kwh": 1}));
+    let r = rejected(run.raw("devices/sensor-9/events/meter", &p, T0, false));
+    assert_eq!(r.stage, Stage::Rule);
+    assert_eq!(
+        r.reason,
+        "rule allowed_devices: device 'sensor-9' may not send 'meter' events (allowed: meter-*)"
+    );
+}
+
+#[test]
+fn clock_skew_rejects() {
+    let mut run = Run::new();
+    let p = payload("a", 1, T0, json!({"kwh": 1}));
+    let r = rejected(run.raw("devices/meter-1/events/meter", &p, T0 - 301_000, false));
+    assert_eq!(r.stage, Stage::Rule);
+    assert_eq!(
+        r.reason,
+        "rule max_clock_skew_s: ts is 301 s ahead of received_at (max 300 s)"
+    );
+    accepted(run.raw(
+        "devices/meter-1/events/meter",
+        &payload("b", 2, T0, json!({"kwh": 1})),
+        T0 - 300_000,
+        false,
+    ));
+}
+
+fn calcfail(x: f64) -> Outcome {
+    let mut run = Run::new();
+    let p = payload("c", 1, T0, json!({"x": x}));
+    run.raw("devices/d/events/calcfail", &p, T0, false)
+}
+
+#[test]
+fn non_finite_calc_results_are_rejected() {
+    let r = rejected(calcfail(0.0));
+    assert_eq!(r.stage, Stage::Calc);
+    assert_eq!(r.reason, "calc inv: result is inf (x=0)");
+    let r = rejected(calcfail(-4.0));
+    assert_eq!(r.reason, "calc root: result is NaN (x=-4)");
+    let (res, _, _) = accepted(calcfail(16.0));
+    assert_eq!(res.result["inv"], json!(0.0625));
+    assert_eq!(res.result["root"], json!(4.0));
+    assert_eq!(res.result["label"], json!("big"));
+}
+
+#[test]
+fn check_failure_is_rejected() {
+    let mut run = Run::new();
+    accepted(run.meter(1, T0, json!({"kwh": 0})));
+    let r = rejected(run.meter(2, T0 + 1000, json!({"kwh": 500})));
+    assert_eq!(r.stage, Stage::Check);
+    assert_eq!(
+        r.reason,
+        "check cost_bounded: cost is implausibly high (cost=250)"
+    );
+}
+
+#[test]
+fn gap_late_and_out_of_order() {
+    let mut run = Run::new();
+    accepted(run.meter(1, T0, json!({"kwh": 1})));
+    let (r, gap, late) = accepted(run.meter(4, T0 + 3000, json!({"kwh": 4})));
+    assert_eq!(gap, Some(SeqRange::new(2, 3)));
+    assert!(!late);
+    assert_eq!(num(&r, "delta_kwh"), 3.0);
+    // seq 2 arrives late, older than the stored reading (seq 4).
+    let (r, gap, late) = accepted(run.meter(2, T0 + 1000, json!({"kwh": 2})));
+    assert_eq!((gap, late), (None, true));
+    assert_eq!(r.flags, ["out_of_order", "late"]);
+    assert_eq!(num(&r, "delta_kwh"), 0.0);
+    assert_eq!(
+        run.state.device("meter-1").unwrap().seq().missing(),
+        &[SeqRange::new(3, 3)]
+    );
+    // The stored previous reading is still seq 4.
+    let (r, _, _) = accepted(run.meter(5, T0 + 4000, json!({"kwh": 6})));
+    assert_eq!(num(&r, "delta_kwh"), 2.0);
+    // A gap is reported on a rejected message too.
+    let r = rejected(run.meter(9, T0 + 5000, json!({"kwh": "x"})));
+    assert_eq!(r.gap, Some(SeqRange::new(6, 8)));
+    assert_eq!(run.state.missing_total(), 4);
+    assert_eq!(run.state.open_gaps().count(), 2);
+}
+
+#[test]
+fn duplicates_and_replay() {
+    let mut run = Run::new();
+    let p = payload("m1", 1, T0, json!({"kwh": 1}));
+    accepted(run.raw("devices/meter-1/events/meter", &p, T0, false));
+    assert!(!run.state.take_dirty().is_empty());
+    // The same message again (QoS 1 redelivery): a duplicate by id.
+    let o = run.raw("devices/meter-1/events/meter", &p, T0, false);
+    let Outcome::Duplicate { reason, .. } = o else {
+        panic!("{o:?}")
+    };
+    assert_eq!(reason, "id 'm1' was seen recently");
+    assert!(
+        run.state.take_dirty().is_empty(),
+        "a duplicate changes nothing"
+    );
+    // A replay (DLQ retry) goes through.
+    let (r, _, _) = accepted(run.raw("devices/meter-1/events/meter", &p, T0, true));
+    assert_eq!(r.flags, ["out_of_order", "replay"]);
+}
+
+#[test]
+fn device_restart_resets_sequence() {
+    let mut run = Run::new();
+    for s in 1..=3 {
+        accepted(run.meter(s, T0 + s as i64 * 1000, json!({"kwh": s})));
+    }
+    let p = payload("boot2-1", 1, T0 + 10_000, json!({"kwh": 5}));
+    let (r, gap, _) = accepted(run.raw("devices/meter-1/events/meter", &p, T0 + 10_000, false));
+    assert_eq!(gap, None);
+    assert_eq!(r.flags, ["seq_reset"]);
+    assert_eq!(
+        num(&r, "delta_kwh"),
+        2.0,
+        "the previous reading survives a restart"
+    );
+    assert_eq!(run.state.device("meter-1").unwrap().seq().resets(), 1);
+}
+
+#[test]
+fn state_survives_a_restart() {
+    let mut run = Run::new();
+    accepted(run.meter(1, T0, json!({"kwh": 1, "state": "on"})));
+    accepted(run.meter(3, T0 + 2000, json!({"kwh": 3, "state": "on"})));
+    let dirty = run.state.take_dirty();
+    assert_eq!(dirty.len(), 1);
+    // Persist and load (JSON here; the agent uses CBOR).
+    let mut fresh = State::new();
+    for (d, s) in dirty {
+        let bytes = serde_json::to_vec(&s).unwrap();
+        fresh.insert(d, serde_json::from_slice(&bytes).unwrap());
+    }
+    let mut run2 = Run {
+        engine: engine(),
+        state: fresh,
+    };
+    let a = run.meter(4, T0 + 3000, json!({"kwh": 7}));
+    let b = run2.meter(4, T0 + 3000, json!({"kwh": 7}));
+    assert_eq!(a, b, "same state + same input → same outcome");
+    let (r, _, _) = accepted(b);
+    assert_eq!(num(&r, "delta_kwh"), 4.0);
+    // The gap (seq 2) is still open; seq 2 is late.
+    let (_, _, late) = accepted(run2.meter(2, T0 + 1000, json!({"kwh": 2})));
+    assert!(late);
+}
+
+#[test]
+fn recompute_reproduces_results() {
+    let mut run = Run::new();
+    let mut results = Vec::new();
+    for (s, kwh) in [(1, 1.0), (2, 1.5), (3, 4.0)] {
+        let (r, _, _) = accepted(run.meter(
+            s,
+            T0 + s as i64 * 30_000,
+            json!({"kwh": kwh, "voltage": 231, "current": 1.5}),
+        ));
+        results.push(r);
+    }
+    for (i, r) in results.iter().enumerate() {
+        let prev = i.checked_sub(1).map(|p| Reading::from_result(&results[p]));
+        let fields = run.engine.recompute(r, prev.as_ref()).unwrap();
+        assert_eq!(fields, r.result, "result {i}");
+    }
+    // A tampered input gives different values.
+    let mut bad = results[2].clone();
+    bad.input.insert("kwh".into(), json!(5.0));
+    let prev = Reading::from_result(&results[1]);
+    assert_ne!(run.engine.recompute(&bad, Some(&prev)).unwrap(), bad.result);
+    // An invalid one is rejected with the stage.
+    bad.input.insert("kwh".into(), json!(-5.0));
+    assert_eq!(
+        run.engine.recompute(&bad, Some(&prev)).unwrap_err().stage,
+        Stage::Schema
+    );
+}
+
+#[test]
+fn never_panics_on_garbage() {
+    let mut run = Run::new();
+    // A tiny deterministic generator: no randomness in tests either.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let topics = [
+        "devices/meter-1/events/meter",
+        "devices/d/events/calcfail",
+        "devices/meter-1/events/nope",
+        "devices/+/events/#",
+        "",
+        "devices/meter-1/events/meter/x",
+    ];
+    let values = [
+        json!(null),
+        json!(1e308),
+        json!(-1e308),
+        json!(u64::MAX),
+        json!(i64::MIN),
+        json!(0),
+        json!(""),
+        json!("on"),
+        json!([1, 2]),
+        json!({"a": {"b": 1}}),
+        json!(true),
+    ];
+    let keys = ["kwh", "voltage", "current", "state", "note", "x", "zz"];
+    for i in 0..3000u64 {
+        let topic = topics[(next() % topics.len() as u64) as usize];
+        let payload: Vec<u8> = if i % 5 == 0 {
+            (0..(next() % 40)).map(|_| next() as u8).collect()
+        } else {
+            let mut data = serde_json::Map::new();
+            for _ in 0..(next() % 4) {
+                let k = keys[(next() % keys.len() as u64) as usize];
+                data.insert(
+                    k.into(),
+                    values[(next() % values.len() as u64) as usize].clone(),
+                );
+            }
+            let seq = match next() % 4 {
+                0 => 0,
+                1 => u64::MAX,
+                _ => next() % 20,
+            };
+            let ts = match next() % 3 {
+                0 => i64::MIN,
+                1 => i64::MAX,
+                _ => T0 + (next() % 100_000) as i64,
+            };
+            json!({"id": format!("g{}", next() % 50), "seq": seq, "ts": ts, "data": data})
+                .to_string()
+                .into_bytes()
+        };
+        let received_at = if i % 7 == 0 { i64::MIN } else { T0 };
+        let _ = run.raw(topic, &payload, received_at, i % 11 == 0);
+    }
+}
+
+#[test]
+fn engine_is_shareable() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Engine>();
+    assert_send_sync::<State>();
+}
+
+fn spec_error(toml_text: &str) -> String {
+    let spec: EngineSpec = toml::from_str(toml_text).unwrap();
+    Engine::new(&spec).unwrap_err().to_string()
+}
+
+#[test]
+fn spec_errors_name_the_path() {
+    let base = r#"
+[event_types.meter.fields]
+kwh = { type = "number", required = true }
+voltage = { type = "number" }
+"#;
+    let e = spec_error(&format!(
+        "{base}\n[[event_types.meter.calc]]\nname = \"a\"\nexpr = \"kwh\"\n\
+         [[event_types.meter.calc]]\nname = \"b\"\nexpr = \"volts * 2\"\n"
+    ));
+    assert_eq!(
+        e,
+        "event_types.meter.calc[1].expr: unknown variable 'volts'"
+    );
+    let e = spec_error(&format!(
+        "{base}\n[[event_types.meter.rules]]\nname = \"r\"\nexpr = \"voltag > 1\"\n"
+    ));
+    assert_eq!(
+        e,
+        "event_types.meter.rules[0].expr: unknown variable 'voltag' (did you mean 'voltage'?)"
+    );
+    let e = spec_error(&format!(
+        "{base}\n[[event_types.meter.checks]]\nname = \"c\"\nexpr = 'delta(\"kwhh\") > 0'\n"
+    ));
+    assert!(
+        e.starts_with("event_types.meter.checks[0].expr: delta(\"kwhh\"): unknown field 'kwhh'"),
+        "{e}"
+    );
+    let e =
+        spec_error("[event_types.meter.fields]\nkwh = { type = \"number\", min = 5, max = 1 }\n");
+    assert_eq!(e, "event_types.meter.fields.kwh: min > max (5 > 1)");
+    let e = spec_error(&format!("topic = \"devices/{{device}}\"\n{base}"));
+    assert!(e.starts_with("topic: "), "{e}");
+    let e = spec_error(&format!("[limits]\nmax_depth = 1000\n{base}"));
+    assert!(e.starts_with("limits.max_depth: "), "{e}");
+    let e = spec_error("");
+    assert!(e.starts_with("event_types: "), "{e}");
+    let e = spec_error(&format!(
+        "{base}\n[[event_types.meter.calc]]\nname = \"kwh\"\nexpr = \"1\"\n"
+    ));
+    assert_eq!(
+        e,
+        "event_types.meter.calc[0].name: 'kwh' is also a data field"
+    );
+    let e = spec_error(&format!(
+        "{base}\n[[event_types.meter.calc]]\nname = \"my-field\"\nexpr = \"1\"\n"
+    ));
+    assert!(
+        e.starts_with("event_types.meter.calc[0].name: 'my-field' is not an identifier"),
+        "{e}"
+    );
+    let e = spec_error(&format!(
+        "{base}\n[event_types.meter.constants]\ntariff = [1]\n"
+    ));
+    assert_eq!(
+        e,
+        "event_types.meter.constants.tariff: a constant must be a number, a string or a boolean"
+    );
+    let e = spec_error(&format!("{base}\n[event_types.meter.constants]\nkwh = 1\n"));
+    assert_eq!(
+        e,
+        "event_types.meter.constants.kwh: 'kwh' is also a data field"
+    );
+    let e = spec_error("[event_types.\"a/b\"]\n");
+    assert!(e.starts_with("event_types.a/b: "), "{e}");
+}
+
+#[test]
+fn unknown_config_keys_are_refused() {
+    let e = toml::from_str::<EngineSpec>("[event_types.m]\nrulez = []\n").unwrap_err();
+    assert!(e.to_string().contains("rulez"), "{e}");
+    let e = toml::from_str::<EngineSpec>(
+        "[event_types.m.fields]\nk = { type = \"number\", maximum = 3 }\n",
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("maximum"), "{e}");
+    let e = toml::from_str::<EngineSpec>("[event_types.m.fields]\nk = { type = \"float64\" }\n")
+        .unwrap_err();
+    assert!(e.to_string().contains("float64"), "{e}");
+}

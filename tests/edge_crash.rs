@@ -1,0 +1,96 @@
+//! Crash safety: `kill -9` the agent mid-stream, several times, and check that every message
+//! a broker acknowledged to its publisher ends in the outbox exactly once.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use e2e::{Agent, Mosquitto, Publisher, meter, wait_for};
+
+const DEVICES: u64 = 4;
+
+/// `n` meter readings spread over `DEVICES` devices, in per-device seq order.
+fn messages(n: u64) -> Vec<(u16, String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let device = i % DEVICES;
+            let seq = i / DEVICES + 1;
+            let topic = format!("devices/m{device}/events/meter");
+            let id = format!("r{seq}");
+            let pkid = u16::try_from(i + 1).expect("fits a packet id");
+            (pkid, topic, meter(&id, seq, 1000.0 + seq as f64))
+        })
+        .collect()
+}
+
+/// Every expected event exactly once, and the outbox's edge_seq gap-free.
+fn assert_exactly_once(agent: &Agent, n: u64) {
+    let outbox = agent.outbox();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &outbox {
+        *seen
+            .entry(r["event_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "stored more than once: {twice:?}");
+    for i in 0..n {
+        let id = format!("m{}/r{}", i % DEVICES, i / DEVICES + 1);
+        assert!(seen.contains_key(&id), "acknowledged but lost: {id}");
+    }
+    assert_eq!(outbox.len() as u64, n);
+    for (i, r) in outbox.iter().enumerate() {
+        assert_eq!(r["edge_seq"].as_u64(), Some(i as u64 + 1), "edge_seq gap");
+    }
+    assert!(agent.dlq().is_empty(), "nothing here is invalid");
+}
+
+#[test]
+fn embedded_broker_kill9_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::embedded(dir.path(), |_| {});
+    let n = 8000;
+    let mut publisher = Publisher::new(agent.mqtt_port, "crash-meter");
+    let mut kills = vec![6000usize, 4000, 2000];
+    publisher.publish_all(messages(n), 256, Duration::from_secs(120), |acked| {
+        if kills.last().is_some_and(|k| acked >= *k) {
+            kills.pop();
+            agent.kill9();
+            agent.restart();
+        }
+    });
+    assert!(kills.is_empty(), "every planned kill happened");
+    assert_eq!(publisher.acked.len() as u64, n);
+    assert!(
+        publisher.reconnects >= 4,
+        "the publisher lived through the kills"
+    );
+    assert!(agent.stop().success());
+    assert_exactly_once(&agent, n);
+}
+
+#[test]
+fn external_broker_kill9_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start(dir.path());
+    let mut agent = Agent::external(dir.path(), broker.port, |_| {});
+    let n = 20000;
+    let port = broker.port;
+    let publishing = std::thread::spawn(move || {
+        let mut publisher = Publisher::new(port, "crash-meter");
+        publisher.publish_all(messages(n), 512, Duration::from_secs(120), |_| {});
+        publisher.acked.len() as u64
+    });
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        agent.kill9();
+        agent.restart();
+    }
+    assert_eq!(publishing.join().unwrap(), n, "mosquitto acknowledged all");
+    wait_for(
+        "the outbox to hold every event",
+        Duration::from_secs(60),
+        || agent.metric("edge_outbox_entries") as u64 >= n,
+    );
+    assert!(agent.stop().success());
+    assert_exactly_once(&agent, n);
+}

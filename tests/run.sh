@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace, installing what the tests need first.
+# Usage: bash tests/run.sh        (the README's test command; CI runs exactly this)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Real MQTT peers for the end-to-end tests: mosquitto (broker) and mosquitto_pub (client).
+need=()
+command -v mosquitto_pub >/dev/null || need+=(mosquitto-clients)
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || need+=(mosquitto)
+if [ ${#need[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "installing ${need[*]} (Debian packages)"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  # The package starts a system broker on :1883; the tests start their own on free ports.
+  $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
+fi
+
+# Keep build artifacts outside the clone so repeated runs on one machine rebuild little.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-pipeline/target}"
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo build --workspace --locked --bins
+  cargo nextest run --workspace --locked --no-fail-fast
+else
+  cargo test --workspace --locked --no-fail-fast
+fi

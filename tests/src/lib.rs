@@ -1,0 +1,352 @@
+//! Harness for the end-to-end tests: starts the real `edge-agent` binary (and a real
+//! mosquitto where a test needs one) on free loopback ports in a temporary directory, and
+//! reads the outcome back through the agent's own CLI.
+//!
+//! `EDGE_AGENT_BIN` overrides the binary (e.g. an ARM build run under qemu-user).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+pub mod publisher;
+
+pub use publisher::Publisher;
+
+/// The workspace's example config, the base of every test config.
+pub fn example_config() -> toml::Table {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/edge-agent.toml");
+    let text = std::fs::read_to_string(&path).expect("config/edge-agent.toml");
+    text.parse().expect("example config is TOML")
+}
+
+pub fn agent_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EDGE_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    // Integration tests live in target/<profile>/deps; `cargo test --workspace` builds the
+    // agent binary next to that folder.
+    let exe = std::env::current_exe().expect("current_exe");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join("edge-agent");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build -p edge-agent` (or the whole workspace's tests) first",
+        bin.display()
+    );
+    bin
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running `edge-agent run`, with its config and data under `dir`.
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub mqtt_port: u16,
+    pub metrics_port: u16,
+    log: PathBuf,
+}
+
+impl Agent {
+    /// Embedded broker on a free port. `tweak` may change anything in the config.
+    pub fn embedded(dir: &Path, tweak: impl FnOnce(&mut toml::Table)) -> Agent {
+        let mqtt_port = free_port();
+        Self::start(dir, mqtt_port, |cfg| {
+            set(cfg, &["broker", "mode"], "embedded".into());
+            set(
+                cfg,
+                &["broker", "embedded", "listen"],
+                format!("127.0.0.1:{mqtt_port}").into(),
+            );
+            tweak(cfg);
+        })
+    }
+
+    /// A client of the external broker at `broker_port`.
+    pub fn external(dir: &Path, broker_port: u16, tweak: impl FnOnce(&mut toml::Table)) -> Agent {
+        Self::start(dir, broker_port, |cfg| {
+            set(cfg, &["broker", "mode"], "external".into());
+            set(cfg, &["broker", "external", "host"], "127.0.0.1".into());
+            set(
+                cfg,
+                &["broker", "external", "port"],
+                i64::from(broker_port).into(),
+            );
+            set(
+                cfg,
+                &["broker", "external", "client_id"],
+                "edge-agent-test".into(),
+            );
+            tweak(cfg);
+        })
+    }
+
+    fn start(dir: &Path, mqtt_port: u16, tweak: impl FnOnce(&mut toml::Table)) -> Agent {
+        let metrics_port = free_port();
+        let mut cfg = example_config();
+        set(
+            &mut cfg,
+            &["data_dir"],
+            dir.join("data").display().to_string().into(),
+        );
+        set(
+            &mut cfg,
+            &["metrics", "listen"],
+            format!("127.0.0.1:{metrics_port}").into(),
+        );
+        tweak(&mut cfg);
+        let config = dir.join("edge-agent.toml");
+        std::fs::write(&config, toml::to_string(&cfg).unwrap()).unwrap();
+        let mut agent = Agent {
+            child: None,
+            dir: dir.to_path_buf(),
+            config,
+            mqtt_port,
+            metrics_port,
+            log: dir.join("agent.log"),
+        };
+        agent.restart();
+        agent
+    }
+
+    /// (Re)starts the process with the same config and data, and waits until it is ready.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let offset = log.metadata().unwrap().len() as usize;
+        let child = Command::new(agent_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn edge-agent");
+        self.child = Some(child);
+        wait_for("edge-agent ready", Duration::from_secs(30), || {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("edge-agent exited early ({status}):\n{}", self.log_text());
+            }
+            self.log_text()[offset..].contains("edge-agent ready")
+        });
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM, then wait for the drain; returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("edge-agent did not stop on SIGTERM:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no drain, no flush, no goodbye.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// One metric's value from the Prometheus endpoint (sum over its label sets).
+    pub fn metric(&self, name: &str) -> f64 {
+        let body = http_get(self.metrics_port, "/metrics");
+        body.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| l.split([' ', '{']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// `edge-agent outbox list --json` (the agent must be stopped).
+    pub fn outbox(&self) -> Vec<serde_json::Value> {
+        self.cli_json(&["outbox", "list", "--json"])
+    }
+
+    /// `edge-agent dlq list --json` (the agent must be stopped).
+    pub fn dlq(&self) -> Vec<serde_json::Value> {
+        self.cli_json(&["dlq", "list", "--json"])
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "edge-agent {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .expect("--json prints one JSON document")
+            .as_array()
+            .cloned()
+            .expect("a JSON array")
+    }
+
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(agent_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sets `path` in a TOML table, creating intermediate tables.
+pub fn set(cfg: &mut toml::Table, path: &[&str], value: toml::Value) {
+    let (last, parents) = path.split_last().unwrap();
+    let mut t = cfg;
+    for p in parents {
+        t = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .unwrap();
+    }
+    t.insert(last.to_string(), value);
+}
+
+pub fn http_get(port: u16, path: &str) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body
+}
+
+/// `mosquitto_pub` one message; panics with its stderr if it fails.
+pub fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], qos: u8) {
+    let mut child = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-t", topic])
+        .args(["-q", &qos.to_string(), "-s"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (Debian package mosquitto-clients) must be installed");
+    child.stdin.take().unwrap().write_all(payload).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "mosquitto_pub -t {topic} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A real mosquitto broker on a free loopback port, for the agent's external-broker mode.
+pub struct Mosquitto {
+    child: Child,
+    pub port: u16,
+}
+
+impl Mosquitto {
+    pub fn start(dir: &Path) -> Mosquitto {
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
+                 max_inflight_messages 0\nmax_queued_messages 0\nlog_dest stderr\n"
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("mosquitto.log")).unwrap();
+        let child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto (Debian package mosquitto) must be installed");
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Mosquitto { child, port }
+    }
+}
+
+fn mosquitto_binary() -> PathBuf {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return PathBuf::from(p);
+        }
+    }
+    PathBuf::from("mosquitto")
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A meter reading as a device would send it.
+pub fn meter(id: &str, seq: u64, kwh: f64) -> Vec<u8> {
+    serde_json::json!({
+        "id": id,
+        "seq": seq,
+        "ts": 1_764_000_000_000i64 + seq as i64 * 60_000,
+        "data": { "kwh": kwh, "voltage": 230.0, "current": 4.0 }
+    })
+    .to_string()
+    .into_bytes()
+}

@@ -14,10 +14,10 @@ fn messages(n: u64) -> Vec<(u16, String, Vec<u8>)> {
         .map(|i| {
             let device = i % DEVICES;
             let seq = i / DEVICES + 1;
-            let topic = format!("devices/m{device}/events/meter");
+            let topic = format!("devices/meter-{device}/events/meter");
             let id = format!("r{seq}");
             let pkid = u16::try_from(i + 1).expect("fits a packet id");
-            (pkid, topic, meter(&id, seq, 1000.0 + seq as f64))
+            (pkid, topic, meter(&id, seq, 1000.0 + seq as f64 * 0.1))
         })
         .collect()
 }
@@ -34,7 +34,7 @@ fn assert_exactly_once(agent: &Agent, n: u64) {
     let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
     assert!(twice.is_empty(), "stored more than once: {twice:?}");
     for i in 0..n {
-        let id = format!("m{}/r{}", i % DEVICES, i / DEVICES + 1);
+        let id = format!("meter-{}/r{}", i % DEVICES, i / DEVICES + 1);
         assert!(seen.contains_key(&id), "acknowledged but lost: {id}");
     }
     assert_eq!(outbox.len() as u64, n);
@@ -80,11 +80,17 @@ fn external_broker_kill9_loses_nothing_acknowledged() {
         publisher.publish_all(messages(n), 512, Duration::from_secs(120), |_| {});
         publisher.acked.len() as u64
     });
-    for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(300));
+    // Kill at a quarter, half and three quarters of the stream, as seen in the outbox.
+    let mut mid_stream = 0;
+    for quarter in 1..=3 {
+        wait_for("progress", Duration::from_secs(60), || {
+            agent.metric("edge_outbox_entries") as u64 >= n * quarter / 4
+        });
+        mid_stream += usize::from((agent.metric("edge_outbox_entries") as u64) < n);
         agent.kill9();
         agent.restart();
     }
+    assert!(mid_stream > 0, "at least one kill hit the agent mid-stream");
     assert_eq!(publishing.join().unwrap(), n, "mosquitto acknowledged all");
     wait_for(
         "the outbox to hold every event",

@@ -7,13 +7,13 @@ use std::time::Duration;
 use e2e::{Agent, Mosquitto, meter, mosquitto_pub, wait_for};
 use serde_json::{Value, json};
 
-const METER: &str = "devices/m1/events/meter";
+const METER: &str = "devices/meter-1/events/meter";
 
 /// What is published, in order: (topic, payload).
 fn scenario() -> Vec<(&'static str, Vec<u8>)> {
     let env = |id: &str, seq: u64, t: f64, rh: f64| {
         json!({"id": id, "seq": seq, "ts": "2026-11-25T10:00:00Z",
-               "data": {"temperature": t, "humidity": rh}})
+               "data": {"temperature_c": t, "humidity_pct": rh}})
         .to_string()
         .into_bytes()
     };
@@ -24,26 +24,26 @@ fn scenario() -> Vec<(&'static str, Vec<u8>)> {
     };
     vec![
         (METER, meter("a1", 1, 100.0)),
-        (METER, meter("a2", 2, 101.5)),
+        (METER, meter("a2", 2, 100.25)),
         // a redelivery of a2: recognised, not stored twice
-        (METER, meter("a2", 2, 101.5)),
+        (METER, meter("a2", 2, 100.25)),
         // seq 3 is skipped: a gap...
-        (METER, meter("a4", 4, 104.0)),
+        (METER, meter("a4", 4, 100.75)),
         // ...that this late arrival fills
-        (METER, meter("a3", 3, 103.0)),
+        (METER, meter("a3", 3, 100.5)),
         // truncated JSON
         (METER, br#"{"id": "a5", "seq": 5, "ts": 17640"#.to_vec()),
         // wrong type
         (
             METER,
             json!({"id": "a6", "seq": 6, "ts": 1_764_000_400_000i64,
-                   "data": {"kwh": "lots", "voltage": 230.0, "current": 4.0}})
+                   "data": {"energy_kwh": "lots", "voltage_v": 230.0, "current_a": 4.0}})
             .to_string()
             .into_bytes(),
         ),
         // unknown event type
         (
-            "devices/m1/events/toaster",
+            "devices/meter-1/events/toaster",
             json!({"id": "t1", "seq": 7, "ts": 1_764_000_400_000i64, "data": {}})
                 .to_string()
                 .into_bytes(),
@@ -51,18 +51,18 @@ fn scenario() -> Vec<(&'static str, Vec<u8>)> {
         // payload names another device than its topic
         (
             METER,
-            json!({"id": "a8", "seq": 8, "device": "m9", "ts": 1_764_000_400_000i64,
-                   "data": {"kwh": 110.0, "voltage": 230.0, "current": 4.0}})
+            json!({"id": "a8", "seq": 8, "device": "meter-9", "ts": 1_764_000_400_000i64,
+                   "data": {"energy_kwh": 110.0, "voltage_v": 230.0, "current_a": 4.0}})
             .to_string()
             .into_bytes(),
         ),
-        ("devices/env1/events/environment", env("e1", 1, 20.0, 50.0)),
+        ("devices/env-1/events/environment", env("e1", 1, 20.0, 50.0)),
         (
-            "devices/gps1/events/gps",
+            "devices/truck-1/events/gps",
             gps("g1", 1, 1_764_000_000_000, 52.5200, 13.4050),
         ),
         (
-            "devices/gps1/events/gps",
+            "devices/truck-1/events/gps",
             gps("g2", 2, 1_764_000_060_000, 52.5300, 13.4050),
         ),
     ]
@@ -83,7 +83,13 @@ fn assert_outcome(agent: &Agent) {
     assert_eq!(
         ids,
         [
-            "m1/a1", "m1/a2", "m1/a4", "m1/a3", "env1/e1", "gps1/g1", "gps1/g2"
+            "meter-1/a1",
+            "meter-1/a2",
+            "meter-1/a4",
+            "meter-1/a3",
+            "env-1/e1",
+            "truck-1/g1",
+            "truck-1/g2"
         ]
     );
     let seqs: Vec<u64> = outbox
@@ -97,23 +103,25 @@ fn assert_outcome(agent: &Agent) {
             .find(|r| r["event_id"] == id)
             .unwrap_or_else(|| panic!("{id} in outbox"))
     };
-    let a2 = by_id("m1/a2");
+    let a2 = by_id("meter-1/a2");
     assert_eq!(a2["gateway"], "gw-test");
     assert_eq!(a2["status"], "ok");
     assert!(a2["calc_version"].as_str().unwrap().starts_with("meter-"));
-    assert!((a2["result"]["delta_kwh"].as_f64().unwrap() - 1.5).abs() < 1e-9);
-    assert!((a2["result"]["power_kw"].as_f64().unwrap() - 0.92).abs() < 1e-9);
-    let a3 = by_id("m1/a3");
+    assert!((a2["result"]["consumption_kwh"].as_f64().unwrap() - 0.25).abs() < 1e-9);
+    assert!((a2["result"]["power_w"].as_f64().unwrap() - 920.0).abs() < 1e-9);
+    let a3 = by_id("meter-1/a3");
     assert!(
         a3["flags"].as_array().unwrap().iter().any(|f| f == "late"),
         "late arrival flagged: {a3}"
     );
-    let dew = by_id("env1/e1")["result"]["dew_point_c"].as_f64().unwrap();
+    let dew = by_id("env-1/e1")["result"]["dew_point_c"].as_f64().unwrap();
     assert!(
         (dew - 9.26).abs() < 0.05,
         "dew point of 20 °C at 50 % is ~9.3 °C, got {dew}"
     );
-    let km = by_id("gps1/g2")["result"]["distance_m"].as_f64().unwrap();
+    let km = by_id("truck-1/g2")["result"]["distance_m"]
+        .as_f64()
+        .unwrap();
     assert!(
         (km - 1112.0).abs() < 5.0,
         "0.01° of latitude is ~1112 m, got {km}"
@@ -133,7 +141,7 @@ fn assert_outcome(agent: &Agent) {
     assert_eq!(got[0].0, "decode", "{got:?}");
     assert_eq!(got[1].0, "schema");
     assert!(
-        got[1].1.contains("data.kwh"),
+        got[1].1.contains("data.energy_kwh"),
         "names the field: {}",
         got[1].1
     );
@@ -171,13 +179,13 @@ fn embedded_endpoint_stores_exactly_the_expected_entries() {
     // A restart keeps the device state: a redelivery from before the restart is still a
     // duplicate, and the next reading continues the delta.
     agent.restart();
-    mosquitto_pub(agent.mqtt_port, METER, &meter("a2", 2, 101.5), 1);
-    mosquitto_pub(agent.mqtt_port, METER, &meter("a9", 9, 112.0), 1);
+    mosquitto_pub(agent.mqtt_port, METER, &meter("a2", 2, 100.25), 1);
+    mosquitto_pub(agent.mqtt_port, METER, &meter("a9", 9, 102.0), 1);
     assert!(agent.stop().success());
     let outbox = agent.outbox();
     assert_eq!(outbox.len(), 8);
-    assert_eq!(outbox[7]["event_id"], "m1/a9");
-    assert!((outbox[7]["result"]["delta_kwh"].as_f64().unwrap() - 8.0).abs() < 1e-9);
+    assert_eq!(outbox[7]["event_id"], "meter-1/a9");
+    assert!((outbox[7]["result"]["consumption_kwh"].as_f64().unwrap() - 1.25).abs() < 1e-9);
 }
 
 #[test]

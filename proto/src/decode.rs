@@ -363,9 +363,10 @@ impl Ctx<'_> {
     /// Remembers the id of a message whose top level was (partly) read before a failure.
     fn stash_id(&self, id: Option<&Value>) {
         if let Some(Value::String(s)) = id
-            && valid_id(s).is_ok() {
-                *self.id.borrow_mut() = Some(s.clone());
-            }
+            && valid_id(s).is_ok()
+        {
+            *self.id.borrow_mut() = Some(s.clone());
+        }
     }
 }
 
@@ -743,9 +744,10 @@ fn cbor_map(
                     _ => None,
                 });
                 if let Some(Cbor::Text(id)) = id
-                    && valid_id(id).is_ok() {
-                        *ctx.id.borrow_mut() = Some(id.clone());
-                    }
+                    && valid_id(id).is_ok()
+                {
+                    *ctx.id.borrow_mut() = Some(id.clone());
+                }
             }
         }
         return Err(kind);

@@ -134,13 +134,13 @@ fn publish_stream(port: u16, conn: usize, n: usize, window: usize) -> Vec<u32> {
             seqs[d] += 1;
             let seq = seqs[d];
             let payload = format!(
-                r#"{{"id":"r{seq}","seq":{seq},"ts":{},"data":{{"kwh":{:.3},"voltage":230.1,"current":4.25}}}}"#,
+                r#"{{"id":"r{seq}","seq":{seq},"ts":{},"data":{{"energy_kwh":{:.3},"voltage_v":230.1,"current_a":4.25}}}}"#,
                 1_764_000_000_000i64 + seq as i64 * 1000,
-                1000.0 + seq as f64 * 0.125
+                1000.0 + seq as f64 * 0.001
             );
             pkid = if pkid == u16::MAX { 1 } else { pkid + 1 };
             let mut p = Publish::new(
-                format!("devices/c{conn}m{d}/events/meter"),
+                format!("devices/meter-c{conn}d{d}/events/meter"),
                 QoS::AtLeastOnce,
                 payload,
             );

@@ -65,6 +65,9 @@ pub struct Agent {
     pub mqtt_port: u16,
     pub metrics_port: u16,
     log: PathBuf,
+    /// The log line that says the agent takes messages: with an external broker that is the
+    /// subscription, since a fresh session gets nothing published before it.
+    ready_line: &'static str,
 }
 
 impl Agent {
@@ -115,6 +118,7 @@ impl Agent {
             format!("127.0.0.1:{metrics_port}").into(),
         );
         tweak(&mut cfg);
+        let external = cfg["broker"]["mode"].as_str() == Some("external");
         let config = dir.join("edge-agent.toml");
         std::fs::write(&config, toml::to_string(&cfg).unwrap()).unwrap();
         let mut agent = Agent {
@@ -124,6 +128,11 @@ impl Agent {
             mqtt_port,
             metrics_port,
             log: dir.join("agent.log"),
+            ready_line: if external {
+                "subscribed"
+            } else {
+                "edge-agent ready"
+            },
         };
         agent.restart();
         agent
@@ -149,11 +158,12 @@ impl Agent {
             .spawn()
             .expect("spawn edge-agent");
         self.child = Some(child);
-        wait_for("edge-agent ready", Duration::from_secs(30), || {
+        let ready_line = self.ready_line;
+        wait_for(ready_line, Duration::from_secs(30), || {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("edge-agent exited early ({status}):\n{}", self.log_text());
             }
-            self.log_text()[offset..].contains("edge-agent ready")
+            self.log_text()[offset..].contains(ready_line)
         });
     }
 
@@ -345,7 +355,7 @@ pub fn meter(id: &str, seq: u64, kwh: f64) -> Vec<u8> {
         "id": id,
         "seq": seq,
         "ts": 1_764_000_000_000i64 + seq as i64 * 60_000,
-        "data": { "kwh": kwh, "voltage": 230.0, "current": 4.0 }
+        "data": { "energy_kwh": kwh, "voltage_v": 230.0, "current_a": 4.0 }
     })
     .to_string()
     .into_bytes()

@@ -186,7 +186,7 @@ async fn run(
                     if s.return_codes.contains(&SubscribeReasonCode::Failure) {
                         error!(filter = %cfg.filter, "the broker refused the subscription");
                     } else {
-                        debug!(filter = %cfg.filter, "subscribed");
+                        info!(filter = %cfg.filter, "subscribed");
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {

@@ -11,6 +11,7 @@ pub mod limits;
 pub mod message;
 pub mod result;
 pub mod timestamp;
+pub mod uplink;
 pub mod wire;
 
 pub use decode::{DecodeError, DecodeErrorKind, decode_message};

@@ -17,6 +17,12 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO systemctl disable --now mosquitto >/dev/null 2>&1 || true
 fi
 
+# The local AWS emulator (moto, pinned) for the cloud-bridge tests; venv outside the clone.
+# shellcheck source=tests/aws-emulator.sh
+source tests/aws-emulator.sh
+aws_emulator_start >/dev/null
+trap aws_emulator_stop EXIT
+
 # Keep build artifacts outside the clone so repeated runs on one machine rebuild little.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-pipeline/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"

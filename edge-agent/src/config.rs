@@ -9,9 +9,12 @@ use std::path::{Path, PathBuf};
 use engine::{Engine, EngineSpec};
 use serde::Deserialize;
 
+use crate::dlq::DlqConfig;
 use crate::ingest::IngestConfig;
+use crate::outbox::OutboxConfig;
 use crate::pipeline::PipelineConfig;
 use crate::telemetry::{LogConfig, MetricsConfig};
+use crate::uplink::UplinkConfig;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,6 +27,13 @@ pub struct AgentConfig {
     pub broker: IngestConfig,
     #[serde(default)]
     pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub uplink: UplinkConfig,
+    /// The local dead-letter queue: cap, full policy, automatic retries.
+    #[serde(default)]
+    pub dlq: DlqConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
@@ -84,12 +94,14 @@ impl AgentConfig {
             ));
         }
         self.broker.validate().map_err(|e| e.to_string())?;
+        self.uplink.validate()?;
         if self.pipeline.max_batch == 0 {
             return Err("pipeline.max_batch: must be at least 1".into());
         }
         if self.pipeline.queue_capacity == 0 {
             return Err("pipeline.queue_capacity: must be at least 1".into());
         }
+        self.dlq.validate()?;
         self.engine()?;
         Ok(())
     }

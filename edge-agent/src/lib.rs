@@ -11,10 +11,15 @@
 //! - outbox entries carry a gap-free, gateway-wide `edge_seq` in commit order;
 //! - all business logic lives in `engine`; this crate only moves bytes and keeps them.
 
+pub mod admin;
 pub mod agent;
+pub mod cli;
 pub mod config;
+pub mod dlq;
 pub mod ingest;
-pub mod inspect;
+pub mod outbox;
 pub mod pipeline;
+pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod uplink;

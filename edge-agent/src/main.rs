@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edge_agent::config::AgentConfig;
-use edge_agent::{agent, inspect, telemetry};
+use edge_agent::{agent, cli, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -31,22 +31,24 @@ enum Command {
         #[arg(long, env = "EDGE_AGENT_CONFIG")]
         config: PathBuf,
     },
-    /// Queue depth and bytes, DLQ count, sequence counters (reads the store; agent stopped).
+    /// Outbox depth, uplink, DLQ, rates and the last error (running or stopped agent).
     Status {
-        #[command(flatten)]
-        store: inspect::StoreArgs,
+        /// One JSON document on stdout.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        store: cli::StoreArgs,
     },
     /// Inspect the outbox (results waiting for the cloud).
     Outbox {
         #[command(subcommand)]
-        command: inspect::OutboxCommand,
+        command: cli::OutboxCommand,
     },
-    /// Inspect the local dead-letter queue.
+    /// The local dead-letter queue: list, show, retry, export, purge, stats (running or
+    /// stopped agent).
     Dlq {
         #[command(subcommand)]
-        command: inspect::DlqCommand,
+        command: cli::DlqCommand,
     },
 }
 
@@ -55,9 +57,9 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Run { config } => run(config),
         Command::CheckConfig { config } => return check_config(config),
-        Command::Status { store, json } => inspect::status(&store, json),
-        Command::Outbox { command } => inspect::outbox(command),
-        Command::Dlq { command } => inspect::dlq(command),
+        Command::Status { store, json } => return finish(cli::status(&store, json)),
+        Command::Outbox { command } => return finish(cli::outbox(command)),
+        Command::Dlq { command } => return finish(cli::dlq(command)),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,6 +68,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A field-tech command's outcome: its own exit code, or 1 with the error on stderr.
+fn finish(outcome: anyhow::Result<ExitCode>) -> ExitCode {
+    outcome.unwrap_or_else(|e| {
+        eprintln!("edge-agent: {e:#}");
+        ExitCode::FAILURE
+    })
 }
 
 fn check_config(path: PathBuf) -> ExitCode {

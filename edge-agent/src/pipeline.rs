@@ -7,17 +7,61 @@
 //!
 //! Invariant: a message's ack is released only after the commit that holds its outcome (result
 //! or DLQ entry) returned, and commits happen in arrival order.
+//!
+//! The thread also owns every DLQ write while the agent runs: between batches it serves
+//! [`AdminCall`]s (a technician's `dlq retry`/`dlq purge` from the admin socket) and the
+//! automatic retries of transient failures that are due, so the store's counters stay exact
+//! and a retried message takes the same engine and group-commit path as live traffic. A
+//! stopped agent's CLI runs the very same [`Pipeline::retry`] / [`Pipeline::purge`] in-process.
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use engine::{Engine, Input, Outcome, State};
 use proto::DlqEntry;
 use serde::Deserialize;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::ingest::{AckSet, Inbound};
-use crate::store::{Commit, Store, StoreError};
+use crate::dlq::{
+    self, DlqConfig, FullPolicy, PurgeReport, RetryItem, RetryOutcome, RetryReport, Selection,
+};
+use crate::ingest::{AckSet, Inbound, now_ms};
+use crate::outbox::Outbox;
+use crate::status::{Live, describe_rejection};
+use crate::store::{Commit, DlqRef, Store, StoreError};
 use crate::telemetry as m;
+
+/// A DLQ write for the pipeline thread, from the admin socket; the reply goes back on the
+/// oneshot (an `Err` is a store failure, after which the pipeline stops).
+pub enum AdminCall {
+    Retry(Selection, oneshot::Sender<Result<RetryReport, String>>),
+    Purge(Selection, oneshot::Sender<Result<PurgeReport, String>>),
+}
+
+/// Why the pipeline woke up.
+enum Wake {
+    Admin(Option<AdminCall>),
+    AutoRetry,
+    Ingest(usize),
+    /// Intake is blocked (DLQ full): look again whether ingest has closed.
+    Tick,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    Auto,
+    Manual,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Auto => "auto",
+            Trigger::Manual => "manual",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -42,8 +86,13 @@ pub struct Pipeline {
     engine: Engine,
     state: State,
     store: Store,
+    outbox: Outbox,
     gateway: String,
     max_batch: usize,
+    dlq: DlqConfig,
+    /// When the earliest automatic DLQ retry is due (epoch ms).
+    next_auto_retry: Option<i64>,
+    live: Arc<Live>,
 }
 
 impl Pipeline {
@@ -52,6 +101,7 @@ impl Pipeline {
     pub fn new(
         engine: Engine,
         store: Store,
+        outbox: Outbox,
         gateway: String,
         cfg: &PipelineConfig,
     ) -> Result<Pipeline, StoreError> {
@@ -63,22 +113,354 @@ impl Pipeline {
             engine,
             state,
             store,
+            outbox,
             gateway,
             max_batch: cfg.max_batch.max(1),
+            dlq: DlqConfig::default(),
+            next_auto_retry: None,
+            live: Arc::new(Live::new(now_ms())),
         };
         p.publish_gauges();
         Ok(p)
     }
 
+    /// Applies the `[dlq]` config (cap, full policy, automatic retries) and loads the retry
+    /// schedule. Without it the DLQ has the default settings.
+    pub fn with_dlq(mut self, cfg: DlqConfig) -> Result<Pipeline, StoreError> {
+        self.store.set_dlq_cap(cfg.cap());
+        self.dlq = cfg;
+        self.reschedule()?;
+        Ok(self)
+    }
+
+    /// A read-only view of the store (for the admin socket).
+    pub fn reader(&self) -> crate::store::StoreReader {
+        self.store.reader()
+    }
+
+    /// Live figures for `edge-agent status`.
+    pub fn live(&self) -> Arc<Live> {
+        Arc::clone(&self.live)
+    }
+
     /// Runs until every sender of `rx` is gone and the queue is drained; returns the store so
     /// the caller can close it after the last commit.
-    pub fn run(mut self, mut rx: mpsc::Receiver<Inbound>) -> Result<Store, StoreError> {
+    pub fn run(self, rx: mpsc::Receiver<Inbound>) -> Result<Store, StoreError> {
+        let (_keep, admin) = mpsc::channel(1);
+        self.run_with_admin(rx, admin)
+    }
+
+    /// [`run`](Self::run), also serving DLQ writes from the admin socket and the automatic
+    /// retries, between batches. Group commit is unchanged: each wake-up takes everything
+    /// queued (up to `max_batch`) into one commit.
+    pub fn run_with_admin(
+        mut self,
+        mut rx: mpsc::Receiver<Inbound>,
+        mut admin: mpsc::Receiver<AdminCall>,
+    ) -> Result<Store, StoreError> {
+        // A small runtime of this thread's own, only to wait on several channels and a timer.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .map_err(|e| StoreError::Io(sled::Error::Io(e)))?;
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut acks = AckSet::default();
-        while rx.blocking_recv_many(&mut batch, self.max_batch) > 0 {
-            self.process(&mut batch, &mut acks)?;
+        let mut admin_open = true;
+        // Set once ingest has closed while intake was blocked: drain what is queued anyway.
+        let mut draining = false;
+        loop {
+            let blocked = !draining && self.intake_blocked();
+            let due = self.next_auto_retry;
+            let max = self.max_batch;
+            let wake = rt.block_on(async {
+                let timer = async {
+                    match due {
+                        Some(t) => {
+                            let wait = u64::try_from(t.saturating_sub(now_ms())).unwrap_or(0);
+                            tokio::time::sleep(Duration::from_millis(wait)).await
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    call = admin.recv(), if admin_open => Wake::Admin(call),
+                    _ = timer => Wake::AutoRetry,
+                    n = rx.recv_many(&mut batch, max), if !blocked => Wake::Ingest(n),
+                    _ = tokio::time::sleep(Duration::from_millis(200)), if blocked => Wake::Tick,
+                }
+            });
+            match wake {
+                Wake::Admin(Some(call)) => self.serve(call)?,
+                Wake::Admin(None) => admin_open = false,
+                Wake::AutoRetry => self.auto_retry()?,
+                Wake::Ingest(0) => break,
+                Wake::Ingest(_) => {
+                    self.process(&mut batch, &mut acks)?;
+                    // Under constant load the timer branch may not get its turn.
+                    if self.next_auto_retry.is_some_and(|t| t <= now_ms()) {
+                        self.auto_retry()?;
+                    }
+                }
+                Wake::Tick => draining = rx.is_closed(),
+            }
         }
         Ok(self.store)
+    }
+
+    /// With `full_policy = "block"`, a full DLQ stops intake until someone makes room.
+    fn intake_blocked(&self) -> bool {
+        let blocked = self.dlq.full_policy == FullPolicy::Block && self.store.dlq_full();
+        if self.live.intake_blocked.swap(blocked, Ordering::Relaxed) != blocked {
+            metrics::gauge!(m::DLQ_BLOCKED).set(f64::from(u8::from(blocked)));
+            let c = self.store.counters();
+            if blocked {
+                tracing::error!(
+                    entries = c.dlq_entries,
+                    bytes = c.dlq_bytes,
+                    "DLQ full: intake stopped (devices keep their messages) until room is made \
+                     with `edge-agent dlq retry` or `dlq export` + `dlq purge`"
+                );
+                self.live
+                    .set_last_error(now_ms(), "DLQ full: intake stopped".into());
+            } else {
+                tracing::info!(
+                    entries = c.dlq_entries,
+                    "DLQ has room again: intake resumed"
+                );
+            }
+        }
+        blocked
+    }
+
+    fn serve(&mut self, call: AdminCall) -> Result<(), StoreError> {
+        match call {
+            AdminCall::Retry(sel, reply) => {
+                let r = self.retry(&sel);
+                let _ = reply.send(r.as_ref().map(Clone::clone).map_err(ToString::to_string));
+                r.map(drop)
+            }
+            AdminCall::Purge(sel, reply) => {
+                let r = self.purge(&sel);
+                let _ = reply.send(r.as_ref().map(Clone::clone).map_err(ToString::to_string));
+                r.map(drop)
+            }
+        }
+    }
+
+    /// `dlq retry`: re-injects the selected entries (the same engine and group commit as live
+    /// traffic, as replays); an entry that becomes a result leaves the DLQ in the same commit.
+    pub fn retry(&mut self, sel: &Selection) -> Result<RetryReport, StoreError> {
+        let ids = dlq::resolve(&self.store.reader(), sel)?;
+        self.retry_ids(&ids, Trigger::Manual)
+    }
+
+    /// `dlq purge`: deletes the selected entries.
+    pub fn purge(&mut self, sel: &Selection) -> Result<PurgeReport, StoreError> {
+        let report = dlq::purge(&mut self.store, sel)?;
+        self.reschedule()?;
+        self.publish_gauges();
+        Ok(report)
+    }
+
+    /// Retries the transient failures that are due.
+    fn auto_retry(&mut self) -> Result<(), StoreError> {
+        let now = now_ms();
+        let due: Vec<u64> = self
+            .store
+            .reader()
+            .dlq_schedule()
+            .filter_map(|s| match s {
+                Ok((id, at)) if at <= now => Some(Ok(id)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .take(self.max_batch)
+            .collect::<Result<_, _>>()?;
+        if due.is_empty() {
+            self.reschedule()?;
+            return Ok(());
+        }
+        let report = self.retry_ids(&due, Trigger::Auto)?;
+        for item in &report.items {
+            match &item.outcome {
+                RetryOutcome::Reprocessed { event_id, edge_seq } => tracing::info!(
+                    dlq_id = item.id,
+                    event_id,
+                    edge_seq,
+                    "automatic DLQ retry: reprocessed"
+                ),
+                RetryOutcome::Failed {
+                    reason,
+                    attempts,
+                    auto_retry_at,
+                    ..
+                } => tracing::info!(
+                    dlq_id = item.id,
+                    attempts,
+                    reason,
+                    next = ?auto_retry_at.map(proto::timestamp::format_rfc3339),
+                    "automatic DLQ retry: failed again{}",
+                    if auto_retry_at.is_none() { "; it now waits for a person" } else { "" }
+                ),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn retry_ids(&mut self, ids: &[u64], trigger: Trigger) -> Result<RetryReport, StoreError> {
+        let mut report = RetryReport::default();
+        for chunk in ids.chunks(self.max_batch) {
+            let now = now_ms();
+            let mut commit = Commit::default();
+            // Per item: the index of its result in `commit.results`, when it became one.
+            let mut results = Vec::with_capacity(chunk.len());
+            let first = report.items.len();
+            for &id in chunk {
+                let Some(e) = self.store.reader().dlq_entry(id)? else {
+                    // Clear any schedule left for it, so a due retry cannot come back forever.
+                    commit.dlq_schedule.push((DlqRef::Id(id), None));
+                    report.items.push(RetryItem {
+                        id,
+                        outcome: RetryOutcome::NotFound,
+                    });
+                    results.push(None);
+                    continue;
+                };
+                let (outcome, result) = self.replay(e, now, &mut commit);
+                report.items.push(RetryItem { id, outcome });
+                results.push(result);
+            }
+            commit.states = self.state.take_dirty();
+            if commit.is_empty() {
+                continue;
+            }
+            self.outbox.make_room()?;
+            self.store.commit(&mut commit)?;
+            let c = self.store.counters();
+            self.outbox.committed(c.next_edge_seq - 1, c.outbox_bytes);
+            for (item, result) in report.items[first..].iter_mut().zip(results) {
+                if let (RetryOutcome::Reprocessed { edge_seq, .. }, Some(i)) =
+                    (&mut item.outcome, result)
+                {
+                    *edge_seq = commit.results[i].edge_seq;
+                }
+            }
+            self.after_commit(&commit);
+        }
+        let ok = report.count(|o| matches!(o, RetryOutcome::Reprocessed { .. })) as u64;
+        let failed = report.count(|o| matches!(o, RetryOutcome::Failed { .. })) as u64;
+        metrics::counter!(m::ACCEPTED).increment(ok);
+        self.live.accepted.fetch_add(ok, Ordering::Relaxed);
+        metrics::counter!(m::DLQ_RETRIES, "trigger" => trigger.as_str(), "outcome" => "reprocessed")
+            .increment(ok);
+        metrics::counter!(m::DLQ_RETRIES, "trigger" => trigger.as_str(), "outcome" => "failed")
+            .increment(failed);
+        self.reschedule()?;
+        self.publish_gauges();
+        Ok(report)
+    }
+
+    /// Runs one DLQ entry through the engine again and records the outcome in `commit`;
+    /// returns the outcome and, for a result, its index in `commit.results`.
+    fn replay(
+        &mut self,
+        e: DlqEntry,
+        now: i64,
+        commit: &mut Commit,
+    ) -> (RetryOutcome, Option<usize>) {
+        let input = Input {
+            topic: &e.topic,
+            payload: &e.payload,
+            // As on arrival: clock rules judge the message as they would have then.
+            received_at: e.first_seen,
+            gateway: &self.gateway,
+            replay: true,
+        };
+        match self.engine.process(&mut self.state, &input) {
+            Outcome::Accepted { result, .. } => {
+                let event_id = result.event_id.clone();
+                commit.results.push(result);
+                commit.dlq_removals.push(e.id);
+                (
+                    RetryOutcome::Reprocessed {
+                        event_id,
+                        edge_seq: 0,
+                    },
+                    Some(commit.results.len() - 1),
+                )
+            }
+            Outcome::Duplicate { reason, .. } => {
+                commit.dlq_removals.push(e.id);
+                (RetryOutcome::Duplicate { reason }, None)
+            }
+            Outcome::Rejected(r) => {
+                let attempts = e.attempts.saturating_add(1);
+                let auto_retry_at = if r.transient {
+                    self.dlq.auto_retry.next_at(attempts, now)
+                } else {
+                    None
+                };
+                let outcome = RetryOutcome::Failed {
+                    stage: r.stage,
+                    reason: r.reason.clone(),
+                    attempts,
+                    auto_retry_at,
+                };
+                commit.dlq_schedule.push((DlqRef::Id(e.id), auto_retry_at));
+                commit.dlq_updates.push(DlqEntry {
+                    event_id: r.event_id.or(e.event_id),
+                    device: r.device.or(e.device),
+                    stage: r.stage,
+                    reason: r.reason,
+                    attempts,
+                    last_seen: now,
+                    ..e
+                });
+                (outcome, None)
+            }
+        }
+    }
+
+    /// Recomputes when the next automatic retry is due.
+    fn reschedule(&mut self) -> Result<(), StoreError> {
+        let mut next: Option<i64> = None;
+        for s in self.store.reader().dlq_schedule() {
+            let (_, at) = s?;
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+        self.next_auto_retry = next;
+        Ok(())
+    }
+
+    /// After any commit: report the DLQ entries evicted by the cap.
+    fn after_commit(&self, commit: &Commit) {
+        let dropped = &commit.dlq_dropped;
+        if dropped.is_empty() {
+            return;
+        }
+        metrics::counter!(m::DLQ_DROPPED).increment(dropped.len() as u64);
+        for d in dropped.iter().take(5) {
+            tracing::warn!(
+                dlq_id = d.id,
+                device = d.device.as_deref().unwrap_or("-"),
+                stage = %d.stage,
+                reason = %d.reason,
+                "DLQ full: dropped the oldest entry (full_policy = drop_oldest)"
+            );
+        }
+        if dropped.len() > 5 {
+            tracing::warn!(
+                dropped = dropped.len(),
+                "DLQ full: dropped {} more of the oldest entries",
+                dropped.len() - 5
+            );
+        }
+        self.live.set_last_error(
+            now_ms(),
+            format!("DLQ full: dropped {} oldest entries", dropped.len()),
+        );
     }
 
     /// One group commit. Public for benchmarks and tests that drive the pipeline directly.
@@ -115,6 +497,14 @@ impl Pipeline {
                 Outcome::Duplicate { .. } => dups += 1,
                 Outcome::Rejected(r) => {
                     metrics::counter!(m::REJECTED, "stage" => r.stage.as_str()).increment(1);
+                    if r.transient
+                        && let Some(at) = self.dlq.auto_retry.next_at(1, inbound.received_at)
+                    {
+                        commit
+                            .dlq_schedule
+                            .push((DlqRef::New(commit.dlq.len()), Some(at)));
+                        self.next_auto_retry = Some(self.next_auto_retry.map_or(at, |n| n.min(at)));
+                    }
                     commit.dlq.push(DlqEntry {
                         id: 0,
                         event_id: r.event_id,
@@ -134,9 +524,25 @@ impl Pipeline {
         commit.states = self.state.take_dirty();
         let engine_done = Instant::now();
         let accepted = commit.results.len() as u64;
+        // A full outbox blocks here (policy `block`) with the batch's acks still held, so
+        // devices see back-pressure instead of loss; `drop_oldest` makes room instead.
+        self.outbox.make_room()?;
         self.store.commit(&mut commit)?;
         acks.release();
         let committed = Instant::now();
+        let c = self.store.counters();
+        self.outbox.committed(c.next_edge_seq - 1, c.outbox_bytes);
+        self.after_commit(&commit);
+        let live = &self.live;
+        live.ingested.fetch_add(n as u64, Ordering::Relaxed);
+        live.accepted.fetch_add(accepted, Ordering::Relaxed);
+        live.rejected
+            .fetch_add(commit.dlq.len() as u64, Ordering::Relaxed);
+        live.duplicates.fetch_add(dups, Ordering::Relaxed);
+        if let Some(d) = commit.dlq.last() {
+            let what = describe_rejection(d.stage, &d.reason, d.device.as_deref());
+            live.set_last_error(d.last_seen, what);
+        }
 
         metrics::counter!(m::INGESTED).increment(n as u64);
         metrics::counter!(m::ACCEPTED).increment(accepted);
@@ -155,8 +561,11 @@ impl Pipeline {
 
     fn publish_gauges(&self) {
         let c = self.store.counters();
-        metrics::gauge!(m::OUTBOX_DEPTH).set(c.outbox_entries as f64);
-        metrics::gauge!(m::OUTBOX_BYTES).set(c.outbox_bytes as f64);
         metrics::gauge!(m::DLQ_ENTRIES).set(c.dlq_entries as f64);
+        metrics::gauge!(m::DLQ_BYTES).set(c.dlq_bytes as f64);
     }
 }
+
+#[cfg(test)]
+#[path = "pipeline_dlq_tests.rs"]
+mod dlq_tests;

@@ -10,16 +10,22 @@
 //! crash (`kill -9`) and an OS crash on a drive that honours flushes. A drive with a volatile
 //! write cache that ignores flush requests can still lose the last writes on a power cut.
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use engine::DeviceState;
 use proto::{DlqEntry, EventResult};
+
+use crate::dlq::DlqCap;
+use crate::outbox::{Outbox, OutboxConfig};
 use serde::de::DeserializeOwned;
 
 /// Key prefixes of the one tree. Keys sort by prefix, then big-endian number or name.
-mod key {
+pub(crate) mod key {
     pub const OUTBOX: u8 = b'o';
     pub const DLQ: u8 = b'q';
+    /// DLQ id → when its next automatic retry is due (transient failures only).
+    pub const DLQ_RETRY: u8 = b'r';
     pub const STATE: u8 = b's';
     pub const META: u8 = b'm';
 
@@ -68,9 +74,17 @@ pub struct Counters {
     /// The next outbox entry gets this `edge_seq` (starts at 1).
     pub next_edge_seq: u64,
     pub next_dlq_id: u64,
+    /// Results ever appended to the outbox, and their encoded bytes. What is still pending is
+    /// these minus what the uplink released: see [`crate::outbox::Outbox::depth`].
     pub outbox_entries: u64,
     pub outbox_bytes: u64,
     pub dlq_entries: u64,
+    /// Encoded size of the DLQ entries.
+    #[serde(default)]
+    pub dlq_bytes: u64,
+    /// DLQ entries ever evicted to stay under the cap (`full_policy = "drop_oldest"`).
+    #[serde(default)]
+    pub dlq_dropped: u64,
 }
 
 const COUNTERS: &str = "counters";
@@ -83,11 +97,32 @@ pub struct Commit {
     /// `id` is assigned by the store.
     pub dlq: Vec<DlqEntry>,
     pub states: Vec<(String, DeviceState)>,
+    /// DLQ entries rewritten in place, by `id` (a retry that failed again).
+    pub dlq_updates: Vec<DlqEntry>,
+    /// DLQ entries deleted (a retry that succeeded, a purge); unknown ids are ignored.
+    pub dlq_removals: Vec<u64>,
+    /// Automatic-retry schedule: the entry and its next retry (epoch ms), or `None` for none.
+    pub dlq_schedule: Vec<(DlqRef, Option<i64>)>,
+    /// Set by the store: entries evicted to keep the DLQ under its cap (`drop_oldest`).
+    pub dlq_dropped: Vec<DlqEntry>,
+}
+
+/// A DLQ entry in a [`Commit`]: an existing one, or the `i`-th of `Commit::dlq` (whose id the
+/// commit assigns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DlqRef {
+    Id(u64),
+    New(usize),
 }
 
 impl Commit {
     pub fn is_empty(&self) -> bool {
-        self.results.is_empty() && self.dlq.is_empty() && self.states.is_empty()
+        self.results.is_empty()
+            && self.dlq.is_empty()
+            && self.states.is_empty()
+            && self.dlq_updates.is_empty()
+            && self.dlq_removals.is_empty()
+            && self.dlq_schedule.is_empty()
     }
 }
 
@@ -95,6 +130,7 @@ pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
     counters: Counters,
+    dlq_cap: DlqCap,
 }
 
 impl Store {
@@ -126,11 +162,28 @@ impl Store {
                 ..Counters::default()
             },
         };
-        Ok(Store { db, tree, counters })
+        let mut store = Store {
+            db,
+            tree,
+            counters,
+            dlq_cap: DlqCap::UNLIMITED,
+        };
+        store.dlq_open()?;
+        Ok(store)
     }
 
     pub fn counters(&self) -> Counters {
         self.counters
+    }
+
+    /// The queue view of the outbox, shared by the pipeline and the uplink.
+    pub fn open_outbox(&self, cfg: OutboxConfig) -> Result<Outbox, StoreError> {
+        Outbox::open(
+            self.tree.clone(),
+            cfg,
+            self.counters.next_edge_seq - 1,
+            self.counters.outbox_bytes,
+        )
     }
 
     /// Assigns `edge_seq`s and DLQ ids, writes the batch atomically and flushes it to disk.
@@ -146,12 +199,7 @@ impl Store {
             next.outbox_bytes += bytes.len() as u64;
             batch.insert(&key::numbered(key::OUTBOX, r.edge_seq)[..], bytes);
         }
-        for d in &mut commit.dlq {
-            d.id = next.next_dlq_id;
-            next.next_dlq_id += 1;
-            next.dlq_entries += 1;
-            batch.insert(&key::numbered(key::DLQ, d.id)[..], proto::wire::encode(d));
-        }
+        self.dlq_apply(&mut batch, &mut next, commit)?;
         for (device, state) in &commit.states {
             batch.insert(key::named(key::STATE, device), proto::wire::encode(state));
         }
@@ -159,6 +207,13 @@ impl Store {
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         self.counters = next;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable (the uplink's release marks are written
+    /// without a flush of their own).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
         Ok(())
     }
 
@@ -197,6 +252,209 @@ impl Store {
                 let (k, v) = kv?;
                 decode(&v, &format!("{}{}", prefix as char, key::number_of(&k)))
             })
+    }
+}
+
+// DLQ
+/// A read-only view of the store for the admin socket and the CLI: a clone of the tree (sled is
+/// thread-safe), so it reads what the pipeline committed without going through its thread.
+#[derive(Clone)]
+pub struct StoreReader {
+    tree: sled::Tree,
+}
+
+impl StoreReader {
+    /// The counters as of the last commit.
+    pub fn counters(&self) -> Result<Counters, StoreError> {
+        match self.tree.get(key::named(key::META, COUNTERS))? {
+            Some(v) => decode(&v, COUNTERS),
+            None => Ok(Counters {
+                next_edge_seq: 1,
+                next_dlq_id: 1,
+                ..Counters::default()
+            }),
+        }
+    }
+
+    /// DLQ entries in id order (oldest first), starting at `from`.
+    pub fn dlq(&self, from: u64) -> impl Iterator<Item = Result<DlqEntry, StoreError>> + '_ {
+        self.tree
+            .range(key::numbered(key::DLQ, from)..key::numbered(key::DLQ + 1, 0))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&v, &format!("q{}", key::number_of(&k)))
+            })
+    }
+
+    pub fn dlq_entry(&self, id: u64) -> Result<Option<DlqEntry>, StoreError> {
+        self.tree
+            .get(key::numbered(key::DLQ, id))?
+            .map(|v| decode(&v, &format!("q{id}")))
+            .transpose()
+    }
+
+    /// The entry with the highest id (the newest failure).
+    pub fn dlq_newest(&self) -> Result<Option<DlqEntry>, StoreError> {
+        match self
+            .tree
+            .range(key::numbered(key::DLQ, 0)..key::numbered(key::DLQ + 1, 0))
+            .next_back()
+        {
+            Some(kv) => {
+                let (k, v) = kv?;
+                Ok(Some(decode(&v, &format!("q{}", key::number_of(&k)))?))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// When the entry's next automatic retry is due, if it has one.
+    pub fn dlq_retry_at(&self, id: u64) -> Result<Option<i64>, StoreError> {
+        self.tree
+            .get(key::numbered(key::DLQ_RETRY, id))?
+            .map(|v| decode(&v, &format!("r{id}")))
+            .transpose()
+    }
+
+    /// Every scheduled automatic retry: (DLQ id, due at), in id order.
+    pub fn dlq_schedule(&self) -> impl Iterator<Item = Result<(u64, i64), StoreError>> + '_ {
+        self.tree.scan_prefix([key::DLQ_RETRY]).map(|kv| {
+            let (k, v) = kv?;
+            let id = key::number_of(&k);
+            Ok((id, decode(&v, &format!("r{id}"))?))
+        })
+    }
+}
+
+// DLQ
+impl Store {
+    pub fn reader(&self) -> StoreReader {
+        StoreReader {
+            tree: self.tree.clone(),
+        }
+    }
+
+    /// The DLQ's cap, applied from the next commit on (the default is no cap).
+    pub fn set_dlq_cap(&mut self, cap: DlqCap) {
+        self.dlq_cap = cap;
+    }
+
+    /// The DLQ is at its cap (with `full_policy = "block"` the pipeline stops taking messages).
+    pub fn dlq_full(&self) -> bool {
+        self.dlq_cap
+            .reached(self.counters.dlq_entries, self.counters.dlq_bytes)
+    }
+
+    /// A store written before `dlq_bytes` was counted: count it once.
+    fn dlq_open(&mut self) -> Result<(), StoreError> {
+        if self.counters.dlq_entries > 0 && self.counters.dlq_bytes == 0 {
+            let mut bytes = 0u64;
+            for kv in self.tree.scan_prefix([key::DLQ]) {
+                bytes += kv?.1.len() as u64;
+            }
+            self.counters.dlq_bytes = bytes;
+        }
+        Ok(())
+    }
+
+    /// The DLQ part of [`Store::commit`]: removals, in-place updates, new entries (ids
+    /// assigned here), the retry schedule, then the cap (`drop_oldest` evicts oldest first).
+    fn dlq_apply(
+        &self,
+        batch: &mut sled::Batch,
+        next: &mut Counters,
+        commit: &mut Commit,
+    ) -> Result<(), StoreError> {
+        let entry_key = |id| key::numbered(key::DLQ, id);
+        let retry_key = |id| key::numbered(key::DLQ_RETRY, id);
+        let mut gone = HashSet::new();
+        for &id in &commit.dlq_removals {
+            if !gone.insert(id) {
+                continue;
+            }
+            if let Some(old) = self.tree.get(entry_key(id))? {
+                next.dlq_entries -= 1;
+                next.dlq_bytes = next.dlq_bytes.saturating_sub(old.len() as u64);
+                batch.remove(&entry_key(id)[..]);
+                batch.remove(&retry_key(id)[..]);
+            }
+        }
+        // Sizes of updated entries, for the cap below.
+        let mut sizes = HashMap::new();
+        for d in &commit.dlq_updates {
+            if gone.contains(&d.id) {
+                continue;
+            }
+            let Some(old) = self.tree.get(entry_key(d.id))? else {
+                continue;
+            };
+            let bytes = proto::wire::encode(d);
+            next.dlq_bytes = next.dlq_bytes.saturating_sub(old.len() as u64) + bytes.len() as u64;
+            sizes.insert(d.id, bytes.len() as u64);
+            batch.insert(&entry_key(d.id)[..], bytes);
+        }
+        let first_new = next.next_dlq_id;
+        for d in &mut commit.dlq {
+            d.id = next.next_dlq_id;
+            next.next_dlq_id += 1;
+            let bytes = proto::wire::encode(d);
+            next.dlq_entries += 1;
+            next.dlq_bytes += bytes.len() as u64;
+            sizes.insert(d.id, bytes.len() as u64);
+            batch.insert(&entry_key(d.id)[..], bytes);
+        }
+        for (r, at) in &commit.dlq_schedule {
+            let id = match *r {
+                DlqRef::Id(id) => id,
+                DlqRef::New(i) => match commit.dlq.get(i) {
+                    Some(d) => d.id,
+                    None => continue,
+                },
+            };
+            if gone.contains(&id) {
+                continue;
+            }
+            match at {
+                Some(t) => batch.insert(&retry_key(id)[..], proto::wire::encode(t)),
+                None => batch.remove(&retry_key(id)[..]),
+            }
+        }
+
+        let cap = self.dlq_cap;
+        if !cap.drop_oldest || !cap.exceeded(next.dlq_entries, next.dlq_bytes) {
+            return Ok(());
+        }
+        let evict = |id: u64, size: u64, batch: &mut sled::Batch, next: &mut Counters| {
+            batch.remove(&entry_key(id)[..]);
+            batch.remove(&retry_key(id)[..]);
+            next.dlq_entries -= 1;
+            next.dlq_bytes = next.dlq_bytes.saturating_sub(size);
+            next.dlq_dropped += 1;
+        };
+        for kv in self.tree.range(entry_key(0)..entry_key(first_new)) {
+            if !cap.exceeded(next.dlq_entries, next.dlq_bytes) {
+                return Ok(());
+            }
+            let (k, v) = kv?;
+            let id = key::number_of(&k);
+            if gone.contains(&id) {
+                continue;
+            }
+            let size = sizes.get(&id).copied().unwrap_or(v.len() as u64);
+            evict(id, size, batch, next);
+            if let Ok(e) = decode::<DlqEntry>(&v, "") {
+                commit.dlq_dropped.push(e);
+            }
+        }
+        // A batch with more new entries than the cap holds: the oldest new ones go too.
+        for d in &commit.dlq {
+            if !cap.exceeded(next.dlq_entries, next.dlq_bytes) {
+                break;
+            }
+            evict(d.id, sizes[&d.id], batch, next);
+            commit.dlq_dropped.push(d.clone());
+        }
+        Ok(())
     }
 }
 
@@ -255,7 +513,7 @@ mod tests {
             let mut c = Commit {
                 results: vec![result("m1", 1), result("m1", 2)],
                 dlq: vec![dlq_entry("data.kwh: missing")],
-                states: vec![],
+                ..Commit::default()
             };
             store.commit(&mut c).unwrap();
             assert_eq!(c.results[1].edge_seq, 2);

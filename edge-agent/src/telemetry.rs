@@ -21,7 +21,20 @@ pub const MISSED: &str = "edge_missed_events_total";
 pub const LATE: &str = "edge_late_arrivals_total";
 pub const OUTBOX_DEPTH: &str = "edge_outbox_entries";
 pub const OUTBOX_BYTES: &str = "edge_outbox_bytes";
+pub const OUTBOX_DROPPED: &str = "edge_outbox_dropped_total";
+pub const OUTBOX_BLOCKED: &str = "edge_outbox_blocked";
 pub const DLQ_ENTRIES: &str = "edge_dlq_entries";
+pub const DLQ_BYTES: &str = "edge_dlq_bytes";
+pub const DLQ_DROPPED: &str = "edge_dlq_dropped_total";
+pub const DLQ_BLOCKED: &str = "edge_dlq_blocked";
+pub const DLQ_RETRIES: &str = "edge_dlq_retries_total";
+pub const UPLINK_CONNECTED: &str = "edge_uplink_connected";
+pub const UPLINK_RECONNECTS: &str = "edge_uplink_reconnects_total";
+pub const UPLINK_BATCHES: &str = "edge_uplink_batches_total";
+pub const UPLINK_RESULTS: &str = "edge_uplink_results_total";
+pub const UPLINK_BYTES: &str = "edge_uplink_bytes_total";
+pub const REPLAY_REQUESTS: &str = "edge_replay_requests_total";
+pub const REPLAY_UNAVAILABLE: &str = "edge_replay_unavailable_total";
 pub const BATCH_SIZE: &str = "edge_batch_size";
 pub const STAGE_SECONDS: &str = "edge_stage_seconds";
 
@@ -112,9 +125,46 @@ fn describe() {
     describe_counter!(GAPS, "Sequence gaps detected (device seq jumped ahead)");
     describe_counter!(MISSED, "Events missing inside detected gaps");
     describe_counter!(LATE, "Late arrivals that filled a gap");
-    describe_gauge!(OUTBOX_DEPTH, "Results waiting in the outbox");
-    describe_gauge!(OUTBOX_BYTES, "Encoded size of the outbox");
+    describe_gauge!(OUTBOX_DEPTH, "Results waiting in the outbox for the cloud");
+    describe_gauge!(
+        OUTBOX_BYTES,
+        "Encoded size of the results waiting in the outbox"
+    );
+    describe_counter!(
+        OUTBOX_DROPPED,
+        "Pending results deleted unsent by the drop_oldest policy"
+    );
+    describe_gauge!(OUTBOX_BLOCKED, "1 while a full outbox blocks intake");
     describe_gauge!(DLQ_ENTRIES, "Entries in the local dead-letter queue");
+    describe_gauge!(DLQ_BYTES, "Encoded size of the local dead-letter queue");
+    describe_counter!(
+        DLQ_DROPPED,
+        "DLQ entries evicted to stay under the cap (full_policy = drop_oldest)"
+    );
+    describe_gauge!(
+        DLQ_BLOCKED,
+        "1 while intake is stopped because the DLQ is full (full_policy = block)"
+    );
+    describe_counter!(
+        DLQ_RETRIES,
+        "DLQ entries retried, by trigger (auto, manual) and outcome (reprocessed, failed)"
+    );
+    describe_gauge!(UPLINK_CONNECTED, "1 while the uplink is connected");
+    describe_counter!(UPLINK_RECONNECTS, "Uplink connections lost");
+    describe_counter!(
+        UPLINK_BATCHES,
+        "Batches published to the cloud (re-sends included)"
+    );
+    describe_counter!(
+        UPLINK_RESULTS,
+        "Results published to the cloud (re-sends included)"
+    );
+    describe_counter!(UPLINK_BYTES, "Bytes published to the cloud");
+    describe_counter!(REPLAY_REQUESTS, "Replay requests received from the cloud");
+    describe_counter!(
+        REPLAY_UNAVAILABLE,
+        "Requested results no longer in the replay window"
+    );
     describe_histogram!(BATCH_SIZE, "Messages per group commit");
     describe_histogram!(
         STAGE_SECONDS,

@@ -78,6 +78,12 @@ pub struct Rejection {
     /// Sequence numbers this message showed to be missing (its seq was recorded before it
     /// was rejected), so missed events are reported whatever became of the message.
     pub gap: Option<SeqRange>,
+    /// Retrying later may succeed with nothing changed by a person: the calculation or a
+    /// check failed while the device had no usable previous reading of this type, and the
+    /// type's expressions read that reading (`prev`, `delta`, `rate`, `dt`, `has_prev`). An
+    /// earlier reading that arrives late (a device catching up after an outage) supplies
+    /// it. Every other rejection is permanent: the same input and config fail the same way.
+    pub transient: bool,
 }
 
 /// One compiled event type.
@@ -273,6 +279,7 @@ impl Engine {
                 event_id: None,
                 event_type: None,
                 gap: None,
+                transient: false,
             });
         };
         let reject = |stage, reason, event_id, gap| {
@@ -283,6 +290,7 @@ impl Engine {
                 event_id,
                 event_type: Some(etype.to_string()),
                 gap,
+                transient: false,
             })
         };
         let msg = match proto::decode_message(input.payload, &self.limits) {
@@ -359,7 +367,15 @@ impl Engine {
         };
         let derived = match t.evaluate(&ev) {
             Ok(d) => d,
-            Err((stage, reason)) => return reject(stage, reason, Some(event_id), gap),
+            Err((stage, reason)) => {
+                let mut out = reject(stage, reason, Some(event_id), gap);
+                if let Outcome::Rejected(r) = &mut out {
+                    r.transient = matches!(stage, Stage::Calc | Stage::Check)
+                        && ev.prev.is_none()
+                        && t.slots.uses_previous();
+                }
+                return out;
+            }
         };
 
         let mut flags = Vec::new();
@@ -431,6 +447,7 @@ impl Engine {
             event_id: Some(result.event_id.clone()),
             event_type: Some(result.event_type.clone()),
             gap: None,
+            transient: false,
         };
         let Some(t) = self.types.get(&result.event_type) else {
             return Err(reject(

@@ -684,3 +684,56 @@ fn unknown_config_keys_are_refused() {
         .unwrap_err();
     assert!(e.to_string().contains("float64"), "{e}");
 }
+
+/// A pulse counter: its rate needs the previous reading, except on a boot message.
+const PULSE: &str = r#"
+topic = "devices/{device}/events/{type}"
+[event_types.pulse.fields]
+count = { type = "number", required = true }
+boot = { type = "boolean", default = false }
+[[event_types.pulse.calc]]
+name = "per_min"
+expr = 'if(boot, 0, delta("count") / dt() * 60)'
+[event_types.inv.fields]
+x = { type = "number", required = true }
+[[event_types.inv.calc]]
+name = "inv"
+expr = "1 / x"
+"#;
+
+#[test]
+fn only_failures_for_want_of_a_previous_reading_are_transient() {
+    let spec: EngineSpec = toml::from_str(PULSE).unwrap();
+    let mut run = Run {
+        engine: Engine::new(&spec).unwrap(),
+        state: State::new(),
+    };
+    let topic = "devices/p/events/pulse";
+    // Seq 2 arrives before the boot message: no previous reading, 0/0 → transient.
+    let two = payload("b", 2, T0 + 60_000, json!({"count": 30}));
+    let r = rejected(run.raw(topic, &two, T0 + 61_000, false));
+    assert_eq!(r.stage, Stage::Calc);
+    assert!(r.transient, "{r:?}");
+    // The late boot message is accepted and becomes the previous reading…
+    let one = payload("a", 1, T0, json!({"count": 10, "boot": true}));
+    accepted(run.raw(topic, &one, T0 + 62_000, false));
+    // …so replaying seq 2 now succeeds.
+    let (res, _, _) = accepted(run.raw(topic, &two, T0 + 61_000, true));
+    assert_eq!(res.result["per_min"], json!(20.0));
+    assert!(res.flags.contains(&flags::REPLAY.to_string()));
+    // With a previous reading, the same failure would be permanent; and a failure that does
+    // not depend on the previous reading is permanent.
+    let r = rejected(run.raw(
+        "devices/q/events/inv",
+        &payload("c", 1, T0, json!({"x": 0})),
+        T0,
+        false,
+    ));
+    assert_eq!(r.stage, Stage::Calc);
+    assert!(!r.transient);
+    // Decode and schema failures are permanent.
+    assert!(!rejected(run.raw(topic, b"{", T0, false)).transient);
+    let r = rejected(run.raw(topic, &payload("d", 5, T0, json!({})), T0, false));
+    assert_eq!(r.stage, Stage::Schema);
+    assert!(!r.transient);
+}

@@ -294,6 +294,22 @@ impl Slots {
         self.sources.len()
     }
 
+    /// Whether any expression reads the previous reading (`prev.x`, `prev.ts`, `has_prev`,
+    /// `delta`, `rate`, `dt`): then a failure without one may pass once one exists.
+    pub fn uses_previous(&self) -> bool {
+        self.sources.iter().any(|s| {
+            matches!(
+                s,
+                Source::HasPrev
+                    | Source::PrevTs
+                    | Source::Dt
+                    | Source::Prev(_)
+                    | Source::Delta(_)
+                    | Source::Rate(_)
+            )
+        })
+    }
+
     fn intern(&mut self, name: &str, src: Source) -> Result<u16, String> {
         if let Some(&i) = self.index.get(name) {
             return Ok(i);

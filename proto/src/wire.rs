@@ -84,6 +84,50 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     Ok(value)
 }
 
+/// Frames already-encoded results (as the outbox stores them) into a [`Batch`] without decoding
+/// them: a CBOR array is a length header followed by its items, so the uplink can ship stored
+/// bytes as they are. The output decodes as a `Batch` exactly like `encode(&Batch{..})`.
+pub fn encode_batch_raw<'a>(
+    gateway: &str,
+    results: impl ExactSizeIterator<Item = &'a [u8]>,
+    buf: &mut Vec<u8>,
+) {
+    header(buf, 5, 2); // map of two entries
+    text(buf, "gateway");
+    text(buf, gateway);
+    text(buf, "results");
+    header(buf, 4, results.len() as u64);
+    for r in results {
+        buf.extend_from_slice(r);
+    }
+}
+
+fn text(buf: &mut Vec<u8>, s: &str) {
+    header(buf, 3, s.len() as u64);
+    buf.extend_from_slice(s.as_bytes());
+}
+
+/// A CBOR item header: major type and length/argument, in the shortest form.
+fn header(buf: &mut Vec<u8>, major: u8, n: u64) {
+    let m = major << 5;
+    match n {
+        0..=23 => buf.push(m | n as u8),
+        24..=0xff => buf.extend_from_slice(&[m | 24, n as u8]),
+        0x100..=0xffff => {
+            buf.push(m | 25);
+            buf.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            buf.push(m | 26);
+            buf.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+        _ => {
+            buf.push(m | 27);
+            buf.extend_from_slice(&n.to_be_bytes());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,5 +230,24 @@ mod tests {
 
         let err = decode::<EventResult>(&[]).unwrap_err();
         assert!(matches!(err, WireError::Truncated { len: 0 }), "{err:?}");
+    }
+
+    #[test]
+    fn raw_batch_framing_decodes_like_a_batch() {
+        for n in [0usize, 1, 23, 24, 300] {
+            let results: Vec<EventResult> = (0..n)
+                .map(|i| {
+                    let mut r = sample_result();
+                    r.edge_seq = i as u64 + 1;
+                    r
+                })
+                .collect();
+            let stored: Vec<Vec<u8>> = results.iter().map(encode).collect();
+            let mut buf = Vec::new();
+            let gateway = "g".repeat(n % 40 + 1);
+            encode_batch_raw(&gateway, stored.iter().map(Vec::as_slice), &mut buf);
+            let batch: Batch = decode(&buf).unwrap();
+            assert_eq!(batch, Batch { gateway, results });
+        }
     }
 }

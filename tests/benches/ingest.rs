@@ -203,9 +203,9 @@ fn connect(port: u16, id: &str) -> TcpStream {
 fn subscriber(port: u16, count: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
     let mut stream = connect(port, "bench-sub");
     let mut out = BytesMut::new();
-    Subscribe::new("devices/#", QoS::AtLeastOnce)
-        .write(&mut out)
-        .unwrap();
+    let mut sub = Subscribe::new("devices/#", QoS::AtLeastOnce);
+    sub.pkid = 1; // 0 is not a valid packet id
+    sub.write(&mut out).unwrap();
     stream.write_all(&out).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(2)))

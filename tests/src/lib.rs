@@ -10,9 +10,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod cli;
+pub mod pki;
 pub mod publisher;
+pub mod subscriber;
 
+pub use cli::Tmux;
+pub use pki::Pki;
 pub use publisher::Publisher;
+pub use subscriber::Subscriber;
 
 /// The workspace's example config, the base of every test config.
 pub fn example_config() -> toml::Table {
@@ -300,36 +306,98 @@ pub fn mosquitto_pub(port: u16, topic: &str, payload: &[u8], qos: u8) {
     );
 }
 
-/// A real mosquitto broker on a free loopback port, for the agent's external-broker mode.
+/// A real mosquitto broker on a free loopback port, for the agent's external-broker mode and
+/// as the cloud broker of the uplink tests.
 pub struct Mosquitto {
-    child: Child,
+    child: Option<Child>,
+    /// Plain MQTT, anonymous: for test clients.
     pub port: u16,
+    /// Mutual TLS (a client certificate signed by the test CA is required), when started so.
+    pub tls_port: Option<u16>,
+    conf: PathBuf,
+    log: PathBuf,
 }
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Mosquitto {
+        Self::with_config(dir, None)
+    }
+
+    /// Adds a TLS listener that requires a client certificate signed by `pki`'s CA, and keeps
+    /// sessions on disk across a restart (as a cloud broker does).
+    pub fn start_tls(dir: &Path, pki: &pki::Pki) -> Mosquitto {
+        Self::with_config(dir, Some(pki))
+    }
+
+    fn with_config(dir: &Path, pki: Option<&pki::Pki>) -> Mosquitto {
         let port = free_port();
+        let mut conf_text = format!(
+            "per_listener_settings false\nallow_anonymous true\nmax_inflight_messages 0\n\
+             max_queued_messages 0\nlog_dest stderr\nlistener {port} 127.0.0.1\n"
+        );
+        let tls_port = pki.map(|pki| {
+            let tls_port = free_port();
+            conf_text += &format!(
+                "persistence true\npersistence_location {}/\nlistener {tls_port} 127.0.0.1\n\
+                 cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+                dir.display(),
+                pki.ca.display(),
+                pki.server_cert.display(),
+                pki.server_key.display()
+            );
+            tls_port
+        });
+        if pki.is_none() {
+            conf_text += "persistence false\n";
+        }
         let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_inflight_messages 0\nmax_queued_messages 0\nlog_dest stderr\n"
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("mosquitto.log")).unwrap();
+        std::fs::write(&conf, conf_text).unwrap();
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            tls_port,
+            conf,
+            log: dir.join("mosquitto.log"),
+        };
+        m.restart();
+        m
+    }
+
+    /// Starts it again on the same ports (after [`Mosquitto::stop`]).
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let child = Command::new(mosquitto_binary())
             .arg("-c")
-            .arg(&conf)
+            .arg(&self.conf)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("mosquitto (Debian package mosquitto) must be installed");
+        self.child = Some(child);
+        let port = self.port;
         wait_for("mosquitto to listen", Duration::from_secs(10), || {
             TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        Mosquitto { child, port }
+    }
+
+    /// SIGTERM (mosquitto saves its sessions) and wait.
+    pub fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        child.wait().unwrap();
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -344,8 +412,10 @@ fn mosquitto_binary() -> PathBuf {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 

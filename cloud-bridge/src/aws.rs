@@ -1,0 +1,581 @@
+//! The AWS side: SDK clients, the per-gateway sequence state in DynamoDB, S3 objects and
+//! EventBridge PutEvents.
+//!
+//! Throttling, 5xx and timeouts are retried by the SDK's standard retry mode (exponential
+//! backoff with jitter, [`SDK_ATTEMPTS`] attempts); what still fails is returned as an error and
+//! the caller keeps the batch unacknowledged and tries again later. PutEvents' partial failures
+//! (`FailedEntryCount > 0`, which the SDK does not retry) are retried here, only the failed
+//! entries, with backoff.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow};
+use aws_config::BehaviorVersion;
+use aws_config::retry::RetryConfig;
+use aws_config::timeout::TimeoutConfig;
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+use aws_sdk_s3::primitives::ByteStream;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::config::{AwsConfig, Config};
+use crate::metrics::Metrics;
+
+/// Attempts per AWS call inside the SDK (throttling, 5xx, timeouts, connection errors).
+pub const SDK_ATTEMPTS: u32 = 6;
+/// One attempt of an AWS call; the whole call (all attempts) is bounded by
+/// [`OPERATION_TIMEOUT`], which the claim fencing in `pipeline` relies on.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// PutEvents limits (AWS): entries per call and request size.
+pub const PUT_EVENTS_MAX_ENTRIES: usize = 10;
+pub const PUT_EVENTS_MAX_BYTES: usize = 256 * 1024;
+
+/// An SDK error with its whole chain of causes in the message (the SDK's own `Display` says
+/// only "service error").
+pub fn err<E: std::error::Error>(e: E) -> anyhow::Error {
+    anyhow!("{}", aws_sdk_s3::error::DisplayErrorContext(e))
+}
+
+/// The SDK clients the bridge uses.
+#[derive(Clone, Debug)]
+pub struct Aws {
+    pub s3: aws_sdk_s3::Client,
+    pub eventbridge: aws_sdk_eventbridge::Client,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+    pub sqs: aws_sdk_sqs::Client,
+}
+
+impl Aws {
+    /// Clients from the default credential chain and the config's region/endpoint.
+    /// `AWS_ENDPOINT_URL` (read by the SDK) wins over `aws.endpoint_url`.
+    pub async fn connect(cfg: &AwsConfig) -> Aws {
+        let env_endpoint = std::env::var("AWS_ENDPOINT_URL")
+            .ok()
+            .filter(|v| !v.is_empty());
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(SDK_ATTEMPTS)
+                    .with_initial_backoff(Duration::from_millis(100))
+                    .with_max_backoff(Duration::from_secs(5)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(5))
+                    .operation_attempt_timeout(ATTEMPT_TIMEOUT)
+                    .operation_timeout(OPERATION_TIMEOUT)
+                    .build(),
+            );
+        if let Some(region) = &cfg.region {
+            loader = loader.region(aws_config::Region::new(region.clone()));
+        }
+        if env_endpoint.is_none()
+            && let Some(url) = &cfg.endpoint_url
+        {
+            loader = loader.endpoint_url(url.clone());
+        }
+        let overridden = env_endpoint.is_some() || cfg.endpoint_url.is_some();
+        let shared = loader.load().await;
+        let s3 = aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&shared)
+                .force_path_style(cfg.s3_force_path_style.unwrap_or(overridden))
+                .build(),
+        );
+        Aws {
+            s3,
+            eventbridge: aws_sdk_eventbridge::Client::new(&shared),
+            dynamodb: aws_sdk_dynamodb::Client::new(&shared),
+            sqs: aws_sdk_sqs::Client::new(&shared),
+        }
+    }
+}
+
+/// A range of one gateway's `edge_seq`s that a bridge has claimed and is storing (or died
+/// storing) in the object `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub from: u64,
+    pub to: u64,
+    pub key: String,
+    /// When it was claimed (or last refreshed), epoch ms of the claiming bridge.
+    pub at: i64,
+    pub owner: String,
+}
+
+/// A gateway's sequence state (one DynamoDB item, `pk = "gw#{gateway}"`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GatewayState {
+    /// Every `edge_seq` ≤ hwm is stored (or was declared missed).
+    pub hwm: u64,
+    /// Whether the item exists (conditions differ for a fresh gateway).
+    pub exists: bool,
+    pub claim: Option<Claim>,
+    /// Keys of objects of abandoned claims, to delete before anything else is claimed.
+    pub garbage: Vec<String>,
+}
+
+/// The DynamoDB side: conditional writes on the gateway's item. Every method returns
+/// `Ok(false)` when its condition did not hold (someone else changed the state first).
+#[derive(Clone, Debug)]
+pub struct StateTable {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+}
+
+fn s(v: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(v.into())
+}
+fn n(v: impl ToString) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+
+fn pk(gateway: &str) -> AttributeValue {
+    s(format!("gw#{gateway}"))
+}
+
+fn get_u64(item: &HashMap<String, AttributeValue>, k: &str) -> anyhow::Result<Option<u64>> {
+    match item.get(k) {
+        None => Ok(None),
+        Some(AttributeValue::N(v)) => Ok(Some(v.parse().with_context(|| format!("{k}: {v}"))?)),
+        Some(other) => Err(anyhow!("{k}: expected a number, found {other:?}")),
+    }
+}
+
+/// ConditionalCheckFailed → `Ok(false)`; any other error is returned.
+fn conditional<T, E>(r: Result<T, aws_sdk_dynamodb::error::SdkError<E>>) -> anyhow::Result<bool>
+where
+    E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+{
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) => {
+            if e.as_service_error()
+                .and_then(|se| se.code())
+                .is_some_and(|c| c == "ConditionalCheckFailedException")
+            {
+                Ok(false)
+            } else {
+                Err(err(e))
+            }
+        }
+    }
+}
+
+const CLAIM_ATTRS: &str = "p_from, p_to, p_key, p_at, p_owner";
+
+impl StateTable {
+    pub fn new(client: aws_sdk_dynamodb::Client, table: impl Into<String>) -> Self {
+        StateTable {
+            client,
+            table: table.into(),
+        }
+    }
+
+    /// Strongly consistent read of the gateway's state.
+    pub async fn read(&self, gateway: &str) -> anyhow::Result<GatewayState> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", pk(gateway))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(crate::aws::err)
+            .with_context(|| format!("DynamoDB GetItem {}", self.table))?;
+        let Some(item) = out.item else {
+            return Ok(GatewayState::default());
+        };
+        let claim = match item.get("p_key") {
+            Some(AttributeValue::S(key)) => Some(Claim {
+                from: get_u64(&item, "p_from")?.context("p_from missing")?,
+                to: get_u64(&item, "p_to")?.context("p_to missing")?,
+                key: key.clone(),
+                at: get_u64(&item, "p_at")?.unwrap_or(0) as i64,
+                owner: match item.get("p_owner") {
+                    Some(AttributeValue::S(o)) => o.clone(),
+                    _ => String::new(),
+                },
+            }),
+            _ => None,
+        };
+        let garbage = match item.get("garbage") {
+            Some(AttributeValue::Ss(v)) => v.clone(),
+            _ => Vec::new(),
+        };
+        Ok(GatewayState {
+            hwm: get_u64(&item, "hwm")?.unwrap_or(0),
+            exists: true,
+            claim,
+            garbage,
+        })
+    }
+
+    /// Claims `claim` if the state is still `seen` with no claim and no garbage.
+    pub async fn claim(
+        &self,
+        gateway: &str,
+        seen: &GatewayState,
+        claim: &Claim,
+    ) -> anyhow::Result<bool> {
+        let cond = if seen.exists {
+            "hwm = :hwm AND attribute_not_exists(p_key) AND \
+             (attribute_not_exists(garbage) OR size(garbage) = :zero)"
+        } else {
+            "attribute_not_exists(pk)"
+        };
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", pk(gateway))
+            .update_expression(
+                "SET hwm = if_not_exists(hwm, :hwm), p_from = :f, p_to = :t, p_key = :k, \
+                 p_at = :at, p_owner = :o",
+            )
+            .condition_expression(cond)
+            .expression_attribute_values(":hwm", n(seen.hwm))
+            .expression_attribute_values(":f", n(claim.from))
+            .expression_attribute_values(":t", n(claim.to))
+            .expression_attribute_values(":k", s(&claim.key))
+            .expression_attribute_values(":at", n(claim.at))
+            .expression_attribute_values(":o", s(&claim.owner));
+        if seen.exists {
+            req = req.expression_attribute_values(":zero", n(0));
+        }
+        conditional(req.send().await)
+    }
+
+    /// Renews the claim's timestamp (before completing a claim made earlier).
+    pub async fn refresh(&self, gateway: &str, claim: &Claim, at: i64) -> anyhow::Result<bool> {
+        conditional(
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", pk(gateway))
+                .update_expression("SET p_at = :at")
+                .condition_expression("p_key = :k")
+                .expression_attribute_values(":k", s(&claim.key))
+                .expression_attribute_values(":at", n(at))
+                .send()
+                .await,
+        )
+    }
+
+    /// The claimed range is stored: hwm = claim.to, claim removed.
+    pub async fn commit(&self, gateway: &str, claim: &Claim) -> anyhow::Result<bool> {
+        conditional(
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", pk(gateway))
+                .update_expression(format!("SET hwm = :t REMOVE {CLAIM_ATTRS}"))
+                .condition_expression("p_key = :k AND hwm = :h")
+                .expression_attribute_values(":k", s(&claim.key))
+                .expression_attribute_values(":t", n(claim.to))
+                .expression_attribute_values(":h", n(claim.from - 1))
+                .send()
+                .await,
+        )
+    }
+
+    /// Abandons a stale claim; its object (if it was written) becomes garbage.
+    pub async fn take_over(&self, gateway: &str, claim: &Claim) -> anyhow::Result<bool> {
+        conditional(
+            self.client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", pk(gateway))
+                .update_expression(format!("REMOVE {CLAIM_ATTRS} ADD garbage :g"))
+                .condition_expression("p_key = :k AND p_at = :at")
+                .expression_attribute_values(":k", s(&claim.key))
+                .expression_attribute_values(":at", n(claim.at))
+                .expression_attribute_values(":g", AttributeValue::Ss(vec![claim.key.clone()]))
+                .send()
+                .await,
+        )
+    }
+
+    /// Forgets garbage keys whose objects were deleted.
+    pub async fn clear_garbage(&self, gateway: &str, keys: &[String]) -> anyhow::Result<()> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", pk(gateway))
+            .update_expression("DELETE garbage :g")
+            .expression_attribute_values(":g", AttributeValue::Ss(keys.to_vec()))
+            .send()
+            .await
+            .map_err(crate::aws::err)
+            .context("DynamoDB UpdateItem (garbage)")?;
+        Ok(())
+    }
+
+    /// Gives up on `from..=to` (never arrived after the replay requests): hwm = to, and the
+    /// range is recorded as its own item (`missed#{gateway}#{from}`) for later correction.
+    pub async fn skip(
+        &self,
+        gateway: &str,
+        seen: &GatewayState,
+        from: u64,
+        to: u64,
+        now: i64,
+    ) -> anyhow::Result<bool> {
+        let cond = if seen.exists {
+            "hwm = :hwm AND attribute_not_exists(p_key) AND attribute_not_exists(garbage)"
+        } else {
+            "attribute_not_exists(pk)"
+        };
+        // The record first: a crash after it and before the hwm moves leaves a record of a
+        // range that is still being waited for, which the next skip overwrites; the other
+        // order could skip a range without a trace.
+        let missed_pk = s(format!("missed#{gateway}#{from:020}"));
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", missed_pk.clone())
+            .item("gateway", s(gateway))
+            .item("from", n(from))
+            .item("to", n(to))
+            .item("at", n(now))
+            .send()
+            .await
+            .map_err(crate::aws::err)
+            .context("DynamoDB PutItem (missed range)")?;
+        let mut req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", pk(gateway))
+            .update_expression("SET hwm = :to")
+            .condition_expression(cond)
+            .expression_attribute_values(":to", n(to));
+        if seen.exists {
+            req = req.expression_attribute_values(":hwm", n(seen.hwm));
+        }
+        if !conditional(req.send().await)? {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .key("pk", missed_pk)
+                .send()
+                .await
+                .map_err(crate::aws::err)
+                .context("DynamoDB DeleteItem (missed range)")?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+}
+
+/// S3 and EventBridge writes.
+#[derive(Clone, Debug)]
+pub struct Sink {
+    pub aws: Aws,
+    pub cfg: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// One EventBridge entry before it is built: (detail-type, detail JSON).
+pub type Entry = (&'static str, String);
+
+impl Sink {
+    pub async fn put_object(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+    ) -> anyhow::Result<()> {
+        self.aws
+            .s3
+            .put_object()
+            .bucket(&self.cfg.aws.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(crate::aws::err)
+            .with_context(|| format!("S3 PutObject s3://{}/{key}", self.cfg.aws.bucket))?;
+        Ok(())
+    }
+
+    pub async fn delete_object(&self, key: &str) -> anyhow::Result<()> {
+        self.aws
+            .s3
+            .delete_object()
+            .bucket(&self.cfg.aws.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(crate::aws::err)
+            .with_context(|| format!("S3 DeleteObject s3://{}/{key}", self.cfg.aws.bucket))?;
+        Ok(())
+    }
+
+    /// Sends `entries` (filtered by the configured detail-types) in PutEvents calls of at most
+    /// 10 entries and 256 KB, several calls at once; retries only the failed entries, with
+    /// backoff. Errors if any entry still fails after the configured attempts.
+    pub async fn put_events(&self, entries: Vec<Entry>) -> anyhow::Result<()> {
+        let entries: Vec<Entry> = entries
+            .into_iter()
+            .filter(|(t, _)| self.cfg.sends(t))
+            .collect();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let chunks = chunk_entries(&self.cfg.aws.source, entries)?;
+        let sem = Arc::new(Semaphore::new(self.cfg.aws.eventbridge_concurrency));
+        let mut tasks = tokio::task::JoinSet::new();
+        for chunk in chunks {
+            let sink = self.clone();
+            let sem = Arc::clone(&sem);
+            tasks.spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                sink.put_events_chunk(chunk).await
+            });
+        }
+        let mut first_err = None;
+        while let Some(r) = tasks.join_next().await {
+            let r = r.map_err(anyhow::Error::from).and_then(|r| r);
+            if let Err(e) = r
+                && first_err.is_none()
+            {
+                first_err = Some(e);
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
+    async fn put_events_chunk(&self, mut chunk: Vec<Entry>) -> anyhow::Result<()> {
+        let a = &self.cfg.aws;
+        let mut backoff = Duration::from_millis(100);
+        for attempt in 1..=a.eventbridge_attempts {
+            let req: Vec<PutEventsRequestEntry> = chunk
+                .iter()
+                .map(|(t, d)| {
+                    PutEventsRequestEntry::builder()
+                        .source(&a.source)
+                        .detail_type(*t)
+                        .detail(d)
+                        .event_bus_name(&a.event_bus)
+                        .build()
+                })
+                .collect();
+            let out = self
+                .aws
+                .eventbridge
+                .put_events()
+                .set_entries(Some(req))
+                .send()
+                .await
+                .map_err(crate::aws::err)
+                .with_context(|| format!("EventBridge PutEvents to bus {}", a.event_bus))?;
+            let failed = out.failed_entry_count();
+            if failed == 0 {
+                Metrics::add(&self.metrics.eventbridge_entries, chunk.len() as u64);
+                return Ok(());
+            }
+            Metrics::add(&self.metrics.eventbridge_failed_entries, failed as u64);
+            // The result entries are in request order; keep only the failed ones.
+            let results = out.entries();
+            let mut codes = Vec::new();
+            let mut retry = Vec::new();
+            for (i, e) in chunk.into_iter().enumerate() {
+                match results.get(i) {
+                    Some(r) if r.error_code().is_none() && r.event_id().is_some() => {
+                        Metrics::add(&self.metrics.eventbridge_entries, 1);
+                    }
+                    r => {
+                        codes.push(
+                            r.and_then(|r| r.error_code())
+                                .unwrap_or("missing result entry")
+                                .to_string(),
+                        );
+                        retry.push(e);
+                    }
+                }
+            }
+            chunk = retry;
+            if chunk.is_empty() {
+                return Ok(());
+            }
+            warn!(attempt, failed = chunk.len(), codes = ?codes,
+                "PutEvents: some entries failed; retrying only those");
+            if attempt < a.eventbridge_attempts {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        Err(anyhow!(
+            "EventBridge PutEvents: {} entries still failed after {} attempts",
+            chunk.len(),
+            a.eventbridge_attempts
+        ))
+    }
+}
+
+/// The size AWS counts for an entry: Source, DetailType, Detail (UTF-8 bytes), plus
+/// EventBusName to be safe.
+fn entry_size(source: &str, (t, d): &Entry) -> usize {
+    source.len() + t.len() + d.len() + 64
+}
+
+/// Splits entries into PutEvents calls of at most 10 entries and 256 KB. An entry that alone
+/// exceeds the limit is an error (it cannot be sent at all).
+pub fn chunk_entries(source: &str, entries: Vec<Entry>) -> anyhow::Result<Vec<Vec<Entry>>> {
+    let mut chunks = Vec::new();
+    let mut cur: Vec<Entry> = Vec::new();
+    let mut cur_size = 0;
+    for e in entries {
+        let size = entry_size(source, &e);
+        if size > PUT_EVENTS_MAX_BYTES {
+            return Err(anyhow!(
+                "an EventBridge {} entry of {size} bytes exceeds the 256 KB PutEvents limit",
+                e.0
+            ));
+        }
+        if cur.len() == PUT_EVENTS_MAX_ENTRIES || cur_size + size > PUT_EVENTS_MAX_BYTES {
+            chunks.push(std::mem::take(&mut cur));
+            cur_size = 0;
+        }
+        cur_size += size;
+        cur.push(e);
+    }
+    if !cur.is_empty() {
+        chunks.push(cur);
+    }
+    debug!(calls = chunks.len(), "PutEvents chunks");
+    Ok(chunks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_respect_count_and_size() {
+        let small: Vec<Entry> = (0..25)
+            .map(|i| ("EventProcessed", format!("{i}")))
+            .collect();
+        let c = chunk_entries("src", small).unwrap();
+        assert_eq!(c.iter().map(Vec::len).collect::<Vec<_>>(), vec![10, 10, 5]);
+
+        let big = "x".repeat(100 * 1024);
+        let entries: Vec<Entry> = (0..5).map(|_| ("EventProcessed", big.clone())).collect();
+        let c = chunk_entries("src", entries).unwrap();
+        assert_eq!(c.iter().map(Vec::len).collect::<Vec<_>>(), vec![2, 2, 1]);
+        for chunk in &c {
+            let total: usize = chunk.iter().map(|e| entry_size("src", e)).sum();
+            assert!(total <= PUT_EVENTS_MAX_BYTES);
+        }
+
+        let huge = vec![("EventProcessed", "x".repeat(300 * 1024))];
+        assert!(chunk_entries("src", huge).is_err());
+    }
+}

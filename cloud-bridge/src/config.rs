@@ -1,0 +1,437 @@
+//! The bridge's TOML configuration (`cloud-bridge run --config FILE`).
+//!
+//! A bad config stops start-up with a message naming the field (`mqtt.port: invalid type ...`),
+//! through `serde_path_to_error`, like the agent's `check-config`.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The EventBridge detail-types of INTERFACES.md.
+pub const DETAIL_TYPES: [&str; 5] = [
+    "EventProcessed",
+    "EventCorrected",
+    "AnomalyDetected",
+    "MissedEvents",
+    "EventDeadLettered",
+];
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The cloud broker. Required by `run`; `lambda` uses it only to publish replay requests.
+    pub mqtt: Option<MqttConfig>,
+    pub aws: AwsConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Must be stable per bridge instance: the broker keeps this client's session (and the
+    /// messages it has not acknowledged) under this id across restarts.
+    pub client_id: String,
+    /// Bridges with the same group share the load (`$share/{group}/gateways/+/results`).
+    #[serde(default = "default_share_group")]
+    pub share_group: String,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_s: u16,
+    /// TLS with the broker (the default). Plain TCP only when `tls = false` is written out.
+    #[serde(default = "yes")]
+    pub tls: bool,
+    /// PEM file with the CA(s) that signed the broker's certificate (required with TLS).
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate and key (mutual TLS, as AWS IoT Core expects).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// Messages delivered but not yet acknowledged, across all gateways; at the limit the
+    /// bridge stops reading from the broker until some are stored.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: usize,
+    #[serde(default = "default_max_packet")]
+    pub max_packet_bytes: usize,
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_ms: u64,
+    /// On SIGTERM/SIGINT: how long to wait for batches being stored before disconnecting.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_ms: u64,
+}
+
+fn default_port() -> u16 {
+    8883
+}
+fn default_share_group() -> String {
+    "cloud-bridge".into()
+}
+fn default_keep_alive() -> u16 {
+    30
+}
+fn yes() -> bool {
+    true
+}
+fn default_max_inflight() -> usize {
+    10_000
+}
+fn default_max_packet() -> usize {
+    16 * 1024 * 1024
+}
+fn default_reconnect_min() -> u64 {
+    200
+}
+fn default_reconnect_max() -> u64 {
+    30_000
+}
+fn default_grace() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    /// Default: the SDK's chain (`AWS_REGION`, profile).
+    pub region: Option<String>,
+    /// An endpoint override (the local emulator). `AWS_ENDPOINT_URL` in the environment wins
+    /// over this, as environment variables win over config files in the AWS tools.
+    pub endpoint_url: Option<String>,
+    pub bucket: String,
+    /// Prepended to every S3 key (`prod/` → `prod/events/...`). Empty by default.
+    #[serde(default)]
+    pub prefix: String,
+    pub event_bus: String,
+    #[serde(default = "default_source")]
+    pub source: String,
+    /// Which detail-types are sent (cost control). Default: all of them.
+    #[serde(default = "all_detail_types")]
+    pub detail_types: Vec<String>,
+    /// DynamoDB table (partition key `pk`, string): per-gateway stored-sequence state, and
+    /// later the correction history.
+    pub table: String,
+    /// SQS queue for the cloud DLQ (created by `provision`; its processor is issue 5).
+    pub dlq_queue: String,
+    /// Path-style S3 URLs; default: on when an endpoint override is in use.
+    pub s3_force_path_style: Option<bool>,
+    /// Concurrent PutEvents calls per stored object.
+    #[serde(default = "default_eb_concurrency")]
+    pub eventbridge_concurrency: usize,
+    /// Attempts for the entries PutEvents reports as failed, with exponential backoff.
+    #[serde(default = "default_eb_attempts")]
+    pub eventbridge_attempts: u32,
+}
+
+fn default_source() -> String {
+    "iot.edge-pipeline".into()
+}
+fn all_detail_types() -> Vec<String> {
+    DETAIL_TYPES.iter().map(|s| s.to_string()).collect()
+}
+fn default_eb_concurrency() -> usize {
+    8
+}
+fn default_eb_attempts() -> u32 {
+    8
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Upper bound of results in one S3 object.
+    pub max_object_records: u64,
+    /// How long a batch that starts past the stored sequence is held (another bridge may be
+    /// storing the range in between) before a replay is requested.
+    pub gap_hold_ms: u64,
+    /// How often a held batch re-reads the stored sequence.
+    pub gap_recheck_ms: u64,
+    /// How long to wait for a requested replay before asking again.
+    pub replay_timeout_ms: u64,
+    /// Replay requests per gap; after that the range is reported as MissedEvents and skipped.
+    pub replay_attempts: u32,
+    /// A range claimed by a bridge that has not stored it after this long is taken over.
+    /// Must exceed twice the longest S3 PUT (the SDK's 30 s operation timeout): a bridge does
+    /// not start a PUT for a claim older than half of this.
+    pub claim_timeout_ms: u64,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            max_object_records: 10_000,
+            gap_hold_ms: 2_000,
+            gap_recheck_ms: 100,
+            replay_timeout_ms: 10_000,
+            replay_attempts: 3,
+            claim_timeout_ms: 120_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EmfTarget {
+    /// EMF JSON lines on stdout (Lambda's and the CloudWatch agent's way).
+    #[default]
+    Stdout,
+    Off,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    pub emf: EmfTarget,
+    pub namespace: String,
+    /// Service mode: seconds between EMF lines (Lambda: one per invocation).
+    pub interval_s: u64,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            emf: EmfTarget::Stdout,
+            namespace: "EdgePipeline/CloudBridge".into(),
+            interval_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        // Relative TLS paths are relative to the config file.
+        if let (Some(m), Some(dir)) = (cfg.mqtt.as_mut(), path.parent()) {
+            for p in [&mut m.ca, &mut m.cert, &mut m.key].into_iter().flatten() {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Parses and validates; the error names the field (`aws.detail_types[1]: ...`).
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let de = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().message().to_string();
+            if path == "." || path.is_empty() {
+                inner
+            } else {
+                format!("{path}: {inner}")
+            }
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if let Some(m) = &self.mqtt {
+            m.validate()?;
+        }
+        let a = &self.aws;
+        for (name, v) in [
+            ("aws.bucket", &a.bucket),
+            ("aws.event_bus", &a.event_bus),
+            ("aws.table", &a.table),
+            ("aws.dlq_queue", &a.dlq_queue),
+            ("aws.source", &a.source),
+        ] {
+            if v.is_empty() {
+                return Err(format!("{name}: must not be empty"));
+            }
+        }
+        if !a.prefix.is_empty() && !a.prefix.ends_with('/') {
+            return Err(format!(
+                "aws.prefix: '{}' must end with '/' (it is a key prefix folder)",
+                a.prefix
+            ));
+        }
+        for (i, t) in a.detail_types.iter().enumerate() {
+            if !DETAIL_TYPES.contains(&t.as_str()) {
+                return Err(format!(
+                    "aws.detail_types[{i}]: unknown detail-type '{t}' (expected one of {})",
+                    DETAIL_TYPES.join(", ")
+                ));
+            }
+        }
+        if a.eventbridge_concurrency == 0 {
+            return Err("aws.eventbridge_concurrency: must be at least 1".into());
+        }
+        if a.eventbridge_attempts == 0 {
+            return Err("aws.eventbridge_attempts: must be at least 1".into());
+        }
+        let p = &self.pipeline;
+        if p.max_object_records == 0 {
+            return Err("pipeline.max_object_records: must be at least 1".into());
+        }
+        if p.gap_recheck_ms == 0 {
+            return Err("pipeline.gap_recheck_ms: must be at least 1".into());
+        }
+        if p.claim_timeout_ms < 10_000 {
+            return Err("pipeline.claim_timeout_ms: must be at least 10000".into());
+        }
+        if self.metrics.interval_s == 0 {
+            return Err("metrics.interval_s: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Whether events of this detail-type are sent.
+    pub fn sends(&self, detail_type: &str) -> bool {
+        self.aws.detail_types.iter().any(|t| t == detail_type)
+    }
+}
+
+impl MqttConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.host.is_empty() {
+            return Err("mqtt.host: must not be empty".into());
+        }
+        if self.client_id.is_empty() {
+            return Err("mqtt.client_id: must not be empty".into());
+        }
+        if self.share_group.is_empty() || self.share_group.contains(['/', '+', '#']) {
+            return Err(format!(
+                "mqtt.share_group: '{}' must be non-empty and must not contain '/', '+' or '#'",
+                self.share_group
+            ));
+        }
+        if self.tls {
+            if self.ca.is_none() {
+                return Err("mqtt.ca: required with TLS (set `tls = false` for plain TCP)".into());
+            }
+            match (&self.cert, &self.key) {
+                (Some(_), Some(_)) | (None, None) => {}
+                (Some(_), None) => return Err("mqtt.key: required with mqtt.cert".into()),
+                (None, Some(_)) => return Err("mqtt.cert: required with mqtt.key".into()),
+            }
+        }
+        if self.max_inflight == 0 {
+            return Err("mqtt.max_inflight: must be at least 1".into());
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err(
+                "mqtt.reconnect_max_ms: must be at least reconnect_min_ms (which must be > 0)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// `$share/{group}/gateways/+/results`.
+    pub fn subscription(&self) -> String {
+        format!(
+            "$share/{}/{}",
+            self.share_group,
+            proto::uplink::RESULTS_FILTER
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[aws]
+bucket = "b"
+event_bus = "bus"
+table = "t"
+dlq_queue = "q"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::parse(BASE).unwrap();
+        assert!(c.mqtt.is_none());
+        assert_eq!(c.aws.source, "iot.edge-pipeline");
+        assert_eq!(c.aws.detail_types.len(), 5);
+        assert!(c.sends("MissedEvents"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse(&format!(
+            "{BASE}detail_types = [\"EventProcessed\", \"Nope\"]"
+        ))
+        .unwrap_err();
+        assert!(e.starts_with("aws.detail_types[1]:"), "{e}");
+        let e = Config::parse(&format!(
+            "{BASE}\n[mqtt]\nhost = \"h\"\nclient_id = \"c\"\nport = \"x\""
+        ))
+        .unwrap_err();
+        assert!(e.starts_with("mqtt.port:"), "{e}");
+        let e =
+            Config::parse(&format!("{BASE}\n[mqtt]\nhost = \"h\"\nclient_id = \"c\"")).unwrap_err();
+        assert!(e.starts_with("mqtt.ca: required with TLS"), "{e}");
+        let e = Config::parse(&format!("{BASE}\n[pipeline]\nbogus = 1")).unwrap_err();
+        assert!(
+            e.starts_with("pipeline.bogus") || e.contains("bogus"),
+            "{e}"
+        );
+        let e = Config::parse(&BASE.replace("bucket = \"b\"", "bucket = \"\"")).unwrap_err();
+        assert!(e.starts_with("aws.bucket:"), "{e}");
+    }
+
+    #[test]
+    fn plain_tcp_only_when_explicit() {
+        let c = Config::parse(&format!(
+            "{BASE}\n[mqtt]\nhost = \"h\"\nclient_id = \"c\"\ntls = false"
+        ))
+        .unwrap();
+        let m = c.mqtt.unwrap();
+        assert!(!m.tls);
+        assert_eq!(m.subscription(), "$share/cloud-bridge/gateways/+/results");
+    }
+}

@@ -1,0 +1,187 @@
+//! `cloud-bridge lambda`: the same [`Pipeline`] as an AWS Lambda function (`lambda_runtime`).
+//!
+//! # Payloads
+//! - **A batch** (IoT rule or direct invoke), either as JSON —
+//!   `{"gateway": "gw-1", "results": [ {EventResult JSON}, ... ]}` — or as the uplink's CBOR,
+//!   base64-encoded: `{"cbor": "<base64 of the CBOR Batch>"}` (optionally with `"gateway"`,
+//!   which must then agree). An AWS IoT rule forwards the binary uplink with
+//!   `SELECT encode(*, 'base64') AS cbor, topic(2) AS gateway FROM 'gateways/+/results'`.
+//!   Response: `{"gateway", "results", "hwm"}` once every result is stored (or was already).
+//! - **SQS events** (the cloud DLQ) and **EventBridge/CloudWatch alarm events** (correction
+//!   triggers) are recognised and answered with an error saying they are not handled yet
+//!   (issues 4/5), so nothing pretends to have processed them.
+//!
+//! A gap (the batch starts past the stored sequence) is held for `gap_hold_ms` re-checking;
+//! if it is still there, a `ReplayRequest` is published (when `[mqtt]` is configured) and the
+//! invocation fails, so Lambda retries it (async invoke) after the replay has arrived.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, anyhow, bail};
+use base64::Engine as _;
+use lambda_runtime::{LambdaEvent, service_fn};
+use proto::Batch;
+use proto::uplink::{ReplayRequest, replay_topic};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::aws::Aws;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::pipeline::{Held, Pipeline, Progress};
+use crate::service::{check_batch, publish_once};
+
+/// What an invocation carries.
+#[derive(Debug)]
+pub enum Payload {
+    Batch(Batch),
+    Sqs,
+    EventBridge { detail_type: String },
+}
+
+/// Tells the payload kinds apart (see the module doc).
+pub fn classify(v: Value) -> anyhow::Result<Payload> {
+    let Value::Object(mut o) = v else {
+        bail!("unrecognised payload: expected a JSON object");
+    };
+    if let Some(Value::Array(records)) = o.get("Records") {
+        if records
+            .iter()
+            .any(|r| r.get("eventSource").and_then(Value::as_str) == Some("aws:sqs"))
+        {
+            return Ok(Payload::Sqs);
+        }
+        bail!("unrecognised payload: a Records array that is not an SQS event");
+    }
+    if o.contains_key("detail-type") && o.contains_key("source") {
+        let detail_type = o["detail-type"].as_str().unwrap_or_default().to_string();
+        return Ok(Payload::EventBridge { detail_type });
+    }
+    if let Some(c) = o.remove("cbor") {
+        let Value::String(b64) = c else {
+            bail!("cbor: expected a base64 string");
+        };
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .context("cbor: invalid base64")?;
+        let batch: Batch = proto::wire::decode(&bytes).context("cbor: not a CBOR batch")?;
+        if let Some(g) = o.get("gateway").and_then(Value::as_str)
+            && g != batch.gateway
+        {
+            bail!(
+                "gateway: '{g}' differs from the batch's gateway '{}'",
+                batch.gateway
+            );
+        }
+        return Ok(Payload::Batch(batch));
+    }
+    if o.contains_key("gateway") && o.contains_key("results") {
+        let batch: Batch = serde_path_to_error::deserialize(Value::Object(o))
+            .map_err(|e| anyhow!("{}: {}", e.path(), e.inner()))?;
+        return Ok(Payload::Batch(batch));
+    }
+    bail!(
+        "unrecognised payload: expected a batch ({{\"gateway\", \"results\"}} or {{\"cbor\"}}), \
+         an SQS event or an EventBridge event"
+    )
+}
+
+/// Handles one invocation's payload.
+pub async fn handle(p: &Pipeline, payload: Value) -> anyhow::Result<Value> {
+    let batch = match classify(payload)? {
+        Payload::Batch(b) => b,
+        Payload::Sqs => bail!(
+            "recognised an SQS event (the cloud DLQ), which this version does not handle yet \
+             (issue 5); not processed"
+        ),
+        Payload::EventBridge { detail_type } => bail!(
+            "recognised an EventBridge event ({detail_type}), which this version does not handle \
+             yet (issue 4); not processed"
+        ),
+    };
+    check_batch(&batch).map_err(|e| anyhow!("{e}"))?;
+    let gateway = batch.gateway.clone();
+    let n = batch.results.len();
+    let mut held: Held = Held::new();
+    for r in batch.results {
+        held.entry(r.edge_seq).or_insert(r);
+    }
+    let hold = Duration::from_millis(p.cfg.pipeline.gap_hold_ms);
+    match p.advance_holding(&gateway, &mut held, hold).await? {
+        Progress::Done { hwm } => {
+            info!(%gateway, results = n, hwm, "batch stored");
+            Ok(json!({ "gateway": gateway, "results": n, "hwm": hwm }))
+        }
+        Progress::Missing { hwm, from, to } => {
+            let replay = match &p.cfg.mqtt {
+                Some(m) => {
+                    let body = serde_json::to_vec(&ReplayRequest { from, to })?;
+                    match publish_once(m, replay_topic(&gateway), body).await {
+                        Ok(()) => {
+                            Metrics::add(&p.metrics.replays_requested, 1);
+                            "replay requested"
+                        }
+                        Err(e) => {
+                            warn!(%gateway, error = %format!("{e:#}"), "could not publish the replay request");
+                            "the replay request could not be published"
+                        }
+                    }
+                }
+                None => "no [mqtt] configured to request a replay",
+            };
+            bail!(
+                "gap: gateway {gateway} has edge_seq up to {hwm} stored; {from}..={to} is missing \
+                 ({replay}); the batch was not stored, retry the invocation"
+            )
+        }
+    }
+}
+
+/// Runs the Lambda runtime loop (`AWS_LAMBDA_RUNTIME_API` names the Runtime API).
+pub async fn run(cfg: Arc<Config>) -> Result<(), lambda_runtime::Error> {
+    let aws = Aws::connect(&cfg.aws).await;
+    let metrics = Arc::new(Metrics::default());
+    let owner = format!(
+        "lambda:{}",
+        std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "cloud-bridge".into())
+    );
+    let pipeline = Pipeline::new(aws, Arc::clone(&cfg), metrics, owner);
+    let pipeline = &pipeline;
+    lambda_runtime::run(service_fn(move |ev: LambdaEvent<Value>| async move {
+        let r = handle(pipeline, ev.payload).await;
+        pipeline.metrics.flush(&pipeline.cfg.metrics, "lambda");
+        r.map_err(|e| lambda_runtime::Error::from(format!("{e:#}")))
+    }))
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_payloads() {
+        let sqs = json!({"Records": [{"eventSource": "aws:sqs", "body": "{}"}]});
+        assert!(matches!(classify(sqs).unwrap(), Payload::Sqs));
+        let eb = json!({"detail-type": "EventCorrected", "source": "x", "detail": {}});
+        assert!(matches!(classify(eb).unwrap(), Payload::EventBridge { .. }));
+        let batch = Batch {
+            gateway: "g".into(),
+            results: vec![],
+        };
+        let b64 = base64::engine::general_purpose::STANDARD.encode(proto::wire::encode(&batch));
+        assert!(matches!(
+            classify(json!({"cbor": b64, "gateway": "g"})).unwrap(),
+            Payload::Batch(_)
+        ));
+        assert!(classify(json!({"cbor": b64, "gateway": "other"})).is_err());
+        assert!(matches!(
+            classify(json!({"gateway": "g", "results": []})).unwrap(),
+            Payload::Batch(_)
+        ));
+        let e = classify(json!({"gateway": "g", "results": [{"event_id": 1}]})).unwrap_err();
+        assert!(e.to_string().starts_with("results[0]"), "{e}");
+        assert!(classify(json!({"hello": 1})).is_err());
+    }
+}

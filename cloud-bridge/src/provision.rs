@@ -1,0 +1,173 @@
+//! `cloud-bridge provision`: creates the bucket, event bus, table and DLQ queue named in the
+//! config if they are missing (the local emulator, first-time setups). Idempotent: what exists
+//! is left alone and reported as `exists`.
+
+use anyhow::Context as _;
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+};
+use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
+use serde_json::{Value, json};
+
+use crate::aws::Aws;
+use crate::config::Config;
+
+/// Creates what is missing; returns `{"bucket": "created"|"exists", "event_bus": ..., ...}`.
+pub async fn provision(cfg: &Config, aws: &Aws) -> anyhow::Result<Value> {
+    let a = &cfg.aws;
+
+    let bucket = if aws.s3.head_bucket().bucket(&a.bucket).send().await.is_ok() {
+        "exists"
+    } else {
+        let mut req = aws.s3.create_bucket().bucket(&a.bucket);
+        let region = aws
+            .s3
+            .config()
+            .region()
+            .map(|r| r.to_string())
+            .unwrap_or_default();
+        if !region.is_empty() && region != "us-east-1" {
+            req = req.create_bucket_configuration(
+                CreateBucketConfiguration::builder()
+                    .location_constraint(BucketLocationConstraint::from(region.as_str()))
+                    .build(),
+            );
+        }
+        match req.send().await {
+            Ok(_) => "created",
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_bucket_already_owned_by_you()) =>
+            {
+                "exists"
+            }
+            Err(e) => {
+                return Err(crate::aws::err(e))
+                    .with_context(|| format!("creating bucket {}", a.bucket));
+            }
+        }
+    };
+
+    let bus = if aws
+        .eventbridge
+        .describe_event_bus()
+        .name(&a.event_bus)
+        .send()
+        .await
+        .is_ok()
+    {
+        "exists"
+    } else {
+        match aws
+            .eventbridge
+            .create_event_bus()
+            .name(&a.event_bus)
+            .send()
+            .await
+        {
+            Ok(_) => "created",
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_resource_already_exists_exception()) =>
+            {
+                "exists"
+            }
+            Err(e) => {
+                return Err(crate::aws::err(e))
+                    .with_context(|| format!("creating event bus {}", a.event_bus));
+            }
+        }
+    };
+
+    let table = if aws
+        .dynamodb
+        .describe_table()
+        .table_name(&a.table)
+        .send()
+        .await
+        .is_ok()
+    {
+        "exists"
+    } else {
+        let r = aws
+            .dynamodb
+            .create_table()
+            .table_name(&a.table)
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name("pk")
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()?,
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name("pk")
+                    .key_type(KeyType::Hash)
+                    .build()?,
+            )
+            .billing_mode(BillingMode::PayPerRequest)
+            .send()
+            .await;
+        match r {
+            Ok(_) => {
+                wait_table_active(aws, &a.table).await?;
+                "created"
+            }
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|se| se.is_resource_in_use_exception()) =>
+            {
+                "exists"
+            }
+            Err(e) => {
+                return Err(crate::aws::err(e))
+                    .with_context(|| format!("creating table {}", a.table));
+            }
+        }
+    };
+
+    let queue = if aws
+        .sqs
+        .get_queue_url()
+        .queue_name(&a.dlq_queue)
+        .send()
+        .await
+        .is_ok()
+    {
+        "exists"
+    } else {
+        aws.sqs
+            .create_queue()
+            .queue_name(&a.dlq_queue)
+            .send()
+            .await
+            .map_err(crate::aws::err)
+            .with_context(|| format!("creating queue {}", a.dlq_queue))?;
+        "created"
+    };
+
+    Ok(json!({
+        "bucket": {"name": a.bucket, "state": bucket},
+        "event_bus": {"name": a.event_bus, "state": bus},
+        "table": {"name": a.table, "state": table},
+        "dlq_queue": {"name": a.dlq_queue, "state": queue},
+    }))
+}
+
+async fn wait_table_active(aws: &Aws, table: &str) -> anyhow::Result<()> {
+    use aws_sdk_dynamodb::types::TableStatus;
+    for _ in 0..120 {
+        let d = aws
+            .dynamodb
+            .describe_table()
+            .table_name(table)
+            .send()
+            .await
+            .map_err(crate::aws::err)?;
+        if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    anyhow::bail!("table {table} did not become ACTIVE within 60 s")
+}

@@ -1,0 +1,561 @@
+//! `cloud-bridge run`: the pipeline behind an MQTT shared subscription.
+//!
+//! One task owns the MQTT connection (rumqttc, persistent session, manual acks) and hands each
+//! uplink message to its gateway's worker task; the worker coalesces what has arrived for that
+//! gateway, stores it through [`Pipeline::advance`], and hands back the acks of the messages
+//! whose every result is stored. Only then does the connection task send the PUBACK, so the
+//! broker redelivers anything a crash interrupted. A packet id is only meaningful on the
+//! connection that delivered it: acks carry their connection's generation and stale ones are
+//! dropped (the broker redelivers those messages; they are recognised as stored and acked).
+//!
+//! A batch that starts past the stored sequence is held (unacked) and re-checked: with shared
+//! subscriptions another bridge is usually storing the range in between. After `gap_hold_ms`
+//! the worker publishes a `ReplayRequest` for the missing range to `gateways/{g}/replay`, again
+//! every `replay_timeout_ms`, and after `replay_attempts` it reports MissedEvents and skips the
+//! range.
+//!
+//! Messages that are not a valid batch are written under `{prefix}failures/` (the DLQ entry
+//! JSON, original bytes included), announced as EventDeadLettered, and then acked.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use proto::uplink::{ReplayRequest, gateway_of, replay_topic};
+use proto::{Batch, DlqEntry, Stage};
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode, TlsConfiguration,
+    Transport,
+};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::aws::Aws;
+use crate::config::{Config, MqttConfig};
+use crate::metrics::Metrics;
+use crate::now_ms;
+use crate::pipeline::{Held, Pipeline, Progress};
+
+const REQUEST_CAP: usize = 16 * 1024;
+
+/// A delivered message's ack, valid only on the connection (`generation`) that delivered it.
+#[derive(Debug)]
+struct Delivery {
+    generation: u64,
+    publish: Publish,
+    /// Released when the message is acked or abandoned: bounds messages held in memory.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// One uplink message for a gateway's worker.
+struct Message {
+    batch: Batch,
+    delivery: Delivery,
+}
+
+/// Runs until `shutdown`; then stops taking messages, lets the workers finish what they are
+/// storing (up to `shutdown_grace_ms`), sends the acks and disconnects, keeping the session.
+pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mqtt = cfg
+        .mqtt
+        .clone()
+        .context("[mqtt]: required by `cloud-bridge run`")?;
+    let opts = mqtt_options(&mqtt, &mqtt.client_id, false)?;
+    let aws = Aws::connect(&cfg.aws).await;
+    let metrics = Arc::new(Metrics::default());
+    let pipeline = Pipeline::new(
+        aws,
+        Arc::clone(&cfg),
+        Arc::clone(&metrics),
+        mqtt.client_id.clone(),
+    );
+
+    let flusher = tokio::spawn({
+        let metrics = Arc::clone(&metrics);
+        let mcfg = cfg.metrics.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(mcfg.interval_s));
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => metrics.flush(&mcfg, "service"),
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        }
+    });
+
+    let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAP);
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<Delivery>>();
+    let inflight = Arc::new(Semaphore::new(mqtt.max_inflight));
+    let worker_stop = CancellationToken::new();
+    let mut workers: HashMap<String, mpsc::UnboundedSender<Message>> = HashMap::new();
+    let mut tasks = JoinSet::new();
+    let mut pending_acks: Vec<Publish> = Vec::new();
+    let mut generation = 0u64;
+    let mut connected = false;
+    let mut draining = false;
+    let mut drain_deadline = None;
+    let mut retry_at: Option<Instant> = None;
+    let backoff_min = Duration::from_millis(mqtt.reconnect_min_ms);
+    let backoff_max = Duration::from_millis(mqtt.reconnect_max_ms);
+    let mut backoff = backoff_min;
+    let filter = mqtt.subscription();
+    info!(host = %mqtt.host, port = mqtt.port, client_id = %mqtt.client_id, %filter, tls = mqtt.tls,
+        "cloud-bridge connecting");
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if !draining => {
+                info!("draining: finishing the batches being stored");
+                draining = true;
+                drain_deadline = Some(Instant::now() + Duration::from_millis(mqtt.shutdown_grace_ms));
+                workers.clear();
+                worker_stop.cancel();
+            }
+            _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
+                warn!("workers still busy after shutdown_grace_ms; their batches stay unacked");
+                break;
+            }
+            Some(acks) = ack_rx.recv() => {
+                for d in acks {
+                    if d.generation == generation && connected {
+                        pending_acks.push(d.publish);
+                    } else {
+                        debug!(pkid = d.publish.pkid, "dropping an ack of an earlier connection");
+                    }
+                }
+            }
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                if let Err(e) = done && e.is_panic() {
+                    error!("a gateway worker panicked: {e}");
+                }
+            }
+            _ = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {
+                retry_at = None;
+            }
+            ev = eventloop.poll(), if retry_at.is_none() => match ev {
+                Ok(Event::Incoming(Packet::ConnAck(ca))) => {
+                    connected = true;
+                    backoff = backoff_min;
+                    info!(session_present = ca.session_present, "connected to the broker");
+                    if !draining && let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
+                        error!(error = %e, "could not queue SUBSCRIBE");
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(s))) => {
+                    if s.return_codes.contains(&SubscribeReasonCode::Failure) {
+                        error!(%filter, "the broker refused the subscription");
+                    } else {
+                        info!(%filter, "subscribed");
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    if draining {
+                        continue; // left unacked: redelivered to the next session
+                    }
+                    // Bounded: at the limit, stop reading from the broker until acks free room.
+                    let permit = Arc::clone(&inflight).acquire_owned().await.expect("semaphore open");
+                    let delivery = Delivery { generation, publish: p, _permit: permit };
+                    dispatch(delivery, &pipeline, &client, &ack_tx, &worker_stop, &mut workers, &mut tasks);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if connected {
+                        warn!(error = %e, "lost the broker connection");
+                    } else {
+                        error!(error = %e, "cannot connect to the broker; retrying in {backoff:?}");
+                    }
+                    connected = false;
+                    generation += 1;
+                    pending_acks.clear();
+                    retry_at = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(backoff_max);
+                }
+            },
+        }
+        if draining && tasks.is_empty() {
+            // The last acks: whatever the workers released before ending.
+            while let Ok(acks) = ack_rx.try_recv() {
+                pending_acks.extend(
+                    acks.into_iter()
+                        .filter(|d| d.generation == generation && connected)
+                        .map(|d| d.publish),
+                );
+            }
+        }
+        if connected {
+            flush_acks(&client, &mut pending_acks, &metrics);
+        }
+        if draining && tasks.is_empty() {
+            break;
+        }
+    }
+
+    if connected {
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while eventloop.poll().await.is_ok() {}
+        })
+        .await;
+    }
+    worker_stop.cancel();
+    tasks.abort_all();
+    flusher.abort();
+    metrics.flush(&cfg.metrics, "service");
+    info!("cloud-bridge stopped");
+    Ok(())
+}
+
+/// Queues acks to the client; what does not fit stays for the next round.
+fn flush_acks(client: &AsyncClient, pending: &mut Vec<Publish>, metrics: &Metrics) {
+    let mut sent = 0;
+    for p in pending.iter() {
+        if client.try_ack(p).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    pending.drain(..sent);
+    Metrics::add(&metrics.acked_messages, sent as u64);
+}
+
+/// Decodes a message and hands it to its gateway's worker (started on first use), or
+/// dead-letters it.
+fn dispatch(
+    d: Delivery,
+    pipeline: &Pipeline,
+    client: &AsyncClient,
+    ack_tx: &mpsc::UnboundedSender<Vec<Delivery>>,
+    stop: &CancellationToken,
+    workers: &mut HashMap<String, mpsc::UnboundedSender<Message>>,
+    tasks: &mut JoinSet<()>,
+) {
+    let topic = d.publish.topic.clone();
+    let batch = match validate(&topic, &d.publish.payload) {
+        Ok(b) => b,
+        Err(reason) => {
+            Metrics::add(&pipeline.metrics.decode_errors, 1);
+            warn!(%topic, %reason, "not a valid uplink batch: dead-lettered under failures/");
+            let (p, tx, stop) = (pipeline.clone(), ack_tx.clone(), stop.clone());
+            tasks.spawn(async move {
+                let payload = d.publish.payload.clone();
+                let mut backoff = Duration::from_millis(200);
+                loop {
+                    match dead_letter(&p, &topic, &payload, &reason).await {
+                        Ok(()) => {
+                            let _ = tx.send(vec![d]);
+                            return;
+                        }
+                        Err(e) => {
+                            Metrics::add(&p.metrics.aws_errors, 1);
+                            error!(error = %format!("{e:#}"), "could not store a dead letter; retrying");
+                        }
+                    }
+                    tokio::select! {
+                        _ = sleep(backoff) => {}
+                        _ = stop.cancelled() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            });
+            return;
+        }
+    };
+    let gateway = batch.gateway.clone();
+    let msg = Message { batch, delivery: d };
+    let msg = match workers.get(&gateway) {
+        Some(tx) => match tx.send(msg) {
+            Ok(()) => return,
+            Err(mpsc::error::SendError(m)) => m,
+        },
+        None => msg,
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let _ = tx.send(msg);
+    workers.insert(gateway.clone(), tx);
+    tasks.spawn(worker(
+        gateway,
+        rx,
+        pipeline.clone(),
+        client.clone(),
+        ack_tx.clone(),
+        stop.clone(),
+    ));
+}
+
+/// The batch in a message on `gateways/{g}/results`, or why it is not one.
+pub fn validate(topic: &str, payload: &[u8]) -> Result<Batch, String> {
+    let Some(gw) = gateway_of(topic) else {
+        return Err(format!(
+            "topic '{topic}' is not gateways/{{gateway}}/results"
+        ));
+    };
+    let batch: Batch =
+        proto::wire::decode(payload).map_err(|e| format!("undecodable CBOR batch: {e}"))?;
+    check_batch(&batch)?;
+    if batch.gateway != gw {
+        return Err(format!(
+            "batch names gateway '{}' but arrived on the topic of '{gw}'",
+            batch.gateway
+        ));
+    }
+    Ok(batch)
+}
+
+/// Every result must belong to the batch's gateway.
+pub fn check_batch(batch: &Batch) -> Result<(), String> {
+    if batch.gateway.is_empty() {
+        return Err("batch.gateway: must not be empty".into());
+    }
+    for (i, r) in batch.results.iter().enumerate() {
+        if r.gateway != batch.gateway {
+            return Err(format!(
+                "results[{i}].gateway: '{}' differs from the batch's '{}'",
+                r.gateway, batch.gateway
+            ));
+        }
+        if r.edge_seq == 0 {
+            return Err(format!("results[{i}].edge_seq: must be at least 1"));
+        }
+    }
+    Ok(())
+}
+
+/// Writes a DLQ entry for a bad uplink message to `{prefix}failures/` and announces it.
+async fn dead_letter(
+    p: &Pipeline,
+    topic: &str,
+    payload: &Bytes,
+    reason: &str,
+) -> anyhow::Result<()> {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    topic.hash(&mut h);
+    payload.hash(&mut h);
+    let id = h.finish();
+    let now = now_ms();
+    let entry = DlqEntry {
+        id,
+        event_id: None,
+        device: None,
+        topic: topic.to_string(),
+        stage: Stage::Cloud,
+        reason: reason.to_string(),
+        attempts: 1,
+        first_seen: now,
+        last_seen: now,
+        payload: payload.to_vec(),
+    };
+    let json = entry.to_json().to_string();
+    let gw = gateway_of(topic).unwrap_or("unknown");
+    let key = format!(
+        "{}failures/dt={}/gateway={gw}/uplink-{id:016x}.json",
+        p.cfg.aws.prefix,
+        crate::pipeline::date_of(now)
+    );
+    p.sink
+        .put_object(&key, json.clone().into_bytes(), "application/json")
+        .await?;
+    p.sink.put_events(vec![("EventDeadLettered", json)]).await
+}
+
+/// A gap a worker is waiting on.
+struct Gap {
+    from: u64,
+    to: u64,
+    attempts: u32,
+    next_action: Instant,
+}
+
+/// Stores one gateway's messages in order; see the module doc.
+async fn worker(
+    gateway: String,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    p: Pipeline,
+    client: AsyncClient,
+    ack_tx: mpsc::UnboundedSender<Vec<Delivery>>,
+    stop: CancellationToken,
+) {
+    let pc = p.cfg.pipeline.clone();
+    let mut held = Held::new();
+    let mut waiting: Vec<(u64, Delivery)> = Vec::new();
+    let mut gap: Option<Gap> = None;
+    let mut wake_at: Option<Instant> = None;
+    let mut err_backoff = Duration::from_millis(200);
+    let add = |m: Message, held: &mut Held, waiting: &mut Vec<(u64, Delivery)>| {
+        let last = m
+            .batch
+            .results
+            .iter()
+            .map(|r| r.edge_seq)
+            .max()
+            .unwrap_or(0);
+        for r in m.batch.results {
+            held.entry(r.edge_seq).or_insert(r);
+        }
+        waiting.push((last, m.delivery));
+    };
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        if waiting.is_empty() {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => add(m, &mut held, &mut waiting),
+                    None => return,
+                },
+                _ = stop.cancelled() => return,
+            }
+        } else if let Some(at) = wake_at {
+            tokio::select! {
+                m = rx.recv() => if let Some(m) = m { add(m, &mut held, &mut waiting) },
+                _ = sleep_until(at) => {}
+                _ = stop.cancelled() => return,
+            }
+        }
+        while let Ok(m) = rx.try_recv() {
+            add(m, &mut held, &mut waiting);
+        }
+        wake_at = None;
+        let progress = match p.advance(&gateway, &mut held).await {
+            Ok(pr) => {
+                err_backoff = Duration::from_millis(200);
+                pr
+            }
+            Err(e) => {
+                Metrics::add(&p.metrics.aws_errors, 1);
+                error!(%gateway, error = %format!("{e:#}"),
+                    "storing failed; the batches stay unacked and are retried in {err_backoff:?}");
+                wake_at = Some(Instant::now() + err_backoff);
+                err_backoff = (err_backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+        };
+        let hwm = progress.hwm();
+        let mut acks = Vec::new();
+        let mut i = 0;
+        while i < waiting.len() {
+            if waiting[i].0 <= hwm {
+                acks.push(waiting.swap_remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        if !acks.is_empty() && ack_tx.send(acks).is_err() {
+            return;
+        }
+        let Progress::Missing { from, to, .. } = progress else {
+            gap = None;
+            continue;
+        };
+        let now = Instant::now();
+        match &mut gap {
+            Some(g) if g.from == from => g.to = to,
+            _ => {
+                Metrics::add(&p.metrics.gaps, 1);
+                debug!(%gateway, from, to, "holding a batch until edge_seq {from}..={to} is stored");
+                gap = Some(Gap {
+                    from,
+                    to,
+                    attempts: 0,
+                    next_action: now + Duration::from_millis(pc.gap_hold_ms),
+                });
+            }
+        }
+        let g = gap.as_mut().expect("set above");
+        if now >= g.next_action {
+            if g.attempts < pc.replay_attempts {
+                g.attempts += 1;
+                let req = ReplayRequest {
+                    from: g.from,
+                    to: g.to,
+                };
+                let body = serde_json::to_vec(&req).expect("a ReplayRequest encodes");
+                match client.try_publish(replay_topic(&gateway), QoS::AtLeastOnce, false, body) {
+                    Ok(()) => {
+                        Metrics::add(&p.metrics.replays_requested, 1);
+                        info!(%gateway, from = g.from, to = g.to, attempt = g.attempts, "requested a replay");
+                    }
+                    Err(e) => warn!(%gateway, error = %e, "could not queue a replay request"),
+                }
+                g.next_action = now + Duration::from_millis(pc.replay_timeout_ms);
+            } else {
+                let (from, to) = (g.from, g.to);
+                match p.skip_missing(&gateway, from, to).await {
+                    Ok(_) => gap = None,
+                    Err(e) => {
+                        Metrics::add(&p.metrics.aws_errors, 1);
+                        error!(%gateway, error = %format!("{e:#}"), "could not record missed events; retrying");
+                    }
+                }
+                wake_at = Some(Instant::now());
+                continue;
+            }
+        }
+        let next = gap.as_ref().map_or(now, |g| g.next_action);
+        wake_at = Some((now + Duration::from_millis(pc.gap_recheck_ms)).min(next));
+    }
+}
+
+/// rumqttc options: persistent session and manual acks for the service, TLS (mutual when a
+/// client certificate is configured) unless `tls = false`.
+pub fn mqtt_options(m: &MqttConfig, client_id: &str, clean: bool) -> anyhow::Result<MqttOptions> {
+    let mut o = MqttOptions::new(client_id, m.host.clone(), m.port);
+    o.set_clean_session(clean)
+        .set_manual_acks(!clean)
+        .set_keep_alive(Duration::from_secs(u64::from(m.keep_alive_s.max(5))))
+        .set_max_packet_size(m.max_packet_bytes, m.max_packet_bytes);
+    if m.tls {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+        };
+        let ca = read(m.ca.as_deref().context("mqtt.ca: required with TLS")?)?;
+        let client_auth = match (&m.cert, &m.key) {
+            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+            _ => None,
+        };
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca,
+            alpn: None,
+            client_auth,
+        }));
+    }
+    Ok(o)
+}
+
+/// Publishes one message at QoS 1 on a short-lived connection and waits for its PUBACK (the
+/// Lambda's way to ask a gateway for a replay).
+pub async fn publish_once(m: &MqttConfig, topic: String, payload: Vec<u8>) -> anyhow::Result<()> {
+    let id = format!(
+        "{}-{:08x}",
+        m.client_id,
+        now_ms() as u32 ^ std::process::id()
+    );
+    let opts = mqtt_options(m, &id, true)?;
+    let (client, mut el) = AsyncClient::new(opts, 16);
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await?;
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match el.poll().await? {
+                Event::Incoming(Packet::PubAck(_)) => return Ok::<_, anyhow::Error>(()),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .context("no PUBACK within 10 s")?;
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_secs(1), el.poll()).await;
+    r
+}

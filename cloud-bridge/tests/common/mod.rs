@@ -1,0 +1,703 @@
+//! Harness for the cloud-bridge tests: the local AWS emulator (moto, `AWS_ENDPOINT_URL`), a TLS
+//! mosquitto with a CA and certificates generated at test time (rcgen), the real
+//! `cloud-bridge` binary, an MQTT test client and SDK clients to read the outcome back.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_config::BehaviorVersion;
+use aws_sdk_dynamodb::types::AttributeValue;
+use proto::{Batch, EventResult, Status};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cloud-bridge");
+
+/// The emulator's endpoint, or None (after saying so loudly) when `AWS_ENDPOINT_URL` is unset.
+pub fn aws_endpoint() -> Option<String> {
+    match std::env::var("AWS_ENDPOINT_URL") {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            eprintln!("SKIPPED: no AWS emulator (set AWS_ENDPOINT_URL)");
+            println!("SKIPPED: no AWS emulator (set AWS_ENDPOINT_URL)");
+            None
+        }
+    }
+}
+
+/// `let Some(endpoint) = require_aws!() else { return };`
+#[macro_export]
+macro_rules! require_aws {
+    () => {
+        common::aws_endpoint()
+    };
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A name unique to this test run: lowercase, valid for buckets, tables, queues and buses.
+pub fn unique(base: &str) -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        % 100_000_000;
+    format!(
+        "{base}-{}-{}-{t}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub async fn wait_for_async<F, Fut>(what: &str, timeout: Duration, mut ok: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !ok().await {
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---------------------------------------------------------------- certificates
+
+/// A CA and certificates it signed, as PEM files in `dir`.
+pub struct Pki {
+    pub dir: PathBuf,
+    ca_params: CertificateParams,
+    ca_key: KeyPair,
+    pub ca: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path, name: &str) -> Pki {
+        std::fs::create_dir_all(dir).unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = p.self_signed(&ca_key).unwrap();
+        let ca = dir.join(format!("{name}-ca.pem"));
+        std::fs::write(&ca, cert.pem()).unwrap();
+        Pki {
+            dir: dir.to_path_buf(),
+            ca_params: p,
+            ca_key,
+            ca,
+        }
+    }
+
+    /// (cert, key) files for `cn`; a server certificate for localhost/127.0.0.1 if `server`.
+    pub fn issue(&self, cn: &str, server: bool) -> (PathBuf, PathBuf) {
+        let key = KeyPair::generate().unwrap();
+        let sans = if server {
+            vec!["localhost".to_string(), "127.0.0.1".to_string()]
+        } else {
+            vec![]
+        };
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        let c = self.dir.join(format!("{cn}.pem"));
+        let k = self.dir.join(format!("{cn}.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+// ---------------------------------------------------------------- mosquitto
+
+/// A TLS mosquitto on a free port that requires a client certificate from `client_ca`.
+pub struct Broker {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Broker {
+    pub fn start_tls(dir: &Path, server_pki: &Pki, client_ca: &Path) -> Broker {
+        let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is installed (tests/run.sh installs it)");
+        let (cert, key) = server_pki.issue("broker", true);
+        let port = free_port();
+        let conf = dir.join(format!("mosquitto-{port}.conf"));
+        let log = dir.join(format!("mosquitto-{port}.log"));
+        let mut f = std::fs::File::create(&conf).unwrap();
+        writeln!(
+            f,
+            "listener {port} 127.0.0.1\n\
+             cafile {}\ncertfile {}\nkeyfile {}\n\
+             require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n\
+             max_inflight_messages 0\nmax_queued_messages 1000000\npersistence false\n\
+             log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice",
+            client_ca.display(),
+            cert.display(),
+            key.display()
+        )
+        .unwrap();
+        let child = Command::new(mosquitto)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start mosquitto");
+        wait_for("mosquitto to listen", Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Broker { child, port, log }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------- MQTT test client
+
+/// A test MQTT client (a gateway's stand-in) over mutual TLS.
+pub struct TestClient {
+    pub client: AsyncClient,
+    pub incoming: mpsc::UnboundedReceiver<rumqttc::Publish>,
+    pub acked: Arc<AtomicUsize>,
+    pub connected: Arc<AtomicUsize>,
+    pub errors: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct Tls<'a> {
+    pub ca: &'a Path,
+    pub cert: Option<(&'a Path, &'a Path)>,
+}
+
+impl TestClient {
+    pub fn connect(id: &str, port: u16, tls: Tls<'_>) -> TestClient {
+        let mut o = MqttOptions::new(id, "localhost", port);
+        o.set_keep_alive(Duration::from_secs(10))
+            .set_clean_session(true)
+            .set_max_packet_size(16 << 20, 16 << 20);
+        let client_auth = tls
+            .cert
+            .map(|(c, k)| (std::fs::read(c).unwrap(), std::fs::read(k).unwrap()));
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            ca: std::fs::read(tls.ca).unwrap(),
+            alpn: None,
+            client_auth,
+        }));
+        let (client, mut el) = AsyncClient::new(o, 1024);
+        let (tx, incoming) = mpsc::unbounded_channel();
+        let acked = Arc::new(AtomicUsize::new(0));
+        let connected = Arc::new(AtomicUsize::new(0));
+        let errors = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (a, c, e) = (acked.clone(), connected.clone(), errors.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        c.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send(p);
+                    }
+                    Ok(_) => {}
+                    Err(err) => {
+                        e.lock().unwrap().push(format!("{err:?}"));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        TestClient {
+            client,
+            incoming,
+            acked,
+            connected,
+            errors,
+            task,
+        }
+    }
+
+    pub async fn publish_batch(&self, batch: &Batch) {
+        let topic = proto::uplink::results_topic(&batch.gateway);
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, proto::wire::encode(batch))
+            .await
+            .unwrap();
+    }
+
+    pub async fn wait_acked(&self, n: usize) {
+        let acked = self.acked.clone();
+        wait_for_async("PUBACKs from the broker", Duration::from_secs(30), || {
+            let ok = acked.load(Ordering::SeqCst) >= n;
+            async move { ok }
+        })
+        .await;
+    }
+}
+
+impl Drop for TestClient {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------- results
+
+pub fn result(gateway: &str, edge_seq: u64) -> EventResult {
+    let mut input = serde_json::Map::new();
+    input.insert("kwh".into(), Value::from(1000.0 + edge_seq as f64));
+    let mut result = serde_json::Map::new();
+    result.insert("consumption_kwh".into(), Value::from(0.25));
+    EventResult {
+        event_id: EventResult::event_id(
+            &format!("meter-{}", edge_seq % 7),
+            &format!("{gateway}-e{edge_seq}"),
+        ),
+        device: format!("meter-{}", edge_seq % 7),
+        event_type: "meter".into(),
+        seq: edge_seq,
+        ts: 1_764_064_800_000 + edge_seq as i64 * 1000,
+        gateway: gateway.into(),
+        edge_seq,
+        input,
+        result,
+        calc_version: "sha256:test".into(),
+        status: Status::Ok,
+        flags: vec![],
+        anomaly_score: 0.0,
+        processed_at: 1_764_064_800_500 + edge_seq as i64 * 1000,
+        correction: None,
+    }
+}
+
+pub fn batch(gateway: &str, range: std::ops::RangeInclusive<u64>) -> Batch {
+    Batch {
+        gateway: gateway.into(),
+        results: range.map(|s| result(gateway, s)).collect(),
+    }
+}
+
+// ---------------------------------------------------------------- AWS
+
+pub struct AwsNames {
+    pub bucket: String,
+    pub bus: String,
+    pub table: String,
+    pub dlq: String,
+}
+
+impl AwsNames {
+    pub fn unique(tag: &str) -> AwsNames {
+        AwsNames {
+            bucket: unique(&format!("cb-{tag}")),
+            bus: unique(&format!("bus-{tag}")),
+            table: unique(&format!("tbl-{tag}")),
+            dlq: unique(&format!("dlq-{tag}")),
+        }
+    }
+}
+
+pub struct TestAws {
+    pub s3: aws_sdk_s3::Client,
+    pub ddb: aws_sdk_dynamodb::Client,
+    pub eb: aws_sdk_eventbridge::Client,
+    pub sqs: aws_sdk_sqs::Client,
+}
+
+impl TestAws {
+    pub async fn new(endpoint: &str) -> TestAws {
+        let conf = aws_config::defaults(BehaviorVersion::latest())
+            .region(aws_config::Region::new("us-east-1"))
+            .endpoint_url(endpoint)
+            .credentials_provider(aws_sdk_s3::config::Credentials::new(
+                "test", "test", None, None, "static",
+            ))
+            .load()
+            .await;
+        TestAws {
+            s3: aws_sdk_s3::Client::from_conf(
+                aws_sdk_s3::config::Builder::from(&conf)
+                    .force_path_style(true)
+                    .build(),
+            ),
+            ddb: aws_sdk_dynamodb::Client::new(&conf),
+            eb: aws_sdk_eventbridge::Client::new(&conf),
+            sqs: aws_sdk_sqs::Client::new(&conf),
+        }
+    }
+
+    /// The gateway's stored high-water mark (0 if none yet).
+    pub async fn hwm(&self, table: &str, gateway: &str) -> u64 {
+        let out = self
+            .ddb
+            .get_item()
+            .table_name(table)
+            .key("pk", AttributeValue::S(format!("gw#{gateway}")))
+            .consistent_read(true)
+            .send()
+            .await;
+        match out.ok().and_then(|o| o.item) {
+            Some(item) => match item.get("hwm") {
+                Some(AttributeValue::N(n)) => n.parse().unwrap(),
+                _ => 0,
+            },
+            None => 0,
+        }
+    }
+
+    pub async fn wait_hwm(&self, table: &str, gateway: &str, want: u64, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let h = self.hwm(table, gateway).await;
+            if h >= want {
+                assert_eq!(h, want, "hwm went past what was sent");
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "timed out waiting for hwm {want} of {gateway} (at {h})"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every object under `prefix`: key → body.
+    pub async fn objects(&self, bucket: &str, prefix: &str) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        let mut token = None;
+        loop {
+            let r = self
+                .s3
+                .list_objects_v2()
+                .bucket(bucket)
+                .prefix(prefix)
+                .set_continuation_token(token)
+                .send()
+                .await
+                .unwrap();
+            for o in r.contents() {
+                let key = o.key().unwrap().to_string();
+                let body = self
+                    .s3
+                    .get_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .send()
+                    .await
+                    .unwrap()
+                    .body
+                    .collect()
+                    .await
+                    .unwrap()
+                    .into_bytes();
+                out.insert(key, String::from_utf8(body.to_vec()).unwrap());
+            }
+            if r.is_truncated() == Some(true) {
+                token = r.next_continuation_token().map(str::to_string);
+            } else {
+                return out;
+            }
+        }
+    }
+
+    /// All records in the gateway's `events/` objects: asserts each edge_seq and event_id is
+    /// there at most once, and returns the edge_seqs in order.
+    pub async fn stored_edge_seqs(&self, bucket: &str, gateway: &str) -> Vec<u64> {
+        let objects = self.objects(bucket, "events/").await;
+        let mut seqs = BTreeMap::new();
+        let mut ids = std::collections::HashSet::new();
+        for (key, body) in &objects {
+            if !key.contains(&format!("/gateway={gateway}/")) {
+                continue;
+            }
+            assert!(key.ends_with(".ndjson"), "{key}");
+            assert!(body.ends_with('\n'), "{key}: NDJSON ends with a newline");
+            for line in body.lines() {
+                let r: EventResult = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("{key}: not a result: {e}: {line}"));
+                assert!(
+                    ids.insert(r.event_id.clone()),
+                    "event_id {} stored twice ({key})",
+                    r.event_id
+                );
+                let date = key.split("dt=").nth(1).unwrap().split('/').next().unwrap();
+                assert_eq!(date.len(), 10, "{key}");
+                if let Some(prev) = seqs.insert(r.edge_seq, key.clone()) {
+                    panic!("edge_seq {} stored twice: {prev} and {key}", r.edge_seq);
+                }
+            }
+        }
+        seqs.into_keys().collect()
+    }
+
+    /// An SQS queue that receives every event on `bus` with `source` (rule + target), to prove
+    /// events went through EventBridge.
+    pub async fn capture_events(&self, bus: &str, source: &str) -> String {
+        let q = unique("capture");
+        let url = self
+            .sqs
+            .create_queue()
+            .queue_name(&q)
+            .send()
+            .await
+            .unwrap()
+            .queue_url
+            .unwrap();
+        let arn = self
+            .sqs
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .unwrap()
+            .attributes
+            .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
+            .clone();
+        let rule = unique("all");
+        self.eb
+            .put_rule()
+            .name(&rule)
+            .event_bus_name(bus)
+            .event_pattern(serde_json::json!({ "source": [source] }).to_string())
+            .send()
+            .await
+            .unwrap();
+        self.eb
+            .put_targets()
+            .rule(&rule)
+            .event_bus_name(bus)
+            .targets(
+                aws_sdk_eventbridge::types::Target::builder()
+                    .id("capture")
+                    .arn(arn)
+                    .build()
+                    .unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        url
+    }
+
+    /// Reads the capture queue until `want` returns true for what was read (or the timeout).
+    pub async fn read_events(
+        &self,
+        url: &str,
+        timeout: Duration,
+        want: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let start = Instant::now();
+        let mut all = Vec::new();
+        while !want(&all) && start.elapsed() < timeout {
+            let r = self
+                .sqs
+                .receive_message()
+                .queue_url(url)
+                .max_number_of_messages(10)
+                .wait_time_seconds(1)
+                .send()
+                .await
+                .unwrap();
+            for m in r.messages() {
+                all.push(serde_json::from_str(m.body().unwrap()).unwrap());
+                self.sqs
+                    .delete_message()
+                    .queue_url(url)
+                    .receipt_handle(m.receipt_handle().unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+        all
+    }
+}
+
+// ---------------------------------------------------------------- the bridge
+
+/// Test defaults: short gap/replay timers, EMF every second.
+pub fn bridge_config(
+    endpoint: &str,
+    names: &AwsNames,
+    mqtt: Option<(u16, &Path, &Path, &Path)>,
+    client_id: &str,
+) -> String {
+    let mqtt = match mqtt {
+        Some((port, ca, cert, key)) => format!(
+            "[mqtt]\nhost = \"localhost\"\nport = {port}\nclient_id = \"{client_id}\"\n\
+             share_group = \"bridges\"\nkeep_alive_s = 10\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             reconnect_min_ms = 100\nreconnect_max_ms = 1000\nshutdown_grace_ms = 3000\n\n",
+            ca.display(),
+            cert.display(),
+            key.display()
+        ),
+        None => String::new(),
+    };
+    format!(
+        "{mqtt}[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nbucket = \"{}\"\n\
+         event_bus = \"{}\"\ntable = \"{}\"\ndlq_queue = \"{}\"\n\n\
+         [pipeline]\ngap_hold_ms = 500\ngap_recheck_ms = 50\nreplay_timeout_ms = 1500\n\
+         replay_attempts = 2\nclaim_timeout_ms = 10000\n\n[metrics]\ninterval_s = 1\n",
+        names.bucket, names.bus, names.table, names.dlq
+    )
+}
+
+pub fn write_config(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// `cloud-bridge provision --json`.
+pub fn provision(config: &Path) -> Value {
+    let out = Command::new(BIN)
+        .args(["provision", "--json", "--config"])
+        .arg(config)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "provision failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A running `cloud-bridge run`; killed (SIGKILL) on drop.
+pub struct Bridge {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub stdout: PathBuf,
+}
+
+impl Bridge {
+    pub fn start(config: &Path, log: PathBuf, env: &[(&str, &str)]) -> Bridge {
+        let stdout = log.with_extension("stdout");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
+            .arg(config)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .env("RUST_LOG", "info,cloud_bridge=debug")
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap(),
+            );
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Bridge {
+            child: Some(cmd.spawn().expect("start cloud-bridge")),
+            log,
+            stdout,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_log(&self, needle: &str, timeout: Duration) {
+        wait_for(
+            &format!("'{needle}' in {}", self.log.display()),
+            timeout,
+            || self.log_text().contains(needle),
+        );
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "bridge did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,262 @@
+//! `cloud-bridge lambda` through a test Lambda Runtime API server (next / response / error),
+//! end to end into the AWS emulator.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// What the function sent back for an invocation.
+#[derive(Debug)]
+struct Outcome {
+    request_id: String,
+    /// "response" or "error".
+    kind: String,
+    body: Value,
+}
+
+/// A minimal Lambda Runtime API: hands out the queued events on `GET .../invocation/next`
+/// (and then blocks, like the real one with no work), captures `POST .../response|error`.
+struct RuntimeApi {
+    addr: String,
+    outcomes: mpsc::UnboundedReceiver<Outcome>,
+}
+
+impl RuntimeApi {
+    async fn start(events: Vec<Value>) -> RuntimeApi {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let queue = Arc::new(Mutex::new(
+            events
+                .into_iter()
+                .enumerate()
+                .map(|(i, e)| (format!("req-{i}"), e))
+                .collect::<VecDeque<_>>(),
+        ));
+        let (tx, outcomes) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let (sock, _) = listener.accept().await.unwrap();
+                tokio::spawn(serve(sock, Arc::clone(&queue), tx.clone()));
+            }
+        });
+        RuntimeApi { addr, outcomes }
+    }
+
+    async fn next_outcome(&mut self) -> Outcome {
+        tokio::time::timeout(Duration::from_secs(60), self.outcomes.recv())
+            .await
+            .expect("the function answered in time")
+            .unwrap()
+    }
+}
+
+async fn serve(
+    sock: TcpStream,
+    queue: Arc<Mutex<VecDeque<(String, Value)>>>,
+    tx: mpsc::UnboundedSender<Outcome>,
+) {
+    let mut r = BufReader::new(sock);
+    loop {
+        // Request line and headers.
+        let mut line = String::new();
+        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let mut parts = line.split_whitespace();
+        let (method, path) = (
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("").to_string(),
+        );
+        let mut len = 0usize;
+        let mut chunked = false;
+        loop {
+            let mut h = String::new();
+            r.read_line(&mut h).await.unwrap();
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            let (name, value) = h.split_once(':').unwrap_or((h, ""));
+            match name.to_ascii_lowercase().as_str() {
+                "content-length" => len = value.trim().parse().unwrap(),
+                "transfer-encoding" => chunked = value.to_ascii_lowercase().contains("chunked"),
+                _ => {}
+            }
+        }
+        let mut body = Vec::new();
+        if chunked {
+            loop {
+                let mut size = String::new();
+                r.read_line(&mut size).await.unwrap();
+                let n = usize::from_str_radix(size.trim().split(';').next().unwrap(), 16).unwrap();
+                let mut chunk = vec![0; n + 2];
+                r.read_exact(&mut chunk).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+        } else {
+            body.resize(len, 0);
+            r.read_exact(&mut body).await.unwrap();
+        }
+
+        let sock = r.get_mut();
+        if method == "GET" && path.ends_with("/runtime/invocation/next") {
+            let next = queue.lock().unwrap().pop_front();
+            let Some((id, event)) = next else {
+                // No more work: hold the request, as the real API does.
+                futures_pending().await;
+                return;
+            };
+            let payload = event.to_string();
+            let deadline = common_now_ms() + 60_000;
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\
+                 Lambda-Runtime-Aws-Request-Id: {id}\r\nLambda-Runtime-Deadline-Ms: {deadline}\r\n\
+                 Lambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:us-east-1:123456789012:function:cloud-bridge\r\n\
+                 Lambda-Runtime-Trace-Id: Root=1-5bef4de7-ad49b0e87f6ef6c87fc2e700;Parent=9a9197af755a6419;Sampled=1\r\n\
+                 Content-Length: {}\r\n\r\n{payload}",
+                payload.len()
+            );
+            sock.write_all(resp.as_bytes()).await.unwrap();
+        } else if method == "POST" && path.contains("/runtime/invocation/") {
+            let rest = path.split("/runtime/invocation/").nth(1).unwrap();
+            let (id, kind) = rest.split_once('/').unwrap();
+            let _ = tx.send(Outcome {
+                request_id: id.to_string(),
+                kind: kind.to_string(),
+                body: serde_json::from_slice(&body).unwrap_or(Value::Null),
+            });
+            sock.write_all(b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: 16\r\n\r\n{\"status\":\"OK\"}\n")
+                .await
+                .unwrap();
+        } else {
+            sock.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                .await
+                .unwrap();
+        }
+    }
+}
+
+async fn futures_pending() {
+    std::future::pending::<()>().await
+}
+
+fn common_now_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_runtime_loop_end_to_end() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let names = AwsNames::unique("lambda");
+    let cfg = write_config(
+        dir.path(),
+        "lambda.toml",
+        &bridge_config(&endpoint, &names, None, "unused"),
+    );
+    provision(&cfg);
+    let aws = TestAws::new(&endpoint).await;
+    let queue = aws.capture_events(&names.bus, "iot.edge-pipeline").await;
+
+    let gw = "gw-lambda";
+    let cbor =
+        base64::engine::general_purpose::STANDARD.encode(proto::wire::encode(&batch(gw, 1..=20)));
+    let json_batch = serde_json::to_value(batch(gw, 11..=30)).unwrap();
+    let events = vec![
+        // (a) an IoT rule's base64 CBOR
+        json!({ "cbor": cbor, "gateway": gw }),
+        // (a) a JSON batch overlapping the first (a redelivery plus new results)
+        json_batch,
+        // a gap: nothing stored, an error so that Lambda retries
+        serde_json::to_value(batch(gw, 41..=45)).unwrap(),
+        // (b) recognised but not handled yet: errors, not fake successes
+        json!({ "Records": [{ "eventSource": "aws:sqs", "messageId": "m1", "body": "{}" }] }),
+        json!({ "detail-type": "EventCorrected", "source": "iot.edge-pipeline", "detail": {} }),
+        json!({ "what": "ever" }),
+    ];
+    let mut api = RuntimeApi::start(events).await;
+
+    let mut child = std::process::Command::new(BIN)
+        .arg("lambda")
+        .env("CLOUD_BRIDGE_CONFIG", &cfg)
+        .env("AWS_LAMBDA_RUNTIME_API", &api.addr)
+        .env("AWS_LAMBDA_FUNCTION_NAME", "cloud-bridge")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/cloud-bridge")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .stdout(std::fs::File::create(dir.path().join("lambda.stdout")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("lambda.log")).unwrap())
+        .spawn()
+        .unwrap();
+
+    let first = api.next_outcome().await;
+    assert_eq!(
+        (first.request_id.as_str(), first.kind.as_str()),
+        ("req-0", "response"),
+        "{first:?}"
+    );
+    assert_eq!(
+        first.body,
+        json!({ "gateway": gw, "results": 20, "hwm": 20 })
+    );
+    let second = api.next_outcome().await;
+    assert_eq!(second.kind, "response", "{second:?}");
+    assert_eq!(second.body["hwm"], 30);
+
+    let gap = api.next_outcome().await;
+    assert_eq!(gap.kind, "error", "{gap:?}");
+    let msg = gap.body["errorMessage"].as_str().unwrap();
+    assert!(msg.contains("gap") && msg.contains("31..=40"), "{msg}");
+
+    for what in ["SQS", "EventBridge", "unrecognised"] {
+        let o = api.next_outcome().await;
+        assert_eq!(o.kind, "error", "{what}: {o:?}");
+        let msg = o.body["errorMessage"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(msg.contains(what), "{what}: {msg}");
+    }
+
+    assert_eq!(aws.hwm(&names.table, gw).await, 30);
+    assert_eq!(
+        aws.stored_edge_seqs(&names.bucket, gw).await,
+        (1..=30).collect::<Vec<_>>()
+    );
+    let events = aws
+        .read_events(&queue, Duration::from_secs(30), |ev| ev.len() >= 30)
+        .await;
+    assert_eq!(events.len(), 30);
+
+    let _ = child.kill();
+    let _ = child.wait();
+    // One EMF line per invocation that counted something.
+    let emf = std::fs::read_to_string(dir.path().join("lambda.stdout")).unwrap();
+    let processed: u64 = emf
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["Mode"] == "lambda")
+        .filter_map(|v| v["processed"].as_u64())
+        .sum();
+    assert_eq!(processed, 30, "{emf}");
+}

@@ -1,0 +1,550 @@
+//! The field technician's commands: `status`, `dlq list|show|retry|export|purge|stats`, and
+//! `outbox list`.
+//!
+//! One implementation, two transports: while the agent runs, a command goes through its admin
+//! socket ([`crate::admin`]) and the agent does the work (DLQ writes on its pipeline thread);
+//! while it is stopped, the command opens the store itself and runs the same functions
+//! ([`crate::dlq`], [`crate::status`], [`Pipeline::retry`]) in-process. `--json` prints one JSON
+//! document on stdout; otherwise output is for people and fits 80 columns.
+//!
+//! Exit codes: 0 done; 1 failed, or a `retry`/`purge` left some selected entries in the DLQ
+//! (failed again, not found); 2 a usage error (e.g. `purge` without `--yes`).
+
+mod render;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{ArgGroup, Args, Subcommand};
+
+use crate::admin::Request;
+use crate::admin::client::Client;
+use crate::config::AgentConfig;
+use crate::dlq::{
+    self, DlqConfig, DlqStats, EntryView, Filter, Listing, PurgeReport, RetryReport, Selection,
+};
+use crate::outbox::Outbox;
+use crate::pipeline::Pipeline;
+use crate::status::{self, Sources, StatusReport};
+use crate::store::{Store, StoreError, StoreReader};
+
+/// Where the agent's data is: `--config` (its `data_dir`) or `--data-dir`.
+#[derive(Args, Debug, Clone)]
+pub struct StoreArgs {
+    /// Agent config (its `data_dir` is used; `dlq retry` on a stopped agent needs its engine).
+    #[arg(long, env = "EDGE_AGENT_CONFIG", conflicts_with = "data_dir")]
+    config: Option<PathBuf>,
+    /// Data directory, when no config is given.
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+}
+
+/// `--reason`, `--device`, `--since`.
+#[derive(Args, Debug, Clone, Default)]
+pub struct FilterArgs {
+    /// Only entries whose reason contains this (case-insensitive), e.g. a field or rule name.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only this device (or a prefix ending in '*', e.g. 'meter-*').
+    #[arg(long)]
+    device: Option<String>,
+    /// Only entries last seen at or after this time (RFC 3339, e.g. 2026-11-25T10:00:00Z).
+    #[arg(long, value_parser = parse_since)]
+    since: Option<i64>,
+}
+
+impl FilterArgs {
+    fn filter(&self, limit: Option<usize>) -> Filter {
+        Filter {
+            reason: self.reason.clone(),
+            device: self.device.clone(),
+            since: self.since,
+            limit,
+        }
+    }
+}
+
+fn parse_since(s: &str) -> Result<i64, String> {
+    proto::timestamp::parse_rfc3339(s).map_err(|e| e.to_string())
+}
+
+#[derive(Subcommand)]
+pub enum OutboxCommand {
+    /// Results in edge_seq order (reads the store: the agent must be stopped).
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// First edge_seq to show.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// One JSON document (an array) on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Entries shown by `dlq list` without `--limit` (human output only; `--json` lists all).
+const DEFAULT_LIST_LIMIT: usize = 50;
+
+#[derive(Subcommand)]
+pub enum DlqCommand {
+    /// Dead-lettered messages, oldest first (a table; --json for all fields).
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Most entries to show (default 50 in the table, all with --json; 0 = all).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// One entry in full, with its original payload.
+    Show {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Re-process entries through the pipeline (after fixing the config or the device); those
+    /// that succeed leave the DLQ and their result goes to the outbox.
+    #[command(group(ArgGroup::new("which").required(true).args(["ids", "all"])))]
+    Retry {
+        /// Entry ids.
+        ids: Vec<u64>,
+        /// Every entry (narrow it with --reason/--device/--since).
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Write entries as JSON lines (one DLQ entry per line) to a file.
+    Export {
+        /// The file to write (replaced if it exists).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        filter: FilterArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Delete entries for good (consider `dlq export` first). Needs --yes.
+    #[command(group(ArgGroup::new("which").required(true).args(["ids", "all"])))]
+    Purge {
+        ids: Vec<u64>,
+        /// Every entry (narrow it with --reason/--device/--since).
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Confirm the deletion.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Counts by stage, reason and device, the oldest entry, the cap: what is wrong, at a glance.
+    Stats {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+}
+
+/// The agent over its socket, or the store opened here.
+enum Backend {
+    Agent(Client),
+    Store(Box<Local>),
+}
+
+/// A stopped agent's store, opened by this process.
+struct Local {
+    reader: StoreReader,
+    outbox: Outbox,
+    dlq: Option<DlqConfig>,
+    /// The config enables the uplink (for `status`).
+    uplink: bool,
+    /// With a config, the whole pipeline (engine included), so `retry` works; without, the
+    /// store alone.
+    inner: LocalInner,
+}
+
+enum LocalInner {
+    Store(Store),
+    Pipeline(Box<Pipeline>),
+}
+
+impl StoreArgs {
+    fn load(&self) -> anyhow::Result<(PathBuf, Option<AgentConfig>)> {
+        match &self.config {
+            Some(path) => {
+                let cfg = AgentConfig::load(path)?;
+                Ok((cfg.data_dir.clone(), Some(cfg)))
+            }
+            None => Ok((self.data_dir.clone(), None)),
+        }
+    }
+
+    /// The running agent if it answers on its socket, else the store itself.
+    fn backend(&self) -> anyhow::Result<Backend> {
+        let (dir, cfg) = self.load()?;
+        if let Some(client) = Client::connect(&dir)? {
+            return Ok(Backend::Agent(client));
+        }
+        let store = open_store(&dir)?;
+        let outbox_cfg = cfg.as_ref().map(|c| c.outbox.clone()).unwrap_or_default();
+        let outbox = store.open_outbox(outbox_cfg)?;
+        let reader = store.reader();
+        let uplink = cfg.as_ref().is_some_and(|c| c.uplink.enabled);
+        let (inner, dlq) = match cfg {
+            Some(cfg) => {
+                let engine = cfg.engine().map_err(|e| anyhow!("{e}"))?;
+                let pipeline = Pipeline::new(
+                    engine,
+                    store,
+                    outbox.clone(),
+                    cfg.gateway_id.clone(),
+                    &cfg.pipeline,
+                )?
+                .with_dlq(cfg.dlq.clone())?;
+                (LocalInner::Pipeline(Box::new(pipeline)), Some(cfg.dlq))
+            }
+            None => (LocalInner::Store(store), None),
+        };
+        Ok(Backend::Store(Box::new(Local {
+            reader,
+            outbox,
+            dlq,
+            uplink,
+            inner,
+        })))
+    }
+}
+
+fn open_store(dir: &std::path::Path) -> anyhow::Result<Store> {
+    if !dir.join("store").exists() {
+        bail!("no store under {} (has the agent run here?)", dir.display());
+    }
+    Store::open(dir).map_err(|e| match e {
+        StoreError::Locked(path) => anyhow!(
+            "the store at {} is in use by another process, and no agent answers on {}: an \
+             agent starting or stopping, or another edge-agent command; try again in a moment",
+            path.display(),
+            crate::admin::socket_path(dir).display()
+        ),
+        other => other.into(),
+    })
+}
+
+impl Backend {
+    fn status(&mut self) -> anyhow::Result<StatusReport> {
+        match self {
+            Backend::Agent(c) => c.request(&Request::Status),
+            Backend::Store(l) => Ok(status::report(Sources {
+                reader: &l.reader,
+                outbox: Some(l.outbox.depth()),
+                dlq: l.dlq.as_ref(),
+                live: None,
+                uplink: l.uplink.then(|| "enabled (agent stopped)".into()),
+            })?),
+        }
+    }
+
+    fn list(&mut self, filter: &Filter) -> anyhow::Result<Listing> {
+        match self {
+            Backend::Agent(c) => c.request(&Request::DlqList {
+                filter: filter.clone(),
+            }),
+            Backend::Store(l) => Ok(dlq::list(&l.reader, filter)?),
+        }
+    }
+
+    fn show(&mut self, id: u64) -> anyhow::Result<Option<EntryView>> {
+        match self {
+            Backend::Agent(c) => c.request(&Request::DlqShow { id }),
+            Backend::Store(l) => Ok(dlq::show(&l.reader, id)?),
+        }
+    }
+
+    fn stats(&mut self) -> anyhow::Result<DlqStats> {
+        match self {
+            Backend::Agent(c) => c.request(&Request::DlqStats),
+            Backend::Store(l) => Ok(dlq::stats(&l.reader, l.dlq.as_ref())?),
+        }
+    }
+
+    fn retry(&mut self, select: &Selection) -> anyhow::Result<RetryReport> {
+        match self {
+            Backend::Agent(c) => c.request(&Request::DlqRetry {
+                select: select.clone(),
+            }),
+            Backend::Store(l) => match &mut l.inner {
+                LocalInner::Pipeline(p) => Ok(p.retry(select)?),
+                LocalInner::Store(_) => bail!(
+                    "dlq retry runs the engine, so with the agent stopped it needs the agent's \
+                     config: pass --config FILE (or set EDGE_AGENT_CONFIG)"
+                ),
+            },
+        }
+    }
+
+    fn purge(&mut self, select: &Selection) -> anyhow::Result<PurgeReport> {
+        match self {
+            Backend::Agent(c) => c.request(&Request::DlqPurge {
+                select: select.clone(),
+            }),
+            Backend::Store(l) => match &mut l.inner {
+                LocalInner::Pipeline(p) => Ok(p.purge(select)?),
+                LocalInner::Store(s) => Ok(dlq::purge(s, select)?),
+            },
+        }
+    }
+
+    fn export(
+        &mut self,
+        filter: &Filter,
+        total: impl FnOnce(u64),
+        mut line: impl FnMut(&str) -> std::io::Result<()>,
+    ) -> anyhow::Result<u64> {
+        match self {
+            Backend::Agent(c) => c.export(filter, total, line),
+            Backend::Store(l) => {
+                let unfiltered = *filter == Filter::default();
+                total(if unfiltered {
+                    l.reader.counters()?.dlq_entries
+                } else {
+                    dlq::list(
+                        &l.reader,
+                        &Filter {
+                            limit: Some(0),
+                            ..filter.clone()
+                        },
+                    )?
+                    .matching
+                });
+                let mut buf = String::new();
+                Ok(dlq::export(&l.reader, filter, |e| {
+                    buf.clear();
+                    buf.push_str(&serde_json::to_string(e)?);
+                    line(&buf)
+                })
+                .map_err(|e| match e {
+                    dlq::ExportError::Io(e) => anyhow::Error::new(e).context("writing the export"),
+                    other => other.into(),
+                })?)
+            }
+        }
+    }
+
+    fn is_agent(&self) -> bool {
+        matches!(self, Backend::Agent(_))
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn print_text(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    if !text.ends_with('\n') {
+        writeln!(out)?;
+    }
+    Ok(())
+}
+
+/// `edge-agent status`.
+pub fn status(args: &StoreArgs, json: bool) -> anyhow::Result<ExitCode> {
+    let report = args.backend()?.status()?;
+    if json {
+        print_json(&report)?;
+    } else {
+        print_text(&render::status(&report, now_ms()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `edge-agent outbox list` (store opened directly).
+pub fn outbox(cmd: OutboxCommand) -> anyhow::Result<ExitCode> {
+    let OutboxCommand::List {
+        store,
+        from,
+        limit,
+        json,
+    } = cmd;
+    let (dir, _) = store.load()?;
+    if Client::connect(&dir)?.is_some() {
+        bail!(
+            "the agent is running: `outbox list` reads the store directly, so stop the agent \
+             first (`edge-agent status` shows the outbox depth while it runs)"
+        );
+    }
+    let store = open_store(&dir)?;
+    let results = store
+        .outbox(from)
+        .take(limit.unwrap_or(usize::MAX))
+        .collect::<Result<Vec<_>, _>>()?;
+    if json {
+        print_json(&results)?;
+    } else {
+        print_text(&render::outbox(&results)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `edge-agent dlq …`.
+pub fn dlq(cmd: DlqCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        DlqCommand::List {
+            filter,
+            limit,
+            json,
+            store,
+        } => {
+            let limit = match (limit, json) {
+                (Some(0), _) | (None, true) => None,
+                (Some(n), _) => Some(n),
+                (None, false) => Some(DEFAULT_LIST_LIMIT),
+            };
+            let listing = store.backend()?.list(&filter.filter(limit))?;
+            if json {
+                print_json(&listing.entries)?;
+            } else {
+                print_text(&render::list(&listing, limit))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Show { id, json, store } => match store.backend()?.show(id)? {
+            Some(e) if json => print_json(&e).map(|()| ExitCode::SUCCESS),
+            Some(e) => print_text(&render::show(&e)).map(|()| ExitCode::SUCCESS),
+            None => {
+                eprintln!("edge-agent: no DLQ entry {id}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        DlqCommand::Retry {
+            ids,
+            all,
+            filter,
+            json,
+            store,
+        } => {
+            let select = selection(ids, all, &filter)?;
+            let mut backend = store.backend()?;
+            let report = backend.retry(&select)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                print_text(&render::retry(&report, backend.is_agent()))?;
+            }
+            Ok(if report.all_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        DlqCommand::Purge {
+            ids,
+            all,
+            filter,
+            yes,
+            json,
+            store,
+        } => {
+            let select = selection(ids, all, &filter)?;
+            if !yes {
+                eprintln!(
+                    "edge-agent: dlq purge deletes entries for good; add --yes to confirm \
+                     (`edge-agent dlq export --out FILE` keeps a copy)"
+                );
+                return Ok(ExitCode::from(2));
+            }
+            let report = store.backend()?.purge(&select)?;
+            if json {
+                print_json(&report)?;
+            } else {
+                print_text(&render::purge(&report))?;
+            }
+            Ok(if report.not_found.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        DlqCommand::Stats { json, store } => {
+            let stats = store.backend()?.stats()?;
+            if json {
+                print_json(&stats)?;
+            } else {
+                print_text(&render::stats(&stats, now_ms()))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DlqCommand::Export { out, filter, store } => export(&store, &out, &filter.filter(None)),
+    }
+}
+
+fn selection(ids: Vec<u64>, all: bool, filter: &FilterArgs) -> anyhow::Result<Selection> {
+    let filter = filter.filter(None);
+    if !all && filter != Filter::default() {
+        bail!("--reason, --device and --since select entries with --all, not with ids");
+    }
+    Ok(Selection { ids, all, filter })
+}
+
+fn export(store: &StoreArgs, out: &std::path::Path, filter: &Filter) -> anyhow::Result<ExitCode> {
+    let mut backend = store.backend()?;
+    let file =
+        std::fs::File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    // Draws on stderr only when it is a terminal; scripts see nothing but the summary.
+    let bar = indicatif::ProgressBar::hidden();
+    let count = backend.export(
+        filter,
+        |total| {
+            bar.set_length(total);
+            bar.set_style(
+                // `wide_bar` takes what the terminal has left, so the line never wraps.
+                indicatif::ProgressStyle::with_template(
+                    "exporting {human_pos}/{human_len} entries [{wide_bar}] {eta} left",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+        },
+        |line| {
+            w.write_all(line.as_bytes())?;
+            w.write_all(b"\n")?;
+            bar.inc(1);
+            Ok(())
+        },
+    )?;
+    w.flush()
+        .and_then(|()| w.get_ref().sync_all())
+        .with_context(|| format!("writing {}", out.display()))?;
+    bar.finish();
+    println!("exported {count} entries to {}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn now_ms() -> i64 {
+    crate::ingest::now_ms()
+}

@@ -1,0 +1,320 @@
+//! `edge-agent status`: what the agent is doing, in one look — the same report whether it comes
+//! from the running agent (admin socket) or from the store of a stopped one.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::dlq::{DlqConfig, FullPolicy, rfc3339, rfc3339_opt};
+use crate::outbox::Depth;
+use crate::store::{Counters, StoreError, StoreReader};
+
+/// Live figures the pipeline thread updates and the admin socket reads.
+#[derive(Debug)]
+pub struct Live {
+    pub started_at: i64,
+    started: Instant,
+    pub ingested: AtomicU64,
+    pub accepted: AtomicU64,
+    pub rejected: AtomicU64,
+    pub duplicates: AtomicU64,
+    /// Intake stopped because the DLQ is full (`full_policy = "block"`).
+    pub intake_blocked: AtomicBool,
+    last_error: Mutex<Option<LastError>>,
+    samples: Mutex<VecDeque<Sample>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    ingested: u64,
+    accepted: u64,
+    rejected: u64,
+}
+
+/// The window `status` computes rates over.
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+impl Live {
+    pub fn new(now_ms: i64) -> Live {
+        let started = Instant::now();
+        Live {
+            started_at: now_ms,
+            started,
+            ingested: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            duplicates: AtomicU64::new(0),
+            intake_blocked: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+            samples: Mutex::new(VecDeque::from([Sample {
+                at: started,
+                ingested: 0,
+                accepted: 0,
+                rejected: 0,
+            }])),
+        }
+    }
+
+    pub fn set_last_error(&self, at: i64, what: String) {
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastError { at, what });
+    }
+
+    pub fn last_error(&self) -> Option<LastError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn now_sample(&self) -> Sample {
+        Sample {
+            at: Instant::now(),
+            ingested: self.ingested.load(Ordering::Relaxed),
+            accepted: self.accepted.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records the totals now (the admin server calls this every few seconds) and keeps the
+    /// samples of the last [`RATE_WINDOW`].
+    pub fn sample(&self) {
+        let s = self.now_sample();
+        let mut q = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        q.push_back(s);
+        // Keep one sample at least RATE_WINDOW old as the window's start.
+        while q.len() > 2 && q.get(1).is_some_and(|x| s.at - x.at >= RATE_WINDOW) {
+            q.pop_front();
+        }
+    }
+
+    /// Messages per second over the last minute (or since start, if shorter).
+    pub fn rates(&self) -> Rates {
+        let now = self.now_sample();
+        let q = self.samples.lock().unwrap_or_else(|e| e.into_inner());
+        let from = q
+            .iter()
+            .find(|x| now.at - x.at <= RATE_WINDOW + Duration::from_secs(5))
+            .copied()
+            .unwrap_or(Sample {
+                at: self.started,
+                ingested: 0,
+                accepted: 0,
+                rejected: 0,
+            });
+        let secs = (now.at - from.at).as_secs_f64().max(0.001);
+        let per_s = |a: u64, b: u64| ((a.saturating_sub(b)) as f64 / secs * 100.0).round() / 100.0;
+        Rates {
+            window_s: secs.round() as u64,
+            ingested_per_s: per_s(now.ingested, from.ingested),
+            accepted_per_s: per_s(now.accepted, from.accepted),
+            rejected_per_s: per_s(now.rejected, from.rejected),
+        }
+    }
+
+    pub fn totals(&self) -> Totals {
+        Totals {
+            ingested: self.ingested.load(Ordering::Relaxed),
+            accepted: self.accepted.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LastError {
+    #[serde(with = "rfc3339")]
+    pub at: i64,
+    pub what: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rates {
+    /// Seconds the rates are averaged over.
+    pub window_s: u64,
+    pub ingested_per_s: f64,
+    pub accepted_per_s: f64,
+    pub rejected_per_s: f64,
+}
+
+/// Since the agent started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Totals {
+    pub ingested: u64,
+    pub accepted: u64,
+    pub rejected: u64,
+    pub duplicates: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub agent: AgentInfo,
+    /// "taking messages", "blocked: DLQ full" or "stopped".
+    pub intake: String,
+    /// Results waiting for the cloud.
+    pub outbox: OutboxInfo,
+    pub uplink: UplinkInfo,
+    pub dlq: DlqInfo,
+    pub next_edge_seq: u64,
+    /// Only while running.
+    pub rates: Option<Rates>,
+    pub totals: Option<Totals>,
+    /// The most recent failure: while running, the last rejection or error since start; when
+    /// stopped, the newest DLQ entry.
+    pub last_error: Option<LastError>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// "running" or "stopped".
+    pub state: String,
+    pub version: String,
+    pub pid: Option<u32>,
+    #[serde(with = "rfc3339_opt")]
+    pub started_at: Option<i64>,
+    pub uptime_s: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxInfo {
+    /// Pending: not yet acknowledged by the cloud.
+    pub entries: u64,
+    pub bytes: u64,
+    /// Evicted by the outbox's `drop_oldest`, ever.
+    pub dropped: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UplinkInfo {
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DlqInfo {
+    pub entries: u64,
+    pub bytes: u64,
+    pub max_entries: Option<u64>,
+    pub max_bytes: Option<u64>,
+    pub full_policy: Option<FullPolicy>,
+    /// Entries waiting for an automatic retry.
+    pub auto_retry_pending: u64,
+    /// Evicted by `drop_oldest`, ever.
+    pub dropped_total: u64,
+}
+
+/// What the report is built from; `live` is `None` for a stopped agent.
+pub struct Sources<'a> {
+    pub reader: &'a StoreReader,
+    pub outbox: Option<Depth>,
+    pub dlq: Option<&'a DlqConfig>,
+    pub live: Option<&'a Live>,
+    pub uplink: Option<String>,
+}
+
+pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
+    let c: Counters = src.reader.counters()?;
+    let scheduled = src.reader.dlq_schedule().count() as u64;
+    let outbox = match src.outbox {
+        Some(d) => OutboxInfo {
+            entries: d.entries,
+            bytes: d.bytes,
+            dropped: d.dropped,
+        },
+        None => OutboxInfo {
+            entries: c.outbox_entries,
+            bytes: c.outbox_bytes,
+            dropped: 0,
+        },
+    };
+    let dlq = DlqInfo {
+        entries: c.dlq_entries,
+        bytes: c.dlq_bytes,
+        max_entries: src.dlq.map(|d| d.max_entries),
+        max_bytes: src.dlq.map(|d| d.max_bytes),
+        full_policy: src.dlq.map(|d| d.full_policy),
+        auto_retry_pending: scheduled,
+        dropped_total: c.dlq_dropped,
+    };
+    let uplink = UplinkInfo {
+        state: src.uplink.unwrap_or_else(|| "not configured".into()),
+    };
+    Ok(match src.live {
+        Some(live) => StatusReport {
+            agent: AgentInfo {
+                state: "running".into(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                pid: Some(std::process::id()),
+                started_at: Some(live.started_at),
+                uptime_s: Some(live.uptime().as_secs()),
+            },
+            intake: if live.intake_blocked.load(Ordering::Relaxed) {
+                "blocked: DLQ full".into()
+            } else {
+                "taking messages".into()
+            },
+            outbox,
+            uplink,
+            dlq,
+            next_edge_seq: c.next_edge_seq,
+            rates: Some(live.rates()),
+            totals: Some(live.totals()),
+            last_error: live.last_error(),
+        },
+        None => {
+            let newest = src.reader.dlq_newest()?;
+            StatusReport {
+                agent: AgentInfo {
+                    state: "stopped".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    pid: None,
+                    started_at: None,
+                    uptime_s: None,
+                },
+                intake: "stopped".into(),
+                outbox,
+                uplink,
+                dlq,
+                next_edge_seq: c.next_edge_seq,
+                rates: None,
+                totals: None,
+                last_error: newest.map(|e| LastError {
+                    at: e.last_seen,
+                    what: describe_rejection(e.stage, &e.reason, e.device.as_deref()),
+                }),
+            }
+        }
+    })
+}
+
+/// "schema: data.kwh: required field is missing (device meter-1)".
+pub fn describe_rejection(stage: proto::Stage, reason: &str, device: Option<&str>) -> String {
+    match device {
+        Some(d) => format!("{stage}: {reason} (device {d})"),
+        None => format!("{stage}: {reason}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_cover_the_window() {
+        let live = Live::new(0);
+        live.ingested.store(100, Ordering::Relaxed);
+        let r = live.rates();
+        assert!(r.ingested_per_s > 0.0);
+        live.sample();
+        live.sample();
+        let r = live.rates();
+        assert_eq!(r.window_s, 0);
+    }
+}

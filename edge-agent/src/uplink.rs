@@ -1,0 +1,458 @@
+//! Store-and-forward to the cloud: drains the outbox in `edge_seq` order over MQTT (TLS with a
+//! client certificate, as AWS IoT Core expects) and serves the cloud's replay requests.
+//!
+//! A result is released from the outbox only when the broker's PUBACK for the very packet that
+//! carried it arrives: the packet id each publish got is learnt from the event loop's
+//! `Outgoing::Publish` events (in request order) and matched against `Incoming::PubAck`.
+//! `publish()` returning means nothing, and rumqttc's own in-flight list is not trusted across
+//! connections: every connection starts a fresh client and re-sends everything unacknowledged
+//! from the outbox, so nothing depends on the client's memory. The cloud de-duplicates re-sent
+//! results by `event_id`.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use proto::uplink::{ReplayRequest, replay_topic, results_topic};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration,
+    Transport,
+};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::outbox::Outbox;
+use crate::telemetry as m;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UplinkConfig {
+    /// Off by default: the example config runs without a cloud.
+    pub enabled: bool,
+    pub host: String,
+    pub port: u16,
+    /// Defaults to the gateway id.
+    pub client_id: Option<String>,
+    /// TLS is on unless explicitly turned off (plain TCP only for local set-ups).
+    pub tls: bool,
+    /// CA certificate(s) (PEM) that sign the cloud broker's certificate.
+    pub ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// ALPN protocol, e.g. `x-amzn-mqtt-ca` for AWS IoT Core on port 443.
+    pub alpn: Option<String>,
+    /// Short, so a dead link is noticed within about 1.5× this.
+    pub keep_alive_s: u16,
+    pub max_batch_results: usize,
+    /// Keep under the broker's message limit (AWS IoT Core: 128 KiB).
+    pub max_batch_bytes: usize,
+    /// Batches published and not yet acknowledged.
+    pub max_in_flight: u16,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            enabled: false,
+            host: "127.0.0.1".into(),
+            port: 8883,
+            client_id: None,
+            tls: true,
+            ca: None,
+            cert: None,
+            key: None,
+            alpn: None,
+            keep_alive_s: 10,
+            max_batch_results: 256,
+            max_batch_bytes: 120 * 1024,
+            max_in_flight: 16,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 30_000,
+        }
+    }
+}
+
+impl UplinkConfig {
+    /// Errors name the field under `uplink`.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.enabled {
+            return Ok(());
+        }
+        if self.host.is_empty() {
+            return Err("uplink.host: must not be empty".into());
+        }
+        if self.tls && self.ca.is_none() {
+            return Err(
+                "uplink.ca: required with TLS (the CA that signs the cloud broker's \
+                 certificate); set uplink.tls = false only for a local plain-TCP broker"
+                    .into(),
+            );
+        }
+        if self.cert.is_some() != self.key.is_some() {
+            return Err("uplink.cert/uplink.key: set both or neither".into());
+        }
+        if !self.tls && self.cert.is_some() {
+            return Err("uplink.cert: a client certificate needs tls = true".into());
+        }
+        if self.max_batch_results == 0 || self.max_in_flight == 0 {
+            return Err("uplink.max_batch_results/max_in_flight: must be at least 1".into());
+        }
+        if self.keep_alive_s == 0 {
+            return Err("uplink.keep_alive_s: must be at least 1".into());
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err("uplink.reconnect_min_ms/reconnect_max_ms: need 0 < min <= max".into());
+        }
+        Ok(())
+    }
+
+    fn options(&self, gateway: &str) -> anyhow::Result<MqttOptions> {
+        let id = self
+            .client_id
+            .clone()
+            .unwrap_or_else(|| gateway.to_string());
+        let mut o = MqttOptions::new(id, self.host.clone(), self.port);
+        o.set_clean_session(true)
+            .set_keep_alive(Duration::from_secs(u64::from(self.keep_alive_s)))
+            .set_inflight(self.max_in_flight)
+            .set_request_channel_capacity(usize::from(self.max_in_flight) * 2 + 8)
+            .set_max_packet_size(self.max_batch_bytes * 2 + 64 * 1024, 64 * 1024);
+        if self.tls {
+            let read = |what: &str, p: &PathBuf| {
+                std::fs::read(p).with_context(|| format!("uplink.{what}: reading {}", p.display()))
+            };
+            let ca = read("ca", self.ca.as_ref().expect("validated"))?;
+            let client_auth = match (&self.cert, &self.key) {
+                (Some(c), Some(k)) => Some((read("cert", c)?, read("key", k)?)),
+                _ => None,
+            };
+            o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+                ca,
+                alpn: self.alpn.clone().map(|a| vec![a.into_bytes()]),
+                client_auth,
+            }));
+        }
+        Ok(o)
+    }
+}
+
+/// What `status` shows about the link.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct LinkState {
+    pub connected: bool,
+    pub last_error: Option<String>,
+    /// Epoch ms of the last acknowledgement from the cloud broker.
+    pub last_ack_at: Option<i64>,
+}
+
+/// Shared view of the link for status reporting.
+#[derive(Clone, Default)]
+pub struct LinkStatus(Arc<Mutex<LinkState>>);
+
+impl LinkStatus {
+    pub fn get(&self) -> LinkState {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut LinkState)) {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+/// One publish: a contiguous `edge_seq` range.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    first: u64,
+    last: u64,
+    bytes: u64,
+    /// A replay of already-released results: its ack releases nothing.
+    replay: bool,
+}
+
+/// Runs until `shutdown`; reconnects with exponential backoff and full jitter.
+pub async fn run(
+    cfg: UplinkConfig,
+    gateway: String,
+    outbox: Outbox,
+    status: LinkStatus,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(cfg.reconnect_min_ms);
+    let max_backoff = Duration::from_millis(cfg.reconnect_max_ms);
+    tracing::info!(host = %cfg.host, port = cfg.port, tls = cfg.tls, "uplink starting");
+    loop {
+        let opts = cfg.options(&gateway)?;
+        let mut link = Link::new(&cfg, &gateway, &outbox, opts);
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            r = link.run(&status) => Some(r),
+        };
+        status.update(|s| s.connected = false);
+        metrics::gauge!(m::UPLINK_CONNECTED).set(0.0);
+        let Some(err) = outcome else {
+            let _ = link.client.try_disconnect();
+            return Ok(());
+        };
+        if link.acked_any {
+            backoff = Duration::from_millis(cfg.reconnect_min_ms);
+        }
+        let delay = jitter(backoff);
+        tracing::warn!(error = %err, retry_in = ?delay, "uplink disconnected");
+        status.update(|s| s.last_error = Some(err.to_string()));
+        metrics::counter!(m::UPLINK_RECONNECTS).increment(1);
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(delay) => {}
+        }
+        backoff = (backoff * 2).min(max_backoff);
+    }
+}
+
+/// A delay drawn uniformly from [d/2, d]: spreads a fleet's reconnects after a cloud outage.
+fn jitter(d: Duration) -> Duration {
+    d / 2 + d.mul_f64(fastrand::f64() / 2.0)
+}
+
+/// One connection's worth of state; dropped (with the client) when the connection fails.
+struct Link<'a> {
+    cfg: &'a UplinkConfig,
+    gateway: &'a str,
+    topic: String,
+    replay_topic: String,
+    outbox: &'a Outbox,
+    client: AsyncClient,
+    events: EventLoop,
+    connected: bool,
+    acked_any: bool,
+    /// Next `edge_seq` to send.
+    cursor: u64,
+    /// Publishes handed to the client, waiting for their packet id.
+    queued: VecDeque<Sent>,
+    by_pkid: HashMap<u16, Sent>,
+    /// Acknowledged ranges not yet contiguous with what was released: first → (last, bytes).
+    acked: BTreeMap<u64, (u64, u64)>,
+    replays: VecDeque<(u64, u64)>,
+    buf: Vec<u8>,
+}
+
+impl<'a> Link<'a> {
+    fn new(cfg: &'a UplinkConfig, gateway: &'a str, outbox: &'a Outbox, opts: MqttOptions) -> Self {
+        let (client, events) = AsyncClient::new(opts, usize::from(cfg.max_in_flight) * 2 + 8);
+        Link {
+            cfg,
+            gateway,
+            topic: results_topic(gateway),
+            replay_topic: replay_topic(gateway),
+            outbox,
+            client,
+            events,
+            connected: false,
+            acked_any: false,
+            cursor: outbox.first_pending(),
+            queued: VecDeque::new(),
+            by_pkid: HashMap::new(),
+            acked: BTreeMap::new(),
+            replays: VecDeque::new(),
+            buf: Vec::new(),
+        }
+    }
+
+    /// Returns only with the error that ended the connection.
+    async fn run(&mut self, status: &LinkStatus) -> anyhow::Error {
+        loop {
+            let event = tokio::select! {
+                ev = self.events.poll() => ev,
+                _ = self.outbox.wait_appended(), if self.connected => {
+                    if let Err(e) = self.fill() {
+                        return e;
+                    }
+                    continue;
+                }
+            };
+            let result = match event {
+                Ok(ev) => self.on_event(ev, status),
+                Err(e) => return anyhow::Error::new(e).context("uplink connection"),
+            };
+            if let Err(e) = result.and_then(|()| self.fill()) {
+                return e;
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Event, status: &LinkStatus) -> anyhow::Result<()> {
+        match ev {
+            Event::Incoming(Incoming::ConnAck(_)) => {
+                tracing::info!(host = %self.cfg.host, "uplink connected");
+                self.connected = true;
+                status.update(|s| {
+                    s.connected = true;
+                    s.last_error = None;
+                });
+                metrics::gauge!(m::UPLINK_CONNECTED).set(1.0);
+                self.client
+                    .try_subscribe(self.replay_topic.clone(), QoS::AtLeastOnce)?;
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                let sent = self
+                    .queued
+                    .pop_front()
+                    .context("the MQTT client sent a publish the uplink did not queue")?;
+                self.by_pkid.insert(pkid, sent);
+            }
+            Event::Incoming(Incoming::PubAck(ack)) => {
+                if let Some(sent) = self.by_pkid.remove(&ack.pkid) {
+                    self.acked_any = true;
+                    status.update(|s| s.last_ack_at = Some(now_ms()));
+                    if !sent.replay {
+                        self.acked.insert(sent.first, (sent.last, sent.bytes));
+                        self.release()?;
+                    }
+                }
+            }
+            Event::Incoming(Incoming::Publish(p)) if p.topic == self.replay_topic => {
+                match serde_json::from_slice::<ReplayRequest>(&p.payload) {
+                    Ok(r) => self.on_replay(r),
+                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed replay request"),
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Releases the longest acknowledged run that starts right after what is released.
+    fn release(&mut self) -> anyhow::Result<()> {
+        let mut through = self.outbox.first_pending() - 1;
+        let mut bytes = 0;
+        while let Some(entry) = self.acked.first_entry() {
+            let first = *entry.key();
+            let (last, b) = *entry.get();
+            if first > through + 1 {
+                break;
+            }
+            entry.remove();
+            if last > through {
+                through = last;
+                bytes += b;
+            }
+        }
+        if bytes > 0 {
+            self.outbox.release(through, bytes)?;
+        }
+        Ok(())
+    }
+
+    fn on_replay(&mut self, r: ReplayRequest) {
+        metrics::counter!(m::REPLAY_REQUESTS).increment(1);
+        // Pending results are sent anyway; only released ones need replaying.
+        let to = r.to.min(self.outbox.first_pending() - 1);
+        tracing::info!(from = r.from, to = r.to, "cloud asked for a replay");
+        if r.from <= to {
+            self.replays.push_back((r.from, to));
+        }
+    }
+
+    /// Publishes batches while the in-flight window has room.
+    fn fill(&mut self) -> anyhow::Result<()> {
+        if !self.connected {
+            return Ok(());
+        }
+        self.cursor = self.cursor.max(self.outbox.first_pending());
+        while self.queued.len() + self.by_pkid.len() < usize::from(self.cfg.max_in_flight) {
+            let (from, replay) = match self.replays.front() {
+                Some(&(from, _)) => (from, true),
+                None => (self.cursor, false),
+            };
+            let rows =
+                self.outbox
+                    .read(from, self.cfg.max_batch_results, self.cfg.max_batch_bytes)?;
+            let rows: Vec<_> = match self.replays.front_mut() {
+                Some((_, to)) => {
+                    let to = *to;
+                    let rows: Vec<_> = rows.into_iter().filter(|(s, _)| *s <= to).collect();
+                    let last = rows.last().map_or(to, |(s, _)| *s);
+                    // Results already trimmed from the window cannot be replayed.
+                    let unavailable = rows.first().map_or(to + 1 - from, |(s, _)| s - from);
+                    metrics::counter!(m::REPLAY_UNAVAILABLE).increment(unavailable);
+                    if last >= to || rows.is_empty() {
+                        self.replays.pop_front();
+                    } else if let Some(front) = self.replays.front_mut() {
+                        front.0 = last + 1;
+                    }
+                    rows
+                }
+                None => rows,
+            };
+            let (Some(&(first, _)), Some(&(last, _))) = (rows.first(), rows.last()) else {
+                if replay {
+                    continue;
+                }
+                return Ok(());
+            };
+            let bytes: u64 = rows.iter().map(|(_, v)| v.len() as u64).sum();
+            self.buf.clear();
+            proto::wire::encode_batch_raw(
+                self.gateway,
+                rows.iter().map(|(_, v)| v.as_ref()),
+                &mut self.buf,
+            );
+            self.client.try_publish(
+                self.topic.clone(),
+                QoS::AtLeastOnce,
+                false,
+                self.buf.clone(),
+            )?;
+            self.queued.push_back(Sent {
+                first,
+                last,
+                bytes,
+                replay,
+            });
+            if !replay {
+                self.cursor = last + 1;
+            }
+            metrics::counter!(m::UPLINK_BATCHES).increment(1);
+            metrics::counter!(m::UPLINK_RESULTS).increment(rows.len() as u64);
+            metrics::counter!(m::UPLINK_BYTES).increment(self.buf.len() as u64);
+        }
+        Ok(())
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_to_full() {
+        for _ in 0..1000 {
+            let d = jitter(Duration::from_millis(1000));
+            assert!(d >= Duration::from_millis(500) && d <= Duration::from_millis(1000));
+        }
+    }
+
+    #[test]
+    fn tls_needs_a_ca_and_plain_must_be_explicit() {
+        let mut c = UplinkConfig {
+            enabled: true,
+            ..UplinkConfig::default()
+        };
+        assert!(c.validate().unwrap_err().starts_with("uplink.ca"));
+        c.tls = false;
+        c.validate().unwrap();
+        c.cert = Some("c.pem".into());
+        assert!(c.validate().unwrap_err().contains("cert"));
+    }
+}

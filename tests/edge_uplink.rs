@@ -1,0 +1,199 @@
+//! The uplink against a real cloud broker (mosquitto with mutual TLS and certificates made at
+//! test time): in-order drain, a cloud outage, replay requests, and refused certificates.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use e2e::{Agent, Mosquitto, Pki, Publisher, Subscriber, meter, mosquitto_pub, set, wait_for};
+use proto::Batch;
+
+const RESULTS: &str = "gateways/+/results";
+
+fn uplink_to(cfg: &mut toml::Table, broker: &Mosquitto, pki: &Pki, with_cert: bool) {
+    set(cfg, &["gateway_id"], "gw-test".into());
+    let path = |p: &std::path::Path| toml::Value::from(p.display().to_string());
+    set(cfg, &["uplink", "enabled"], true.into());
+    set(cfg, &["uplink", "host"], "127.0.0.1".into());
+    set(
+        cfg,
+        &["uplink", "port"],
+        i64::from(broker.tls_port.unwrap()).into(),
+    );
+    set(cfg, &["uplink", "ca"], path(&pki.ca));
+    if with_cert {
+        set(cfg, &["uplink", "cert"], path(&pki.client_cert));
+        set(cfg, &["uplink", "key"], path(&pki.client_key));
+    }
+    set(cfg, &["uplink", "keep_alive_s"], 2.into());
+    set(cfg, &["uplink", "reconnect_min_ms"], 100.into());
+    set(cfg, &["uplink", "reconnect_max_ms"], 1000.into());
+    set(cfg, &["uplink", "max_batch_results"], 50.into());
+}
+
+/// Publishes readings `seqs` of one meter through the agent's embedded endpoint.
+fn publish(agent: &Agent, seqs: std::ops::RangeInclusive<u64>) {
+    let messages = seqs
+        .map(|seq| {
+            let pkid = u16::try_from(seq).unwrap();
+            (
+                pkid,
+                "devices/meter-1/events/meter".to_string(),
+                meter(&format!("r{seq}"), seq, 1000.0 + seq as f64 * 0.1),
+            )
+        })
+        .collect();
+    let mut p = Publisher::new(agent.mqtt_port, &format!("meter-{}", e2e::free_port()));
+    p.publish_all(messages, 100, Duration::from_secs(60), |_| {});
+}
+
+/// Every batch received, decoded.
+fn batches(sub: &Subscriber) -> Vec<Batch> {
+    sub.received()
+        .iter()
+        .map(|(topic, payload)| {
+            assert_eq!(topic, "gateways/gw-test/results");
+            proto::wire::decode::<Batch>(payload).expect("a CBOR batch")
+        })
+        .collect()
+}
+
+/// The first arrival of each edge_seq is in ascending order and covers 1..=n.
+fn assert_in_order_and_complete(batches: &[Batch], n: u64) {
+    let mut seen = BTreeSet::new();
+    let mut last_new = 0;
+    for b in batches {
+        assert_eq!(b.gateway, "gw-test");
+        for r in &b.results {
+            if seen.insert(r.edge_seq) {
+                assert!(
+                    r.edge_seq > last_new,
+                    "edge_seq {} after {last_new}",
+                    r.edge_seq
+                );
+                last_new = r.edge_seq;
+            }
+        }
+    }
+    assert_eq!(seen, (1..=n).collect::<BTreeSet<_>>());
+}
+
+fn drained(agent: &Agent) -> bool {
+    agent.metric("edge_outbox_entries") == 0.0
+}
+
+#[test]
+fn drains_the_outbox_in_order_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cloud");
+    let broker = Mosquitto::start_tls(dir.path(), &pki);
+    let sub = Subscriber::start(broker.port, "bridge-test", RESULTS);
+    let mut agent = Agent::embedded(dir.path(), |c| uplink_to(c, &broker, &pki, true));
+    publish(&agent, 1..=400);
+    wait_for("the outbox to drain", Duration::from_secs(30), || {
+        drained(&agent)
+    });
+    wait_for("the subscriber", Duration::from_secs(10), || {
+        batches(&sub).iter().map(|b| b.results.len()).sum::<usize>() >= 400
+    });
+    let got = batches(&sub);
+    assert_in_order_and_complete(&got, 400);
+    assert!(got.iter().all(|b| b.results.len() <= 50), "bounded batches");
+    let r = &got[0].results[0];
+    assert_eq!(r.event_id, "meter-1/r1");
+    assert!(r.calc_version.starts_with("meter-"));
+    assert_eq!(agent.metric("edge_uplink_connected"), 1.0);
+
+    // The cloud asks for 3..=7 again: it arrives as one batch, from the replay window.
+    mosquitto_pub(
+        broker.port,
+        "gateways/gw-test/replay",
+        br#"{"from": 3, "to": 7}"#,
+        1,
+    );
+    wait_for("the replay", Duration::from_secs(10), || {
+        batches(&sub).len() > got.len()
+    });
+    let replay = batches(&sub).pop().unwrap();
+    let seqs: Vec<u64> = replay.results.iter().map(|r| r.edge_seq).collect();
+    assert_eq!(seqs, [3, 4, 5, 6, 7]);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_cloud_outage_leaves_a_backlog_that_drains_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cloud");
+    let mut broker = Mosquitto::start_tls(dir.path(), &pki);
+    let sub = Subscriber::start(broker.port, "bridge-test", RESULTS);
+    let mut agent = Agent::embedded(dir.path(), |c| uplink_to(c, &broker, &pki, true));
+    publish(&agent, 1..=200);
+    wait_for("the first drain", Duration::from_secs(30), || {
+        drained(&agent)
+    });
+
+    broker.stop();
+    // The gateway keeps taking readings while the cloud is away.
+    publish(&agent, 201..=600);
+    assert_eq!(agent.metric("edge_outbox_entries"), 400.0, "a backlog");
+    assert_eq!(agent.metric("edge_uplink_connected"), 0.0);
+    // And survives its own restart meanwhile.
+    assert!(agent.stop().success());
+    agent.restart();
+
+    broker.restart();
+    wait_for("the backlog to drain", Duration::from_secs(60), || {
+        drained(&agent)
+    });
+    wait_for("the subscriber", Duration::from_secs(20), || {
+        batches(&sub)
+            .iter()
+            .flat_map(|b| &b.results)
+            .map(|r| r.edge_seq)
+            .collect::<BTreeSet<_>>()
+            .len()
+            == 600
+    });
+    assert_in_order_and_complete(&batches(&sub), 600);
+    assert!(agent.metric("edge_uplink_reconnects_total") >= 0.0);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_broker_certificate_from_another_ca_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cloud");
+    let impostor = Pki::new(dir.path(), "impostor");
+    let broker = Mosquitto::start_tls(dir.path(), &impostor);
+    let sub = Subscriber::start(broker.port, "bridge-test", RESULTS);
+    // The agent trusts `cloud`'s CA; the broker presents `impostor`'s certificate.
+    let mut agent = Agent::embedded(dir.path(), |c| {
+        uplink_to(c, &broker, &pki, true);
+    });
+    publish(&agent, 1..=5);
+    wait_for("a refused handshake", Duration::from_secs(10), || {
+        agent.log_text().contains("uplink disconnected")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(agent.metric("edge_uplink_connected"), 0.0);
+    assert_eq!(agent.metric("edge_outbox_entries"), 5.0, "nothing left");
+    assert!(sub.received().is_empty());
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn a_gateway_without_a_client_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cloud");
+    let broker = Mosquitto::start_tls(dir.path(), &pki);
+    let sub = Subscriber::start(broker.port, "bridge-test", RESULTS);
+    let mut agent = Agent::embedded(dir.path(), |c| uplink_to(c, &broker, &pki, false));
+    publish(&agent, 1..=5);
+    wait_for("a refused connection", Duration::from_secs(10), || {
+        agent.log_text().contains("uplink disconnected")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(agent.metric("edge_uplink_connected"), 0.0);
+    assert_eq!(agent.metric("edge_outbox_entries"), 5.0);
+    assert!(sub.received().is_empty());
+    assert!(agent.stop().success());
+}

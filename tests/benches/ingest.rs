@@ -5,7 +5,8 @@
 //! same load generator, as the ceiling.
 //!
 //! Run: `cargo build --release -p edge-agent && cargo bench -p e2e --bench ingest`
-//! Knobs: BENCH_EVENTS (default 300000), BENCH_CONNECTIONS (4), BENCH_WINDOW (1000 per connection).
+//! Knobs: BENCH_EVENTS (default 300000), BENCH_CONNECTIONS (4), BENCH_WINDOW (1000 per
+//! connection), BENCH_QUEUE and BENCH_BATCH (the agent's pipeline.queue_capacity / max_batch).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -56,6 +57,15 @@ fn main() {
     let dir = tempfile::tempdir_in(&scratch).unwrap();
     let mut agent = Agent::embedded(dir.path(), |cfg| {
         e2e::set(cfg, &["log", "level"], "warn".into());
+        for (var, key) in [
+            ("BENCH_QUEUE", "queue_capacity"),
+            ("BENCH_BATCH", "max_batch"),
+        ] {
+            if let Ok(v) = std::env::var(var) {
+                let n: i64 = v.parse().expect("a number");
+                e2e::set(cfg, &["pipeline", key], n.into());
+            }
+        }
     });
     let start = Instant::now();
     let mut latencies = load(agent.mqtt_port, events, conns, window);

@@ -21,6 +21,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
+use crate::backend::{BoxFuture, EventPublisher, ObjectStore, StateStore};
 use crate::config::{AwsConfig, Config};
 use crate::metrics::Metrics;
 
@@ -95,29 +96,7 @@ impl Aws {
     }
 }
 
-/// A range of one gateway's `edge_seq`s that a bridge has claimed and is storing (or died
-/// storing) in the object `key`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Claim {
-    pub from: u64,
-    pub to: u64,
-    pub key: String,
-    /// When it was claimed (or last refreshed), epoch ms of the claiming bridge.
-    pub at: i64,
-    pub owner: String,
-}
-
-/// A gateway's sequence state (one DynamoDB item, `pk = "gw#{gateway}"`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct GatewayState {
-    /// Every `edge_seq` ≤ hwm is stored (or was declared missed).
-    pub hwm: u64,
-    /// Whether the item exists (conditions differ for a fresh gateway).
-    pub exists: bool,
-    pub claim: Option<Claim>,
-    /// Keys of objects of abandoned claims, to delete before anything else is claimed.
-    pub garbage: Vec<String>,
-}
+pub use crate::backend::{Claim, Entry, GatewayState};
 
 /// The DynamoDB side: conditional writes on the gateway's item. Every method returns
 /// `Ok(false)` when its condition did not hold (someone else changed the state first).
@@ -373,59 +352,155 @@ impl StateTable {
     }
 }
 
-/// S3 and EventBridge writes.
-#[derive(Clone, Debug)]
-pub struct Sink {
-    pub aws: Aws,
-    pub cfg: Arc<Config>,
-    pub metrics: Arc<Metrics>,
+impl StateStore for StateTable {
+    fn read<'a>(&'a self, gateway: &'a str) -> BoxFuture<'a, GatewayState> {
+        Box::pin(StateTable::read(self, gateway))
+    }
+    fn claim<'a>(
+        &'a self,
+        gateway: &'a str,
+        seen: &'a GatewayState,
+        claim: &'a Claim,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(StateTable::claim(self, gateway, seen, claim))
+    }
+    fn refresh<'a>(&'a self, gateway: &'a str, claim: &'a Claim, at: i64) -> BoxFuture<'a, bool> {
+        Box::pin(StateTable::refresh(self, gateway, claim, at))
+    }
+    fn commit<'a>(&'a self, gateway: &'a str, claim: &'a Claim) -> BoxFuture<'a, bool> {
+        Box::pin(StateTable::commit(self, gateway, claim))
+    }
+    fn take_over<'a>(&'a self, gateway: &'a str, claim: &'a Claim) -> BoxFuture<'a, bool> {
+        Box::pin(StateTable::take_over(self, gateway, claim))
+    }
+    fn clear_garbage<'a>(&'a self, gateway: &'a str, keys: &'a [String]) -> BoxFuture<'a, ()> {
+        Box::pin(StateTable::clear_garbage(self, gateway, keys))
+    }
+    fn skip<'a>(
+        &'a self,
+        gateway: &'a str,
+        seen: &'a GatewayState,
+        from: u64,
+        to: u64,
+        now: i64,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(StateTable::skip(self, gateway, seen, from, to, now))
+    }
 }
 
-/// One EventBridge entry before it is built: (detail-type, detail JSON).
-pub type Entry = (&'static str, String);
+/// S3: the bridge's objects in `aws.bucket`.
+#[derive(Clone, Debug)]
+pub struct S3Objects {
+    s3: aws_sdk_s3::Client,
+    bucket: String,
+}
 
-impl Sink {
+impl S3Objects {
+    pub fn new(s3: aws_sdk_s3::Client, bucket: String) -> Self {
+        S3Objects { s3, bucket }
+    }
+
     pub async fn put_object(
         &self,
         key: &str,
         body: Vec<u8>,
         content_type: &str,
     ) -> anyhow::Result<()> {
-        self.aws
-            .s3
+        self.s3
             .put_object()
-            .bucket(&self.cfg.aws.bucket)
+            .bucket(&self.bucket)
             .key(key)
             .content_type(content_type)
             .body(ByteStream::from(body))
             .send()
             .await
             .map_err(crate::aws::err)
-            .with_context(|| format!("S3 PutObject s3://{}/{key}", self.cfg.aws.bucket))?;
+            .with_context(|| format!("S3 PutObject s3://{}/{key}", self.bucket))?;
         Ok(())
     }
 
     pub async fn delete_object(&self, key: &str) -> anyhow::Result<()> {
-        self.aws
-            .s3
+        self.s3
             .delete_object()
-            .bucket(&self.cfg.aws.bucket)
+            .bucket(&self.bucket)
             .key(key)
             .send()
             .await
             .map_err(crate::aws::err)
-            .with_context(|| format!("S3 DeleteObject s3://{}/{key}", self.cfg.aws.bucket))?;
+            .with_context(|| format!("S3 DeleteObject s3://{}/{key}", self.bucket))?;
         Ok(())
     }
 
-    /// Sends `entries` (filtered by the configured detail-types) in PutEvents calls of at most
-    /// 10 entries and 256 KB, several calls at once; retries only the failed entries, with
-    /// backoff. Errors if any entry still fails after the configured attempts.
+    pub async fn list_objects(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .s3
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page
+                .map_err(crate::aws::err)
+                .with_context(|| format!("S3 ListObjectsV2 s3://{}/{prefix}", self.bucket))?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(String::from)),
+            );
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}
+
+impl ObjectStore for S3Objects {
+    fn put<'a>(&'a self, key: &'a str, body: Vec<u8>, content_type: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(self.put_object(key, body, content_type))
+    }
+    fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()> {
+        Box::pin(self.delete_object(key))
+    }
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(self.list_objects(prefix))
+    }
+    fn location(&self) -> String {
+        format!("s3://{}", self.bucket)
+    }
+}
+
+/// EventBridge PutEvents to `aws.event_bus`.
+#[derive(Clone, Debug)]
+pub struct EventBridge {
+    client: aws_sdk_eventbridge::Client,
+    cfg: Arc<Config>,
+    metrics: Arc<Metrics>,
+}
+
+impl EventPublisher for EventBridge {
+    fn put_events(&self, entries: Vec<Entry>) -> BoxFuture<'_, ()> {
+        Box::pin(EventBridge::put_events(self, entries))
+    }
+}
+
+impl EventBridge {
+    pub fn new(
+        client: aws_sdk_eventbridge::Client,
+        cfg: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        EventBridge {
+            client,
+            cfg,
+            metrics,
+        }
+    }
+
+    /// Sends `entries` in PutEvents calls of at most 10 entries and 256 KB, several calls at
+    /// once; retries only the failed entries, with backoff. Errors if any entry still fails
+    /// after the configured attempts.
     pub async fn put_events(&self, entries: Vec<Entry>) -> anyhow::Result<()> {
-        let entries: Vec<Entry> = entries
-            .into_iter()
-            .filter(|(t, _)| self.cfg.sends(t))
-            .collect();
         if entries.is_empty() {
             return Ok(());
         }
@@ -468,8 +543,7 @@ impl Sink {
                 })
                 .collect();
             let out = self
-                .aws
-                .eventbridge
+                .client
                 .put_events()
                 .set_entries(Some(req))
                 .send()

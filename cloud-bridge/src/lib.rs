@@ -30,9 +30,11 @@
 //!   consumers de-duplicate by `event_id`.
 
 pub mod aws;
+pub mod backend;
 pub mod config;
 mod fault;
 pub mod lambda;
+pub mod local;
 pub mod metrics;
 pub mod pipeline;
 pub mod provision;

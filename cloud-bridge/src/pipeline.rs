@@ -44,7 +44,8 @@ use proto::{EventResult, Status};
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::aws::{Aws, Claim, Entry, Sink, StateTable};
+use crate::aws::Aws;
+use crate::backend::{Backend, Claim, Entry, Sink, StateStore};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::now_ms;
@@ -72,7 +73,7 @@ impl Progress {
 #[derive(Clone, Debug)]
 pub struct Pipeline {
     pub sink: Sink,
-    pub state: StateTable,
+    pub state: Arc<dyn StateStore>,
     pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
     /// Names this bridge in its claims (diagnostics only).
@@ -80,13 +81,25 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The AWS backend (S3, DynamoDB, EventBridge).
     pub fn new(aws: Aws, cfg: Arc<Config>, metrics: Arc<Metrics>, owner: String) -> Pipeline {
+        let backend = Backend::aws(aws, &cfg, &metrics);
+        Pipeline::with_backend(backend, cfg, metrics, owner)
+    }
+
+    /// Any backend: the same exactly-once logic over its objects, state and events.
+    pub fn with_backend(
+        backend: Backend,
+        cfg: Arc<Config>,
+        metrics: Arc<Metrics>,
+        owner: String,
+    ) -> Pipeline {
         Pipeline {
-            state: StateTable::new(aws.dynamodb.clone(), cfg.aws.table.clone()),
+            state: backend.state,
             sink: Sink {
-                aws,
+                objects: backend.objects,
+                events: backend.events,
                 cfg: Arc::clone(&cfg),
-                metrics: Arc::clone(&metrics),
             },
             cfg,
             metrics,

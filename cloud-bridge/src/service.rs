@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::aws::Aws;
+use crate::backend::Backend;
 use crate::config::{Config, MqttConfig};
 use crate::metrics::Metrics;
 use crate::now_ms;
@@ -62,15 +63,26 @@ struct Message {
 /// Runs until `shutdown`; then stops taking messages, lets the workers finish what they are
 /// storing (up to `shutdown_grace_ms`), sends the acks and disconnects, keeping the session.
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let aws = Aws::connect(&cfg.aws).await;
+    let metrics = Arc::new(Metrics::default());
+    let backend = Backend::aws(aws, &cfg, &metrics);
+    run_with(cfg, backend, metrics, shutdown).await
+}
+
+/// [`run`] over any backend (`edge-agent demo`: a local directory), counting into `metrics`.
+pub async fn run_with(
+    cfg: Arc<Config>,
+    backend: Backend,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mqtt = cfg
         .mqtt
         .clone()
         .context("[mqtt]: required by `cloud-bridge run`")?;
     let opts = mqtt_options(&mqtt, &mqtt.client_id, false)?;
-    let aws = Aws::connect(&cfg.aws).await;
-    let metrics = Arc::new(Metrics::default());
-    let pipeline = Pipeline::new(
-        aws,
+    let pipeline = Pipeline::with_backend(
+        backend,
         Arc::clone(&cfg),
         Arc::clone(&metrics),
         mqtt.client_id.clone(),
@@ -441,15 +453,11 @@ async fn worker(
             }
         };
         let hwm = progress.hwm();
-        let mut acks = Vec::new();
-        let mut i = 0;
-        while i < waiting.len() {
-            if waiting[i].0 <= hwm {
-                acks.push(waiting.swap_remove(i).1);
-            } else {
-                i += 1;
-            }
-        }
+        // In the order the messages arrived (MQTT 3.1.1 §4.6 asks for PUBACKs in order; some
+        // brokers, rumqttd among them, drop a client that acks out of order).
+        let (done, rest): (Vec<_>, Vec<_>) = waiting.drain(..).partition(|(last, _)| *last <= hwm);
+        waiting = rest;
+        let acks: Vec<Delivery> = done.into_iter().map(|(_, d)| d).collect();
         if !acks.is_empty() && ack_tx.send(acks).is_err() {
             return;
         }

@@ -7,16 +7,47 @@
 use anyhow::Context;
 use tokio::sync::mpsc;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
 use crate::admin;
 use crate::config::AgentConfig;
 use crate::ingest;
+use crate::outbox::Outbox;
 use crate::pipeline::Pipeline;
-use crate::store::Store;
+use crate::status::Live;
+use crate::store::{Store, StoreReader};
 use crate::telemetry;
 use crate::uplink::{self, LinkStatus};
 use tokio_util::sync::CancellationToken;
 
+/// How an embedding (`edge-agent demo`) drives the agent; `Hooks::default()` is `run`.
+#[derive(Default)]
+pub struct Hooks {
+    /// Stops the agent like SIGTERM does; when set, the agent installs no signal handlers.
+    pub stop: Option<CancellationToken>,
+    /// Receives the running agent's handles once it is ready.
+    pub ready: Option<tokio::sync::oneshot::Sender<Handles>>,
+    /// On shutdown, wait up to this long for the uplink to send every pending result.
+    pub uplink_drain: Option<Duration>,
+}
+
+/// A running agent's handles, read-only: for a live summary.
+pub struct Handles {
+    /// The embedded endpoint's address (`None` with an external broker).
+    pub ingest_addr: Option<SocketAddr>,
+    pub live: Arc<Live>,
+    pub outbox: Outbox,
+    pub reader: StoreReader,
+    pub link: LinkStatus,
+}
+
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    run_with(cfg, Hooks::default()).await
+}
+
+pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     let engine = cfg.engine().map_err(anyhow::Error::msg)?;
     // Metrics first: the store and outbox publish their gauges as they open.
     telemetry::init_metrics(&cfg.metrics)?;
@@ -45,6 +76,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         uplink: None,
     };
 
+    let (live, reader) = (pipeline.live(), pipeline.reader());
     let (tx, rx) = mpsc::channel(cfg.pipeline.queue_capacity);
     let pipeline = std::thread::Builder::new()
         .name("pipeline".into())
@@ -80,9 +112,20 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         dlq = counters.dlq_entries,
         "edge-agent ready"
     );
+    if let Some(ready) = hooks.ready {
+        let _ = ready.send(Handles {
+            ingest_addr: ingest.local_addr(),
+            live,
+            outbox: outbox.clone(),
+            reader,
+            link: link.clone(),
+        });
+    }
 
+    let stop = hooks.stop.clone().unwrap_or_default();
     let stopped_by = tokio::select! {
-        signal = termination() => signal?,
+        signal = termination(), if hooks.stop.is_none() => signal?,
+        _ = stop.cancelled() => "stop requested",
         result = ingest.wait() => {
             result.context("ingest stopped")?;
             "ingest"
@@ -96,6 +139,9 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))??;
     admin_stop.cancel();
     admin.await?;
+    if let (Some(limit), Some(_)) = (hooks.uplink_drain, &uplink) {
+        drain_uplink(&outbox, limit).await;
+    }
     uplink_stop.cancel();
     if let Some(task) = uplink {
         task.await?.context("uplink")?;
@@ -109,6 +155,21 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         "stopped cleanly"
     );
     Ok(())
+}
+
+/// Waits (up to `limit`) until the uplink has sent every pending result.
+async fn drain_uplink(outbox: &Outbox, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while outbox.depth().entries > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = outbox.depth().entries;
+    if left > 0 {
+        tracing::warn!(
+            pending = left,
+            "uplink drain: results still pending, kept in the outbox"
+        );
+    }
 }
 
 async fn termination() -> anyhow::Result<&'static str> {

@@ -15,10 +15,14 @@ pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;
+#[cfg(feature = "demo")]
+pub mod demo;
 pub mod dlq;
 pub mod ingest;
 pub mod outbox;
 pub mod pipeline;
+#[cfg(feature = "demo")]
+pub mod simulator;
 pub mod status;
 pub mod store;
 pub mod telemetry;

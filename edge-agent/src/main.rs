@@ -50,6 +50,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::DlqCommand,
     },
+    /// The whole pipeline on this machine, no cloud account: simulated devices → this agent →
+    /// an in-process cloud broker → cloud-bridge → a local directory with S3's layout. Prints
+    /// a live summary every 2 s and a final one.
+    #[cfg(feature = "demo")]
+    Demo(edge_agent::demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -60,6 +65,8 @@ fn main() -> ExitCode {
         Command::Status { store, json } => return finish(cli::status(&store, json)),
         Command::Outbox { command } => return finish(cli::outbox(command)),
         Command::Dlq { command } => return finish(cli::dlq(command)),
+        #[cfg(feature = "demo")]
+        Command::Demo(args) => edge_agent::demo::main(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,9 @@ pub struct Live {
     pub accepted: AtomicU64,
     pub rejected: AtomicU64,
     pub duplicates: AtomicU64,
+    /// Device sequence gaps detected, and the events missing inside them.
+    pub gaps: AtomicU64,
+    pub missed: AtomicU64,
     /// Intake stopped because the DLQ is full (`full_policy = "block"`).
     pub intake_blocked: AtomicBool,
     last_error: Mutex<Option<LastError>>,
@@ -48,6 +51,8 @@ impl Live {
             accepted: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             duplicates: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            missed: AtomicU64::new(0),
             intake_blocked: AtomicBool::new(false),
             last_error: Mutex::new(None),
             samples: Mutex::new(VecDeque::from([Sample {

@@ -1,0 +1,134 @@
+//! `edge-agent demo` as a user runs it: the real binary for a few seconds, then its files.
+//!
+//! Checks the exit status and the final summary, that every record in the NDJSON objects
+//! under `DIR/events/dt=…/gateway=…/` appears once by `event_id` and that their number equals
+//! the accepted results the demo reports, and that the DLQ (by stage) is exactly what the
+//! simulated devices got wrong on purpose, within the configured invalid share.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use e2e::agent_bin;
+use serde_json::Value;
+
+fn ndjson_objects(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            ndjson_objects(&p, out);
+        } else if p.extension().is_some_and(|x| x == "ndjson") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn demo_runs_the_whole_pipeline_and_stores_each_result_once() {
+    let bin = agent_bin();
+    // A gateway build without the `demo` feature (e.g. EDGE_AGENT_BIN = an ARM package).
+    let help = Command::new(&bin)
+        .args(["demo", "--help"])
+        .output()
+        .unwrap();
+    if !help.status.success() {
+        eprintln!("skipped: {} has no `demo` subcommand", bin.display());
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("demo");
+    let started = Instant::now();
+    let run = Command::new(&bin)
+        .args(["demo", "--duration", "8", "--out"])
+        .arg(&out)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        run.status
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
+    assert!(
+        stdout.contains("published"),
+        "live summary lines:\n{stdout}"
+    );
+    assert!(stdout.contains("── final summary"), "{stdout}");
+    assert!(
+        stdout.contains("every message accounted for"),
+        "the demo's own check:\n{stdout}"
+    );
+
+    let s: Value =
+        serde_json::from_slice(&std::fs::read(out.join("summary.json")).unwrap()).unwrap();
+    let n = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"));
+    let accepted = n(&s["agent"]["accepted"]);
+    let published = n(&s["published"]);
+    assert!(published >= 50, "9 devices × 2/s × 8 s: {published}");
+    assert!(accepted > 0);
+    assert_eq!(s["drained"], true, "{s:#}");
+    assert_eq!(n(&s["agent"]["outbox_pending"]), 0);
+
+    // The cloud's objects: each accepted result exactly once, by event_id.
+    let mut objects = Vec::new();
+    ndjson_objects(&out.join("events"), &mut objects);
+    assert!(!objects.is_empty());
+    let mut ids = HashSet::new();
+    let mut records = 0u64;
+    for p in &objects {
+        let rel = p.strip_prefix(&out).unwrap().to_string_lossy().into_owned();
+        assert!(
+            rel.starts_with("events/dt=") && rel.contains("/gateway=gw-001/"),
+            "S3 layout: {rel}"
+        );
+        for line in std::fs::read_to_string(p).unwrap().lines() {
+            let r: Value = serde_json::from_str(line).unwrap();
+            let id = r["event_id"].as_str().unwrap().to_string();
+            assert!(ids.insert(id.clone()), "{id} stored twice");
+            records += 1;
+        }
+    }
+    assert_eq!(
+        records, accepted,
+        "records in the objects = accepted results"
+    );
+    assert_eq!(n(&s["cloud"]["records"]), records);
+
+    // Every message ends as a result, a DLQ entry or a recognised duplicate, and the DLQ is
+    // exactly what the devices got wrong on purpose.
+    let dlq = n(&s["agent"]["dlq"]);
+    let dups = n(&s["agent"]["duplicates"]);
+    assert_eq!(published, accepted + dlq + dups, "{s:#}");
+    assert_eq!(s["agent"]["dlq_by_stage"], s["injected"]["expected_dlq"]);
+    assert_eq!(dups, n(&s["injected"]["duplicates"]));
+    assert_eq!(accepted, n(&s["injected"]["valid"]));
+    // 8 % invalid + 3 % spikes (about two thirds rejected by checks): a loose bound.
+    assert!(
+        dlq > 0 && dlq * 100 <= published * 30,
+        "DLQ share {dlq}/{published}"
+    );
+    // The broken uplink message the demo injects is in the cloud's DLQ.
+    assert_eq!(n(&s["cloud"]["failures"]), 1);
+    let mut failures = Vec::new();
+    let mut stack = vec![out.join("failures")];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                failures.push(p);
+            }
+        }
+    }
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        out.join("eventbridge").read_dir().unwrap().next().is_some(),
+        "events appended under eventbridge/"
+    );
+}

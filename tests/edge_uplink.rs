@@ -27,7 +27,6 @@ fn uplink_to(cfg: &mut toml::Table, broker: &Mosquitto, pki: &Pki, with_cert: bo
     set(cfg, &["uplink", "keep_alive_s"], 2.into());
     set(cfg, &["uplink", "reconnect_min_ms"], 100.into());
     set(cfg, &["uplink", "reconnect_max_ms"], 1000.into());
-    set(cfg, &["uplink", "max_batch_results"], 50.into());
 }
 
 /// Publishes readings `seqs` of one meter through the agent's embedded endpoint.
@@ -97,7 +96,10 @@ fn drains_the_outbox_in_order_over_mutual_tls() {
     });
     let got = batches(&sub);
     assert_in_order_and_complete(&got, 400);
-    assert!(got.iter().all(|b| b.results.len() <= 50), "bounded batches");
+    assert!(
+        got.iter().all(|b| b.results.len() <= 256),
+        "bounded batches"
+    );
     let r = &got[0].results[0];
     assert_eq!(r.event_id, "meter-1/r1");
     assert!(r.calc_version.starts_with("meter-"));

@@ -121,7 +121,9 @@ impl UplinkConfig {
             .set_keep_alive(Duration::from_secs(u64::from(self.keep_alive_s)))
             .set_inflight(self.max_in_flight)
             .set_request_channel_capacity(usize::from(self.max_in_flight) * 2 + 8)
-            .set_max_packet_size(self.max_batch_bytes * 2 + 64 * 1024, 64 * 1024);
+            // (incoming, outgoing): replay requests are tiny; a batch is at most
+            // max_batch_bytes plus one result (a batch always takes at least one).
+            .set_max_packet_size(64 * 1024, self.max_batch_bytes * 2 + 64 * 1024);
         if self.tls {
             let read = |what: &str, p: &PathBuf| {
                 std::fs::read(p).with_context(|| format!("uplink.{what}: reading {}", p.display()))
@@ -202,8 +204,8 @@ pub async fn run(
             backoff = Duration::from_millis(cfg.reconnect_min_ms);
         }
         let delay = jitter(backoff);
-        tracing::warn!(error = %err, retry_in = ?delay, "uplink disconnected");
-        status.update(|s| s.last_error = Some(err.to_string()));
+        tracing::warn!(error = format!("{err:#}"), retry_in = ?delay, "uplink disconnected");
+        status.update(|s| s.last_error = Some(format!("{err:#}")));
         metrics::counter!(m::UPLINK_RECONNECTS).increment(1);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

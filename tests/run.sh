@@ -29,6 +29,12 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# ARM gateways: the engine and agent suites for aarch64 under qemu-user, an end-to-end smoke
+# test of the ARM binary, and the .deb checks (cross/README-install.md).
+bash cross/test-arm.sh
+bash cross/check-deb.sh
+
+# Last, so the output ends with the test summary.
 if cargo nextest --version >/dev/null 2>&1; then
   cargo build --workspace --locked --bins
   cargo nextest run --workspace --locked --no-fail-fast

@@ -18,6 +18,7 @@ use crate::outbox::Outbox;
 use crate::pipeline::Pipeline;
 use crate::status::Live;
 use crate::store::{Store, StoreReader};
+use crate::systemd;
 use crate::telemetry;
 use crate::uplink::{self, LinkStatus};
 use tokio_util::sync::CancellationToken;
@@ -77,6 +78,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     };
 
     let (live, reader) = (pipeline.live(), pipeline.reader());
+    let heartbeat = pipeline.heartbeat();
     let (tx, rx) = mpsc::channel(cfg.pipeline.queue_capacity);
     let pipeline = std::thread::Builder::new()
         .name("pipeline".into())
@@ -112,6 +114,9 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
         dlq = counters.dlq_entries,
         "edge-agent ready"
     );
+    // Store, ingest, metrics and admin socket are up: tell systemd (no-op elsewhere).
+    systemd::notify_ready();
+    let _watchdog = systemd::spawn_watchdog(heartbeat);
     if let Some(ready) = hooks.ready {
         let _ = ready.send(Handles {
             ingest_addr: ingest.local_addr(),
@@ -132,6 +137,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
         }
     };
     tracing::info!(by = stopped_by, "shutting down: draining the pipeline");
+    systemd::notify_stopping();
     shutdown.trigger();
     ingest.stopped().await;
     let store = tokio::task::spawn_blocking(move || pipeline.join())

@@ -25,5 +25,6 @@ pub mod pipeline;
 pub mod simulator;
 pub mod status;
 pub mod store;
+pub mod systemd;
 pub mod telemetry;
 pub mod uplink;

@@ -96,6 +96,8 @@ pub struct Pipeline {
     /// When the earliest automatic DLQ retry is due (epoch ms).
     next_auto_retry: Option<i64>,
     live: Arc<Live>,
+    /// Shows systemd's watchdog that batches keep finishing.
+    heartbeat: crate::systemd::Heartbeat,
 }
 
 impl Pipeline {
@@ -122,9 +124,14 @@ impl Pipeline {
             dlq: DlqConfig::default(),
             next_auto_retry: None,
             live: Arc::new(Live::new(now_ms())),
+            heartbeat: crate::systemd::Heartbeat::new(),
         };
         p.publish_gauges();
         Ok(p)
+    }
+
+    pub fn heartbeat(&self) -> crate::systemd::Heartbeat {
+        self.heartbeat.clone()
     }
 
     /// Applies the `[dlq]` config (cap, full policy, automatic retries) and loads the retry
@@ -193,6 +200,7 @@ impl Pipeline {
                     _ = tokio::time::sleep(Duration::from_millis(200)), if blocked => Wake::Tick,
                 }
             });
+            self.heartbeat.batch_started();
             match wake {
                 Wake::Admin(Some(call)) => self.serve(call)?,
                 Wake::Admin(None) => admin_open = false,
@@ -207,6 +215,7 @@ impl Pipeline {
                 }
                 Wake::Tick => draining = rx.is_closed(),
             }
+            self.heartbeat.batch_done();
         }
         Ok(self.store)
     }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace, installing what the tests need first.
+# Runs every test of the workspace, installing what the tests need first: mosquitto, the moto
+# AWS emulator (tests/aws-emulator.sh), and the ARM cross toolchain (cross/toolchain.sh).
 # Usage: bash tests/run.sh        (the README's test command; CI runs exactly this)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -23,6 +23,7 @@ use rumqttc::{
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::ingest::now_ms;
 use crate::outbox::Outbox;
 use crate::telemetry as m;
 
@@ -424,13 +425,6 @@ impl<'a> Link<'a> {
         }
         Ok(())
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -8,16 +8,14 @@
 //! Knobs: BENCH_EVENTS (default 300000), BENCH_CONNECTIONS (4), BENCH_WINDOW (1000 per
 //! connection), BENCH_QUEUE and BENCH_BATCH (the agent's pipeline.queue_capacity / max_batch).
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use e2e::{Agent, Mosquitto, wait_for};
+use e2e::{Agent, Mosquitto, Subscriber, wait_for};
 use rumqttc::mqttbytes::QoS;
-use rumqttc::mqttbytes::v4::{Connect, Packet, PubAck, Publish, Subscribe};
+use rumqttc::mqttbytes::v4::{Connect, Packet, Publish};
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -39,14 +37,13 @@ fn main() {
     let ceiling = {
         let dir = tempfile::tempdir_in(&scratch).unwrap();
         let broker = Mosquitto::start(dir.path());
-        let received = Arc::new(AtomicU64::new(0));
-        let sub = subscriber(broker.port, received.clone());
+        let sub = Subscriber::start(broker.port, "bench-sub", "devices/#");
         let start = Instant::now();
         let _ = load(broker.port, events, conns, window);
         wait_for(
             "the subscriber to get everything",
             Duration::from_secs(120),
-            || received.load(Ordering::Relaxed) >= events as u64,
+            || sub.count() >= events,
         );
         let rate = events as f64 / start.elapsed().as_secs_f64();
         drop(sub);
@@ -207,52 +204,4 @@ fn connect(port: u16, id: &str) -> TcpStream {
             Err(e) => panic!("{e:?}"),
         }
     }
-}
-
-/// A QoS 1 subscriber to everything that acknowledges each message and counts it.
-fn subscriber(port: u16, count: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
-    let mut stream = connect(port, "bench-sub");
-    let mut out = BytesMut::new();
-    let mut sub = Subscribe::new("devices/#", QoS::AtLeastOnce);
-    sub.pkid = 1; // 0 is not a valid packet id
-    sub.write(&mut out).unwrap();
-    stream.write_all(&out).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(2)))
-        .unwrap();
-    std::thread::spawn(move || {
-        let mut buf = BytesMut::with_capacity(256 * 1024);
-        let mut chunk = vec![0u8; 256 * 1024];
-        let mut acks = BytesMut::new();
-        loop {
-            let n = match stream.read(&mut chunk) {
-                Ok(0) => return,
-                Ok(n) => n,
-                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                    continue;
-                }
-                Err(_) => return,
-            };
-            buf.extend_from_slice(&chunk[..n]);
-            loop {
-                match Packet::read(&mut buf, 1 << 20) {
-                    Ok(Packet::Publish(p)) => {
-                        count.fetch_add(1, Ordering::Relaxed);
-                        if p.qos == QoS::AtLeastOnce {
-                            PubAck::new(p.pkid).write(&mut acks).unwrap();
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
-                    Err(e) => panic!("{e:?}"),
-                }
-            }
-            if !acks.is_empty() {
-                if stream.write_all(&acks).is_err() {
-                    return;
-                }
-                acks.clear();
-            }
-        }
-    })
 }

@@ -56,6 +56,11 @@ impl Subscriber {
         }
     }
 
+    /// How many messages have arrived (cheap: no copy).
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
     /// Everything received so far: (topic, payload).
     pub fn received(&self) -> Vec<(String, Vec<u8>)> {
         self.received.lock().unwrap().clone()

@@ -477,6 +477,13 @@ impl Engine {
         self.types.get(event_type).map(|t| t.calc.version())
     }
 
+    /// Whether `event_type`'s rules, calculation or checks read the previous reading.
+    pub fn uses_previous(&self, event_type: &str) -> bool {
+        self.types
+            .get(event_type)
+            .is_some_and(|t| t.slots.uses_previous())
+    }
+
     /// The configured event types, sorted.
     pub fn event_types(&self) -> impl Iterator<Item = &str> {
         self.type_names.iter().map(String::as_str)

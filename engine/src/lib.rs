@@ -37,6 +37,7 @@
 
 pub mod calc;
 pub mod check;
+pub mod correct;
 mod engine;
 pub mod expr;
 mod fnv;
@@ -47,6 +48,7 @@ pub mod seq;
 pub mod spec;
 pub mod state;
 pub mod topic;
+pub mod verify;
 
 pub use calc::calc_version;
 pub use engine::{Engine, Input, Outcome, Rejection, flags};

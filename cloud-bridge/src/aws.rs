@@ -106,10 +106,10 @@ pub struct StateTable {
     table: String,
 }
 
-fn s(v: impl Into<String>) -> AttributeValue {
+pub(crate) fn s(v: impl Into<String>) -> AttributeValue {
     AttributeValue::S(v.into())
 }
-fn n(v: impl ToString) -> AttributeValue {
+pub(crate) fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
@@ -117,7 +117,7 @@ fn pk(gateway: &str) -> AttributeValue {
     s(format!("gw#{gateway}"))
 }
 
-fn get_u64(item: &HashMap<String, AttributeValue>, k: &str) -> anyhow::Result<Option<u64>> {
+pub(crate) fn get_u64(item: &HashMap<String, AttributeValue>, k: &str) -> anyhow::Result<Option<u64>> {
     match item.get(k) {
         None => Ok(None),
         Some(AttributeValue::N(v)) => Ok(Some(v.parse().with_context(|| format!("{k}: {v}"))?)),
@@ -126,7 +126,7 @@ fn get_u64(item: &HashMap<String, AttributeValue>, k: &str) -> anyhow::Result<Op
 }
 
 /// ConditionalCheckFailed → `Ok(false)`; any other error is returned.
-fn conditional<T, E>(r: Result<T, aws_sdk_dynamodb::error::SdkError<E>>) -> anyhow::Result<bool>
+pub(crate) fn conditional<T, E>(r: Result<T, aws_sdk_dynamodb::error::SdkError<E>>) -> anyhow::Result<bool>
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -467,6 +467,72 @@ impl ObjectStore for S3Objects {
     }
     fn location(&self) -> String {
         format!("s3://{}", self.bucket)
+    }
+    fn get_versioned<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<(Vec<u8>, String)>> {
+        Box::pin(self.get_object_versioned(key))
+    }
+    fn put_if_match<'a>(
+        &'a self,
+        key: &'a str,
+        body: Vec<u8>,
+        content_type: &'a str,
+        etag: &'a str,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(self.put_object_if_match(key, body, content_type, etag))
+    }
+}
+
+impl S3Objects {
+    async fn get_object_versioned(&self, key: &str) -> anyhow::Result<Option<(Vec<u8>, String)>> {
+        let out = match self.s3.get_object().bucket(&self.bucket).key(key).send().await {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(err(e))
+                    .with_context(|| format!("S3 GetObject s3://{}/{key}", self.bucket));
+            }
+        };
+        let etag = out.e_tag().unwrap_or_default().to_string();
+        let body = out
+            .body
+            .collect()
+            .await
+            .with_context(|| format!("S3 GetObject s3://{}/{key}: reading the body", self.bucket))?
+            .into_bytes()
+            .to_vec();
+        Ok(Some((body, etag)))
+    }
+
+    async fn put_object_if_match(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        etag: &str,
+    ) -> anyhow::Result<bool> {
+        let res = self
+            .s3
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .if_match(etag)
+            .body(ByteStream::from(body))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.raw_response()
+                    .is_some_and(|r| r.status().as_u16() == 412) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(err(e))
+                .with_context(|| format!("S3 PutObject (If-Match) s3://{}/{key}", self.bucket)),
+        }
     }
 }
 

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::aws::Aws;
 use crate::config::Config;
+use crate::dlq::DeadLetterQueue;
+use crate::history::CorrectionHistory;
 use crate::metrics::Metrics;
 
 /// A boxed, sendable future of a fallible result (the traits are used as `dyn`).
@@ -59,6 +61,17 @@ pub trait ObjectStore: Send + Sync + Debug {
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Vec<String>>;
     /// Where the objects are, for people (`s3://bucket`, a directory).
     fn location(&self) -> String;
+    /// The object and its version tag (S3's ETag), or `None` if there is none.
+    fn get_versioned<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<(Vec<u8>, String)>>;
+    /// Replaces the object only if its version tag is still `etag` (S3 `If-Match`): false,
+    /// and nothing written, if someone changed it since it was read.
+    fn put_if_match<'a>(
+        &'a self,
+        key: &'a str,
+        body: Vec<u8>,
+        content_type: &'a str,
+        etag: &'a str,
+    ) -> BoxFuture<'a, bool>;
 }
 
 /// The per-gateway state. Every conditional operation returns `Ok(false)` when its condition
@@ -98,12 +111,16 @@ pub trait EventPublisher: Send + Sync + Debug {
     fn put_events(&self, entries: Vec<Entry>) -> BoxFuture<'_, ()>;
 }
 
-/// The three parts a [`crate::pipeline::Pipeline`] stores through.
+/// The parts a [`crate::pipeline::Pipeline`] stores through.
 #[derive(Clone, Debug)]
 pub struct Backend {
     pub objects: Arc<dyn ObjectStore>,
     pub state: Arc<dyn StateStore>,
     pub events: Arc<dyn EventPublisher>,
+    /// Which events were corrected (at most once each).
+    pub history: Arc<dyn CorrectionHistory>,
+    /// The cloud DLQ.
+    pub dlq: Arc<dyn DeadLetterQueue>,
 }
 
 impl Backend {
@@ -123,11 +140,17 @@ impl Backend {
                 Arc::clone(cfg),
                 Arc::clone(metrics),
             )),
+            history: Arc::new(crate::history::DynamoHistory::new(
+                aws.dynamodb.clone(),
+                cfg.aws.table.clone(),
+            )),
+            dlq: Arc::new(crate::dlq::SqsQueue::new(aws.sqs, cfg.aws.dlq_queue.clone())),
         }
     }
 
     /// A local directory with S3's layout (`dir/events/…`, `dir/failures/…`), the state in
-    /// `dir/state/bridge-state.json` and events appended to `dir/eventbridge/…ndjson`. For one
+    /// `dir/state/bridge-state.json`, the correction history in `dir/state/corrections/`, the
+    /// DLQ in `dir/dlq/` and events appended to `dir/eventbridge/…ndjson`. For one
     /// bridge process only (the state is guarded by an in-process lock).
     pub fn local(dir: &Path, cfg: &Arc<Config>) -> anyhow::Result<Backend> {
         Ok(Backend {
@@ -138,6 +161,10 @@ impl Backend {
                 &cfg.aws.source,
                 &cfg.aws.event_bus,
             )?),
+            history: Arc::new(crate::history::DirHistory::open(
+                &dir.join("state").join("corrections"),
+            )?),
+            dlq: Arc::new(crate::dlq::DirQueue::open(&dir.join("dlq"))?),
         })
     }
 }

@@ -28,6 +28,69 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Re-verification of gateway results with the engine (absent: not verified).
+    pub verify: Option<VerifyConfig>,
+    #[serde(default)]
+    pub dlq: DlqConfig,
+}
+
+/// `[verify]`: the bridge recalculates results with the same engine the gateways run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyConfig {
+    /// A TOML file with the engine's `topic`, `limits` and `event_types` at its top level: the
+    /// gateways' own agent config works as it is. Relative to this file.
+    pub engine_config: PathBuf,
+    /// Share of results recalculated, 0..=1, chosen by a hash of `event_id` (so every bridge
+    /// picks the same ones).
+    #[serde(default = "one")]
+    pub sample: f64,
+    /// Relative tolerance for numbers (`|a-b| <= tol * max(1,|a|,|b|)`).
+    #[serde(default = "default_tolerance")]
+    pub tolerance: f64,
+    /// Devices whose previous reading one bridge remembers (bounded memory; a device it does
+    /// not know is verified only where its calculation needs no previous reading).
+    #[serde(default = "default_max_devices")]
+    pub max_devices: usize,
+    /// The parsed engine spec (filled by [`Config::load`]).
+    #[serde(skip)]
+    pub spec: Option<engine::EngineSpec>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn default_tolerance() -> f64 {
+    1e-9
+}
+fn default_max_devices() -> usize {
+    100_000
+}
+
+/// `[dlq]`: the cloud DLQ (the SQS queue `aws.dlq_queue`) and its processor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DlqConfig {
+    /// Run the DLQ processor inside `cloud-bridge run`.
+    pub process: bool,
+    /// At most this many DLQ messages handled per second, so a flood of failures cannot
+    /// starve the main path.
+    pub max_per_s: f64,
+    /// How long a received message stays invisible to other processors.
+    pub visibility_timeout_s: i32,
+    /// A message that failed this many receives is stored under `failures/` and deleted.
+    pub max_receives: u32,
+}
+
+impl Default for DlqConfig {
+    fn default() -> Self {
+        DlqConfig {
+            process: true,
+            max_per_s: 20.0,
+            visibility_timeout_s: 60,
+            max_receives: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -248,6 +311,20 @@ impl Config {
             path: path.to_path_buf(),
             message,
         })?;
+        if let Some(v) = cfg.verify.as_mut() {
+            if v.engine_config.is_relative()
+                && let Some(dir) = path.parent()
+            {
+                v.engine_config = dir.join(&v.engine_config);
+            }
+            let spec = load_engine_spec(&v.engine_config).map_err(|message| {
+                ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!("verify.engine_config: {message}"),
+                }
+            })?;
+            v.spec = Some(spec);
+        }
         // Relative TLS paths are relative to the config file.
         if let (Some(m), Some(dir)) = (cfg.mqtt.as_mut(), path.parent()) {
             for p in [&mut m.ca, &mut m.cert, &mut m.key].into_iter().flatten() {
@@ -321,6 +398,22 @@ impl Config {
         if p.claim_timeout_ms < 10_000 {
             return Err("pipeline.claim_timeout_ms: must be at least 10000".into());
         }
+        if let Some(v) = &self.verify
+            && !(0.0..=1.0).contains(&v.sample)
+        {
+            return Err(format!("verify.sample: {} is not within 0..=1", v.sample));
+        }
+        if let Some(v) = &self.verify
+            && !(v.tolerance >= 0.0 && v.tolerance.is_finite())
+        {
+            return Err(format!("verify.tolerance: {} must be a finite number ≥ 0", v.tolerance));
+        }
+        if !(self.dlq.max_per_s > 0.0 && self.dlq.max_per_s.is_finite()) {
+            return Err("dlq.max_per_s: must be a positive number".into());
+        }
+        if self.dlq.max_receives == 0 {
+            return Err("dlq.max_receives: must be at least 1".into());
+        }
         if self.metrics.interval_s == 0 {
             return Err("metrics.interval_s: must be at least 1".into());
         }
@@ -331,6 +424,24 @@ impl Config {
     pub fn sends(&self, detail_type: &str) -> bool {
         self.aws.detail_types.iter().any(|t| t == detail_type)
     }
+}
+
+/// The engine part of an agent config (or of a file with just that part): `topic`, `limits`
+/// and `event_types` at the top level, every other table ignored. Compiled once here so a typo
+/// in an expression stops start-up with its path.
+pub fn load_engine_spec(path: &Path) -> Result<engine::EngineSpec, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut table: toml::Table =
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    table.retain(|k, _| matches!(&k[..], "topic" | "limits" | "event_types"));
+    let spec: engine::EngineSpec = serde_path_to_error::deserialize(toml::Value::Table(table))
+        .map_err(|e| {
+            let at = e.path().to_string();
+            format!("{}: {at}: {}", path.display(), e.into_inner())
+        })?;
+    engine::Engine::new(&spec).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(spec)
 }
 
 impl MqttConfig {

@@ -32,13 +32,24 @@
 pub mod aws;
 pub mod backend;
 pub mod config;
+pub mod correction;
+pub mod dlq;
 mod fault;
+pub mod history;
 pub mod lambda;
 pub mod local;
 pub mod metrics;
 pub mod pipeline;
 pub mod provision;
 pub mod service;
+pub mod verify;
+
+/// FNV-1a: a stable hash (the same on every bridge and build) for sampling and file names.
+pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
 
 /// Wall-clock epoch milliseconds.
 pub fn now_ms() -> i64 {

@@ -38,6 +38,20 @@ pub struct Metrics {
     pub claim_takeovers: AtomicU64,
     /// MQTT messages acknowledged to the broker.
     pub acked_messages: AtomicU64,
+    /// Results recalculated and compared (`[verify]`).
+    pub verified: AtomicU64,
+    /// Results not verifiable here (previous reading unknown to this bridge).
+    pub unverified: AtomicU64,
+    /// Verified results found incorrectly processed (mismatch or outdated calc_version).
+    pub incorrect: AtomicU64,
+    /// Corrections made (pipeline, DLQ processor, correction runs).
+    pub corrected: AtomicU64,
+    /// Messages sent to the cloud DLQ.
+    pub dead_lettered: AtomicU64,
+    /// DLQ messages stored under `failures/` for a person.
+    pub failures_stored: AtomicU64,
+    /// Results stored with status `anomaly`.
+    pub anomalies: AtomicU64,
 }
 
 impl Metrics {
@@ -45,7 +59,7 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn fields(&self) -> [(&'static str, &AtomicU64); 13] {
+    fn fields(&self) -> [(&'static str, &AtomicU64); 20] {
         [
             ("processed", &self.processed),
             ("duplicates", &self.duplicates),
@@ -63,6 +77,13 @@ impl Metrics {
             ("claim_conflicts", &self.claim_conflicts),
             ("claim_takeovers", &self.claim_takeovers),
             ("acked_messages", &self.acked_messages),
+            ("verified", &self.verified),
+            ("unverified", &self.unverified),
+            ("incorrect", &self.incorrect),
+            ("corrected", &self.corrected),
+            ("dead_lettered", &self.dead_lettered),
+            ("failures_stored", &self.failures_stored),
+            ("anomalies", &self.anomalies),
         ]
     }
 
@@ -86,6 +107,13 @@ impl Metrics {
         }
         if values.values().all(|v| v == &json!(0)) {
             return None;
+        }
+        // What the monitor (and a CloudWatch alarm) watches: incorrect share of verified.
+        let verified = values["verified"].as_u64().unwrap_or(0);
+        if verified > 0 {
+            let rate = values["incorrect"].as_u64().unwrap_or(0) as f64 * 100.0 / verified as f64;
+            defs.push(json!({"Name": "discrepancy_rate", "Unit": "Percent"}));
+            values.insert("discrepancy_rate".into(), json!(rate));
         }
         let mut doc = Map::new();
         doc.insert(

@@ -47,8 +47,10 @@ use tracing::{info, warn};
 use crate::aws::Aws;
 use crate::backend::{Backend, Claim, Entry, Sink, StateStore};
 use crate::config::Config;
+use crate::dlq::DeadLetterQueue;
 use crate::metrics::Metrics;
 use crate::now_ms;
+use crate::verify::Verifier;
 
 /// A gateway's results not yet stored, by `edge_seq`.
 pub type Held = BTreeMap<u64, EventResult>;
@@ -76,6 +78,9 @@ pub struct Pipeline {
     pub state: Arc<dyn StateStore>,
     pub cfg: Arc<Config>,
     pub metrics: Arc<Metrics>,
+    /// Recalculates results before they are stored (`[verify]`), correcting what is wrong.
+    pub verifier: Option<Arc<Verifier>>,
+    pub dlq: Arc<dyn DeadLetterQueue>,
     /// Names this bridge in its claims (diagnostics only).
     owner: String,
 }
@@ -94,7 +99,20 @@ impl Pipeline {
         metrics: Arc<Metrics>,
         owner: String,
     ) -> Pipeline {
+        let verifier = cfg.verify.as_ref().and_then(|v| {
+            let spec = v.spec.as_ref()?;
+            // Config::load compiled it already; a spec that does not compile never gets here.
+            let engine = engine::Engine::new(spec).ok()?;
+            Some(Arc::new(Verifier::new(
+                Arc::new(engine),
+                Arc::clone(&backend.history),
+                v,
+                owner.clone(),
+            )))
+        });
         Pipeline {
+            verifier,
+            dlq: backend.dlq,
             state: backend.state,
             sink: Sink {
                 objects: backend.objects,
@@ -196,11 +214,17 @@ impl Pipeline {
     /// commit found the claim gone (taken over, or completed by another bridge).
     async fn store_claimed(&self, gateway: &str, c: &Claim, held: &Held) -> anyhow::Result<bool> {
         let half = self.cfg.pipeline.claim_timeout_ms as i64 / 2;
+        let mut records: Vec<EventResult> = held.range(c.from..=c.to).map(|(_, r)| r.clone()).collect();
+        let dead_letters = match &self.verifier {
+            Some(v) => v.review(gateway, &mut records, &c.key, &self.metrics, now_ms()).await?.dead_letters,
+            None => Vec::new(),
+        };
         let mut body = Vec::new();
         let mut entries: Vec<Entry> = Vec::new();
         let mut seen = HashSet::new();
         let mut repeated = 0u64;
-        for r in held.range(c.from..=c.to).map(|(_, r)| r) {
+        let mut anomalies = 0u64;
+        for r in &records {
             if !seen.insert(r.event_id.as_str()) {
                 repeated += 1;
                 continue;
@@ -210,7 +234,10 @@ impl Pipeline {
             body.push(b'\n');
             entries.push(("EventProcessed", line.clone()));
             match r.status {
-                Status::Anomaly => entries.push(("AnomalyDetected", line)),
+                Status::Anomaly => {
+                    anomalies += 1;
+                    entries.push(("AnomalyDetected", line));
+                }
                 Status::Corrected => entries.push(("EventCorrected", line)),
                 Status::Ok => {}
             }
@@ -222,6 +249,14 @@ impl Pipeline {
             .put_object(&c.key, body, "application/x-ndjson")
             .await?;
         crate::fault::after_put().await;
+        if !dead_letters.is_empty() {
+            // Before the commit: a crash resends them (same ids), never loses them.
+            self.dlq.send(&dead_letters).await?;
+            for m in &dead_letters {
+                warn!(gateway, event_id = ?m.event_id, stage = %m.stage, reason = %m.reason, "dead-lettered");
+                entries.push(("EventDeadLettered", serde_json::to_string(m)?));
+            }
+        }
         self.sink.put_events(entries).await?;
         if !self.state.commit(gateway, c).await? {
             Metrics::add(&self.metrics.claim_conflicts, 1);
@@ -230,6 +265,8 @@ impl Pipeline {
         Metrics::add(&self.metrics.s3_objects, 1);
         Metrics::add(&self.metrics.processed, c.to - c.from + 1 - repeated);
         Metrics::add(&self.metrics.duplicates, repeated);
+        Metrics::add(&self.metrics.anomalies, anomalies);
+        Metrics::add(&self.metrics.dead_lettered, dead_letters.len() as u64);
         Ok(true)
     }
 

@@ -88,6 +88,10 @@ pub async fn run_with(
         mqtt.client_id.clone(),
     );
 
+    let dlq_processor = cfg.dlq.process.then(|| {
+        tokio::spawn(crate::dlq::processor::run(pipeline.clone(), shutdown.clone()))
+    });
+
     let flusher = tokio::spawn({
         let metrics = Arc::clone(&metrics);
         let mcfg = cfg.metrics.clone();
@@ -222,6 +226,10 @@ pub async fn run_with(
     worker_stop.cancel();
     tasks.abort_all();
     flusher.abort();
+    if let Some(t) = dlq_processor {
+        // It stops at the shutdown token; a message it was handling is retried later.
+        t.abort();
+    }
     metrics.flush(&cfg.metrics, "service");
     info!("cloud-bridge stopped");
     Ok(())

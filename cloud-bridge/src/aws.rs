@@ -117,7 +117,10 @@ fn pk(gateway: &str) -> AttributeValue {
     s(format!("gw#{gateway}"))
 }
 
-pub(crate) fn get_u64(item: &HashMap<String, AttributeValue>, k: &str) -> anyhow::Result<Option<u64>> {
+pub(crate) fn get_u64(
+    item: &HashMap<String, AttributeValue>,
+    k: &str,
+) -> anyhow::Result<Option<u64>> {
     match item.get(k) {
         None => Ok(None),
         Some(AttributeValue::N(v)) => Ok(Some(v.parse().with_context(|| format!("{k}: {v}"))?)),
@@ -126,7 +129,9 @@ pub(crate) fn get_u64(item: &HashMap<String, AttributeValue>, k: &str) -> anyhow
 }
 
 /// ConditionalCheckFailed → `Ok(false)`; any other error is returned.
-pub(crate) fn conditional<T, E>(r: Result<T, aws_sdk_dynamodb::error::SdkError<E>>) -> anyhow::Result<bool>
+pub(crate) fn conditional<T, E>(
+    r: Result<T, aws_sdk_dynamodb::error::SdkError<E>>,
+) -> anyhow::Result<bool>
 where
     E: aws_sdk_dynamodb::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
@@ -484,7 +489,14 @@ impl ObjectStore for S3Objects {
 
 impl S3Objects {
     async fn get_object_versioned(&self, key: &str) -> anyhow::Result<Option<(Vec<u8>, String)>> {
-        let out = match self.s3.get_object().bucket(&self.bucket).key(key).send().await {
+        let out = match self
+            .s3
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
             Ok(o) => o,
             Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => {
                 return Ok(None);
@@ -524,12 +536,7 @@ impl S3Objects {
             .await;
         match res {
             Ok(_) => Ok(true),
-            Err(e)
-                if e.raw_response()
-                    .is_some_and(|r| r.status().as_u16() == 412) =>
-            {
-                Ok(false)
-            }
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => Ok(false),
             Err(e) => Err(err(e))
                 .with_context(|| format!("S3 PutObject (If-Match) s3://{}/{key}", self.bucket)),
         }

@@ -144,7 +144,10 @@ impl Backend {
                 aws.dynamodb.clone(),
                 cfg.aws.table.clone(),
             )),
-            dlq: Arc::new(crate::dlq::SqsQueue::new(aws.sqs, cfg.aws.dlq_queue.clone())),
+            dlq: Arc::new(crate::dlq::SqsQueue::new(
+                aws.sqs,
+                cfg.aws.dlq_queue.clone(),
+            )),
         }
     }
 

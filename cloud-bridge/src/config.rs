@@ -317,12 +317,11 @@ impl Config {
             {
                 v.engine_config = dir.join(&v.engine_config);
             }
-            let spec = load_engine_spec(&v.engine_config).map_err(|message| {
-                ConfigError::Invalid {
+            let spec =
+                load_engine_spec(&v.engine_config).map_err(|message| ConfigError::Invalid {
                     path: path.to_path_buf(),
                     message: format!("verify.engine_config: {message}"),
-                }
-            })?;
+                })?;
             v.spec = Some(spec);
         }
         // Relative TLS paths are relative to the config file.
@@ -406,7 +405,10 @@ impl Config {
         if let Some(v) = &self.verify
             && !(v.tolerance >= 0.0 && v.tolerance.is_finite())
         {
-            return Err(format!("verify.tolerance: {} must be a finite number ≥ 0", v.tolerance));
+            return Err(format!(
+                "verify.tolerance: {} must be a finite number ≥ 0",
+                v.tolerance
+            ));
         }
         if !(self.dlq.max_per_s > 0.0 && self.dlq.max_per_s.is_finite()) {
             return Err("dlq.max_per_s: must be a positive number".into());
@@ -434,7 +436,7 @@ pub fn load_engine_spec(path: &Path) -> Result<engine::EngineSpec, String> {
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let mut table: toml::Table =
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-    table.retain(|k, _| matches!(&k[..], "topic" | "limits" | "event_types"));
+    table.retain(|k, _| matches!(k, "topic" | "limits" | "event_types"));
     let spec: engine::EngineSpec = serde_path_to_error::deserialize(toml::Value::Table(table))
         .map_err(|e| {
             let at = e.path().to_string();

@@ -53,7 +53,14 @@ impl Corrector {
             return Ok(Applied::DeadLetter(reason));
         }
         // Recalculate first: a recalculation that fails must not use up the one correction.
-        if let Err(r) = correct::apply(&self.engine, record, previous, reason, now, CorrectedBy::Cloud) {
+        if let Err(r) = correct::apply(
+            &self.engine,
+            record,
+            previous,
+            reason,
+            now,
+            CorrectedBy::Cloud,
+        ) {
             return Ok(Applied::Failed(r));
         }
         let rec = CorrectionRecord {
@@ -77,7 +84,14 @@ impl Corrector {
                 });
             }
         };
-        match correct::apply(&self.engine, record, previous, &reason, at, CorrectedBy::Cloud) {
+        match correct::apply(
+            &self.engine,
+            record,
+            previous,
+            &reason,
+            at,
+            CorrectedBy::Cloud,
+        ) {
             Ok(fixed) => Ok(Applied::Corrected(Box::new(fixed))),
             Err(r) => Ok(Applied::Failed(r)),
         }
@@ -141,7 +155,169 @@ mod tests {
     fn replaces_only_the_line_of_the_event() {
         let text = "{\"event_id\":\"a/1\",\"x\":1}\n{\"event_id\":\"a/2\",\"x\":2}\n";
         let out = replace_line(text, "a/2", "{\"event_id\":\"a/2\",\"x\":3}").unwrap();
-        assert_eq!(out, "{\"event_id\":\"a/1\",\"x\":1}\n{\"event_id\":\"a/2\",\"x\":3}\n");
+        assert_eq!(
+            out,
+            "{\"event_id\":\"a/1\",\"x\":1}\n{\"event_id\":\"a/2\",\"x\":3}\n"
+        );
         assert_eq!(replace_line(text, "a/9", "{}"), None);
     }
+}
+
+/// What a correction run over stored objects did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RunReport {
+    pub objects: u64,
+    pub records: u64,
+    pub verified: u64,
+    pub unverifiable: u64,
+    pub incorrect: u64,
+    pub corrected: u64,
+    /// Corrected by another request (another bridge's run) meanwhile.
+    pub superseded: u64,
+    pub dead_lettered: u64,
+}
+
+/// A correction run over stored objects (a monitor's alarm, `cloud-bridge correct`): each
+/// record is verified (the previous reading known from the same object, in `edge_seq` order)
+/// and an incorrect one corrected at most once, its record replaced in place. Any number of
+/// runs may race over the same objects: the history lets one correct each event, `If-Match`
+/// keeps every rewrite.
+pub async fn run_over(
+    p: &crate::pipeline::Pipeline,
+    keys: &[String],
+    run_id: &str,
+) -> anyhow::Result<RunReport> {
+    use engine::verify::{Previous, Verdict, advances_previous, needs_previous, verify};
+    let v = p
+        .verifier
+        .as_ref()
+        .context("a correction run needs [verify] (the engine config)")?;
+    let mut report = RunReport::default();
+    let mut dead = Vec::new();
+    for key in keys {
+        let Some((body, _)) = p.sink.objects.get_versioned(key).await? else {
+            continue;
+        };
+        report.objects += 1;
+        let mut records: Vec<EventResult> = Vec::new();
+        for line in String::from_utf8_lossy(&body)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+        {
+            records.push(
+                serde_json::from_str(line)
+                    .with_context(|| format!("{key}: a line is not a result"))?,
+            );
+        }
+        records.sort_by_key(|r| r.edge_seq);
+        let mut readings: std::collections::HashMap<(String, String), Reading> = Default::default();
+        for r in &records {
+            report.records += 1;
+            let k = (r.device.clone(), r.event_type.clone());
+            let prev = readings.get(&k).cloned();
+            let known = match &prev {
+                Some(p) => Previous::Known(Some(p)),
+                None => Previous::Unknown,
+            };
+            let verdict = verify(&v.corrector.engine, r, known, v.tolerance());
+            if advances_previous(r, prev.as_ref()) {
+                readings.insert(k, Reading::from_result(r));
+            }
+            match &verdict {
+                Verdict::Consistent => report.verified += 1,
+                Verdict::Unverifiable => report.unverifiable += 1,
+                Verdict::Rejected(_) => report.verified += 1,
+                _ => {
+                    report.verified += 1;
+                    report.incorrect += 1;
+                    if prev.is_none() && needs_previous(&v.corrector.engine, r) {
+                        report.unverifiable += 1;
+                        continue;
+                    }
+                    let request = format!("{run_id}:{}:{}", r.gateway, r.edge_seq);
+                    let now = crate::now_ms();
+                    match v
+                        .corrector
+                        .correct(r, prev.as_ref(), &verdict.reason(), &request, now)
+                        .await?
+                    {
+                        Applied::Corrected(fixed) => {
+                            if rewrite_record(&*p.sink.objects, key, &fixed).await? {
+                                report.corrected += 1;
+                                crate::metrics::Metrics::add(&p.metrics.corrected, 1);
+                                p.sink
+                                    .put_events(vec![(
+                                        "EventCorrected",
+                                        serde_json::to_string(&*fixed)?,
+                                    )])
+                                    .await?;
+                            }
+                        }
+                        Applied::Superseded(_) => report.superseded += 1,
+                        Applied::DeadLetter(reason) => {
+                            report.dead_lettered += 1;
+                            dead.push(crate::dlq::DlqMessage::for_record(
+                                proto::Stage::Correction,
+                                reason,
+                                r,
+                                Some(key),
+                                prev.as_ref(),
+                                now,
+                            ));
+                        }
+                        Applied::Failed(rej) => {
+                            report.dead_lettered += 1;
+                            dead.push(crate::dlq::DlqMessage::for_record(
+                                proto::Stage::Cloud,
+                                format!(
+                                    "{}; recalculation failed: {}",
+                                    verdict.reason(),
+                                    rej.reason
+                                ),
+                                r,
+                                Some(key),
+                                prev.as_ref(),
+                                now,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if !dead.is_empty() {
+        p.dlq.send(&dead).await?;
+        crate::metrics::Metrics::add(&p.metrics.dead_lettered, dead.len() as u64);
+    }
+    Ok(report)
+}
+
+/// The `events/` objects of the days `since..=until` (YYYY-MM-DD; `until` absent: no end),
+/// optionally of one gateway, in key order.
+pub async fn select_objects(
+    objects: &dyn ObjectStore,
+    prefix: &str,
+    since: &str,
+    until: Option<&str>,
+    gateway: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    for (what, d) in [("--since", Some(since)), ("--until", until)] {
+        if let Some(d) = d
+            && !(d.len() == 10 && d.as_bytes()[4] == b'-' && d.as_bytes()[7] == b'-')
+        {
+            bail!("{what}: '{d}' is not a YYYY-MM-DD day");
+        }
+    }
+    let keys = objects.list(&format!("{prefix}events/")).await?;
+    Ok(keys
+        .into_iter()
+        .filter(|k| {
+            let day = k
+                .split('/')
+                .find_map(|s| s.strip_prefix("dt="))
+                .unwrap_or("");
+            let gw = k.split('/').find_map(|s| s.strip_prefix("gateway="));
+            day >= since && until.is_none_or(|u| day <= u) && gateway.is_none_or(|g| gw == Some(g))
+        })
+        .collect())
 }

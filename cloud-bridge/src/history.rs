@@ -194,7 +194,8 @@ impl DirHistory {
         let path = self.path(event_id);
         match std::fs::read(&path) {
             Ok(b) => Ok(Some(
-                serde_json::from_slice(&b).with_context(|| format!("reading {}", path.display()))?,
+                serde_json::from_slice(&b)
+                    .with_context(|| format!("reading {}", path.display()))?,
             )),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
@@ -233,8 +234,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let h: Arc<dyn CorrectionHistory> = Arc::new(DirHistory::open(dir.path()).unwrap());
         assert_eq!(h.record(&rec("a")).await.unwrap(), Recorded::New);
-        assert_eq!(h.record(&rec("a")).await.unwrap(), Recorded::Again(rec("a")));
-        assert_eq!(h.record(&rec("b")).await.unwrap(), Recorded::Other(rec("a")));
+        assert_eq!(
+            h.record(&rec("a")).await.unwrap(),
+            Recorded::Again(rec("a"))
+        );
+        assert_eq!(
+            h.record(&rec("b")).await.unwrap(),
+            Recorded::Other(rec("a"))
+        );
         assert_eq!(h.get("meter-1/43").await.unwrap(), None);
     }
 }

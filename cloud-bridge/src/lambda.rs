@@ -7,9 +7,15 @@
 //!   which must then agree). An AWS IoT rule forwards the binary uplink with
 //!   `SELECT encode(*, 'base64') AS cbor, topic(2) AS gateway FROM 'gateways/+/results'`.
 //!   Response: `{"gateway", "results", "hwm"}` once every result is stored (or was already).
-//! - **SQS events** (the cloud DLQ) and **EventBridge/CloudWatch alarm events** (correction
-//!   triggers) are recognised and answered with an error saying they are not handled yet
-//!   (issues 4/5), so nothing pretends to have processed them.
+//! - **SQS events** (the cloud DLQ as an event source): each record goes through the DLQ
+//!   processor ([`crate::dlq::processor`]); the response lists the records that failed
+//!   (`{"batchItemFailures": [{"itemIdentifier": messageId}]}`, with `ReportBatchItemFailures`
+//!   on the event source mapping) so only those are retried.
+//! - **EventBridge events that trigger a correction run**: a CloudWatch alarm entering `ALARM`
+//!   (`detail-type: "CloudWatch Alarm State Change"`, e.g. on the `discrepancy_rate` metric)
+//!   re-verifies the objects of the alarm's day and the day before; `CorrectionRequested` with
+//!   `detail: {"since", "until"?, "gateway"?}` runs over the days asked for. The response is the
+//!   run's report. Other detail-types are refused with an error.
 //!
 //! A gap (the batch starts past the stored sequence) is held for `gap_hold_ms` re-checking;
 //! if it is still there, a `ReplayRequest` is published (when `[mqtt]` is configured) and the
@@ -28,6 +34,7 @@ use tracing::{info, warn};
 
 use crate::aws::Aws;
 use crate::config::Config;
+use crate::dlq::Received;
 use crate::metrics::Metrics;
 use crate::pipeline::{Held, Pipeline, Progress};
 use crate::service::{check_batch, publish_once};
@@ -36,8 +43,12 @@ use crate::service::{check_batch, publish_once};
 #[derive(Debug)]
 pub enum Payload {
     Batch(Batch),
-    Sqs,
-    EventBridge { detail_type: String },
+    Sqs(Vec<Received>),
+    EventBridge {
+        detail_type: String,
+        detail: Value,
+        time: Option<String>,
+    },
 }
 
 /// Tells the payload kinds apart (see the module doc).
@@ -48,15 +59,38 @@ pub fn classify(v: Value) -> anyhow::Result<Payload> {
     if let Some(Value::Array(records)) = o.get("Records") {
         if records
             .iter()
-            .any(|r| r.get("eventSource").and_then(Value::as_str) == Some("aws:sqs"))
+            .all(|r| r.get("eventSource").and_then(Value::as_str) == Some("aws:sqs"))
         {
-            return Ok(Payload::Sqs);
+            let text = |r: &Value, k: &str| {
+                r.get(k)
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string()
+            };
+            return Ok(Payload::Sqs(
+                records
+                    .iter()
+                    .map(|r| Received {
+                        body: text(r, "body"),
+                        receipt: text(r, "receiptHandle"),
+                        receive_count: r["attributes"]["ApproximateReceiveCount"]
+                            .as_str()
+                            .and_then(|c| c.parse().ok())
+                            .unwrap_or(1),
+                        message_id: text(r, "messageId"),
+                    })
+                    .collect(),
+            ));
         }
         bail!("unrecognised payload: a Records array that is not an SQS event");
     }
     if o.contains_key("detail-type") && o.contains_key("source") {
         let detail_type = o["detail-type"].as_str().unwrap_or_default().to_string();
-        return Ok(Payload::EventBridge { detail_type });
+        return Ok(Payload::EventBridge {
+            detail_type,
+            detail: o.remove("detail").unwrap_or(Value::Null),
+            time: o.get("time").and_then(Value::as_str).map(String::from),
+        });
     }
     if let Some(c) = o.remove("cbor") {
         let Value::String(b64) = c else {
@@ -91,14 +125,12 @@ pub fn classify(v: Value) -> anyhow::Result<Payload> {
 pub async fn handle(p: &Pipeline, payload: Value) -> anyhow::Result<Value> {
     let batch = match classify(payload)? {
         Payload::Batch(b) => b,
-        Payload::Sqs => bail!(
-            "recognised an SQS event (the cloud DLQ), which this version does not handle yet \
-             (issue 5); not processed"
-        ),
-        Payload::EventBridge { detail_type } => bail!(
-            "recognised an EventBridge event ({detail_type}), which this version does not handle \
-             yet (issue 4); not processed"
-        ),
+        Payload::Sqs(records) => return handle_sqs(p, records).await,
+        Payload::EventBridge {
+            detail_type,
+            detail,
+            time,
+        } => return handle_trigger(p, &detail_type, &detail, time.as_deref()).await,
     };
     check_batch(&batch).map_err(|e| anyhow!("{e}"))?;
     let gateway = batch.gateway.clone();
@@ -138,6 +170,64 @@ pub async fn handle(p: &Pipeline, payload: Value) -> anyhow::Result<Value> {
     }
 }
 
+/// The DLQ processor over an SQS event's records; failed ones are reported for a retry.
+async fn handle_sqs(p: &Pipeline, records: Vec<Received>) -> anyhow::Result<Value> {
+    let mut failed = Vec::new();
+    for r in &records {
+        if let Err(e) = crate::dlq::processor::settle(p, r).await {
+            warn!(message_id = %r.message_id, "DLQ message not handled: {e:#}");
+            failed.push(json!({ "itemIdentifier": r.message_id }));
+        }
+    }
+    Ok(json!({ "batchItemFailures": failed }))
+}
+
+/// A correction run for an alarm or an explicit request (see the module doc).
+async fn handle_trigger(
+    p: &Pipeline,
+    detail_type: &str,
+    detail: &Value,
+    time: Option<&str>,
+) -> anyhow::Result<Value> {
+    let (since, until, gateway) = match detail_type {
+        "CloudWatch Alarm State Change" => {
+            let state = detail["state"]["value"].as_str().unwrap_or_default();
+            if state != "ALARM" {
+                return Ok(json!({ "ignored": format!("alarm state {state}") }));
+            }
+            let now = time
+                .and_then(|t| proto::timestamp::parse_rfc3339(t).ok())
+                .unwrap_or_else(crate::now_ms);
+            let day = crate::pipeline::date_of(now);
+            (crate::pipeline::date_of(now - 86_400_000), Some(day), None)
+        }
+        "CorrectionRequested" => (
+            detail["since"]
+                .as_str()
+                .context("detail.since: required (YYYY-MM-DD)")?
+                .to_string(),
+            detail["until"].as_str().map(String::from),
+            detail["gateway"].as_str().map(String::from),
+        ),
+        other => bail!(
+            "EventBridge event '{other}' is not a correction trigger (expected \
+             'CloudWatch Alarm State Change' or 'CorrectionRequested')"
+        ),
+    };
+    let keys = crate::correction::select_objects(
+        &*p.sink.objects,
+        &p.cfg.aws.prefix,
+        &since,
+        until.as_deref(),
+        gateway.as_deref(),
+    )
+    .await?;
+    let run_id = format!("run-{}", crate::now_ms());
+    let report = crate::correction::run_over(p, &keys, &run_id).await?;
+    info!(?report, %since, "correction run finished");
+    Ok(serde_json::to_value(report)?)
+}
+
 /// Runs the Lambda runtime loop (`AWS_LAMBDA_RUNTIME_API` names the Runtime API).
 pub async fn run(cfg: Arc<Config>) -> Result<(), lambda_runtime::Error> {
     let aws = Aws::connect(&cfg.aws).await;
@@ -163,7 +253,7 @@ mod tests {
     #[test]
     fn classifies_payloads() {
         let sqs = json!({"Records": [{"eventSource": "aws:sqs", "body": "{}"}]});
-        assert!(matches!(classify(sqs).unwrap(), Payload::Sqs));
+        assert!(matches!(classify(sqs).unwrap(), Payload::Sqs(r) if r.len() == 1));
         let eb = json!({"detail-type": "EventCorrected", "source": "x", "detail": {}});
         assert!(matches!(classify(eb).unwrap(), Payload::EventBridge { .. }));
         let batch = Batch {

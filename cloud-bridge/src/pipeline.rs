@@ -174,6 +174,7 @@ impl Pipeline {
                     info!(gateway, from = c.from, to = c.to, owner = %c.owner, key = %c.key,
                         "completing an unfinished claimed range (its bridge crashed or failed mid-way)");
                     if self.store_claimed(gateway, &c, held).await? {
+                        held.retain(|&k, _| k > c.to);
                         rounds = 0;
                     }
                     continue;
@@ -205,6 +206,8 @@ impl Pipeline {
                 continue;
             }
             if self.store_claimed(gateway, &claim, held).await? {
+                // Stored: what is left in `held` past the hwm is only ever a redelivery.
+                held.retain(|&k, _| k > claim.to);
                 rounds = 0;
             }
         }
@@ -214,9 +217,14 @@ impl Pipeline {
     /// commit found the claim gone (taken over, or completed by another bridge).
     async fn store_claimed(&self, gateway: &str, c: &Claim, held: &Held) -> anyhow::Result<bool> {
         let half = self.cfg.pipeline.claim_timeout_ms as i64 / 2;
-        let mut records: Vec<EventResult> = held.range(c.from..=c.to).map(|(_, r)| r.clone()).collect();
+        let mut records: Vec<EventResult> =
+            held.range(c.from..=c.to).map(|(_, r)| r.clone()).collect();
         let dead_letters = match &self.verifier {
-            Some(v) => v.review(gateway, &mut records, &c.key, &self.metrics, now_ms()).await?.dead_letters,
+            Some(v) => {
+                v.review(gateway, &mut records, &c.key, &self.metrics, now_ms())
+                    .await?
+                    .dead_letters
+            }
             None => Vec::new(),
         };
         let mut body = Vec::new();

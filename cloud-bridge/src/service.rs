@@ -89,7 +89,10 @@ pub async fn run_with(
     );
 
     let dlq_processor = cfg.dlq.process.then(|| {
-        tokio::spawn(crate::dlq::processor::run(pipeline.clone(), shutdown.clone()))
+        tokio::spawn(crate::dlq::processor::run(
+            pipeline.clone(),
+            shutdown.clone(),
+        ))
     });
 
     let flusher = tokio::spawn({

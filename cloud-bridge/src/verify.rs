@@ -30,8 +30,9 @@ struct Stream {
     /// Seen from the gateway's first result on, without a break: a device not in `readings`
     /// has no previous reading at all.
     complete: bool,
-    /// (device, type) → the last reading the edge will have used.
-    readings: HashMap<(String, String), Reading>,
+    /// (device, type) → the last reading seen, and whether it is surely the one the edge
+    /// used next (false after a break in `edge_seq`: the missing range may hold a newer one).
+    readings: HashMap<(String, String), (Reading, bool)>,
 }
 
 #[derive(Debug)]
@@ -50,7 +51,12 @@ pub struct Review {
 }
 
 impl Verifier {
-    pub fn new(engine: Arc<Engine>, history: Arc<dyn crate::history::CorrectionHistory>, cfg: &VerifyConfig, owner: String) -> Verifier {
+    pub fn new(
+        engine: Arc<Engine>,
+        history: Arc<dyn crate::history::CorrectionHistory>,
+        cfg: &VerifyConfig,
+        owner: String,
+    ) -> Verifier {
         Verifier {
             corrector: Corrector {
                 engine,
@@ -62,6 +68,10 @@ impl Verifier {
             max_devices: cfg.max_devices,
             streams: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn tolerance(&self) -> f64 {
+        self.tolerance
     }
 
     /// Whether `event_id` is in the sample (the same answer on every bridge).
@@ -93,15 +103,27 @@ impl Verifier {
             };
             if first.edge_seq != s.next {
                 if s.next != 0 {
-                    info!(gateway, expected = s.next, got = first.edge_seq,
-                        "verifier lost the gateway's thread: previous readings forgotten until seen again");
+                    info!(
+                        gateway,
+                        expected = s.next,
+                        got = first.edge_seq,
+                        "verifier lost the gateway's thread: previous readings forgotten until seen again"
+                    );
                 }
-                s.readings.clear();
+                for (_, sure) in s.readings.values_mut() {
+                    *sure = false;
+                }
                 s.complete = first.edge_seq == 1;
             }
             for (i, r) in records.iter().enumerate() {
                 let k = (r.device.clone(), r.event_type.clone());
-                let prev = s.readings.get(&k);
+                // An unsure reading is still the previous one if the device's seq says nothing
+                // came in between.
+                let prev = s
+                    .readings
+                    .get(&k)
+                    .filter(|(p, sure)| *sure || p.seq + 1 == r.seq)
+                    .map(|(p, _)| p);
                 if self.sampled(&r.event_id) {
                     let known = if prev.is_some() || s.complete {
                         Previous::Known(prev)
@@ -118,13 +140,18 @@ impl Verifier {
                         }
                     }
                 }
-                if advances_previous(r, prev) {
-                    s.readings.insert(k, Reading::from_result(r));
+                let last = s.readings.get(&k).map(|(p, _)| p);
+                if advances_previous(r, last) {
+                    s.readings.insert(k, (Reading::from_result(r), true));
                 }
             }
             s.next = records.last().map_or(s.next, |r| r.edge_seq + 1);
             if s.readings.len() > self.max_devices {
-                warn!(gateway, max = self.max_devices, "verify.max_devices reached: previous readings forgotten");
+                warn!(
+                    gateway,
+                    max = self.max_devices,
+                    "verify.max_devices reached: previous readings forgotten"
+                );
                 s.readings.clear();
                 s.complete = false;
             }
@@ -151,7 +178,11 @@ impl Verifier {
                 continue;
             }
             let request = format!("verify:{gateway}:{}", r.edge_seq);
-            match self.corrector.correct(r, prev, &reason, &request, now).await? {
+            match self
+                .corrector
+                .correct(r, prev, &reason, &request, now)
+                .await?
+            {
                 Applied::Corrected(fixed) => {
                     info!(gateway, event_id = %r.event_id, %reason, "corrected");
                     Metrics::add(&metrics.corrected, 1);
@@ -161,7 +192,9 @@ impl Verifier {
                     warn!(gateway, event_id = %r.event_id, request = %by.request,
                         "already corrected by another request: stored as received");
                 }
-                Applied::DeadLetter(reason) => review.dead_letters.push(dead(Stage::Correction, reason)),
+                Applied::DeadLetter(reason) => {
+                    review.dead_letters.push(dead(Stage::Correction, reason))
+                }
                 Applied::Failed(rej) => review.dead_letters.push(dead(
                     Stage::Cloud,
                     format!("{reason}; recalculation failed: {}", rej.reason),

@@ -186,8 +186,9 @@ async fn lambda_runtime_loop_end_to_end() {
         json_batch,
         // a gap: nothing stored, an error so that Lambda retries
         serde_json::to_value(batch(gw, 41..=45)).unwrap(),
-        // (b) recognised but not handled yet: errors, not fake successes
+        // (b) an SQS (DLQ) record that is not a DLQ message: stored under failures/
         json!({ "Records": [{ "eventSource": "aws:sqs", "messageId": "m1", "body": "{}" }] }),
+        // (c) an EventBridge event that is not a correction trigger: refused
         json!({ "detail-type": "EventCorrected", "source": "iot.edge-pipeline", "detail": {} }),
         json!({ "what": "ever" }),
     ];
@@ -228,7 +229,20 @@ async fn lambda_runtime_loop_end_to_end() {
     let msg = gap.body["errorMessage"].as_str().unwrap();
     assert!(msg.contains("gap") && msg.contains("31..=40"), "{msg}");
 
-    for what in ["SQS", "EventBridge", "unrecognised"] {
+    let sqs = api.next_outcome().await;
+    assert_eq!(sqs.kind, "response", "{sqs:?}");
+    assert_eq!(sqs.body, json!({ "batchItemFailures": [] }));
+    let failures = aws.objects(&names.bucket, "failures/").await;
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures
+            .values()
+            .next()
+            .unwrap()
+            .contains("not a DLQ message")
+    );
+
+    for what in ["not a correction trigger", "unrecognised"] {
         let o = api.next_outcome().await;
         assert_eq!(o.kind, "error", "{what}: {o:?}");
         let msg = o.body["errorMessage"]

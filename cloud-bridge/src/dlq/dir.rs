@@ -70,7 +70,10 @@ impl DirQueue {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e).with_context(|| format!("reading {name}")),
             };
-            *slot = (now + Duration::from_secs(visibility_s.max(0) as u64), slot.1 + 1);
+            *slot = (
+                now + Duration::from_secs(visibility_s.max(0) as u64),
+                slot.1 + 1,
+            );
             out.push(Received {
                 body,
                 receipt: name.clone(),

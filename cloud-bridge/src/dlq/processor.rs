@@ -57,7 +57,10 @@ pub async fn handle(p: &Pipeline, body: &str) -> anyhow::Result<Handled> {
         }
     };
     let Some(corrector) = p.verifier.as_ref().map(|v| &v.corrector) else {
-        let reason = format!("{}; cannot recalculate: [verify] is not configured", msg.reason);
+        let reason = format!(
+            "{}; cannot recalculate: [verify] is not configured",
+            msg.reason
+        );
         return store_failure(p, Some(&msg), body, reason).await;
     };
     if let Some(c) = &record.correction {
@@ -67,11 +70,17 @@ pub async fn handle(p: &Pipeline, body: &str) -> anyhow::Result<Handled> {
     if let Some(h) = corrector.history.get(&record.event_id).await?
         && h.request != msg.id
     {
-        let reason = format!("{} (corrected before by {}: {})", msg.reason, h.request, h.reason);
+        let reason = format!(
+            "{} (corrected before by {}: {})",
+            msg.reason, h.request, h.reason
+        );
         return store_failure(p, Some(&msg), body, reason).await;
     }
     if msg.previous.is_none() && needs_previous(&corrector.engine, &record) {
-        let reason = format!("{}; cannot recalculate: the previous reading is unknown", msg.reason);
+        let reason = format!(
+            "{}; cannot recalculate: the previous reading is unknown",
+            msg.reason
+        );
         return store_failure(p, Some(&msg), body, reason).await;
     }
     let reason = format!("dlq retry: {}", msg.reason);
@@ -108,7 +117,9 @@ pub async fn handle(p: &Pipeline, body: &str) -> anyhow::Result<Handled> {
             );
             let mut line = serde_json::to_vec(&*fixed)?;
             line.push(b'\n');
-            p.sink.put_object(&key, line, "application/x-ndjson").await?;
+            p.sink
+                .put_object(&key, line, "application/x-ndjson")
+                .await?;
             key
         }
     };
@@ -151,21 +162,27 @@ async fn store_failure(
     Ok(Handled::Failure { key, reason })
 }
 
-/// Handles one received message and deletes it once handled. A message that failed
-/// `dlq.max_receives` times is stored under `failures/` with the last error.
-pub async fn process(p: &Pipeline, m: &Received) -> anyhow::Result<Handled> {
-    let handled = match handle(p, &m.body).await {
-        Ok(h) => h,
+/// Handles one received message; a message that failed `dlq.max_receives` times is stored
+/// under `failures/` with the last error. The caller deletes it on `Ok` (the Lambda's event
+/// source mapping does that itself).
+pub async fn settle(p: &Pipeline, m: &Received) -> anyhow::Result<Handled> {
+    match handle(p, &m.body).await {
+        Ok(h) => Ok(h),
         Err(e) if m.receive_count >= p.cfg.dlq.max_receives => {
             let msg = serde_json::from_str::<DlqMessage>(&m.body).ok();
             let reason = format!(
                 "the DLQ processor failed {} times; last error: {e:#}",
                 m.receive_count
             );
-            store_failure(p, msg.as_ref(), &m.body, reason).await?
+            store_failure(p, msg.as_ref(), &m.body, reason).await
         }
-        Err(e) => return Err(e),
-    };
+        Err(e) => Err(e),
+    }
+}
+
+/// [`settle`], then deletes the message from the queue.
+pub async fn process(p: &Pipeline, m: &Received) -> anyhow::Result<Handled> {
+    let handled = settle(p, m).await?;
     p.dlq.delete(&m.receipt).await?;
     Ok(handled)
 }
@@ -175,10 +192,7 @@ pub async fn process(p: &Pipeline, m: &Received) -> anyhow::Result<Handled> {
 pub async fn drain(p: &Pipeline) -> anyhow::Result<Drained> {
     let mut d = Drained::default();
     loop {
-        let got = p
-            .dlq
-            .receive(10, 0, p.cfg.dlq.visibility_timeout_s)
-            .await?;
+        let got = p.dlq.receive(10, 0, p.cfg.dlq.visibility_timeout_s).await?;
         if got.is_empty() {
             return Ok(d);
         }
@@ -187,7 +201,10 @@ pub async fn drain(p: &Pipeline) -> anyhow::Result<Drained> {
                 Ok(Handled::Corrected { .. }) => d.corrected += 1,
                 Ok(Handled::Failure { .. }) => d.failures += 1,
                 Err(e) => {
-                    warn!("DLQ message {}: {e:#} (retried after the visibility timeout)", m.message_id);
+                    warn!(
+                        "DLQ message {}: {e:#} (retried after the visibility timeout)",
+                        m.message_id
+                    );
                     d.retried_later += 1;
                 }
             }
@@ -223,7 +240,10 @@ pub async fn run(p: Pipeline, shutdown: CancellationToken) {
             }
             next = next.max(Instant::now()) + gap;
             if let Err(e) = process(&p, m).await {
-                warn!("DLQ message {}: {e:#} (retried after the visibility timeout)", m.message_id);
+                warn!(
+                    "DLQ message {}: {e:#} (retried after the visibility timeout)",
+                    m.message_id
+                );
             }
         }
     }

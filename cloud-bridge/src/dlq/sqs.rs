@@ -1,7 +1,9 @@
 //! The DLQ as an SQS queue.
 
 use anyhow::Context as _;
-use aws_sdk_sqs::types::{MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry};
+use aws_sdk_sqs::types::{
+    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
+};
 use tokio::sync::OnceCell;
 
 use super::{DeadLetterQueue, DlqMessage, Received};
@@ -36,7 +38,10 @@ impl SqsQueue {
                     .await
                     .map_err(err)
                     .with_context(|| {
-                        format!("SQS GetQueueUrl {} (run `cloud-bridge provision`?)", self.name)
+                        format!(
+                            "SQS GetQueueUrl {} (run `cloud-bridge provision`?)",
+                            self.name
+                        )
                     })?;
                 out.queue_url
                     .with_context(|| format!("SQS GetQueueUrl {}: no URL", self.name))
@@ -81,7 +86,12 @@ impl SqsQueue {
         Ok(())
     }
 
-    async fn receive_some(&self, max: i32, wait_s: i32, visibility_s: i32) -> anyhow::Result<Vec<Received>> {
+    async fn receive_some(
+        &self,
+        max: i32,
+        wait_s: i32,
+        visibility_s: i32,
+    ) -> anyhow::Result<Vec<Received>> {
         let url = self.url().await?.to_string();
         let out = self
             .client

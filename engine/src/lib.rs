@@ -35,6 +35,7 @@
 //! The expression language (variables, `delta`/`rate`/`prev`/`dt`/`has`, pure functions) is
 //! documented in [`expr`] and [`functions`]; the config format in [`spec`].
 
+pub mod anomaly;
 pub mod calc;
 pub mod check;
 mod engine;
@@ -53,6 +54,8 @@ pub use engine::{Engine, Input, Outcome, Rejection, flags};
 pub use expr::Scalar;
 pub use functions::haversine_m;
 pub use seq::{SeqClass, SeqRange, SeqTracker};
-pub use spec::{CalcSpec, EngineSpec, EventTypeSpec, FieldSpec, FieldType, RuleSpec, SpecError};
+pub use spec::{
+    AnomalySpec, CalcSpec, EngineSpec, EventTypeSpec, FieldSpec, FieldType, RuleSpec, SpecError,
+};
 pub use state::{DeviceState, Reading, State};
 pub use topic::TopicPattern;

@@ -36,7 +36,7 @@
 //!
 //! [event_types.meter.anomaly]            # streaming detectors (not part of calc_version)
 //! fields = ["kwh"]                       # numeric data or derived fields
-//! # warmup = 60, alpha = 0.3, drift_alpha = 0.02, z_threshold = 6, drift_threshold = 12,
+//! # warmup = 60, alpha = 0.3, drift_alpha = 0.03, z_threshold = 6, drift_threshold = 12,
 //! # stuck_repeats = 8
 //! ```
 
@@ -159,7 +159,7 @@ impl AnomalySpec {
         0.3
     }
     fn default_drift_alpha() -> f64 {
-        0.02
+        0.03
     }
     fn default_z_threshold() -> f64 {
         6.0

@@ -1,5 +1,6 @@
 //! The engine's memory between events: per device, its sequence tracker and, per event type,
-//! its previous accepted reading (for `prev.x`, `delta`, `rate`, `dt`).
+//! its previous accepted reading (for `prev.x`, `delta`, `rate`, `dt`) and the anomaly
+//! detectors of its watched fields (a fixed-size struct each).
 //!
 //! The engine mutates a [`State`] the caller owns; the caller persists the devices each batch
 //! touched ([`State::take_dirty`]; `DeviceState` is serde, e.g. CBOR) and loads them back at

@@ -17,8 +17,8 @@
 //! - **spike**: `|x − fast forecast| / σ` over `z_threshold`.
 //! - **drift**: a two-sided CUSUM of standardized slow-baseline residuals (each clipped to
 //!   ±[`CLIP`] so a single spike adds at most `CLIP − DRIFT_K`), over `drift_threshold`. On
-//!   an alarm the slow baseline adopts the fast one (the new level is accepted) and the sums
-//!   restart, so one shift raises one or a few flags, not a flag per event forever.
+//!   an alarm the slow baseline adopts the fast one's level (the new level is accepted) and
+//!   the sums restart, so one shift raises one or a few flags, not a flag per event forever.
 //! - **stuck**: the current run of bit-identical values over `max(stuck_repeats, r)`, where
 //!   r is the run length that the field's own change rate p makes unlikely by chance,
 //!   `(1 − p)^(r−1) ≤ 1e-6` (a humidity reported in whole percent repeats often; a voltage in
@@ -36,7 +36,7 @@
 //! - **Deterministic and total.** No clock, no randomness; a non-finite value is ignored (no
 //!   score, no update), and every stored number stays finite.
 //! - **Forward only.** Events that are out of order, late or replayed are scored against the
-//!   current state without changing it ([`Detectors::run`]'s `learn`).
+//!   current state without changing it.
 
 use std::collections::BTreeMap;
 

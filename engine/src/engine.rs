@@ -413,6 +413,9 @@ impl Engine {
                 flags.extend(verdict.flags);
             }
             anomaly_score = verdict.score;
+        } else if !entry.state.anomaly.is_empty() {
+            // The type's anomaly table was removed from the config: drop its detectors.
+            entry.state.anomaly.remove(etype);
         }
         if !out_of_order {
             let items = t

@@ -284,8 +284,17 @@ impl FieldDetector {
         if repeat {
             self.run = self.run.saturating_add(1);
         } else {
-            // Fold the run that just ended in: run − 1 repeats, then this change.
-            let repeats = self.run.saturating_sub(1).min(10_000) as i32;
+            // Fold the run that just ended in: run − 1 repeats, then this change. A run that
+            // was flagged stuck was a fault, not the field's nature: it is left out.
+            let was_stuck = s.armed
+                && self
+                    .stuck_needed(p)
+                    .is_some_and(|needed| f64::from(self.run) >= needed);
+            let repeats = if was_stuck {
+                0
+            } else {
+                self.run.saturating_sub(1).min(10_000) as i32
+            };
             self.change_rate *= (1.0 - rate_gain).powi(repeats);
             self.change_rate += rate_gain * (1.0 - self.change_rate);
             self.run = 1;

@@ -158,6 +158,16 @@ fn stuck_fires_on_a_frozen_value_and_adapts_to_coarse_resolution() {
         false_alarms <= 2,
         "{false_alarms} flags after the sensor recovered"
     );
+    // The stuck run did not teach the detector that the field repeats: a second one is
+    // caught as fast as the first.
+    let frozen = signal(i + 300, &mut noise);
+    let mut fired_at = None;
+    for j in 0..30 {
+        if feed(&mut d, frozen, &p).contains(&Kind::Stuck) {
+            fired_at.get_or_insert(j + 1);
+        }
+    }
+    assert_eq!(fired_at, Some(p.stuck_repeats as usize));
 
     // Whole-number resolution repeats often by chance: no flags on plain noise.
     let mut d = FieldDetector::default();

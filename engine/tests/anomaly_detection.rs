@@ -15,7 +15,7 @@
 //! | field         | base | cycle amplitude | σ (noise) | resolution |
 //! |---------------|------|-----------------|-----------|------------|
 //! | voltage_v     | 230  | 3 V             | 0.8 V     | 0.1 V      |
-//! | current_a     | 8    | 4 A             | 0.4 A     | 0.01 A     |
+//! | current_a     | 12   | 4 A             | 0.4 A     | 0.01 A     |
 //! | temperature_c | 21   | 2.5 °C          | 0.15 °C   | 0.01 °C    |
 //! | humidity_pct  | 45   | 8 %             | 0.8 %     | 0.1 %      |
 //!
@@ -134,7 +134,9 @@ const METER: [Channel; 2] = [
     },
     Channel {
         name: "current_a",
-        base: 8.0,
+        // High enough that cycle + wander + a drift never reach 0 A: a current clamped at
+        // 0 would make `power_w` repeat 0 W, a stuck-looking stretch nobody labelled.
+        base: 12.0,
         amp: 4.0,
         sigma: 0.4,
         resolution: 0.01,

@@ -303,9 +303,12 @@ impl FieldDetector {
         let stuck = s.armed && s.stuck >= 1.0;
 
         // Baselines. While stuck, only extrapolate: the frozen value is not the process.
+        // Clip once the scale means something (a few samples in), not only once armed: an
+        // outlier early in the warm-up must not inflate the scale for hundreds of samples.
         let sigma = self.sigma();
+        let clip_on = s.armed || self.n > 10;
         let clip = |e: f64| {
-            if s.armed {
+            if clip_on {
                 e.clamp(-CLIP * sigma, CLIP * sigma)
             } else {
                 e

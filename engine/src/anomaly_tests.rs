@@ -197,6 +197,23 @@ fn warmup_silences_everything() {
 }
 
 #[test]
+fn an_outlier_during_warmup_does_not_blind_the_detector() {
+    let p = Params::default();
+    let mut noise = Noise(8);
+    let mut d = FieldDetector::default();
+    for i in 0..p.warmup as usize {
+        let x = if i == 20 { 1e6 } else { signal(i, &mut noise) };
+        feed(&mut d, x, &p);
+    }
+    assert!(d.sigma() < 5.0, "sigma {}", d.sigma());
+    let i = p.warmup as usize;
+    assert_eq!(
+        feed(&mut d, signal(i, &mut noise) + 15.0, &p),
+        [Kind::Spike]
+    );
+}
+
+#[test]
 fn extreme_values_keep_the_state_finite() {
     let p = Params::default();
     let mut noise = Noise(6);

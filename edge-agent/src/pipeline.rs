@@ -448,6 +448,16 @@ impl Pipeline {
 
     /// After any commit: report the DLQ entries evicted by the cap.
     fn after_commit(&self, commit: &Commit) {
+        // Counted after the commit, like every other outcome: a result flagged by the
+        // engine's anomaly detectors is durable in the outbox by now.
+        let anomalies = commit
+            .results
+            .iter()
+            .filter(|r| r.status == proto::Status::Anomaly)
+            .count() as u64;
+        if anomalies > 0 {
+            metrics::counter!(m::ANOMALIES).increment(anomalies);
+        }
         let dropped = &commit.dlq_dropped;
         if dropped.is_empty() {
             return;

@@ -19,6 +19,7 @@ pub const DUPLICATES: &str = "edge_duplicates_total";
 pub const GAPS: &str = "edge_gaps_total";
 pub const MISSED: &str = "edge_missed_events_total";
 pub const LATE: &str = "edge_late_arrivals_total";
+pub const ANOMALIES: &str = "edge_anomalies_total";
 pub const OUTBOX_DEPTH: &str = "edge_outbox_entries";
 pub const OUTBOX_BYTES: &str = "edge_outbox_bytes";
 pub const OUTBOX_DROPPED: &str = "edge_outbox_dropped_total";
@@ -125,6 +126,10 @@ fn describe() {
     describe_counter!(GAPS, "Sequence gaps detected (device seq jumped ahead)");
     describe_counter!(MISSED, "Events missing inside detected gaps");
     describe_counter!(LATE, "Late arrivals that filled a gap");
+    describe_counter!(
+        ANOMALIES,
+        "Results the engine's anomaly detectors flagged (status anomaly)"
+    );
     describe_gauge!(OUTBOX_DEPTH, "Results waiting in the outbox for the cloud");
     describe_gauge!(
         OUTBOX_BYTES,

@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 
 use proto::{EventResult, Fields, Limits, Stage, Status};
 
+use crate::anomaly::Detectors;
 use crate::calc::{self, Calc};
 use crate::check::Checks;
 use crate::expr::{self, EvalValue, Frame, Scope, Slots};
@@ -95,6 +96,8 @@ struct TypeEngine {
     rules: Rules,
     calc: Calc,
     checks: Checks,
+    /// `None`: no `anomaly` table.
+    anomaly: Option<Detectors>,
 }
 
 /// What a type's evaluation needs besides the type.
@@ -157,6 +160,11 @@ impl TypeEngine {
         let rules = Rules::compile(&path, spec, &scope, &mut slots)?;
         let calc = Calc::compile(&path, name, spec, &scope, &mut slots)?;
         let checks = Checks::compile(&path, &spec.checks, &scope, &mut slots)?;
+        let anomaly = spec
+            .anomaly
+            .as_ref()
+            .map(|a| Detectors::compile(&path, a, &schema, &derived))
+            .transpose()?;
         Ok(TypeEngine {
             name: name.to_string(),
             schema,
@@ -164,6 +172,7 @@ impl TypeEngine {
             rules,
             calc,
             checks,
+            anomaly,
         })
     }
 
@@ -393,6 +402,21 @@ impl Engine {
         if input.replay {
             flags.push(flags::REPLAY.to_string());
         }
+        // Detectors learn only from events in order: a late, out-of-order or replayed event
+        // is scored against the current baselines and leaves them as they are.
+        let (mut status, mut anomaly_score) = (Status::Ok, 0.0);
+        if let Some(d) = &t.anomaly {
+            let learn = !out_of_order && !late && !input.replay;
+            let verdict = d.run(entry.state.detectors_mut(etype), &msg.data, &derived, learn);
+            if !verdict.flags.is_empty() {
+                status = Status::Anomaly;
+                flags.extend(verdict.flags);
+            }
+            anomaly_score = verdict.score;
+        } else if !entry.state.anomaly.is_empty() {
+            // The type's anomaly table was removed from the config: drop its detectors.
+            entry.state.anomaly.remove(etype);
+        }
         if !out_of_order {
             let items = t
                 .data_items(&msg.data)
@@ -414,9 +438,9 @@ impl Engine {
             result: t.calc.result_fields(&derived),
             input: msg.data,
             calc_version: t.calc.version().to_string(),
-            status: Status::Ok,
+            status,
             flags,
-            anomaly_score: 0.0,
+            anomaly_score,
             processed_at: input.received_at,
             correction: None,
         };

@@ -737,3 +737,198 @@ fn only_failures_for_want_of_a_previous_reading_are_transient() {
     assert_eq!(r.stage, Stage::Schema);
     assert!(!r.transient);
 }
+
+// ── Anomaly detectors in the pipeline ─────────────────────────────────────────────────────
+
+fn anomaly_run(extra: &str) -> Run {
+    let text = format!(
+        "{SPEC}\n[event_types.meter.anomaly]\nfields = [\"voltage\", \"power_w\"]\nwarmup = 10\n{extra}"
+    );
+    let spec: EngineSpec = toml::from_str(&text).unwrap();
+    Run {
+        engine: Engine::new(&spec).unwrap(),
+        state: State::new(),
+    }
+}
+
+/// Readings 1..=n at one a second with a little deterministic jitter on the voltage.
+fn warm_meter(run: &mut Run, n: u64) {
+    for i in 1..=n {
+        let v = 230.0 + [0.4, -0.3, 0.1, -0.5, 0.2, 0.6, -0.1][(i % 7) as usize];
+        let (r, _, _) = accepted(run.meter(
+            i,
+            T0 + i as i64 * 1000,
+            json!({"kwh": i, "voltage": v, "current": 2}),
+        ));
+        assert_eq!(r.status, Status::Ok, "reading {i}: {:?}", r.flags);
+    }
+}
+
+#[test]
+fn a_spike_is_flagged_and_scored() {
+    let mut run = anomaly_run("");
+    warm_meter(&mut run, 40);
+    let prev = run
+        .state
+        .device("meter-1")
+        .unwrap()
+        .previous("meter")
+        .cloned();
+    let (r, _, _) = accepted(run.meter(
+        41,
+        T0 + 41_000,
+        json!({"kwh": 41, "voltage": 300, "current": 2}),
+    ));
+    assert_eq!(r.status, Status::Anomaly);
+    assert_eq!(r.flags, ["anomaly:spike:voltage", "anomaly:spike:power_w"]);
+    assert!(r.anomaly_score >= 1.0, "{}", r.anomaly_score);
+    // The values are untouched and recompute (verification) agrees.
+    assert_eq!(num(&r, "power_w"), 600.0);
+    assert_eq!(run.engine.recompute(&r, prev.as_ref()).unwrap(), r.result);
+    // A normal reading afterwards scores well below 1.
+    let (r, _, _) = accepted(run.meter(
+        43,
+        T0 + 43_000,
+        json!({"kwh": 43, "voltage": 230.1, "current": 2}),
+    ));
+    assert_eq!(r.status, Status::Ok);
+    assert!(r.anomaly_score < 1.0);
+}
+
+#[test]
+fn without_an_anomaly_table_the_score_is_zero() {
+    let mut run = Run::new();
+    for i in 1..=30 {
+        let v = if i == 30 { 400 } else { 230 };
+        let (r, _, _) =
+            accepted(run.meter(i, T0 + i as i64 * 1000, json!({"kwh": i, "voltage": v})));
+        assert_eq!((r.status, r.anomaly_score), (Status::Ok, 0.0));
+    }
+    assert!(
+        run.state
+            .device("meter-1")
+            .unwrap()
+            .detectors("meter")
+            .is_none()
+    );
+}
+
+#[test]
+fn late_out_of_order_and_replayed_events_are_scored_but_not_learned() {
+    let mut run = anomaly_run("");
+    warm_meter(&mut run, 40);
+    let before = run
+        .state
+        .device("meter-1")
+        .unwrap()
+        .detectors("meter")
+        .unwrap()
+        .clone();
+    // Skip seq 41, then deliver it late (and out of order) with a spike: flagged, not learned.
+    accepted(run.meter(
+        42,
+        T0 + 42_000,
+        json!({"kwh": 42, "voltage": 230, "current": 2}),
+    ));
+    let learned = run
+        .state
+        .device("meter-1")
+        .unwrap()
+        .detectors("meter")
+        .unwrap()
+        .clone();
+    assert_ne!(learned, before);
+    let (r, _, late) = accepted(run.meter(
+        41,
+        T0 + 41_000,
+        json!({"kwh": 41, "voltage": 300, "current": 2}),
+    ));
+    assert!(late);
+    assert_eq!(r.status, Status::Anomaly);
+    assert_eq!(
+        run.state
+            .device("meter-1")
+            .unwrap()
+            .detectors("meter")
+            .unwrap(),
+        &learned
+    );
+    // A replay of an in-order message: scored, not learned.
+    let p = payload(
+        "m43",
+        43,
+        T0 + 43_000,
+        json!({"kwh": 43, "voltage": 229.9, "current": 2}),
+    );
+    let (r, _, _) = accepted(run.raw("devices/meter-1/events/meter", &p, T0 + 43_500, true));
+    assert!(r.flags.contains(&"replay".to_string()));
+    assert_eq!(
+        run.state
+            .device("meter-1")
+            .unwrap()
+            .detectors("meter")
+            .unwrap(),
+        &learned
+    );
+}
+
+#[test]
+fn anomaly_config_errors_name_the_path_and_leave_calc_version_alone() {
+    let base = "[event_types.meter.fields]\nkwh = { type = \"number\" }\nstate = { type = \"string\" }\n\
+                [[event_types.meter.calc]]\nname = \"twice\"\nexpr = \"kwh * 2\"\n\
+                [event_types.meter.anomaly]\n";
+    assert_eq!(
+        spec_error(&format!("{base}fields = [\"kwh\", \"volts\"]")),
+        "event_types.meter.anomaly.fields[1]: unknown field 'volts' (data and derived fields: kwh, twice)"
+    );
+    assert_eq!(
+        spec_error(&format!("{base}fields = [\"state\"]")),
+        "event_types.meter.anomaly.fields[0]: 'state' is a string field: only numeric fields can be watched"
+    );
+    assert_eq!(
+        spec_error(&format!("{base}fields = [\"kwh\"]\nalpha = 2")),
+        "event_types.meter.anomaly.alpha: must be between 0 and 1 (exclusive)"
+    );
+    let e = toml::from_str::<EngineSpec>(&format!("{base}fields = [\"kwh\"]\nz = 3")).unwrap_err();
+    assert!(e.to_string().contains("unknown field `z`"), "{e}");
+
+    let with: EngineSpec = toml::from_str(&format!("{base}fields = [\"kwh\", \"twice\"]")).unwrap();
+    let without: EngineSpec =
+        toml::from_str(base.trim_end_matches("[event_types.meter.anomaly]\n")).unwrap();
+    assert_eq!(
+        Engine::new(&with).unwrap().calc_version("meter"),
+        Engine::new(&without).unwrap().calc_version("meter")
+    );
+}
+
+#[test]
+fn device_state_without_detectors_still_loads() {
+    // A state written before the detectors existed: no `anomaly` key.
+    let mut run = Run::new();
+    accepted(run.meter(1, T0, json!({"kwh": 1})));
+    let old = run.state.device("meter-1").unwrap().clone();
+    let mut bytes = Vec::new();
+    ciborium::into_writer(&old, &mut bytes).unwrap();
+    let value: ciborium::Value = ciborium::from_reader(bytes.as_slice()).unwrap();
+    let keys: Vec<String> = value
+        .as_map()
+        .unwrap()
+        .iter()
+        .filter_map(|(k, _)| k.as_text().map(str::to_string))
+        .collect();
+    assert_eq!(keys, ["seq", "previous"]);
+    let back: crate::DeviceState = ciborium::from_reader(bytes.as_slice()).unwrap();
+    let mut run = anomaly_run("");
+    run.state.insert("meter-1".into(), back);
+    let (r, _, _) = accepted(run.meter(2, T0 + 1000, json!({"kwh": 2, "voltage": 230})));
+    assert_eq!(r.status, Status::Ok);
+    assert_eq!(
+        run.state
+            .device("meter-1")
+            .unwrap()
+            .detectors("meter")
+            .unwrap()["voltage"]
+            .samples(),
+        1
+    );
+}

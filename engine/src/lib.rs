@@ -12,7 +12,9 @@
 //! [`proto::decode_message`]), checks the envelope against the topic, tracks the device's
 //! sequence ([`seq`]), validates `data` against the event type's schema ([`schema`]), applies
 //! the rules ([`rules`]), computes the derived fields ([`calc`]) and checks them ([`check`]),
-//! and returns an [`Outcome`]: an [`EventResult`](proto::EventResult), a duplicate, or a
+//! runs the type's streaming anomaly detectors over the watched fields ([`anomaly`]: spike,
+//! drift, stuck; they set `status`, `flags` and `anomaly_score`, never the values), and
+//! returns an [`Outcome`]: an [`EventResult`](proto::EventResult), a duplicate, or a
 //! [`Rejection`] for the DLQ. The bridge recomputes results with [`Engine::recompute`] and
 //! compares; [`Engine::calc_version`] names the calculation that produced a result.
 //!
@@ -29,12 +31,16 @@
 //! - **State only moves forward on purpose.** A message's `seq` is recorded as soon as its
 //!   envelope is valid (so a rejected message is "in the DLQ", not "missed"); the previous
 //!   reading changes only when an event is accepted and is newer than the stored one.
+//! - **Bounded.** Per device the state is the sequence tracker, one previous reading per type
+//!   and one fixed-size [`anomaly::FieldDetector`] per watched field: nothing grows with the
+//!   stream.
 //! - **Cheap.** Expressions are parsed once; per event the work is a handful of small
 //!   allocations and tree walks (a few microseconds).
 //!
 //! The expression language (variables, `delta`/`rate`/`prev`/`dt`/`has`, pure functions) is
 //! documented in [`expr`] and [`functions`]; the config format in [`spec`].
 
+pub mod anomaly;
 pub mod calc;
 pub mod check;
 pub mod correct;
@@ -55,6 +61,8 @@ pub use engine::{Engine, Input, Outcome, Rejection, flags};
 pub use expr::Scalar;
 pub use functions::haversine_m;
 pub use seq::{SeqClass, SeqRange, SeqTracker};
-pub use spec::{CalcSpec, EngineSpec, EventTypeSpec, FieldSpec, FieldType, RuleSpec, SpecError};
+pub use spec::{
+    AnomalySpec, CalcSpec, EngineSpec, EventTypeSpec, FieldSpec, FieldType, RuleSpec, SpecError,
+};
 pub use state::{DeviceState, Reading, State};
 pub use topic::TopicPattern;

@@ -33,6 +33,11 @@
 //! [[event_types.meter.checks]]           # must hold for the results
 //! name = "consumption_non_negative"
 //! expr = "consumption_kwh >= 0"
+//!
+//! [event_types.meter.anomaly]            # streaming detectors (not part of calc_version)
+//! fields = ["kwh"]                       # numeric data or derived fields
+//! # warmup = 60, alpha = 0.3, drift_alpha = 0.03, z_threshold = 6, drift_threshold = 12,
+//! # stuck_repeats = 8
 //! ```
 
 use std::collections::BTreeMap;
@@ -111,6 +116,73 @@ pub struct EventTypeSpec {
     /// Invariants on the calculated result; all must be true.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<RuleSpec>,
+    /// Streaming anomaly detectors over numeric fields. Not part of the calculation version:
+    /// they flag a result, they never change its values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anomaly: Option<AnomalySpec>,
+}
+
+/// `[event_types.X.anomaly]`: which numeric fields to watch, and the detectors' knobs (see
+/// [`crate::anomaly`]). Every knob has a default tuned on the labelled synthetic streams in
+/// `engine/tests/anomaly_detection.rs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalySpec {
+    /// Numeric data fields and/or derived (calc) fields, e.g. `["voltage_v", "power_w"]`.
+    pub fields: Vec<String>,
+    /// Samples per device and field before any flag: the baselines must settle first.
+    #[serde(default = "AnomalySpec::default_warmup")]
+    pub warmup: u32,
+    /// Weight of a new sample in the fast baseline (spikes, stuck), in (0, 1).
+    #[serde(default = "AnomalySpec::default_alpha")]
+    pub alpha: f64,
+    /// Weight of a new sample in the slow baseline (drift), in (0, `alpha`).
+    #[serde(default = "AnomalySpec::default_drift_alpha")]
+    pub drift_alpha: f64,
+    /// A spike: the robust z-score against the fast baseline exceeds this.
+    #[serde(default = "AnomalySpec::default_z_threshold")]
+    pub z_threshold: f64,
+    /// A drift: the CUSUM of standardized residuals against the slow baseline exceeds this.
+    #[serde(default = "AnomalySpec::default_drift_threshold")]
+    pub drift_threshold: f64,
+    /// Stuck: at least this many identical values in a row (more when the field normally
+    /// repeats values, see [`crate::anomaly`]).
+    #[serde(default = "AnomalySpec::default_stuck_repeats")]
+    pub stuck_repeats: u32,
+}
+
+impl AnomalySpec {
+    fn default_warmup() -> u32 {
+        60
+    }
+    fn default_alpha() -> f64 {
+        0.3
+    }
+    fn default_drift_alpha() -> f64 {
+        0.03
+    }
+    fn default_z_threshold() -> f64 {
+        6.0
+    }
+    fn default_drift_threshold() -> f64 {
+        12.0
+    }
+    fn default_stuck_repeats() -> u32 {
+        8
+    }
+
+    /// The given fields with every knob at its default.
+    pub fn new<S: Into<String>>(fields: impl IntoIterator<Item = S>) -> AnomalySpec {
+        AnomalySpec {
+            fields: fields.into_iter().map(Into::into).collect(),
+            warmup: Self::default_warmup(),
+            alpha: Self::default_alpha(),
+            drift_alpha: Self::default_drift_alpha(),
+            z_threshold: Self::default_z_threshold(),
+            drift_threshold: Self::default_drift_threshold(),
+            stuck_repeats: Self::default_stuck_repeats(),
+        }
+    }
 }
 
 /// The JSON type a data field must have.

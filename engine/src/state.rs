@@ -1,5 +1,6 @@
 //! The engine's memory between events: per device, its sequence tracker and, per event type,
-//! its previous accepted reading (for `prev.x`, `delta`, `rate`, `dt`).
+//! its previous accepted reading (for `prev.x`, `delta`, `rate`, `dt`) and the anomaly
+//! detectors of its watched fields (a fixed-size struct each).
 //!
 //! The engine mutates a [`State`] the caller owns; the caller persists the devices each batch
 //! touched ([`State::take_dirty`]; `DeviceState` is serde, e.g. CBOR) and loads them back at
@@ -11,6 +12,7 @@ use std::collections::BTreeMap;
 use proto::{EventResult, Fields};
 use serde::{Deserialize, Serialize};
 
+use crate::anomaly::TypeDetectors;
 use crate::expr::Scalar;
 use crate::seq::{SeqRange, SeqTracker};
 
@@ -106,6 +108,10 @@ pub struct DeviceState {
     /// Event type → previous accepted reading.
     #[serde(default)]
     pub(crate) previous: BTreeMap<String, Reading>,
+    /// Event type → watched field → anomaly detector. Absent in states written before the
+    /// detectors existed (hence the default); bounded by the configured fields.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) anomaly: BTreeMap<String, TypeDetectors>,
     #[serde(skip)]
     dirty: bool,
 }
@@ -118,6 +124,21 @@ impl DeviceState {
     /// The previous accepted reading of `event_type`.
     pub fn previous(&self, event_type: &str) -> Option<&Reading> {
         self.previous.get(event_type)
+    }
+
+    /// The anomaly detectors of `event_type`, by field.
+    pub fn detectors(&self, event_type: &str) -> Option<&TypeDetectors> {
+        self.anomaly.get(event_type)
+    }
+
+    pub(crate) fn detectors_mut(&mut self, event_type: &str) -> &mut TypeDetectors {
+        if !self.anomaly.contains_key(event_type) {
+            self.anomaly
+                .insert(event_type.to_string(), TypeDetectors::new());
+        }
+        // Present: inserted just above (see `previous_mut`).
+        #[allow(clippy::expect_used)]
+        self.anomaly.get_mut(event_type).expect("inserted above")
     }
 
     pub(crate) fn previous_mut(&mut self, event_type: &str) -> &mut Reading {

@@ -32,6 +32,34 @@ pub struct Config {
     pub verify: Option<VerifyConfig>,
     #[serde(default)]
     pub dlq: DlqConfig,
+    #[serde(default)]
+    pub monitor: MonitorConfig,
+}
+
+/// `[monitor]`: when a discrepancy rate starts a correction run (see `monitor.rs`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MonitorConfig {
+    pub enabled: bool,
+    pub interval_s: u64,
+    /// Incorrect share of the results verified in an interval that starts a run (0..=1).
+    pub discrepancy_threshold: f64,
+    /// Fewer verified results than this in an interval say nothing.
+    pub min_verified: u64,
+    /// At most one run per gateway in this long.
+    pub cooldown_s: u64,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        MonitorConfig {
+            enabled: true,
+            interval_s: 60,
+            discrepancy_threshold: 0.01,
+            min_verified: 20,
+            cooldown_s: 600,
+        }
+    }
 }
 
 /// `[verify]`: the bridge recalculates results with the same engine the gateways run.
@@ -412,6 +440,15 @@ impl Config {
         }
         if !(self.dlq.max_per_s > 0.0 && self.dlq.max_per_s.is_finite()) {
             return Err("dlq.max_per_s: must be a positive number".into());
+        }
+        if !(0.0..=1.0).contains(&self.monitor.discrepancy_threshold) {
+            return Err(format!(
+                "monitor.discrepancy_threshold: {} is not within 0..=1",
+                self.monitor.discrepancy_threshold
+            ));
+        }
+        if self.monitor.interval_s == 0 {
+            return Err("monitor.interval_s: must be at least 1".into());
         }
         if self.dlq.max_receives == 0 {
             return Err("dlq.max_receives: must be at least 1".into());

@@ -194,7 +194,30 @@ pub async fn run_over(
         .context("a correction run needs [verify] (the engine config)")?;
     let mut report = RunReport::default();
     let mut dead = Vec::new();
-    for key in keys {
+    // In each gateway's edge_seq order, so a device's previous reading carries over from one
+    // object to the next; after a break (a range not in `keys`) it is trusted only where the
+    // device's own seq shows nothing came in between.
+    let mut ordered: Vec<(&str, u64, &String)> = keys
+        .iter()
+        .map(|k| {
+            let gw = k
+                .split('/')
+                .find_map(|s| s.strip_prefix("gateway="))
+                .unwrap_or("");
+            let from = k
+                .rsplit('/')
+                .next()
+                .and_then(|f| f.split('-').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            (gw, from, k)
+        })
+        .collect();
+    ordered.sort();
+    let mut readings: std::collections::HashMap<(String, String, String), (Reading, bool)> =
+        Default::default();
+    let mut next_from: std::collections::HashMap<String, u64> = Default::default();
+    for (gw, from, key) in ordered {
         let Some((body, _)) = p.sink.objects.get_versioned(key).await? else {
             continue;
         };
@@ -210,18 +233,30 @@ pub async fn run_over(
             );
         }
         records.sort_by_key(|r| r.edge_seq);
-        let mut readings: std::collections::HashMap<(String, String), Reading> = Default::default();
+        if next_from.get(gw) != Some(&from) {
+            for ((g, _, _), (_, sure)) in readings.iter_mut() {
+                if g == gw {
+                    *sure = false;
+                }
+            }
+        }
+        if let Some(last) = records.last() {
+            next_from.insert(gw.to_string(), last.edge_seq + 1);
+        }
         for r in &records {
             report.records += 1;
-            let k = (r.device.clone(), r.event_type.clone());
-            let prev = readings.get(&k).cloned();
+            let k = (r.gateway.clone(), r.device.clone(), r.event_type.clone());
+            let prev = readings
+                .get(&k)
+                .filter(|(p, sure)| *sure || p.seq + 1 == r.seq)
+                .map(|(p, _)| p.clone());
             let known = match &prev {
                 Some(p) => Previous::Known(Some(p)),
                 None => Previous::Unknown,
             };
             let verdict = verify(&v.corrector.engine, r, known, v.tolerance());
-            if advances_previous(r, prev.as_ref()) {
-                readings.insert(k, Reading::from_result(r));
+            if advances_previous(r, readings.get(&k).map(|(p, _)| p)) {
+                readings.insert(k, (Reading::from_result(r), true));
             }
             match &verdict {
                 Verdict::Consistent => report.verified += 1,

@@ -39,6 +39,7 @@ pub mod history;
 pub mod lambda;
 pub mod local;
 pub mod metrics;
+pub mod monitor;
 pub mod pipeline;
 pub mod provision;
 pub mod service;

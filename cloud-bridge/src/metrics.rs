@@ -52,6 +52,9 @@ pub struct Metrics {
     pub failures_stored: AtomicU64,
     /// Results stored with status `anomaly`.
     pub anomalies: AtomicU64,
+    /// The totals at the last EMF line: each line carries the difference, while the
+    /// counters themselves only grow (the monitor reads them too).
+    emitted: std::sync::Mutex<Vec<u64>>,
 }
 
 impl Metrics {
@@ -95,13 +98,16 @@ impl Metrics {
             .collect()
     }
 
-    /// One EMF document with the counts since the last call (which it resets), or None if
-    /// nothing was counted.
+    /// One EMF document with the counts since the last call, or None if nothing was counted.
     pub fn take_emf(&self, namespace: &str, mode: &str, now_ms: i64) -> Option<Value> {
         let mut values = Map::new();
         let mut defs = Vec::new();
-        for (name, c) in self.fields() {
-            let v = c.swap(0, Ordering::Relaxed);
+        let mut emitted = self.emitted.lock().unwrap_or_else(|p| p.into_inner());
+        emitted.resize(self.fields().len(), 0);
+        for (i, (name, c)) in self.fields().into_iter().enumerate() {
+            let total = c.load(Ordering::Relaxed);
+            let v = total - emitted[i].min(total);
+            emitted[i] = total;
             defs.push(json!({"Name": name, "Unit": "Count"}));
             values.insert(name.into(), json!(v));
         }

@@ -95,6 +95,13 @@ pub async fn run_with(
         ))
     });
 
+    let monitor = cfg
+        .monitor
+        .enabled
+        .then(|| crate::monitor::Monitor::new(pipeline.clone()))
+        .flatten()
+        .map(|m| tokio::spawn(m.run(shutdown.clone())));
+
     let flusher = tokio::spawn({
         let metrics = Arc::clone(&metrics);
         let mcfg = cfg.metrics.clone();
@@ -229,6 +236,9 @@ pub async fn run_with(
     worker_stop.cancel();
     tasks.abort_all();
     flusher.abort();
+    if let Some(t) = monitor {
+        t.abort();
+    }
     if let Some(t) = dlq_processor {
         // It stops at the shutdown token; a message it was handling is retried later.
         t.abort();

@@ -42,6 +42,8 @@ pub struct Verifier {
     tolerance: f64,
     max_devices: usize,
     streams: Mutex<HashMap<String, Stream>>,
+    /// Gateways with incorrect results since the monitor last asked.
+    discrepant: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// What [`Verifier::review`] did to a claimed range.
@@ -67,7 +69,15 @@ impl Verifier {
             tolerance: cfg.tolerance,
             max_devices: cfg.max_devices,
             streams: Mutex::new(HashMap::new()),
+            discrepant: Mutex::new(Default::default()),
         }
+    }
+
+    /// The gateways that had incorrect results since the last call.
+    pub fn take_discrepant(&self) -> Vec<String> {
+        std::mem::take(&mut *self.discrepant.lock().unwrap_or_else(|p| p.into_inner()))
+            .into_iter()
+            .collect()
     }
 
     pub fn tolerance(&self) -> f64 {
@@ -170,6 +180,10 @@ impl Verifier {
                 continue;
             }
             Metrics::add(&metrics.incorrect, 1);
+            self.discrepant
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(gateway.to_string());
             if previous.is_none() && needs_previous(&self.corrector.engine, r) {
                 review.dead_letters.push(dead(
                     Stage::Correction,

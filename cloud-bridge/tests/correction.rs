@@ -26,7 +26,14 @@ use engine::{Engine, EngineSpec, Input, Outcome, State};
 use proto::{EventResult, Status};
 use serde_json::Value;
 
-const T0: i64 = 1_764_064_800_000;
+/// The data set starts two hours ago (the monitor looks at yesterday and today).
+fn t0() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    (now - 2 * 3_600_000) / 1000 * 1000
+}
 
 fn example_config() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/edge-agent.toml"))
@@ -92,10 +99,11 @@ fn dataset(gateway: &str, n: usize, seed: u64) -> (Vec<EventResult>, Labels) {
     let mut rng = Rng(seed);
     let mut labels = Labels::default();
     let mut out = Vec::new();
+    let t0 = t0();
     let mut kwh: HashMap<usize, f64> = HashMap::new();
     let mut seqs: HashMap<String, u64> = HashMap::new();
     for i in 0..n {
-        let ts = T0 + i as i64 * 1000;
+        let ts = t0 + i as i64 * 1000;
         let (device, ty, data) = match i % 3 {
             0 => {
                 let m = (i / 3) % 5;
@@ -574,4 +582,64 @@ async fn two_bridges_racing_correct_each_event_exactly_once() {
         .await
         .unwrap();
     assert_eq!((r3.corrected, r3.incorrect), (0, 0), "{r3:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitor_turns_a_discrepancy_into_a_correction_run() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    creds();
+    let dir = tempfile::tempdir().unwrap();
+    let (cfg, names) = setup(&endpoint, "mon", Some(&example_config()), dir.path()).await;
+    // Verify only a sample inline: most wrong results get stored as they came.
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        "engine_config = \"engine.toml\"\n",
+        "engine_config = \"engine.toml\"\nsample = 0.15\n",
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let p = pipeline_for(&cfg, "bridge-m").await;
+    let gw = "gw-mon";
+    let (results, labels) = dataset(gw, 900, 23);
+    let wrong: BTreeSet<u64> = labels
+        .wrong_version
+        .union(&labels.tampered)
+        .copied()
+        .collect();
+    for chunk in results.chunks(50) {
+        let mut held: Held = chunk.iter().map(|r| (r.edge_seq, r.clone())).collect();
+        assert!(matches!(
+            p.advance(gw, &mut held).await.unwrap(),
+            Progress::Done { .. }
+        ));
+    }
+    let aws = TestAws::new(&endpoint).await;
+    let corrected_inline = stored(&aws, &names.bucket, gw)
+        .await
+        .values()
+        .filter(|(_, r)| r.status == Status::Corrected)
+        .count();
+    assert!(
+        corrected_inline > 0 && corrected_inline < wrong.len(),
+        "{corrected_inline} of {}",
+        wrong.len()
+    );
+
+    let monitor = cloud_bridge::monitor::Monitor::new(p.clone()).unwrap();
+    let runs = monitor.tick().await.unwrap();
+    println!("monitor runs: {runs:?}");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].0, gw);
+    let corrected: BTreeSet<u64> = stored(&aws, &names.bucket, gw)
+        .await
+        .values()
+        .filter(|(_, r)| r.status == Status::Corrected)
+        .map(|(_, r)| r.edge_seq)
+        .collect();
+    assert_eq!(
+        corrected, wrong,
+        "every wrong result corrected, nothing else"
+    );
+    // Nothing new since: the next tick does nothing.
+    assert!(monitor.tick().await.unwrap().is_empty());
 }

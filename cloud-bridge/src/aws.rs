@@ -431,6 +431,31 @@ impl S3Objects {
         Ok(())
     }
 
+    /// GetObject; `None` for NoSuchKey.
+    pub async fn get_object(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let out = match self
+            .s3
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|se| se.is_no_such_key()) => {
+                return Ok(None);
+            }
+            Err(e) => {
+                return Err(crate::aws::err(e))
+                    .with_context(|| format!("S3 GetObject s3://{}/{key}", self.bucket));
+            }
+        };
+        let body = out.body.collect().await.with_context(|| {
+            format!("S3 GetObject s3://{}/{key}: reading the body", self.bucket)
+        })?;
+        Ok(Some(body.into_bytes().to_vec()))
+    }
+
     pub async fn list_objects(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
         let mut keys = Vec::new();
         let mut pages = self
@@ -464,6 +489,9 @@ impl ObjectStore for S3Objects {
     }
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Vec<String>> {
         Box::pin(self.list_objects(prefix))
+    }
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Vec<u8>>> {
+        Box::pin(self.get_object(key))
     }
     fn location(&self) -> String {
         format!("s3://{}", self.bucket)

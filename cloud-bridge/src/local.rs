@@ -76,6 +76,15 @@ impl LocalObjects {
         }
     }
 
+    fn get_sync(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let path = self.path(key)?;
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
     fn list_sync(&self, prefix: &str) -> anyhow::Result<Vec<String>> {
         fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) -> std::io::Result<()> {
             let entries = match std::fs::read_dir(dir) {
@@ -120,6 +129,9 @@ impl ObjectStore for LocalObjects {
     }
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Vec<String>> {
         Box::pin(async move { self.list_sync(prefix) })
+    }
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move { self.get_sync(key) })
     }
     fn location(&self) -> String {
         self.root.display().to_string()
@@ -462,8 +474,13 @@ mod tests {
             o.list("events/").await.unwrap(),
             vec!["events/dt=2026-01-01/gateway=g/a.ndjson".to_string()]
         );
+        assert_eq!(
+            o.get("failures/b.json").await.unwrap().as_deref(),
+            Some(&b"{}"[..])
+        );
         o.delete("failures/b.json").await.unwrap();
         o.delete("failures/b.json").await.unwrap();
+        assert!(o.get("failures/b.json").await.unwrap().is_none());
         assert!(o.list("failures/").await.unwrap().is_empty());
         assert!(o.put("../x", vec![], "t").await.is_err());
         assert!(o.put("/x", vec![], "t").await.is_err());

@@ -1,6 +1,7 @@
 //! One event type's anomaly model: a Gaussian mixture (full covariance) fitted by linfa over
 //! the standardized features; a result's score is its negative log-likelihood under the
-//! mixture, and it is anomalous above the threshold (a quantile of the training scores).
+//! mixture, and it is anomalous above the threshold (a quantile of the out-of-fold scores of
+//! the training records: each scored by a mixture fitted without it).
 //!
 //! The stored JSON holds everything scoring needs in plain numbers (features with their
 //! means and standard deviations, each component's weight, mean and covariance) plus the
@@ -81,6 +82,9 @@ pub struct TrainingStats {
     pub bic: f64,
     pub reg_covariance: f64,
     pub threshold_quantile: f64,
+    /// How the threshold was set from the scores (out-of-fold, or in-sample for small data).
+    #[serde(default)]
+    pub threshold_method: String,
     /// Quantiles of the training scores (`p50`, `p90`, `p99`, `p99.5`, `max`) and their mean.
     pub score_quantiles: BTreeMap<String, f64>,
     pub score_mean: f64,
@@ -168,10 +172,53 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
+/// Folds of the cross-validated threshold.
+const FOLDS: usize = 5;
+
+/// One linfa Gaussian mixture of `k` components on standardized rows, as a scorable model.
+fn mixture(
+    event_type: &str,
+    spec: &FeatureSpec,
+    x: &Array2<f64>,
+    k: usize,
+    params: &FitParams,
+) -> Result<TypeModel, String> {
+    let d = spec.len();
+    let dataset = DatasetBase::from(x.clone());
+    let gmm = GaussianMixtureModel::params(k)
+        .reg_covariance(params.reg_covariance)
+        .tolerance(1e-4)
+        .max_n_iterations(500)
+        .fit(&dataset)
+        .map_err(|e| e.to_string())?;
+    let components = (0..k)
+        .map(|c| Component {
+            weight: gmm.weights()[c],
+            mean: gmm.means().row(c).to_vec(),
+            covariance: (0..d)
+                .map(|i| (0..d).map(|j| gmm.covariances()[[c, i, j]]).collect())
+                .collect(),
+        })
+        .collect();
+    let mut model = TypeModel {
+        format: FORMAT,
+        event_type: event_type.to_string(),
+        algorithm: ALGORITHM.into(),
+        score: SCORE.into(),
+        features: spec.clone(),
+        components,
+        threshold: f64::INFINITY,
+        training: TrainingStats::default(),
+        prepared: Vec::new(),
+    };
+    model.prepare().map_err(|e| e.to_string())?;
+    Ok(model)
+}
+
 impl TypeModel {
     /// Fits the model of `event_type` on raw feature rows (see [`super::features`]): features,
-    /// mixtures of 1..=max_components components (best BIC), threshold. Deterministic (linfa's
-    /// fixed seed). The training statistics about the data's origin are left for the caller.
+    /// mixtures of 1..=max_components components (best BIC), threshold (the quantile of
+    /// 5-fold out-of-fold scores). Deterministic (linfa's fixed seed). The training statistics about the data's origin are left for the caller.
     pub fn fit(
         event_type: &str,
         rows: &[BTreeMap<String, f64>],
@@ -190,49 +237,19 @@ impl TypeModel {
         let n = xs.len();
         let x = Array2::from_shape_vec((n, d), xs.iter().flatten().copied().collect())
             .map_err(|e| ModelError::Fit(e.to_string()))?;
-        let dataset = DatasetBase::from(x);
         // At least ~10 samples per free parameter of a component's mean and covariance.
         let per_component = 10 * (d + d * (d + 1) / 2);
         let k_max = params.max_components.clamp(1, (n / per_component).max(1));
         let mut best: Option<(f64, TypeModel)> = None;
         let mut last_err = None;
         for k in 1..=k_max {
-            let fitted = GaussianMixtureModel::params(k)
-                .reg_covariance(params.reg_covariance)
-                .tolerance(1e-4)
-                .max_n_iterations(500)
-                .fit(&dataset);
-            let gmm = match fitted {
-                Ok(g) => g,
+            let mut model = match mixture(event_type, &spec, &x, k, params) {
+                Ok(m) => m,
                 Err(e) => {
-                    last_err = Some(e.to_string());
+                    last_err = Some(format!("{k} components: {e}"));
                     continue;
                 }
             };
-            let components = (0..k)
-                .map(|c| Component {
-                    weight: gmm.weights()[c],
-                    mean: gmm.means().row(c).to_vec(),
-                    covariance: (0..d)
-                        .map(|i| (0..d).map(|j| gmm.covariances()[[c, i, j]]).collect())
-                        .collect(),
-                })
-                .collect();
-            let mut model = TypeModel {
-                format: FORMAT,
-                event_type: event_type.to_string(),
-                algorithm: ALGORITHM.into(),
-                score: SCORE.into(),
-                features: spec.clone(),
-                components,
-                threshold: f64::INFINITY,
-                training: TrainingStats::default(),
-                prepared: Vec::new(),
-            };
-            if let Err(e) = model.prepare() {
-                last_err = Some(e.to_string());
-                continue;
-            }
             let nll: f64 = xs.iter().map(|z| model.score_standardized(z)).sum();
             let free = k * (d + d * (d + 1) / 2) + (k - 1);
             let bic = 2.0 * nll + free as f64 * (n as f64).ln();
@@ -250,9 +267,39 @@ impl TypeModel {
                 last_err.unwrap_or_else(|| "no mixture could be fitted".into()),
             ));
         };
+        let k = model.components.len();
         let mut scores: Vec<f64> = xs.iter().map(|z| model.score_standardized(z)).collect();
         scores.sort_by(f64::total_cmp);
-        model.threshold = quantile(&scores, params.threshold_quantile);
+        // The threshold from out-of-fold scores: each record scored by a mixture fitted
+        // without it, as new results will be. In-sample scores are optimistic (the mixture
+        // fitted those very points), which would flag more fresh normal results than the
+        // quantile promises.
+        let mut oof = Vec::with_capacity(n);
+        let mut method = format!("{FOLDS}-fold out-of-fold score quantile");
+        if n >= FOLDS * params.min_samples.max(2) {
+            for f in 0..FOLDS {
+                let train_rows: Vec<usize> = (0..n).filter(|i| i % FOLDS != f).collect();
+                let fold = x.select(ndarray::Axis(0), &train_rows);
+                match mixture(event_type, &spec, &fold, k, params) {
+                    Ok(m) => oof.extend(
+                        (0..n)
+                            .filter(|i| i % FOLDS == f)
+                            .map(|i| m.score_standardized(&xs[i])),
+                    ),
+                    Err(_) => {
+                        oof.clear();
+                        break;
+                    }
+                }
+            }
+        }
+        if oof.len() != n {
+            method = "in-sample score quantile".into();
+            oof = scores.clone();
+        }
+        oof.sort_by(f64::total_cmp);
+        model.threshold = quantile(&oof, params.threshold_quantile);
+        model.training.threshold_method = method;
         let t = &mut model.training;
         t.n_samples = n;
         t.n_components = model.components.len();

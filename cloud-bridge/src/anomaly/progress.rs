@@ -125,7 +125,7 @@ impl Progress {
     fn status(&self) -> String {
         let n = self.objects.load(Ordering::Relaxed);
         let total = self.total.load(Ordering::Relaxed);
-        let pct = if total == 0 { 100 } else { n * 100 / total };
+        let pct = (n * 100).checked_div(total).unwrap_or(100);
         format!(
             "{n}/{total} objects ({pct}%), {} records, {:.1} s",
             self.records.load(Ordering::Relaxed),

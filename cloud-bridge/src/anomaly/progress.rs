@@ -41,7 +41,7 @@ impl Progress {
             let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{prefix} [{bar:30}] {pos}/{len} objects {msg} ({elapsed}, eta {eta})",
+                    "{prefix} [{bar:20}] {pos}/{len} objects, eta {eta}: {wide_msg}",
                 )
                 .expect("a valid template")
                 .progress_chars("=> "),

@@ -421,6 +421,21 @@ async fn train_and_scan(
         }
     }
     assert_eq!(checked, h.scan_day.values().sum::<usize>());
+
+    // A first reading (derived fields without a previous reading) is not scored.
+    let f = &report.anomalies[0];
+    let body = objects.get(&f.key).await.unwrap().unwrap();
+    let mut r: EventResult = body
+        .split(|b| *b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<EventResult>(l).ok())
+        .find(|r| r.event_id == f.event_id)
+        .unwrap();
+    assert!(models.score(&r).unwrap().anomalous);
+    r.flags.push("first_reading".into());
+    assert_eq!(models.score(&r), None);
+    r.event_type = "pump".into();
+    r.flags.clear();
+    assert_eq!(models.score(&r), None, "no model for the type");
     (h, report)
 }
 

@@ -34,6 +34,16 @@ pub const DETAIL_TYPE: &str = "AnomalyDetected";
 /// The flag an `AnomalyDetected` event's result carries when the cloud model found it.
 pub const FLAG: &str = "cloud_anomaly";
 
+/// Results with one of these flags (the engine's `flags`) are not scored: their derived fields
+/// were computed without a proper previous reading (a consumption of 0 on a first reading is
+/// not an anomaly), and training never sees such results either.
+pub const UNSCORED_FLAGS: [&str; 3] = ["first_reading", "out_of_order", "seq_reset"];
+
+/// Whether a result is scored at all (see [`UNSCORED_FLAGS`]).
+pub fn scorable(r: &EventResult) -> bool {
+    !r.flags.iter().any(|f| UNSCORED_FLAGS.contains(&f.as_str()))
+}
+
 /// `{prefix}models/anomaly/`.
 pub fn models_prefix(prefix: &str) -> String {
     format!("{prefix}models/anomaly/")
@@ -130,10 +140,14 @@ impl AnomalyModels {
         }
     }
 
-    /// The score of `r` under its type's model; `None` without a model for the type or when
-    /// `r` has none of the model's numeric fields. Pure: no I/O, no clock.
+    /// The score of `r` under its type's model; `None` without a model for the type, when `r`
+    /// has none of the model's numeric fields, or when it carries one of [`UNSCORED_FLAGS`].
+    /// Pure: no I/O, no clock.
     pub fn score(&self, r: &EventResult) -> Option<Score> {
         let m = self.models.get(&r.event_type)?;
+        if !scorable(r) {
+            return None;
+        }
         let value = m.score_fields(&features::raw_fields(r))?;
         Some(Score {
             value,

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use super::history::{self, DateRange, ReadStats};
 use super::progress::Progress;
-use super::{AnomalyError, AnomalyModels, DETAIL_TYPE, Score, detail, features};
+use super::{AnomalyError, AnomalyModels, DETAIL_TYPE, Score, detail, features, scorable};
 use crate::backend::{Entry, EventPublisher, ObjectStore};
 
 /// Events per PutEvents round (the publisher splits them into calls of ≤ 10).
@@ -30,7 +30,7 @@ pub struct TypeCounts {
     pub anomalies: usize,
     /// No model for the type.
     pub no_model: usize,
-    /// None of the model's fields present.
+    /// Not scored: none of the model's fields present, or a flag of `UNSCORED_FLAGS`.
     pub unscorable: usize,
     pub threshold: Option<f64>,
 }
@@ -91,7 +91,8 @@ pub async fn scan(
         };
         c.threshold = Some(model.threshold);
         let fields = features::raw_fields(&r);
-        let Some(value) = model.score_fields(&fields) else {
+        let value = scorable(&r).then(|| model.score_fields(&fields)).flatten();
+        let Some(value) = value else {
             c.unscorable += 1;
             return;
         };

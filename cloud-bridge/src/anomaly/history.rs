@@ -11,8 +11,8 @@ use super::AnomalyError;
 use super::progress::Progress;
 use crate::backend::ObjectStore;
 
-/// Bounded ranges up to this many days are listed one partition at a time (cheaper than
-/// listing the whole history); longer or open ranges list `events/` once and filter.
+/// Ranges from `--since` up to this many days are listed one partition at a time (cheaper than
+/// listing the whole history); longer ranges, or none, list `events/` once and filter.
 const MAX_DAYS_LISTED_SEPARATELY: i64 = 400;
 
 /// Partitions `since..=until` (inclusive, `YYYY-MM-DD`), either end open.
@@ -55,10 +55,14 @@ impl DateRange {
             && self.until.as_deref().is_none_or(|u| dt <= u)
     }
 
-    /// Every day of a bounded, short range.
-    fn days(&self) -> Option<Vec<String>> {
+    /// Every day of a short range; an open end is `latest` (tomorrow: a result's `dt` is
+    /// its device's clock, which may run a little ahead).
+    fn days(&self, latest: time::Date) -> Option<Vec<String>> {
         let s = parse_date("since", self.since.as_deref()?).ok()?;
-        let u = parse_date("until", self.until.as_deref()?).ok()?;
+        let u = match &self.until {
+            Some(u) => parse_date("until", u).ok()?,
+            None => latest,
+        };
         if (u - s).whole_days() > MAX_DAYS_LISTED_SEPARATELY {
             return None;
         }
@@ -87,7 +91,9 @@ pub async fn keys(
     range: &DateRange,
 ) -> Result<Vec<String>, AnomalyError> {
     let events = format!("{prefix}events/");
-    let listings: Vec<String> = match range.days() {
+    let tomorrow = time::OffsetDateTime::now_utc().date().next_day();
+    let days = tomorrow.and_then(|t| range.days(t));
+    let listings: Vec<String> = match days {
         Some(days) => days.iter().map(|d| format!("{events}dt={d}/")).collect(),
         None => vec![events.clone()],
     };
@@ -178,17 +184,17 @@ mod tests {
         let r = DateRange::new(Some("2026-11-02"), Some("2026-11-04")).unwrap();
         assert!(r.contains("2026-11-02") && r.contains("2026-11-04"));
         assert!(!r.contains("2026-11-01") && !r.contains("2026-11-05"));
+        let latest = time::macros::date!(2026 - 11 - 30);
         assert_eq!(
-            r.days().unwrap(),
+            r.days(latest).unwrap(),
             ["2026-11-02", "2026-11-03", "2026-11-04"]
         );
         assert!(DateRange::default().contains("1999-01-01"));
-        assert!(
-            DateRange::new(Some("2026-11-02"), None)
-                .unwrap()
-                .days()
-                .is_none()
-        );
+        assert!(DateRange::default().days(latest).is_none());
+        let open = DateRange::new(Some("2026-11-28"), None).unwrap();
+        assert_eq!(open.days(latest).unwrap().len(), 3);
+        let long = DateRange::new(Some("2020-01-01"), None).unwrap();
+        assert!(long.days(latest).is_none(), "listed whole and filtered");
         let e = DateRange::new(Some("2026-11-5"), None).unwrap_err();
         assert!(e.to_string().starts_with("--since: '2026-11-5'"), "{e}");
         let e = DateRange::new(Some("2026-11-05"), Some("2026-11-01")).unwrap_err();

@@ -59,6 +59,11 @@ pub trait ObjectStore: Send + Sync + Debug {
     fn delete<'a>(&'a self, key: &'a str) -> BoxFuture<'a, ()>;
     /// Every key that starts with `prefix`, in key order.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Vec<String>>;
+    /// The whole object, or `None` if there is none with that key (the anomaly model reads
+    /// history and models with it; the pipeline never reads objects).
+    fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Option<Vec<u8>>> {
+        Box::pin(async move { Ok(self.get_versioned(key).await?.map(|(body, _)| body)) })
+    }
     /// Where the objects are, for people (`s3://bucket`, a directory).
     fn location(&self) -> String;
     /// The object and its version tag (S3's ETag), or `None` if there is none.

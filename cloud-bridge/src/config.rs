@@ -34,6 +34,9 @@ pub struct Config {
     pub dlq: DlqConfig,
     #[serde(default)]
     pub monitor: MonitorConfig,
+    /// `cloud-bridge anomaly train|scan` and the model the bridge scores with.
+    #[serde(default)]
+    pub anomaly: AnomalyConfig,
 }
 
 /// `[monitor]`: when a discrepancy rate starts a correction run (see `monitor.rs`).
@@ -318,6 +321,94 @@ impl Default for LogConfig {
     }
 }
 
+/// The anomaly model (`[anomaly]`, all optional). Models live under
+/// `{aws.prefix}models/anomaly/{type}.json`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnomalyConfig {
+    /// The threshold is this quantile of the training scores (0.5 < q < 1).
+    pub threshold_quantile: f64,
+    /// Gaussian mixture sizes tried: 1..=max_components (best BIC).
+    pub max_components: usize,
+    /// Added to the covariance diagonals (standardized units), > 0.
+    pub reg_covariance: f64,
+    /// A type with fewer usable training records gets no model.
+    pub min_samples: usize,
+    /// Records per type fitted at most (a uniform sample beyond).
+    pub max_samples: usize,
+    /// Fields that are never features: cumulative counters, ids (`input.energy_kwh`).
+    pub exclude_fields: Vec<String>,
+    /// S3 objects read at once by train and scan.
+    pub read_concurrency: usize,
+    /// The bridge scores incoming results with the stored models (when there are any).
+    pub score: bool,
+    /// How often the bridge looks for newly trained models.
+    pub reload_s: u64,
+}
+
+impl Default for AnomalyConfig {
+    fn default() -> Self {
+        AnomalyConfig {
+            threshold_quantile: 0.995,
+            max_components: 3,
+            reg_covariance: 1e-3,
+            min_samples: 50,
+            max_samples: 200_000,
+            exclude_fields: Vec::new(),
+            read_concurrency: 8,
+            score: true,
+            reload_s: 300,
+        }
+    }
+}
+
+impl AnomalyConfig {
+    fn validate(&self) -> Result<(), String> {
+        let q = self.threshold_quantile;
+        if !(q > 0.5 && q < 1.0) {
+            return Err(format!(
+                "anomaly.threshold_quantile: {q} must be between 0.5 and 1 (exclusive)"
+            ));
+        }
+        if !(1..=10).contains(&self.max_components) {
+            return Err("anomaly.max_components: must be between 1 and 10".into());
+        }
+        if !(self.reg_covariance.is_finite() && self.reg_covariance > 0.0) {
+            return Err("anomaly.reg_covariance: must be a positive number".into());
+        }
+        if self.min_samples < 2 {
+            return Err("anomaly.min_samples: must be at least 2".into());
+        }
+        if self.max_samples < self.min_samples {
+            return Err("anomaly.max_samples: must be at least anomaly.min_samples".into());
+        }
+        for (i, f) in self.exclude_fields.iter().enumerate() {
+            let ok = ["input.", "result."]
+                .iter()
+                .any(|p| f.strip_prefix(p).is_some_and(|n| !n.is_empty()));
+            if !ok {
+                return Err(format!(
+                    "anomaly.exclude_fields[{i}]: '{f}' must be input.FIELD or result.FIELD"
+                ));
+            }
+        }
+        if self.read_concurrency == 0 {
+            return Err("anomaly.read_concurrency: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The model fitting parameters.
+    pub fn fit_params(&self) -> crate::anomaly::model::FitParams {
+        crate::anomaly::model::FitParams {
+            max_components: self.max_components,
+            reg_covariance: self.reg_covariance,
+            threshold_quantile: self.threshold_quantile,
+            min_samples: self.min_samples,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -456,6 +547,7 @@ impl Config {
         if self.metrics.interval_s == 0 {
             return Err("metrics.interval_s: must be at least 1".into());
         }
+        self.anomaly.validate()?;
         Ok(())
     }
 
@@ -572,6 +664,31 @@ dlq_queue = "q"
         );
         let e = Config::parse(&BASE.replace("bucket = \"b\"", "bucket = \"\"")).unwrap_err();
         assert!(e.starts_with("aws.bucket:"), "{e}");
+    }
+
+    #[test]
+    fn anomaly_section_is_optional_and_checked() {
+        let c = Config::parse(BASE).unwrap();
+        assert_eq!(c.anomaly.threshold_quantile, 0.995);
+        let c = Config::parse(&format!(
+            "{BASE}\n[anomaly]\nthreshold_quantile = 0.999\nexclude_fields = [\"input.energy_kwh\"]"
+        ))
+        .unwrap();
+        assert_eq!(c.anomaly.fit_params().threshold_quantile, 0.999);
+        assert_eq!(c.anomaly.exclude_fields, ["input.energy_kwh"]);
+        for (bad, field) in [
+            ("threshold_quantile = 1.5", "anomaly.threshold_quantile:"),
+            ("threshold_quantile = \"x\"", "anomaly.threshold_quantile:"),
+            ("max_components = 0", "anomaly.max_components:"),
+            (
+                "exclude_fields = [\"energy_kwh\"]",
+                "anomaly.exclude_fields[0]:",
+            ),
+            ("bogus = 1", "anomaly"),
+        ] {
+            let e = Config::parse(&format!("{BASE}\n[anomaly]\n{bad}")).unwrap_err();
+            assert!(e.starts_with(field), "{bad}: {e}");
+        }
     }
 
     #[test]

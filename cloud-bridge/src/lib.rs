@@ -29,6 +29,7 @@
 //! - EventBridge delivery is at-least-once (a crash between PutEvents and the commit resends);
 //!   consumers de-duplicate by `event_id`.
 
+pub mod anomaly;
 pub mod aws;
 pub mod backend;
 pub mod config;

@@ -505,8 +505,13 @@ mod tests {
             o.list("events/").await.unwrap(),
             vec!["events/dt=2026-01-01/gateway=g/a.ndjson".to_string()]
         );
+        assert_eq!(
+            o.get("failures/b.json").await.unwrap().as_deref(),
+            Some(&b"{}"[..])
+        );
         o.delete("failures/b.json").await.unwrap();
         o.delete("failures/b.json").await.unwrap();
+        assert!(o.get("failures/b.json").await.unwrap().is_none());
         assert!(o.list("failures/").await.unwrap().is_empty());
         assert!(o.put("../x", vec![], "t").await.is_err());
         assert!(o.put("/x", vec![], "t").await.is_err());

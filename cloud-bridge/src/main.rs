@@ -1,4 +1,5 @@
-//! The `cloud-bridge` command line: `run`, `lambda`, `provision`, `check-config`.
+//! The `cloud-bridge` command line: `run`, `lambda`, `provision`, `check-config`,
+//! `anomaly train|scan`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The anomaly model: train it from the stored history, rescore the history with it.
+    Anomaly {
+        #[command(subcommand)]
+        command: AnomalyCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -92,6 +98,48 @@ enum DlqCommand {
         config: PathBuf,
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// Where the history and the models are: the config's bucket, or a local directory.
+#[derive(clap::Args)]
+struct Store {
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Read and write a local backend directory (the demo's cloud) instead of S3.
+    #[arg(long, value_name = "DIR")]
+    local: Option<PathBuf>,
+    /// First date partition (dt=YYYY-MM-DD), inclusive.
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    since: Option<String>,
+    /// Last date partition, inclusive.
+    #[arg(long, value_name = "YYYY-MM-DD")]
+    until: Option<String>,
+    /// Only this event type.
+    #[arg(long = "type", value_name = "T")]
+    event_type: Option<String>,
+    /// Print one JSON summary on stdout (progress stays on stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum AnomalyCommand {
+    /// Fit a model per event type on {prefix}events/ and store {prefix}models/anomaly/{type}.json.
+    Train {
+        #[command(flatten)]
+        store: Store,
+    },
+    /// Rescore stored history with the stored models: counts per type, top anomalies.
+    Scan {
+        #[command(flatten)]
+        store: Store,
+        /// Anomalies listed (most unusual first).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Send an AnomalyDetected event per anomaly found.
+        #[arg(long)]
+        publish: bool,
     },
 }
 
@@ -255,6 +303,302 @@ fn main() -> ExitCode {
                     }
                 }
             })
+        }
+        Command::Anomaly { command } => {
+            let (store, what) = match &command {
+                AnomalyCommand::Train { store } => (store, "train"),
+                AnomalyCommand::Scan { store, .. } => (store, "scan"),
+            };
+            let cfg = match load(&store.config) {
+                Ok(c) => Arc::new(c),
+                Err(code) => return code,
+            };
+            cloud_bridge::init_logging(&LogConfig {
+                level: "warn".into(),
+                ..cfg.log.clone()
+            });
+            match runtime().block_on(anomaly::run(cfg, command)) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("cloud-bridge anomaly {what}: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+mod anomaly {
+    //! `anomaly train|scan`: the library's `anomaly::{train, scan}` and their summaries.
+
+    use std::process::ExitCode;
+    use std::sync::Arc;
+
+    use anyhow::{Context as _, bail};
+    use cloud_bridge::anomaly::history::DateRange;
+    use cloud_bridge::anomaly::progress::Progress;
+    use cloud_bridge::anomaly::scan::{ScanOptions, ScanReport};
+    use cloud_bridge::anomaly::train::{TrainOptions, TrainReport};
+    use cloud_bridge::anomaly::{self as an, AnomalyModels};
+    use cloud_bridge::backend::{EventPublisher, ObjectStore};
+    use cloud_bridge::config::Config;
+    use serde_json::json;
+
+    use super::{AnomalyCommand, Store};
+
+    pub async fn run(cfg: Arc<Config>, command: AnomalyCommand) -> anyhow::Result<ExitCode> {
+        match command {
+            AnomalyCommand::Train { store } => train(cfg, store).await,
+            AnomalyCommand::Scan {
+                store,
+                limit,
+                publish,
+            } => scan(cfg, store, limit, publish).await,
+        }
+    }
+
+    async fn backend(
+        cfg: &Arc<Config>,
+        store: &Store,
+    ) -> anyhow::Result<(Arc<dyn ObjectStore>, Arc<dyn EventPublisher>)> {
+        Ok(match &store.local {
+            Some(dir) => (
+                Arc::new(cloud_bridge::local::LocalObjects::new(dir)?),
+                Arc::new(cloud_bridge::local::LocalEvents::new(
+                    &dir.join("eventbridge"),
+                    &cfg.aws.source,
+                    &cfg.aws.event_bus,
+                )?),
+            ),
+            None => {
+                let aws = cloud_bridge::aws::Aws::connect(&cfg.aws).await;
+                (
+                    Arc::new(cloud_bridge::aws::S3Objects::new(
+                        aws.s3.clone(),
+                        cfg.aws.bucket.clone(),
+                    )),
+                    Arc::new(cloud_bridge::aws::EventBridge::new(
+                        aws.eventbridge,
+                        Arc::clone(cfg),
+                        Arc::new(cloud_bridge::metrics::Metrics::default()),
+                    )),
+                )
+            }
+        })
+    }
+
+    fn range(store: &Store) -> anyhow::Result<DateRange> {
+        Ok(DateRange::new(
+            store.since.as_deref(),
+            store.until.as_deref(),
+        )?)
+    }
+
+    fn range_text(r: &DateRange) -> String {
+        format!(
+            "dt {}..{}",
+            r.since.as_deref().unwrap_or(""),
+            r.until.as_deref().unwrap_or("")
+        )
+    }
+
+    fn num(x: Option<f64>) -> String {
+        x.map_or("-".into(), |x| format!("{x:.3}"))
+    }
+
+    async fn train(cfg: Arc<Config>, store: Store) -> anyhow::Result<ExitCode> {
+        let range = range(&store)?;
+        let (objects, _) = backend(&cfg, &store).await?;
+        let a = &cfg.anomaly;
+        let opts = TrainOptions {
+            range,
+            event_type: store.event_type.clone(),
+            fit: a.fit_params(),
+            exclude: a.exclude_fields.clone(),
+            max_samples: a.max_samples,
+            concurrency: a.read_concurrency,
+        };
+        let progress = Progress::stderr("anomaly train");
+        let report = an::train::train(&objects, &cfg.aws.prefix, &opts, &progress).await;
+        progress.finish();
+        let report = report?;
+        if store.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            print_train(&report, &objects.location());
+        }
+        for t in report.types.iter().filter(|t| t.error.is_some()) {
+            eprintln!(
+                "cloud-bridge anomaly train: {}: no model: {}",
+                t.event_type,
+                t.error.as_deref().unwrap_or("")
+            );
+        }
+        Ok(if report.trained() == 0 {
+            if report.types.is_empty() {
+                eprintln!("cloud-bridge anomaly train: no results in the range");
+            }
+            ExitCode::FAILURE
+        } else {
+            ExitCode::SUCCESS
+        })
+    }
+
+    fn print_train(r: &TrainReport, location: &str) {
+        println!(
+            "anomaly train: {location}, {}, {} objects, {} records ({} bad lines)",
+            range_text(&r.range),
+            r.read.objects,
+            r.read.records,
+            r.read.bad_lines
+        );
+        let w = r
+            .types
+            .iter()
+            .map(|t| t.event_type.len())
+            .max()
+            .unwrap_or(0)
+            .max(4);
+        println!(
+            "{:<w$}  {:>8}  {:>8}  {:>8}  {:>8}  {:>10}  {:>12}  model",
+            "type", "read", "skipped", "samples", "features", "components", "threshold"
+        );
+        for t in &r.types {
+            let last = match (&t.key, &t.error) {
+                (Some(k), _) => k.clone(),
+                (None, e) => format!("error: {}", e.as_deref().unwrap_or("")),
+            };
+            println!(
+                "{:<w$}  {:>8}  {:>8}  {:>8}  {:>8}  {:>10}  {:>12}  {last}",
+                t.event_type,
+                t.read,
+                t.skipped,
+                t.samples,
+                t.features.len(),
+                t.components,
+                num(t.threshold)
+            );
+        }
+    }
+
+    async fn scan(
+        cfg: Arc<Config>,
+        store: Store,
+        limit: usize,
+        publish: bool,
+    ) -> anyhow::Result<ExitCode> {
+        if store.since.is_none() {
+            bail!("--since YYYY-MM-DD is required");
+        }
+        if publish && !cfg.sends(an::DETAIL_TYPE) {
+            bail!(
+                "--publish: {} is not in aws.detail_types of {}",
+                an::DETAIL_TYPE,
+                store.config.display()
+            );
+        }
+        let range = range(&store)?;
+        let (objects, events) = backend(&cfg, &store).await?;
+        let models = AnomalyModels::load(objects.as_ref(), &cfg.aws.prefix)
+            .await
+            .context("loading the models")?;
+        if models.is_empty() {
+            bail!(
+                "no models under {}/{}: run `cloud-bridge anomaly train` first",
+                objects.location(),
+                an::models_prefix(&cfg.aws.prefix)
+            );
+        }
+        if let Some(t) = &store.event_type
+            && models.get(t).is_none()
+        {
+            bail!("--type {t}: no model for this type");
+        }
+        let opts = ScanOptions {
+            range,
+            event_type: store.event_type.clone(),
+            concurrency: cfg.anomaly.read_concurrency,
+        };
+        let progress = Progress::stderr("anomaly scan");
+        let report = an::scan::scan(
+            &objects,
+            &cfg.aws.prefix,
+            &models,
+            &opts,
+            publish.then_some(events.as_ref()),
+            &progress,
+        )
+        .await;
+        progress.finish();
+        let report = report?;
+        if store.json {
+            let mut v = serde_json::to_value(&report)?;
+            v["anomalies_total"] = json!(report.anomalies.len());
+            v["anomalies"] =
+                serde_json::to_value(&report.anomalies[..limit.min(report.anomalies.len())])?;
+            v["models"] = json!(models.types().collect::<Vec<_>>());
+            println!("{v}");
+        } else {
+            print_scan(&report, &objects.location(), limit, publish);
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+
+    fn print_scan(r: &ScanReport, location: &str, limit: usize, publish: bool) {
+        println!(
+            "anomaly scan: {location}, {}, {} objects, {} records ({} bad lines)",
+            range_text(&r.range),
+            r.read.objects,
+            r.read.records,
+            r.read.bad_lines
+        );
+        let w = r.types.keys().map(String::len).max().unwrap_or(0).max(4);
+        println!(
+            "{:<w$}  {:>8}  {:>8}  {:>9}  {:>8}  {:>12}",
+            "type", "scanned", "scored", "anomalies", "no model", "threshold"
+        );
+        for (t, c) in &r.types {
+            println!(
+                "{t:<w$}  {:>8}  {:>8}  {:>9}  {:>8}  {:>12}",
+                c.scanned,
+                c.scored,
+                c.anomalies,
+                c.no_model,
+                num(c.threshold)
+            );
+        }
+        let top = &r.anomalies[..limit.min(r.anomalies.len())];
+        if !top.is_empty() {
+            println!("\ntop {} of {} anomalies:", top.len(), r.anomalies.len());
+            let wi = top
+                .iter()
+                .map(|f| f.event_id.len())
+                .max()
+                .unwrap_or(0)
+                .max(8);
+            let wt = top
+                .iter()
+                .map(|f| f.event_type.len())
+                .max()
+                .unwrap_or(0)
+                .max(4);
+            println!(
+                "{:<wi$}  {:<wt$}  {:>12}  {:>12}  most unusual field (z)",
+                "event_id", "type", "score", "threshold"
+            );
+            for f in top {
+                let why = match (&f.feature, f.z) {
+                    (Some(n), Some(z)) => format!("{n} ({z:+.1})"),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:<wi$}  {:<wt$}  {:>12.3}  {:>12.3}  {why}",
+                    f.event_id, f.event_type, f.score, f.threshold
+                );
+            }
+        }
+        if publish {
+            println!("\npublished {} {} events", r.published, an::DETAIL_TYPE);
         }
     }
 }

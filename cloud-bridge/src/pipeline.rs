@@ -44,6 +44,7 @@ use proto::{EventResult, Status};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::anomaly::live::LiveModels;
 use crate::aws::Aws;
 use crate::backend::{Backend, Claim, Entry, Sink, StateStore};
 use crate::config::Config;
@@ -81,6 +82,8 @@ pub struct Pipeline {
     /// Recalculates results before they are stored (`[verify]`), correcting what is wrong.
     pub verifier: Option<Arc<Verifier>>,
     pub dlq: Arc<dyn DeadLetterQueue>,
+    /// The anomaly models results are scored with (`anomaly.score`).
+    pub models: Option<Arc<LiveModels>>,
     /// Names this bridge in its claims (diagnostics only).
     owner: String,
 }
@@ -110,8 +113,13 @@ impl Pipeline {
                 owner.clone(),
             )))
         });
+        let models = cfg
+            .anomaly
+            .score
+            .then(|| Arc::new(LiveModels::new(Duration::from_secs(cfg.anomaly.reload_s))));
         Pipeline {
             verifier,
+            models,
             dlq: backend.dlq,
             state: backend.state,
             sink: Sink {
@@ -227,6 +235,14 @@ impl Pipeline {
             }
             None => Vec::new(),
         };
+        if let Some(live) = &self.models {
+            let models = live.get(&*self.sink.objects, &self.cfg.aws.prefix).await;
+            if !models.is_empty() {
+                for r in &mut records {
+                    crate::anomaly::live::apply(&models, r);
+                }
+            }
+        }
         let mut body = Vec::new();
         let mut entries: Vec<Entry> = Vec::new();
         let mut seen = HashSet::new();

@@ -174,7 +174,13 @@ fn agent_config(
     Ok(cfg)
 }
 
-fn bridge_config(args: &DemoArgs, cloud_port: u16) -> anyhow::Result<cloud_bridge::config::Config> {
+/// The demo's bridge: local broker and backend (or `--cloud-config`), and it re-verifies
+/// every result with the engine the agent runs.
+fn bridge_config(
+    args: &DemoArgs,
+    cloud_port: u16,
+    engine: &engine::EngineSpec,
+) -> anyhow::Result<cloud_bridge::config::Config> {
     let local = cloud_bridge::config::Config::parse(&format!(
         r#"
 [mqtt]
@@ -192,7 +198,7 @@ emf = "off"
 "#
     ))
     .map_err(anyhow::Error::msg)?;
-    Ok(match &args.cloud_config {
+    let mut c = match &args.cloud_config {
         None => local,
         Some(p) => {
             let mut c = cloud_bridge::config::Config::load(p)
@@ -201,7 +207,17 @@ emf = "off"
             c.metrics = local.metrics;
             c
         }
-    })
+    };
+    if c.verify.is_none() {
+        c.verify = Some(cloud_bridge::config::VerifyConfig {
+            engine_config: "(the agent's config)".into(),
+            sample: 1.0,
+            tolerance: 1e-9,
+            max_devices: 100_000,
+            spec: Some(engine.clone()),
+        });
+    }
+    Ok(c)
 }
 
 /// Figures for a summary line, read from the parts as they run.
@@ -387,7 +403,7 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let gateway = cfg.gateway_id.clone();
     let metrics_url = format!("http://{}/metrics", cfg.metrics.listen);
-    let bcfg = Arc::new(bridge_config(&args, cloud_port)?);
+    let bcfg = Arc::new(bridge_config(&args, cloud_port, &cfg.engine)?);
 
     start_cloud_broker(cloud_port)?;
 
@@ -677,6 +693,14 @@ async fn finish(
         "  cloud    {records} results stored once each in {} objects, {failures} under failures/ (cloud DLQ)",
         new_objects.len(),
     );
+    println!(
+        "           re-verified {} ({} not verifiable), {} incorrect, {} corrected; {} anomalies stored",
+        load(&b.verified),
+        load(&b.unverified),
+        load(&b.incorrect),
+        load(&b.corrected),
+        load(&b.anomalies),
+    );
     if local {
         println!(
             "           {0}/events/dt=…/gateway=…/*.ndjson, events in {0}/eventbridge/",
@@ -724,6 +748,11 @@ async fn finish(
             "distinct_event_ids": distinct,
             "failures": failures,
             "decode_errors": load(&b.decode_errors),
+            "verified": load(&b.verified),
+            "unverified": load(&b.unverified),
+            "incorrect": load(&b.incorrect),
+            "corrected": load(&b.corrected),
+            "anomalies": load(&b.anomalies),
             "hwm": hwm,
         },
         "drained": drained,

@@ -95,12 +95,7 @@ impl AgentConfig {
         }
         self.broker.validate().map_err(|e| e.to_string())?;
         self.uplink.validate()?;
-        if self.pipeline.max_batch == 0 {
-            return Err("pipeline.max_batch: must be at least 1".into());
-        }
-        if self.pipeline.queue_capacity == 0 {
-            return Err("pipeline.queue_capacity: must be at least 1".into());
-        }
+        self.pipeline.validate()?;
         self.dlq.validate()?;
         self.engine()?;
         Ok(())

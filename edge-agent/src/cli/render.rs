@@ -14,6 +14,7 @@ use proto::timestamp::format_rfc3339;
 use crate::dlq::{
     Count, DlqStats, EntryBrief, EntryView, Listing, PurgeReport, RetryOutcome, RetryReport,
 };
+use crate::missed::MissedListing;
 use crate::status::StatusReport;
 
 /// Everything printed fits this many columns.
@@ -405,6 +406,20 @@ pub fn status(r: &StatusReport, now: i64) -> String {
             ),
         ));
     }
+    let m = &r.missed;
+    let mut missed = format!(
+        "{} ({} seqs); {} open gaps waiting",
+        plural(m.records, "record", "records"),
+        m.missing,
+        m.open_gaps
+    );
+    if m.filled_late_total > 0 {
+        let _ = write!(missed, "; {} arrived late", m.filled_late_total);
+    }
+    if m.dropped_total > 0 {
+        let _ = write!(missed, "; {} dropped by the cap", m.dropped_total);
+    }
+    rows.push(("missed", missed));
     rows.push((
         "last error",
         match &r.last_error {
@@ -413,6 +428,59 @@ pub fn status(r: &StatusReport, now: i64) -> String {
         },
     ));
     block(&rows)
+}
+
+/// `missed list`.
+pub fn missed(l: &MissedListing) -> String {
+    if l.total == 0 {
+        return "No missed events.\n".into();
+    }
+    if l.matching == 0 {
+        return format!("No records match (of {}).\n", l.total);
+    }
+    let mut t = table(&[
+        "ID",
+        "DEVICE",
+        "SEQS",
+        "COUNT",
+        "LATE",
+        "FIRST SEEN",
+        "DECLARED",
+    ]);
+    for r in &l.records {
+        let seqs = r
+            .ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        t.add_row(row(vec![
+            Cell::new(r.id),
+            Cell::new(&r.device),
+            Cell::new(seqs),
+            Cell::new(r.count),
+            Cell::new(r.filled_late),
+            Cell::new(short_time(r.first_seen)),
+            Cell::new(short_time(r.declared_at)),
+        ]));
+    }
+    right(&mut t, &[0, 3, 4]);
+    upto(&mut t, 1, 16);
+    let mut s = finish(&t);
+    let shown = l.records.len() as u64;
+    let what = if l.matching == l.total {
+        plural(l.total, "record", "records")
+    } else {
+        format!("{} matching (of {})", l.matching, l.total)
+    };
+    if shown < l.matching {
+        let _ = writeln!(s, "{shown} of {what} shown, oldest first. Times UTC.");
+        let _ = writeln!(s, "--limit N shows more, --limit 0 all.");
+    } else {
+        let _ = writeln!(s, "{what}, oldest first. Times UTC.");
+    }
+    let _ = writeln!(s, "LATE: seqs that arrived after being declared missed.");
+    s
 }
 
 pub fn outbox(results: &[EventResult]) -> anyhow::Result<String> {

@@ -850,3 +850,7 @@ fn outcome_device(o: &Outcome) -> Option<String> {
 #[cfg(test)]
 #[path = "pipeline_dlq_tests.rs"]
 mod dlq_tests;
+
+#[cfg(test)]
+#[path = "pipeline_missed_tests.rs"]
+mod missed_tests;

@@ -613,4 +613,42 @@ mod tests {
         assert!(s.contains("REASON"), "{s}");
         assert!(s.contains("13 minutes ago") || s.contains("ago"), "{s}");
     }
+
+    #[test]
+    fn missed_list_fits_80_columns() {
+        use crate::missed::MissedRecord;
+        use engine::SeqRange;
+        let mut split = MissedRecord::new(
+            2,
+            "a-very-long-device-identifier-0001",
+            SeqRange::new(100_000, 100_900),
+            1_795_600_800_000,
+            1_795_601_100_000,
+        );
+        split.fill(SeqRange::new(100_500, 100_500));
+        let l = MissedListing {
+            total: 3,
+            matching: 2,
+            records: vec![
+                MissedRecord::new(
+                    1,
+                    "meter-1",
+                    SeqRange::new(3, 4),
+                    1_795_600_800_000,
+                    1_795_601_100_000,
+                ),
+                split,
+            ],
+        };
+        let s = missed(&l);
+        assert_fits(&s);
+        assert!(s.contains("3..=4"), "{s}");
+        assert!(s.contains("2 matching (of 3)"), "{s}");
+        let empty = MissedListing {
+            total: 0,
+            matching: 0,
+            records: vec![],
+        };
+        assert_eq!(missed(&empty), "No missed events.\n");
+    }
 }

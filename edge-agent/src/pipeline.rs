@@ -609,7 +609,7 @@ impl Pipeline {
         };
         let outcome = self.engine.process(&mut self.state, &input);
         if let Some(device) = outcome_device(&outcome)
-            && let Err(err) = self.track(&device, now, commit)
+            && let Err(err) = self.track(device, now, commit)
         {
             // Only a store read can fail here; the gaps catch up with the next message.
             tracing::error!(error = %err, device, "missed events: cannot read the store");
@@ -741,7 +741,7 @@ impl Pipeline {
             };
             let outcome = self.engine.process(&mut self.state, &input);
             if let Some(device) = outcome_device(&outcome) {
-                self.track(&device, inbound.received_at, &mut commit)?;
+                self.track(device, inbound.received_at, &mut commit)?;
             }
             match outcome {
                 Outcome::Accepted {
@@ -839,11 +839,11 @@ impl Pipeline {
 }
 
 /// The device whose state an outcome may have changed.
-fn outcome_device(o: &Outcome) -> Option<String> {
+fn outcome_device(o: &Outcome) -> Option<&str> {
     match o {
-        Outcome::Accepted { result, .. } => Some(result.device.clone()),
+        Outcome::Accepted { result, .. } => Some(&result.device),
         Outcome::Duplicate { .. } => None,
-        Outcome::Rejected(r) => r.device.clone(),
+        Outcome::Rejected(r) => r.device.as_deref(),
     }
 }
 

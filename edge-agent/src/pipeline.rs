@@ -13,6 +13,10 @@
 //! automatic retries of transient failures that are due, so the store's counters stay exact
 //! and a retried message takes the same engine and group-commit path as live traffic. A
 //! stopped agent's CLI runs the very same [`Pipeline::retry`] / [`Pipeline::purge`] in-process.
+//!
+//! Missed events ([`crate::missed`]): after each message the device's tracked gaps are brought
+//! in line with the engine's tracker in the same commit, and between batches a timer declares
+//! the gaps open longer than `missed_after_s` missed (one commit for all that are due).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -556,7 +560,7 @@ impl Pipeline {
                     results.push(None);
                     continue;
                 };
-                let (outcome, result) = self.replay(e, now, &mut commit);
+                let (outcome, result) = self.replay(e, now, &mut commit)?;
                 report.items.push(RetryItem { id, outcome });
                 results.push(result);
             }
@@ -598,7 +602,7 @@ impl Pipeline {
         e: DlqEntry,
         now: i64,
         commit: &mut Commit,
-    ) -> (RetryOutcome, Option<usize>) {
+    ) -> Result<(RetryOutcome, Option<usize>), StoreError> {
         let input = Input {
             topic: &e.topic,
             payload: &e.payload,
@@ -608,13 +612,11 @@ impl Pipeline {
             replay: true,
         };
         let outcome = self.engine.process(&mut self.state, &input);
-        if let Some(device) = outcome_device(&outcome)
-            && let Err(err) = self.track(device, now, commit)
-        {
-            // Only a store read can fail here; the gaps catch up with the next message.
-            tracing::error!(error = %err, device, "missed events: cannot read the store");
+        if let Some(device) = outcome_device(&outcome) {
+            // A replay inside a missing range fills it, as a live late arrival does.
+            self.track(device, now, commit)?;
         }
-        match outcome {
+        Ok(match outcome {
             Outcome::Accepted { result, .. } => {
                 let event_id = result.event_id.clone();
                 commit.results.push(result);
@@ -656,7 +658,7 @@ impl Pipeline {
                 });
                 (outcome, None)
             }
-        }
+        })
     }
 
     /// Recomputes when the next automatic retry is due.

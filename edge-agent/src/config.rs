@@ -95,12 +95,7 @@ impl AgentConfig {
         }
         self.broker.validate().map_err(|e| e.to_string())?;
         self.uplink.validate()?;
-        if self.pipeline.max_batch == 0 {
-            return Err("pipeline.max_batch: must be at least 1".into());
-        }
-        if self.pipeline.queue_capacity == 0 {
-            return Err("pipeline.queue_capacity: must be at least 1".into());
-        }
+        self.pipeline.validate()?;
         self.dlq.validate()?;
         self.engine()?;
         Ok(())
@@ -108,5 +103,34 @@ impl AgentConfig {
 
     pub fn engine(&self) -> Result<Engine, String> {
         Engine::new(&self.engine).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(pipeline: &str) -> Result<AgentConfig, String> {
+        AgentConfig::parse(&format!(
+            "gateway_id = \"gw\"\ntopic = \"devices/{{device}}/events/{{type}}\"\n\
+             [pipeline]\n{pipeline}\n[event_types.m.fields]\nx = {{ type = \"number\" }}\n"
+        ))
+    }
+
+    #[test]
+    fn missed_settings_are_validated_by_name() {
+        let ok = parse("").unwrap();
+        assert_eq!(ok.pipeline.missed_after_s, 300);
+        assert_eq!(ok.pipeline.missed_max_records, 10_000);
+        assert_eq!(
+            parse("missed_after_s = 1").unwrap().pipeline.missed_after_s,
+            1
+        );
+        let err = parse("missed_max_records = 0").unwrap_err();
+        assert!(err.starts_with("pipeline.missed_max_records:"), "{err}");
+        let err = parse("missed_after_s = 99999999").unwrap_err();
+        assert!(err.starts_with("pipeline.missed_after_s:"), "{err}");
+        let err = parse("missed_after_s = -1").unwrap_err();
+        assert!(err.contains("pipeline.missed_after_s"), "{err}");
     }
 }

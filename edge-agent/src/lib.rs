@@ -19,6 +19,7 @@ pub mod config;
 pub mod demo;
 pub mod dlq;
 pub mod ingest;
+pub mod missed;
 pub mod outbox;
 pub mod pipeline;
 #[cfg(feature = "demo")]

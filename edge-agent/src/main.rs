@@ -50,6 +50,12 @@ enum Command {
         #[command(subcommand)]
         command: cli::DlqCommand,
     },
+    /// Missed events: device sequence gaps still open after `pipeline.missed_after_s`
+    /// (running or stopped agent).
+    Missed {
+        #[command(subcommand)]
+        command: cli::MissedCommand,
+    },
     /// The whole pipeline on this machine, no cloud account: simulated devices → this agent →
     /// an in-process cloud broker → cloud-bridge → a local directory with S3's layout. Prints
     /// a live summary every 2 s and a final one.
@@ -65,6 +71,7 @@ fn main() -> ExitCode {
         Command::Status { store, json } => return finish(cli::status(&store, json)),
         Command::Outbox { command } => return finish(cli::outbox(command)),
         Command::Dlq { command } => return finish(cli::dlq(command)),
+        Command::Missed { command } => return finish(cli::missed(command)),
         #[cfg(feature = "demo")]
         Command::Demo(args) => edge_agent::demo::main(args),
     };

@@ -13,7 +13,12 @@
 //! automatic retries of transient failures that are due, so the store's counters stay exact
 //! and a retried message takes the same engine and group-commit path as live traffic. A
 //! stopped agent's CLI runs the very same [`Pipeline::retry`] / [`Pipeline::purge`] in-process.
+//!
+//! Missed events ([`crate::missed`]): after each message the device's tracked gaps are brought
+//! in line with the engine's tracker in the same commit, and between batches a timer declares
+//! the gaps open longer than `missed_after_s` missed (one commit for all that are due).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -27,6 +32,7 @@ use crate::dlq::{
     self, DlqConfig, FullPolicy, PurgeReport, RetryItem, RetryOutcome, RetryReport, Selection,
 };
 use crate::ingest::{AckSet, Inbound, now_ms};
+use crate::missed::{DeviceGaps, MissedRecord};
 use crate::outbox::Outbox;
 use crate::status::{Live, describe_rejection};
 use crate::store::{Commit, DlqRef, Store, StoreError};
@@ -42,7 +48,8 @@ pub enum AdminCall {
 /// Why the pipeline woke up.
 enum Wake {
     Admin(Option<AdminCall>),
-    AutoRetry,
+    /// An automatic DLQ retry or a missed-events check is due.
+    Timer,
     Ingest(usize),
     /// Intake is blocked (DLQ full): look again whether ingest has closed.
     Tick,
@@ -72,6 +79,37 @@ pub struct PipelineConfig {
     /// sockets (devices see back-pressure, nothing is dropped). It bounds memory: a queued
     /// message keeps its slice of the socket's read buffer alive.
     pub queue_capacity: usize,
+    /// Seconds a device's sequence gap may stay open before it becomes a missed-event record
+    /// (a late arrival after that is still processed normally and shrinks the record).
+    pub missed_after_s: u64,
+    /// Most missed-event records kept; beyond it the oldest are dropped (counted).
+    pub missed_max_records: u64,
+}
+
+impl PipelineConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_batch == 0 {
+            return Err("pipeline.max_batch: must be at least 1".into());
+        }
+        if self.queue_capacity == 0 {
+            return Err("pipeline.queue_capacity: must be at least 1".into());
+        }
+        // Beyond a year a gap is as good as never declared; the bound keeps ms arithmetic safe.
+        if self.missed_after_s > 366 * 24 * 3600 {
+            return Err(format!(
+                "pipeline.missed_after_s: {} is more than a year (366 days = 31622400 s)",
+                self.missed_after_s
+            ));
+        }
+        if self.missed_max_records == 0 {
+            return Err("pipeline.missed_max_records: must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn missed_after_ms(&self) -> i64 {
+        i64::try_from(self.missed_after_s.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
 }
 
 impl Default for PipelineConfig {
@@ -81,6 +119,8 @@ impl Default for PipelineConfig {
             // throughput than this, at six times the peak RSS.
             max_batch: 1024,
             queue_capacity: 2048,
+            missed_after_s: crate::missed::DEFAULT_AFTER_S,
+            missed_max_records: crate::missed::DEFAULT_MAX_RECORDS,
         }
     }
 }
@@ -95,6 +135,15 @@ pub struct Pipeline {
     dlq: DlqConfig,
     /// When the earliest automatic DLQ retry is due (epoch ms).
     next_auto_retry: Option<i64>,
+    /// Devices' open sequence gaps (only devices that have some), as last committed plus
+    /// this batch's changes; `gaps_dirty` are the devices to write with the next commit.
+    gaps: BTreeMap<String, DeviceGaps>,
+    gaps_dirty: BTreeSet<String>,
+    missed_after_ms: i64,
+    /// The next missed record's id.
+    next_missed_id: u64,
+    /// When the earliest open gap falls due (epoch ms).
+    next_missed_check: Option<i64>,
     live: Arc<Live>,
     /// Shows systemd's watchdog that batches keep finishing.
     heartbeat: crate::systemd::Heartbeat,
@@ -114,7 +163,15 @@ impl Pipeline {
         for (device, s) in store.device_states()? {
             state.insert(device, s);
         }
-        let p = Pipeline {
+        let mut gaps = BTreeMap::new();
+        for g in store.reader().gaps() {
+            let (device, g) = g?;
+            gaps.insert(device, g);
+        }
+        let mut store = store;
+        store.set_missed_cap(cfg.missed_max_records.max(1));
+        let next_missed_id = store.counters().first_free_missed_id();
+        let mut p = Pipeline {
             engine,
             state,
             store,
@@ -123,9 +180,28 @@ impl Pipeline {
             max_batch: cfg.max_batch.max(1),
             dlq: DlqConfig::default(),
             next_auto_retry: None,
+            gaps,
+            gaps_dirty: BTreeSet::new(),
+            missed_after_ms: cfg.missed_after_ms(),
+            next_missed_id,
+            next_missed_check: None,
             live: Arc::new(Live::new(now_ms())),
             heartbeat: crate::systemd::Heartbeat::new(),
         };
+        // Gaps the engine knows but the agent does not (a store written before missed
+        // records existed): tracked from now, written with the next commit.
+        let now = now_ms();
+        let devices: Vec<String> = p
+            .state
+            .devices()
+            .filter(|(d, s)| !s.seq().missing().is_empty() && !p.gaps.contains_key(*d))
+            .map(|(d, _)| d.to_string())
+            .collect();
+        let mut ignored = Commit::default();
+        for d in devices {
+            p.track(&d, now, &mut ignored)?;
+        }
+        p.reschedule_missed();
         p.publish_gauges();
         Ok(p)
     }
@@ -180,7 +256,10 @@ impl Pipeline {
         let mut draining = false;
         loop {
             let blocked = !draining && self.intake_blocked();
-            let due = self.next_auto_retry;
+            let due = match (self.next_auto_retry, self.next_missed_check) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let max = self.max_batch;
             let wake = rt.block_on(async {
                 let timer = async {
@@ -195,7 +274,7 @@ impl Pipeline {
                 tokio::select! {
                     biased;
                     call = admin.recv(), if admin_open => Wake::Admin(call),
-                    _ = timer => Wake::AutoRetry,
+                    _ = timer => Wake::Timer,
                     n = rx.recv_many(&mut batch, max), if !blocked => Wake::Ingest(n),
                     _ = tokio::time::sleep(Duration::from_millis(200)), if blocked => Wake::Tick,
                 }
@@ -204,20 +283,161 @@ impl Pipeline {
             match wake {
                 Wake::Admin(Some(call)) => self.serve(call)?,
                 Wake::Admin(None) => admin_open = false,
-                Wake::AutoRetry => self.auto_retry()?,
+                Wake::Timer => self.timers()?,
                 Wake::Ingest(0) => break,
                 Wake::Ingest(_) => {
                     self.process(&mut batch, &mut acks)?;
                     // Under constant load the timer branch may not get its turn.
-                    if self.next_auto_retry.is_some_and(|t| t <= now_ms()) {
-                        self.auto_retry()?;
-                    }
+                    self.timers()?;
                 }
                 Wake::Tick => draining = rx.is_closed(),
             }
             self.heartbeat.batch_done();
         }
         Ok(self.store)
+    }
+
+    /// Runs what is due: automatic DLQ retries, the missed-events check.
+    fn timers(&mut self) -> Result<(), StoreError> {
+        let now = now_ms();
+        if self.next_auto_retry.is_some_and(|t| t <= now) {
+            self.auto_retry()?;
+        }
+        if self.next_missed_check.is_some_and(|t| t <= now) {
+            self.declare_missed(now)?;
+        }
+        Ok(())
+    }
+
+    /// Brings the device's tracked gaps in line with the engine's tracker after one of its
+    /// messages: new gaps are remembered with `now`, late fills shrink them (and the missed
+    /// record they were declared as), gaps the tracker dropped (restart, eviction) are
+    /// declared missed at once. Everything goes into `commit`.
+    fn track(&mut self, device: &str, now: i64, commit: &mut Commit) -> Result<(), StoreError> {
+        let Some(seq) = self.state.device(device).map(|d| d.seq()) else {
+            return Ok(());
+        };
+        let change = match self.gaps.get_mut(device) {
+            Some(g) if g.in_sync(seq) => return Ok(()),
+            Some(g) => g.reconcile(seq, now),
+            None if seq.missing().is_empty() => return Ok(()),
+            None => {
+                let mut g = DeviceGaps::new(seq);
+                let change = g.reconcile(seq, now);
+                self.gaps.insert(device.to_string(), g);
+                change
+            }
+        };
+        if self.gaps.get(device).is_some_and(|g| g.gaps.is_empty()) {
+            self.gaps.remove(device);
+        }
+        self.gaps_dirty.insert(device.to_string());
+        if let Some(t) = change
+            .opened
+            .iter()
+            .map(|g| g.first_seen.saturating_add(self.missed_after_ms))
+            .min()
+        {
+            self.next_missed_check = Some(self.next_missed_check.map_or(t, |n| n.min(t)));
+        }
+        for piece in &change.filled {
+            let Some(id) = piece.missed else { continue };
+            let record = match commit.missed.remove(&id) {
+                Some(r) => Some(r),
+                None => self.store.reader().missed_record(id)?,
+            };
+            // Gone: dropped by the cap (it was counted then).
+            let Some(mut record) = record else { continue };
+            let n = record.fill(piece.range());
+            commit.missed_filled_late += n;
+            tracing::info!(
+                device,
+                missed_id = id,
+                seqs = %piece.range(),
+                still_missing = record.count,
+                "a seq declared missed arrived late: processed normally, missed record updated"
+            );
+            if record.is_filled() {
+                commit.missed_removals.insert(id);
+            } else {
+                commit.missed.insert(id, record);
+            }
+        }
+        for piece in change.lost.iter().filter(|p| p.missed.is_none()) {
+            let id = self.take_missed_id();
+            let record = MissedRecord::new(id, device, piece.range(), piece.first_seen, now);
+            tracing::warn!(
+                device,
+                missed_id = id,
+                seqs = %piece.range(),
+                count = record.count,
+                "missed events: the device restarted its sequence (or too many gaps were \
+                 open) before these arrived"
+            );
+            commit.missed_declared_seqs += record.count;
+            commit.missed.insert(id, record);
+        }
+        Ok(())
+    }
+
+    fn take_missed_id(&mut self) -> u64 {
+        let id = self.next_missed_id;
+        self.next_missed_id += 1;
+        id
+    }
+
+    /// Adds the changed devices' gaps to `commit`.
+    fn stage_gaps(&mut self, commit: &mut Commit) {
+        for device in std::mem::take(&mut self.gaps_dirty) {
+            let g = self.gaps.get(&device).cloned();
+            commit.gaps.push((device, g));
+        }
+    }
+
+    /// Declares every gap open for `missed_after_s` or longer missed, in one commit.
+    fn declare_missed(&mut self, now: i64) -> Result<(), StoreError> {
+        let mut commit = Commit::default();
+        let after = self.missed_after_ms;
+        let mut next_id = self.next_missed_id;
+        for (device, g) in &mut self.gaps {
+            let declared = g.declare_due(after, now, || {
+                next_id += 1;
+                next_id - 1
+            });
+            if declared.is_empty() {
+                continue;
+            }
+            self.gaps_dirty.insert(device.clone());
+            for gap in declared {
+                let id = gap.missed.unwrap_or_default();
+                let record = MissedRecord::new(id, device, gap.range(), gap.first_seen, now);
+                tracing::warn!(
+                    device = device.as_str(),
+                    missed_id = id,
+                    seqs = %gap.range(),
+                    count = record.count,
+                    open_s = (now - gap.first_seen) / 1000,
+                    "missed events: a sequence gap stayed open past missed_after_s"
+                );
+                commit.missed_declared_seqs += record.count;
+                commit.missed.insert(id, record);
+            }
+        }
+        self.next_missed_id = next_id;
+        self.stage_gaps(&mut commit);
+        if !commit.is_empty() {
+            self.store.commit(&mut commit)?;
+            self.after_commit(&commit);
+        }
+        self.reschedule_missed();
+        self.publish_gauges();
+        Ok(())
+    }
+
+    /// Recomputes when the next open gap falls due.
+    fn reschedule_missed(&mut self) {
+        let after = self.missed_after_ms;
+        self.next_missed_check = self.gaps.values().filter_map(|g| g.next_due(after)).min();
     }
 
     /// With `full_policy = "block"`, a full DLQ stops intake until someone makes room.
@@ -340,11 +560,12 @@ impl Pipeline {
                     results.push(None);
                     continue;
                 };
-                let (outcome, result) = self.replay(e, now, &mut commit);
+                let (outcome, result) = self.replay(e, now, &mut commit)?;
                 report.items.push(RetryItem { id, outcome });
                 results.push(result);
             }
             commit.states = self.state.take_dirty();
+            self.stage_gaps(&mut commit);
             if commit.is_empty() {
                 continue;
             }
@@ -381,7 +602,7 @@ impl Pipeline {
         e: DlqEntry,
         now: i64,
         commit: &mut Commit,
-    ) -> (RetryOutcome, Option<usize>) {
+    ) -> Result<(RetryOutcome, Option<usize>), StoreError> {
         let input = Input {
             topic: &e.topic,
             payload: &e.payload,
@@ -390,7 +611,12 @@ impl Pipeline {
             gateway: &self.gateway,
             replay: true,
         };
-        match self.engine.process(&mut self.state, &input) {
+        let outcome = self.engine.process(&mut self.state, &input);
+        if let Some(device) = outcome_device(&outcome) {
+            // A replay inside a missing range fills it, as a live late arrival does.
+            self.track(device, now, commit)?;
+        }
+        Ok(match outcome {
             Outcome::Accepted { result, .. } => {
                 let event_id = result.event_id.clone();
                 commit.results.push(result);
@@ -432,7 +658,7 @@ impl Pipeline {
                 });
                 (outcome, None)
             }
-        }
+        })
     }
 
     /// Recomputes when the next automatic retry is due.
@@ -457,6 +683,18 @@ impl Pipeline {
             .count() as u64;
         if anomalies > 0 {
             metrics::counter!(m::ANOMALIES).increment(anomalies);
+        }
+        metrics::counter!(m::MISSED).increment(commit.missed_declared_seqs);
+        metrics::counter!(m::MISSED_FILLED_LATE).increment(commit.missed_filled_late);
+        if !commit.missed_dropped.is_empty() {
+            metrics::counter!(m::MISSED_DROPPED).increment(commit.missed_dropped.len() as u64);
+            let oldest = &commit.missed_dropped[0];
+            tracing::warn!(
+                dropped = commit.missed_dropped.len(),
+                oldest_id = oldest.id,
+                oldest_device = oldest.device.as_str(),
+                "missed records over pipeline.missed_max_records: dropped the oldest"
+            );
         }
         let dropped = &commit.dlq_dropped;
         if dropped.is_empty() {
@@ -503,7 +741,11 @@ impl Pipeline {
                 gateway: &self.gateway,
                 replay: false,
             };
-            match self.engine.process(&mut self.state, &input) {
+            let outcome = self.engine.process(&mut self.state, &input);
+            if let Some(device) = outcome_device(&outcome) {
+                self.track(device, inbound.received_at, &mut commit)?;
+            }
+            match outcome {
                 Outcome::Accepted {
                     result,
                     gap,
@@ -519,6 +761,10 @@ impl Pipeline {
                 Outcome::Duplicate { .. } => dups += 1,
                 Outcome::Rejected(r) => {
                     metrics::counter!(m::REJECTED, "stage" => r.stage.as_str()).increment(1);
+                    if let Some(g) = r.gap {
+                        gaps += 1;
+                        missed += g.len();
+                    }
                     if r.transient
                         && let Some(at) = self.dlq.auto_retry.next_at(1, inbound.received_at)
                     {
@@ -544,6 +790,7 @@ impl Pipeline {
             acks.push(inbound.ack);
         }
         commit.states = self.state.take_dirty();
+        self.stage_gaps(&mut commit);
         let engine_done = Instant::now();
         let accepted = commit.results.len() as u64;
         // A full outbox blocks here (policy `block`) with the batch's acks still held, so
@@ -572,7 +819,7 @@ impl Pipeline {
         metrics::counter!(m::ACCEPTED).increment(accepted);
         metrics::counter!(m::DUPLICATES).increment(dups);
         metrics::counter!(m::GAPS).increment(gaps);
-        metrics::counter!(m::MISSED).increment(missed);
+        metrics::counter!(m::GAP_SEQS).increment(missed);
         metrics::counter!(m::LATE).increment(late);
         metrics::histogram!(m::BATCH_SIZE).record(n as f64);
         metrics::histogram!(m::STAGE_SECONDS, "stage" => "engine")
@@ -587,9 +834,25 @@ impl Pipeline {
         let c = self.store.counters();
         metrics::gauge!(m::DLQ_ENTRIES).set(c.dlq_entries as f64);
         metrics::gauge!(m::DLQ_BYTES).set(c.dlq_bytes as f64);
+        metrics::gauge!(m::MISSED_RECORDS).set(c.missed_records as f64);
+        let open: usize = self.gaps.values().map(DeviceGaps::open).sum();
+        metrics::gauge!(m::GAPS_OPEN).set(open as f64);
+    }
+}
+
+/// The device whose state an outcome may have changed.
+fn outcome_device(o: &Outcome) -> Option<&str> {
+    match o {
+        Outcome::Accepted { result, .. } => Some(&result.device),
+        Outcome::Duplicate { .. } => None,
+        Outcome::Rejected(r) => r.device.as_deref(),
     }
 }
 
 #[cfg(test)]
 #[path = "pipeline_dlq_tests.rs"]
 mod dlq_tests;
+
+#[cfg(test)]
+#[path = "pipeline_missed_tests.rs"]
+mod missed_tests;

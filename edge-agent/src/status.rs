@@ -168,6 +168,7 @@ pub struct StatusReport {
     pub outbox: OutboxInfo,
     pub uplink: UplinkInfo,
     pub dlq: DlqInfo,
+    pub missed: MissedInfo,
     pub next_edge_seq: u64,
     /// Only while running.
     pub rates: Option<Rates>,
@@ -215,6 +216,22 @@ pub struct DlqInfo {
     pub dropped_total: u64,
 }
 
+/// Missed events: sequence gaps still open, and those declared missed.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MissedInfo {
+    /// Open gaps not yet declared missed (waiting `missed_after_s`).
+    pub open_gaps: u64,
+    /// Missed-event records stored (`edge-agent missed list`).
+    pub records: u64,
+    /// Seqs still missing in those records.
+    pub missing: u64,
+    /// Seqs ever declared missed, and how many of them arrived late after all.
+    pub declared_total: u64,
+    pub filled_late_total: u64,
+    /// Records dropped by the cap, ever.
+    pub dropped_total: u64,
+}
+
 /// What the report is built from; `live` is `None` for a stopped agent.
 pub struct Sources<'a> {
     pub reader: &'a StoreReader,
@@ -248,6 +265,22 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
         auto_retry_pending: scheduled,
         dropped_total: c.dlq_dropped,
     };
+    let mut missing = 0u64;
+    for r in src.reader.missed() {
+        missing += r?.count;
+    }
+    let mut open_gaps = 0u64;
+    for g in src.reader.gaps() {
+        open_gaps += g?.1.open() as u64;
+    }
+    let missed = MissedInfo {
+        open_gaps,
+        records: c.missed_records,
+        missing,
+        declared_total: c.missed_seqs,
+        filled_late_total: c.missed_filled_late,
+        dropped_total: c.missed_dropped,
+    };
     let uplink = UplinkInfo {
         state: src.uplink.unwrap_or_else(|| "not configured".into()),
     };
@@ -268,6 +301,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
             outbox,
             uplink,
             dlq,
+            missed,
             next_edge_seq: c.next_edge_seq,
             rates: Some(live.rates()),
             totals: Some(live.totals()),
@@ -287,6 +321,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
                 outbox,
                 uplink,
                 dlq,
+                missed,
                 next_edge_seq: c.next_edge_seq,
                 rates: None,
                 totals: None,

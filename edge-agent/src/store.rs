@@ -10,13 +10,14 @@
 //! crash (`kill -9`) and an OS crash on a drive that honours flushes. A drive with a volatile
 //! write cache that ignores flush requests can still lose the last writes on a power cut.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use engine::DeviceState;
 use proto::{DlqEntry, EventResult};
 
 use crate::dlq::DlqCap;
+use crate::missed::{DeviceGaps, MissedFilter, MissedListing, MissedRecord, over_cap};
 use crate::outbox::{Outbox, OutboxConfig};
 use serde::de::DeserializeOwned;
 
@@ -28,6 +29,10 @@ pub(crate) mod key {
     pub const DLQ_RETRY: u8 = b'r';
     pub const STATE: u8 = b's';
     pub const META: u8 = b'm';
+    /// Device → its open sequence gaps as the agent tracks them (`missed::DeviceGaps`).
+    pub const GAPS: u8 = b'g';
+    /// Missed-event record id → `missed::MissedRecord`.
+    pub const MISSED: u8 = b'x';
 
     pub fn numbered(prefix: u8, n: u64) -> [u8; 9] {
         let mut k = [0u8; 9];
@@ -85,6 +90,28 @@ pub struct Counters {
     /// DLQ entries ever evicted to stay under the cap (`full_policy = "drop_oldest"`).
     #[serde(default)]
     pub dlq_dropped: u64,
+    /// The next missed record gets this id (0 in stores written before missed records: read
+    /// as 1).
+    #[serde(default)]
+    pub next_missed_id: u64,
+    /// Missed records stored.
+    #[serde(default)]
+    pub missed_records: u64,
+    /// Seqs ever declared missed.
+    #[serde(default)]
+    pub missed_seqs: u64,
+    /// Seqs declared missed that arrived later (and were processed normally).
+    #[serde(default)]
+    pub missed_filled_late: u64,
+    /// Missed records evicted to stay under the cap.
+    #[serde(default)]
+    pub missed_dropped: u64,
+}
+
+impl Counters {
+    pub fn first_free_missed_id(&self) -> u64 {
+        self.next_missed_id.max(1)
+    }
 }
 
 const COUNTERS: &str = "counters";
@@ -105,6 +132,17 @@ pub struct Commit {
     pub dlq_schedule: Vec<(DlqRef, Option<i64>)>,
     /// Set by the store: entries evicted to keep the DLQ under its cap (`drop_oldest`).
     pub dlq_dropped: Vec<DlqEntry>,
+    /// Devices whose tracked gaps changed: the new gaps, or `None` when none are left.
+    pub gaps: Vec<(String, Option<DeviceGaps>)>,
+    /// Missed records written (new or updated), by id (ids assigned by the pipeline).
+    pub missed: BTreeMap<u64, MissedRecord>,
+    /// Missed records deleted (every seq arrived late); unknown ids are ignored.
+    pub missed_removals: BTreeSet<u64>,
+    /// Seqs declared missed, and seqs of missed records filled late, in this commit.
+    pub missed_declared_seqs: u64,
+    pub missed_filled_late: u64,
+    /// Set by the store: records evicted to keep under the cap (oldest first).
+    pub missed_dropped: Vec<MissedRecord>,
 }
 
 /// A DLQ entry in a [`Commit`]: an existing one, or the `i`-th of `Commit::dlq` (whose id the
@@ -123,6 +161,9 @@ impl Commit {
             && self.dlq_updates.is_empty()
             && self.dlq_removals.is_empty()
             && self.dlq_schedule.is_empty()
+            && self.gaps.is_empty()
+            && self.missed.is_empty()
+            && self.missed_removals.is_empty()
     }
 }
 
@@ -131,6 +172,8 @@ pub struct Store {
     tree: sled::Tree,
     counters: Counters,
     dlq_cap: DlqCap,
+    /// Most missed records kept (the oldest go first).
+    missed_cap: u64,
 }
 
 impl Store {
@@ -167,6 +210,7 @@ impl Store {
             tree,
             counters,
             dlq_cap: DlqCap::UNLIMITED,
+            missed_cap: u64::MAX,
         };
         store.dlq_open()?;
         Ok(store)
@@ -203,6 +247,7 @@ impl Store {
         for (device, state) in &commit.states {
             batch.insert(key::named(key::STATE, device), proto::wire::encode(state));
         }
+        self.missed_apply(&mut batch, &mut next, commit)?;
         batch.insert(key::named(key::META, COUNTERS), proto::wire::encode(&next));
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
@@ -323,6 +368,138 @@ impl StoreReader {
             let id = key::number_of(&k);
             Ok((id, decode(&v, &format!("r{id}"))?))
         })
+    }
+}
+
+// Missed events
+impl StoreReader {
+    pub fn missed_record(&self, id: u64) -> Result<Option<MissedRecord>, StoreError> {
+        self.tree
+            .get(key::numbered(key::MISSED, id))?
+            .map(|v| decode(&v, &format!("x{id}")))
+            .transpose()
+    }
+
+    /// Missed records in id order (oldest first).
+    pub fn missed(&self) -> impl Iterator<Item = Result<MissedRecord, StoreError>> + '_ {
+        self.tree
+            .range(key::numbered(key::MISSED, 0)..key::numbered(key::MISSED + 1, 0))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&v, &format!("x{}", key::number_of(&k)))
+            })
+    }
+
+    /// `missed list`: the matching records, oldest first, up to the filter's limit.
+    pub fn missed_list(&self, filter: &MissedFilter) -> Result<MissedListing, StoreError> {
+        let total = self.counters()?.missed_records;
+        let mut matching = 0u64;
+        let mut records = Vec::new();
+        for r in self.missed() {
+            let r = r?;
+            if !filter.matches(&r) {
+                continue;
+            }
+            matching += 1;
+            if filter.limit.is_none_or(|l| records.len() < l) {
+                records.push(r);
+            }
+        }
+        Ok(MissedListing {
+            total,
+            matching,
+            records,
+        })
+    }
+
+    /// Every device's tracked gaps.
+    pub fn gaps(&self) -> impl Iterator<Item = Result<(String, DeviceGaps), StoreError>> + '_ {
+        self.tree.scan_prefix([key::GAPS]).map(|kv| {
+            let (k, v) = kv?;
+            let device = String::from_utf8_lossy(&k[1..]).into_owned();
+            let gaps = decode(&v, &format!("g{device}"))?;
+            Ok((device, gaps))
+        })
+    }
+}
+
+// Missed events
+impl Store {
+    /// The cap on stored missed records, applied from the next commit on (default: none).
+    pub fn set_missed_cap(&mut self, cap: u64) {
+        self.missed_cap = cap;
+    }
+
+    /// The missed-events part of [`Store::commit`]: tracked gaps, record writes and removals,
+    /// then the cap (oldest records first).
+    fn missed_apply(
+        &self,
+        batch: &mut sled::Batch,
+        next: &mut Counters,
+        commit: &mut Commit,
+    ) -> Result<(), StoreError> {
+        for (device, gaps) in &commit.gaps {
+            let k = key::named(key::GAPS, device);
+            match gaps {
+                Some(g) => batch.insert(k, proto::wire::encode(g)),
+                None => batch.remove(k),
+            }
+        }
+        let rec_key = |id| key::numbered(key::MISSED, id);
+        let mut stored: BTreeSet<u64> = BTreeSet::new();
+        for &id in &commit.missed_removals {
+            if commit.missed.contains_key(&id) {
+                continue;
+            }
+            if self.tree.contains_key(rec_key(id))? {
+                batch.remove(&rec_key(id)[..]);
+                next.missed_records -= 1;
+            }
+        }
+        for (&id, r) in &commit.missed {
+            if !self.tree.contains_key(rec_key(id))? {
+                next.missed_records += 1;
+            }
+            stored.insert(id);
+            next.next_missed_id = next.first_free_missed_id().max(id + 1);
+            batch.insert(&rec_key(id)[..], proto::wire::encode(r));
+        }
+        next.missed_seqs += commit.missed_declared_seqs;
+        next.missed_filled_late += commit.missed_filled_late;
+        if next.missed_records <= self.missed_cap {
+            return Ok(());
+        }
+        // Oldest first: the stored ids (less this commit's removals) merged with this
+        // commit's writes, in id order.
+        let excess = next.missed_records - self.missed_cap;
+        let mut ids = Vec::new();
+        for kv in self
+            .tree
+            .range(rec_key(0)..key::numbered(key::MISSED + 1, 0))
+        {
+            let (k, _) = kv?;
+            let id = key::number_of(&k);
+            if !commit.missed_removals.contains(&id) && !stored.contains(&id) {
+                ids.push(id);
+            }
+            if ids.len() as u64 >= excess {
+                break;
+            }
+        }
+        ids.extend(stored.iter().copied());
+        ids.sort_unstable();
+        let keep = ids.len() as u64 - excess.min(ids.len() as u64);
+        for &id in over_cap(&ids, keep) {
+            let record = match commit.missed.get(&id) {
+                Some(r) => Some(r.clone()),
+                None => self.reader().missed_record(id)?,
+            };
+            batch.remove(&rec_key(id)[..]);
+            next.missed_records -= 1;
+            next.missed_dropped += 1;
+            commit.missed_dropped.extend(record);
+        }
+        Ok(())
     }
 }
 

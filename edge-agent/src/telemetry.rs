@@ -19,6 +19,11 @@ pub const DUPLICATES: &str = "edge_duplicates_total";
 pub const GAPS: &str = "edge_gaps_total";
 pub const MISSED: &str = "edge_missed_events_total";
 pub const LATE: &str = "edge_late_arrivals_total";
+pub const GAP_SEQS: &str = "edge_gap_seqs_total";
+pub const GAPS_OPEN: &str = "edge_gaps_open";
+pub const MISSED_RECORDS: &str = "edge_missed_records";
+pub const MISSED_FILLED_LATE: &str = "edge_missed_filled_late_total";
+pub const MISSED_DROPPED: &str = "edge_missed_records_dropped_total";
 pub const ANOMALIES: &str = "edge_anomalies_total";
 pub const OUTBOX_DEPTH: &str = "edge_outbox_entries";
 pub const OUTBOX_BYTES: &str = "edge_outbox_bytes";
@@ -124,7 +129,27 @@ fn describe() {
     describe_counter!(REJECTED, "Messages dead-lettered, by stage");
     describe_counter!(DUPLICATES, "Redelivered messages recognised and dropped");
     describe_counter!(GAPS, "Sequence gaps detected (device seq jumped ahead)");
-    describe_counter!(MISSED, "Events missing inside detected gaps");
+    describe_counter!(
+        GAP_SEQS,
+        "Seqs missing inside detected gaps (when detected)"
+    );
+    describe_gauge!(
+        GAPS_OPEN,
+        "Open sequence gaps not yet declared missed (waiting for missed_after_s)"
+    );
+    describe_counter!(
+        MISSED,
+        "Seqs declared missed (a gap still open after pipeline.missed_after_s)"
+    );
+    describe_gauge!(MISSED_RECORDS, "Missed-event records stored");
+    describe_counter!(
+        MISSED_FILLED_LATE,
+        "Seqs declared missed that arrived later (processed normally)"
+    );
+    describe_counter!(
+        MISSED_DROPPED,
+        "Missed-event records dropped to stay under pipeline.missed_max_records"
+    );
     describe_counter!(LATE, "Late arrivals that filled a gap");
     describe_counter!(
         ANOMALIES,

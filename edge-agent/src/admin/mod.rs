@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::dlq::{Filter, Selection};
+use crate::missed::MissedFilter;
 
 /// The socket's file name in the data dir.
 pub const SOCKET: &str = "admin.sock";
@@ -44,6 +45,7 @@ pub enum Request {
     DlqRetry { select: Selection },
     DlqPurge { select: Selection },
     DlqExport { filter: Filter },
+    MissedList { filter: MissedFilter },
 }
 
 /// One reply line.

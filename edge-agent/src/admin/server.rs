@@ -156,6 +156,11 @@ impl Server {
             Request::DlqList { filter } => dlq::list(&self.reader, &filter)
                 .map_err(|e| e.to_string())
                 .and_then(to_value),
+            Request::MissedList { filter } => self
+                .reader
+                .missed_list(&filter)
+                .map_err(|e| e.to_string())
+                .and_then(to_value),
             Request::DlqShow { id } => dlq::show(&self.reader, id)
                 .map_err(|e| e.to_string())
                 .and_then(to_value),

@@ -1,5 +1,5 @@
-//! The field technician's commands: `status`, `dlq list|show|retry|export|purge|stats`, and
-//! `outbox list`.
+//! The field technician's commands: `status`, `dlq list|show|retry|export|purge|stats`,
+//! `missed list` and `outbox list`.
 //!
 //! One implementation, two transports: while the agent runs, a command goes through its admin
 //! socket ([`crate::admin`]) and the agent does the work (DLQ writes on its pipeline thread);
@@ -25,6 +25,7 @@ use crate::config::AgentConfig;
 use crate::dlq::{
     self, DlqConfig, DlqStats, EntryView, Filter, Listing, PurgeReport, RetryReport, Selection,
 };
+use crate::missed::{MissedFilter, MissedListing};
 use crate::outbox::Outbox;
 use crate::pipeline::Pipeline;
 use crate::status::{self, Sources, StatusReport};
@@ -84,6 +85,27 @@ pub enum OutboxCommand {
         /// One JSON document (an array) on stdout.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum MissedCommand {
+    /// Sequence gaps declared missed (open longer than `pipeline.missed_after_s`), oldest
+    /// first; a late arrival shrinks or splits its record.
+    List {
+        /// Only this device (or a prefix ending in '*', e.g. 'meter-*').
+        #[arg(long)]
+        device: Option<String>,
+        /// Only records declared at or after this time (RFC 3339).
+        #[arg(long, value_parser = parse_since)]
+        since: Option<i64>,
+        /// Most records to show (default 50 in the table, all with --json; 0 = all).
+        #[arg(long)]
+        limit: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: StoreArgs,
     },
 }
 
@@ -272,6 +294,15 @@ impl Backend {
         }
     }
 
+    fn missed(&mut self, filter: &MissedFilter) -> anyhow::Result<MissedListing> {
+        match self {
+            Backend::Agent(c) => c.request(&Request::MissedList {
+                filter: filter.clone(),
+            }),
+            Backend::Store(l) => Ok(l.reader.missed_list(filter)?),
+        }
+    }
+
     fn show(&mut self, id: u64) -> anyhow::Result<Option<EntryView>> {
         match self {
             Backend::Agent(c) => c.request(&Request::DlqShow { id }),
@@ -405,6 +436,34 @@ pub fn outbox(cmd: OutboxCommand) -> anyhow::Result<ExitCode> {
         print_json(&results)?;
     } else {
         print_text(&render::outbox(&results)?)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `edge-agent missed …`.
+pub fn missed(cmd: MissedCommand) -> anyhow::Result<ExitCode> {
+    let MissedCommand::List {
+        device,
+        since,
+        limit,
+        json,
+        store,
+    } = cmd;
+    let limit = match (limit, json) {
+        (Some(0), _) | (None, true) => None,
+        (Some(n), _) => Some(n),
+        (None, false) => Some(DEFAULT_LIST_LIMIT),
+    };
+    let filter = MissedFilter {
+        device,
+        since,
+        limit,
+    };
+    let listing = store.backend()?.missed(&filter)?;
+    if json {
+        print_json(&listing.records)?;
+    } else {
+        print_text(&render::missed(&listing))?;
     }
     Ok(ExitCode::SUCCESS)
 }

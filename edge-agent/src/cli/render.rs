@@ -14,6 +14,7 @@ use proto::timestamp::format_rfc3339;
 use crate::dlq::{
     Count, DlqStats, EntryBrief, EntryView, Listing, PurgeReport, RetryOutcome, RetryReport,
 };
+use crate::missed::MissedListing;
 use crate::status::StatusReport;
 
 /// Everything printed fits this many columns.
@@ -405,6 +406,20 @@ pub fn status(r: &StatusReport, now: i64) -> String {
             ),
         ));
     }
+    let m = &r.missed;
+    let mut missed = format!(
+        "{} ({} seqs); {} open gaps waiting",
+        plural(m.records, "record", "records"),
+        m.missing,
+        m.open_gaps
+    );
+    if m.filled_late_total > 0 {
+        let _ = write!(missed, "; {} arrived late", m.filled_late_total);
+    }
+    if m.dropped_total > 0 {
+        let _ = write!(missed, "; {} dropped by the cap", m.dropped_total);
+    }
+    rows.push(("missed", missed));
     rows.push((
         "last error",
         match &r.last_error {
@@ -413,6 +428,59 @@ pub fn status(r: &StatusReport, now: i64) -> String {
         },
     ));
     block(&rows)
+}
+
+/// `missed list`.
+pub fn missed(l: &MissedListing) -> String {
+    if l.total == 0 {
+        return "No missed events.\n".into();
+    }
+    if l.matching == 0 {
+        return format!("No records match (of {}).\n", l.total);
+    }
+    let mut t = table(&[
+        "ID",
+        "DEVICE",
+        "SEQS",
+        "COUNT",
+        "LATE",
+        "FIRST SEEN",
+        "DECLARED",
+    ]);
+    for r in &l.records {
+        let seqs = r
+            .ranges
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        t.add_row(row(vec![
+            Cell::new(r.id),
+            Cell::new(&r.device),
+            Cell::new(seqs),
+            Cell::new(r.count),
+            Cell::new(r.filled_late),
+            Cell::new(short_time(r.first_seen)),
+            Cell::new(short_time(r.declared_at)),
+        ]));
+    }
+    right(&mut t, &[0, 3, 4]);
+    upto(&mut t, 1, 16);
+    let mut s = finish(&t);
+    let shown = l.records.len() as u64;
+    let what = if l.matching == l.total {
+        plural(l.total, "record", "records")
+    } else {
+        format!("{} matching (of {})", l.matching, l.total)
+    };
+    if shown < l.matching {
+        let _ = writeln!(s, "{shown} of {what} shown, oldest first. Times UTC.");
+        let _ = writeln!(s, "--limit N shows more, --limit 0 all.");
+    } else {
+        let _ = writeln!(s, "{what}, oldest first. Times UTC.");
+    }
+    let _ = writeln!(s, "LATE: seqs that arrived after being declared missed.");
+    s
 }
 
 pub fn outbox(results: &[EventResult]) -> anyhow::Result<String> {
@@ -544,5 +612,43 @@ mod tests {
         assert_fits(&s);
         assert!(s.contains("REASON"), "{s}");
         assert!(s.contains("13 minutes ago") || s.contains("ago"), "{s}");
+    }
+
+    #[test]
+    fn missed_list_fits_80_columns() {
+        use crate::missed::MissedRecord;
+        use engine::SeqRange;
+        let mut split = MissedRecord::new(
+            2,
+            "a-very-long-device-identifier-0001",
+            SeqRange::new(100_000, 100_900),
+            1_795_600_800_000,
+            1_795_601_100_000,
+        );
+        split.fill(SeqRange::new(100_500, 100_500));
+        let l = MissedListing {
+            total: 3,
+            matching: 2,
+            records: vec![
+                MissedRecord::new(
+                    1,
+                    "meter-1",
+                    SeqRange::new(3, 4),
+                    1_795_600_800_000,
+                    1_795_601_100_000,
+                ),
+                split,
+            ],
+        };
+        let s = missed(&l);
+        assert_fits(&s);
+        assert!(s.contains("3..=4"), "{s}");
+        assert!(s.contains("2 matching (of 3)"), "{s}");
+        let empty = MissedListing {
+            total: 0,
+            matching: 0,
+            records: vec![],
+        };
+        assert_eq!(missed(&empty), "No missed events.\n");
     }
 }

@@ -368,9 +368,15 @@ impl Mosquitto {
 
     fn with_config(dir: &Path, pki: Option<&pki::Pki>) -> Mosquitto {
         let port = free_port();
+        // Started as root, mosquitto drops to the `mosquitto` user, which cannot write its
+        // persistence file into our temporary directory (sessions would be lost on restart):
+        // it stays the user we are (a no-op for anyone else).
+        let user = Command::new("id").arg("-un").output().unwrap();
+        let user = String::from_utf8(user.stdout).unwrap();
         let mut conf_text = format!(
             "per_listener_settings false\nallow_anonymous true\nmax_inflight_messages 0\n\
-             max_queued_messages 0\nlog_dest stderr\nlistener {port} 127.0.0.1\n"
+             max_queued_messages 0\nlog_dest stderr\nuser {}\nlistener {port} 127.0.0.1\n",
+            user.trim()
         );
         let tls_port = pki.map(|pki| {
             let tls_port = free_port();

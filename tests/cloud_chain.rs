@@ -483,7 +483,9 @@ fn uplink_to(cfg: &mut toml::Table, gateway: &str, broker: &Mosquitto, pki: &Pki
     set(cfg, &["uplink", "ca"], path(&pki.ca));
     set(cfg, &["uplink", "cert"], path(&pki.client_cert));
     set(cfg, &["uplink", "key"], path(&pki.client_key));
-    set(cfg, &["uplink", "keep_alive_s"], 2.into());
+    // Long enough that a loaded machine never drops the link by itself (a reconnect re-sends
+    // unacknowledged batches, which would shift the fault hook's batch count).
+    set(cfg, &["uplink", "keep_alive_s"], 10.into());
     set(cfg, &["uplink", "reconnect_min_ms"], 100.into());
     set(cfg, &["uplink", "reconnect_max_ms"], 1000.into());
 }

@@ -38,6 +38,9 @@ impl TcpProxy {
                         return;
                     }
                     let Ok(client) = client else { continue };
+                    // Under the lock `cut` takes: a connection is either refused or registered
+                    // (and then torn down by `cut`), never let through an outage.
+                    let mut conns = shared.conns.lock().unwrap();
                     if shared.cut.load(Ordering::SeqCst) {
                         let _ = client.shutdown(Shutdown::Both);
                         continue;
@@ -47,7 +50,6 @@ impl TcpProxy {
                     };
                     let _ = client.set_nodelay(true);
                     let _ = server.set_nodelay(true);
-                    let mut conns = shared.conns.lock().unwrap();
                     conns.retain(|s| s.peer_addr().is_ok());
                     conns.push(client.try_clone().unwrap());
                     conns.push(server.try_clone().unwrap());
@@ -70,8 +72,9 @@ impl TcpProxy {
 
     /// The outage: open connections are torn down, new ones closed at once.
     pub fn cut(&self) {
+        let mut conns = self.shared.conns.lock().unwrap();
         self.shared.cut.store(true, Ordering::SeqCst);
-        for s in self.shared.conns.lock().unwrap().drain(..) {
+        for s in conns.drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
     }

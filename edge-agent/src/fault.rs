@@ -15,12 +15,14 @@ pub const SINK_TOPIC: &str = "fault/dropped-uplink";
 fn range() -> Option<&'static RangeInclusive<u64>> {
     static RANGE: OnceLock<Option<RangeInclusive<u64>>> = OnceLock::new();
     RANGE
-        .get_or_init(|| {
-            let v = std::env::var("EDGE_AGENT_FAULT_DROP_UPLINK").ok()?;
-            let (a, b) = v.split_once("..").unwrap_or((&v, &v));
-            Some(a.trim().parse().ok()?..=b.trim().parse().ok()?)
-        })
+        .get_or_init(|| parse(&std::env::var("EDGE_AGENT_FAULT_DROP_UPLINK").ok()?))
         .as_ref()
+}
+
+/// `N..M` (inclusive) or `N`.
+fn parse(v: &str) -> Option<RangeInclusive<u64>> {
+    let (a, b) = v.split_once("..").unwrap_or((v, v));
+    Some(a.trim().parse().ok()?..=b.trim().parse().ok()?)
 }
 
 /// Whether the next (non-replay) batch, `edge_seq` `first..=last`, is to be lost in flight.
@@ -38,4 +40,14 @@ pub fn drop_next_batch(first: u64, last: u64) -> bool {
         );
     }
     drop
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ranges() {
+        assert_eq!(super::parse("2..3"), Some(2..=3));
+        assert_eq!(super::parse("4"), Some(4..=4));
+        assert_eq!(super::parse("x..3"), None);
+    }
 }

@@ -936,9 +936,10 @@ fn a_cloud_outage_under_load_loses_nothing() {
     proxy.restore();
 
     // The devices keep publishing until everything acknowledged before the recovery is
-    // stored. (A batch the restarted broker took from the gateway but never delivered shows
-    // as a gap only when a later batch arrives; the bridge then asks for a replay. Stopping
-    // the load right away could leave such a tail unnoticed: see README, "Tests".)
+    // stored. (mosquitto drops what the gateway publishes after the restart and before the
+    // bridge's `$share` subscription is back; it shows as a gap only when a later batch
+    // arrives, and the bridge then asks for a replay. Stopping the load right away could
+    // leave such a tail unnoticed: see README, "Tests".)
     let produced = devices.acked();
     wait_for(
         "the outage's backlog to be stored",

@@ -308,8 +308,8 @@ fn assert_stored_once(stored: &[(String, EventResult)], n: u64) -> HashMap<Strin
         (1..=n).collect::<Vec<_>>(),
         "every edge_seq once"
     );
-    // Object keys are events/dt=…/gateway=…/{from:020}-{to:020}-{nonce}.ndjson; in key order
-    // (one day here) the ranges follow each other without overlap.
+    // Object keys are events/dt=…/gateway=…/{from:020}-{to:020}-{nonce}.ndjson: sorted, the
+    // objects' ranges follow each other without a hole or an overlap.
     let mut next = 1;
     let mut ranges: Vec<(u64, u64)> = stored
         .iter()
@@ -339,6 +339,7 @@ fn bridge_config(
     broker: &Mosquitto,
     pki: &Pki,
 ) -> PathBuf {
+    let (cert, key) = pki.issue("bridge-chain", false);
     let text = format!(
         "[mqtt]\nhost = \"127.0.0.1\"\nport = {port}\nclient_id = \"bridge-chain\"\n\
          share_group = \"bridges\"\nkeep_alive_s = 5\nca = \"{ca}\"\ncert = \"{cert}\"\n\
@@ -351,8 +352,8 @@ fn bridge_config(
          replay_attempts = 5\nclaim_timeout_ms = 10000\n\n[metrics]\ninterval_s = 1\n",
         port = broker.tls_port.unwrap(),
         ca = pki.ca.display(),
-        cert = pki.client_cert.display(),
-        key = pki.client_key.display(),
+        cert = cert.display(),
+        key = key.display(),
         bucket = names.bucket,
         bus = names.bus,
         table = names.table,

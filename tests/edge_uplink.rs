@@ -136,7 +136,10 @@ fn a_cloud_outage_leaves_a_backlog_that_drains_in_order() {
     broker.stop();
     // The gateway keeps taking readings while the cloud is away.
     publish(&agent, 201..=600);
-    assert_eq!(agent.metric("edge_outbox_entries"), 400.0, "a backlog");
+    // The gauge follows the commit a moment after the device's PUBACK: poll it.
+    wait_for("a backlog of 400", Duration::from_secs(10), || {
+        agent.metric("edge_outbox_entries") == 400.0
+    });
     assert_eq!(agent.metric("edge_uplink_connected"), 0.0);
     // And survives its own restart meanwhile.
     assert!(agent.stop().success());

@@ -18,6 +18,7 @@ pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod dlq;
+pub mod fault;
 pub mod ingest;
 pub mod missed;
 pub mod outbox;

@@ -404,12 +404,13 @@ impl<'a> Link<'a> {
                 rows.iter().map(|(_, v)| v.as_ref()),
                 &mut self.buf,
             );
-            self.client.try_publish(
-                self.topic.clone(),
-                QoS::AtLeastOnce,
-                false,
-                self.buf.clone(),
-            )?;
+            let topic = if !replay && crate::fault::drop_next_batch(first, last) {
+                crate::fault::SINK_TOPIC.to_string()
+            } else {
+                self.topic.clone()
+            };
+            self.client
+                .try_publish(topic, QoS::AtLeastOnce, false, self.buf.clone())?;
             self.queued.push_back(Sent {
                 first,
                 last,

@@ -11,12 +11,16 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 pub mod cli;
+pub mod moto;
 pub mod pki;
+pub mod proxy;
 pub mod publisher;
 pub mod subscriber;
 
 pub use cli::Tmux;
+pub use moto::Moto;
 pub use pki::Pki;
+pub use proxy::TcpProxy;
 pub use publisher::Publisher;
 pub use subscriber::Subscriber;
 
@@ -31,17 +35,29 @@ pub fn agent_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("EDGE_AGENT_BIN") {
         return PathBuf::from(p);
     }
+    workspace_bin("edge-agent")
+}
+
+/// The `cloud-bridge` binary of this build (`CLOUD_BRIDGE_BIN` overrides it).
+pub fn cloud_bridge_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("CLOUD_BRIDGE_BIN") {
+        return PathBuf::from(p);
+    }
+    workspace_bin("cloud-bridge")
+}
+
+fn workspace_bin(name: &str) -> PathBuf {
     // Integration tests live in target/<profile>/deps; `cargo test --workspace` builds the
-    // agent binary next to that folder.
+    // binaries next to that folder.
     let exe = std::env::current_exe().expect("current_exe");
     let bin = exe
         .parent()
         .and_then(Path::parent)
         .expect("target dir")
-        .join("edge-agent");
+        .join(name);
     assert!(
         bin.exists(),
-        "{} not found: run `cargo build -p edge-agent` (or the whole workspace's tests) first",
+        "{} not found: run `cargo build -p {name}` (or the whole workspace's tests) first",
         bin.display()
     );
     bin
@@ -74,13 +90,24 @@ pub struct Agent {
     /// The log line that says the agent takes messages: with an external broker that is the
     /// subscription, since a fresh session gets nothing published before it.
     ready_line: &'static str,
+    /// Extra environment for the process (e.g. a fault hook).
+    env: Vec<(String, String)>,
 }
 
 impl Agent {
     /// Embedded broker on a free port. `tweak` may change anything in the config.
     pub fn embedded(dir: &Path, tweak: impl FnOnce(&mut toml::Table)) -> Agent {
+        Self::embedded_with_env(dir, &[], tweak)
+    }
+
+    /// [`Agent::embedded`] with extra environment variables for the process.
+    pub fn embedded_with_env(
+        dir: &Path,
+        env: &[(&str, &str)],
+        tweak: impl FnOnce(&mut toml::Table),
+    ) -> Agent {
         let mqtt_port = free_port();
-        Self::start(dir, mqtt_port, |cfg| {
+        Self::start(dir, mqtt_port, env, |cfg| {
             set(cfg, &["broker", "mode"], "embedded".into());
             set(
                 cfg,
@@ -93,7 +120,7 @@ impl Agent {
 
     /// A client of the external broker at `broker_port`.
     pub fn external(dir: &Path, broker_port: u16, tweak: impl FnOnce(&mut toml::Table)) -> Agent {
-        Self::start(dir, broker_port, |cfg| {
+        Self::start(dir, broker_port, &[], |cfg| {
             set(cfg, &["broker", "mode"], "external".into());
             set(cfg, &["broker", "external", "host"], "127.0.0.1".into());
             set(
@@ -110,7 +137,12 @@ impl Agent {
         })
     }
 
-    fn start(dir: &Path, mqtt_port: u16, tweak: impl FnOnce(&mut toml::Table)) -> Agent {
+    fn start(
+        dir: &Path,
+        mqtt_port: u16,
+        env: &[(&str, &str)],
+        tweak: impl FnOnce(&mut toml::Table),
+    ) -> Agent {
         let metrics_port = free_port();
         let mut cfg = example_config();
         set(
@@ -139,6 +171,10 @@ impl Agent {
             } else {
                 "edge-agent ready"
             },
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         agent.restart();
         agent
@@ -158,6 +194,7 @@ impl Agent {
             .arg("--config")
             .arg(&self.config)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -331,9 +368,15 @@ impl Mosquitto {
 
     fn with_config(dir: &Path, pki: Option<&pki::Pki>) -> Mosquitto {
         let port = free_port();
+        // Started as root, mosquitto drops to the `mosquitto` user, which cannot write its
+        // persistence file into our temporary directory (sessions would be lost on restart):
+        // it stays the user we are (a no-op for anyone else).
+        let user = Command::new("id").arg("-un").output().unwrap();
+        let user = String::from_utf8(user.stdout).unwrap();
         let mut conf_text = format!(
             "per_listener_settings false\nallow_anonymous true\nmax_inflight_messages 0\n\
-             max_queued_messages 0\nlog_dest stderr\nlistener {port} 127.0.0.1\n"
+             max_queued_messages 0\nlog_dest stderr\nuser {}\nlistener {port} 127.0.0.1\n",
+            user.trim()
         );
         let tls_port = pki.map(|pki| {
             let tls_port = free_port();

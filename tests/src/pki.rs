@@ -1,23 +1,32 @@
-//! A throwaway certificate authority for TLS tests: a CA, a broker certificate for
-//! 127.0.0.1/localhost and a client certificate, all made at test time (nothing checked in).
+//! A throwaway certificate authority for TLS tests, made at test time (nothing checked in): a
+//! CA, a broker certificate for 127.0.0.1/localhost, a client certificate, and more of either
+//! on demand. The one implementation for the end-to-end tests and `cloud-bridge/tests/`
+//! (a dev-dependency on this crate).
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
 };
 
-/// PEM files under one folder.
+/// PEM files under `dir/name/`.
 pub struct Pki {
+    /// This CA's folder.
+    pub dir: PathBuf,
     pub ca: PathBuf,
+    /// A broker certificate for 127.0.0.1 and localhost.
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
+    /// A client certificate (CN `gw-test`).
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl Pki {
-    /// Makes a CA named `name` and certificates signed by it, under `dir/name/`.
+    /// Makes a CA named `name` and the broker and client certificates it signs, under
+    /// `dir/name/`.
     pub fn new(dir: &Path, name: &str) -> Pki {
         let dir = dir.join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -30,28 +39,44 @@ impl Pki {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-        let leaf = |names: Vec<String>, cn: &str| {
-            let mut p = CertificateParams::new(names).unwrap();
-            p.distinguished_name.push(DnType::CommonName, cn);
-            let key = KeyPair::generate().unwrap();
-            let cert = p.signed_by(&key, &ca).unwrap();
-            (cert.pem(), key.serialize_pem())
+        let issuer = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let ca = dir.join("ca.pem");
+        std::fs::write(&ca, issuer.pem()).unwrap();
+        let mut pki = Pki {
+            ca,
+            server_cert: PathBuf::new(),
+            server_key: PathBuf::new(),
+            client_cert: PathBuf::new(),
+            client_key: PathBuf::new(),
+            dir,
+            issuer,
         };
-        let (server_cert, server_key) =
-            leaf(vec!["127.0.0.1".into(), "localhost".into()], "cloud broker");
-        let (client_cert, client_key) = leaf(vec!["gw-test".into()], "gw-test");
-        let write = |file: &str, pem: &str| {
-            let p = dir.join(file);
-            std::fs::write(&p, pem).unwrap();
-            p
+        (pki.server_cert, pki.server_key) = pki.issue("server", true);
+        (pki.client_cert, pki.client_key) = pki.issue("gw-test", false);
+        pki
+    }
+
+    /// `(cert, key)` files `{cn}.pem`/`{cn}.key` signed by this CA: a server certificate for
+    /// 127.0.0.1 and localhost if `server`, else a client certificate.
+    pub fn issue(&self, cn: &str, server: bool) -> (PathBuf, PathBuf) {
+        let sans = if server {
+            vec!["127.0.0.1".to_string(), "localhost".to_string()]
+        } else {
+            vec![cn.to_string()]
         };
-        Pki {
-            ca: write("ca.pem", &ca.pem()),
-            server_cert: write("server.pem", &server_cert),
-            server_key: write("server.key", &server_key),
-            client_cert: write("client.pem", &client_cert),
-            client_key: write("client.key", &client_key),
-        }
+        let mut p = CertificateParams::new(sans).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        let c = self.dir.join(format!("{cn}.pem"));
+        let k = self.dir.join(format!("{cn}.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
     }
 }

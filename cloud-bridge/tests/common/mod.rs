@@ -1,5 +1,5 @@
 //! Harness for the cloud-bridge tests: the local AWS emulator (moto, `AWS_ENDPOINT_URL`), a TLS
-//! mosquitto with a CA and certificates generated at test time (rcgen), the real
+//! mosquitto with a CA and certificates generated at test time (`e2e::Pki`), the real
 //! `cloud-bridge` binary, an MQTT test client and SDK clients to read the outcome back.
 #![allow(dead_code)]
 
@@ -15,10 +15,6 @@ use std::time::{Duration, Instant};
 use aws_config::BehaviorVersion;
 use aws_sdk_dynamodb::types::AttributeValue;
 use proto::{Batch, EventResult, Status};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -90,62 +86,8 @@ where
 
 // ---------------------------------------------------------------- certificates
 
-/// A CA and certificates it signed, as PEM files in `dir`.
-pub struct Pki {
-    pub dir: PathBuf,
-    ca_params: CertificateParams,
-    ca_key: KeyPair,
-    pub ca: PathBuf,
-}
-
-impl Pki {
-    pub fn new(dir: &Path, name: &str) -> Pki {
-        std::fs::create_dir_all(dir).unwrap();
-        let ca_key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = p.self_signed(&ca_key).unwrap();
-        let ca = dir.join(format!("{name}-ca.pem"));
-        std::fs::write(&ca, cert.pem()).unwrap();
-        Pki {
-            dir: dir.to_path_buf(),
-            ca_params: p,
-            ca_key,
-            ca,
-        }
-    }
-
-    /// (cert, key) files for `cn`; a server certificate for localhost/127.0.0.1 if `server`.
-    pub fn issue(&self, cn: &str, server: bool) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().unwrap();
-        let sans = if server {
-            vec!["localhost".to_string(), "127.0.0.1".to_string()]
-        } else {
-            vec![]
-        };
-        let mut p = CertificateParams::new(sans).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let issuer = Issuer::from_params(&self.ca_params, &self.ca_key);
-        let cert = p.signed_by(&key, &issuer).unwrap();
-        let c = self.dir.join(format!("{cn}.pem"));
-        let k = self.dir.join(format!("{cn}.key"));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
+/// The test CA (one implementation, shared with the end-to-end tests).
+pub use e2e::Pki;
 
 // ---------------------------------------------------------------- mosquitto
 

@@ -20,6 +20,9 @@ use crate::topic::{TopicPattern, is_topic_level};
 pub mod flags {
     /// No previous reading of this device and type: stateful functions saw none.
     pub const FIRST_READING: &str = "first_reading";
+    /// Older than the previous reading, and calculated against the kept earlier reading just
+    /// before it (see [`crate::state::EARLIER_READINGS`]).
+    pub const EARLIER_PREVIOUS: &str = "earlier_previous";
     /// The previous reading is not older than this event (`ts`): computed as if there were
     /// none, and the stored previous reading was left as it is.
     pub const OUT_OF_ORDER: &str = "out_of_order";
@@ -364,13 +367,24 @@ impl Engine {
 
         let stored = entry.state.previous(etype);
         let out_of_order = stored.is_some_and(|p| p.ts >= msg.ts);
+        // Older than the latest reading: the kept reading just before it, if there is one.
+        let earlier = if out_of_order {
+            entry
+                .state
+                .earlier(etype)
+                .iter()
+                .rev()
+                .find(|r| r.ts < msg.ts)
+        } else {
+            None
+        };
         let ev = Event {
             device,
             data: &msg.data,
             ts: msg.ts,
             seq: msg.seq,
             received_at: input.received_at,
-            prev: stored.filter(|_| !out_of_order),
+            prev: if out_of_order { earlier } else { stored },
             seq_reset,
             late,
         };
@@ -388,8 +402,11 @@ impl Engine {
         };
 
         let mut flags = Vec::new();
+        let from_earlier = earlier.is_some();
         if stored.is_none() {
             flags.push(flags::FIRST_READING.to_string());
+        } else if from_earlier {
+            flags.push(flags::EARLIER_PREVIOUS.to_string());
         } else if out_of_order {
             flags.push(flags::OUT_OF_ORDER.to_string());
         }
@@ -421,10 +438,18 @@ impl Engine {
             let items = t
                 .data_items(&msg.data)
                 .chain(t.calc.reading_items(&derived));
+            entry.state.keep_previous(etype);
             entry
                 .state
                 .previous_mut(etype)
                 .overwrite(msg.ts, msg.seq, items);
+        } else if !input.replay {
+            let items = t
+                .data_items(&msg.data)
+                .chain(t.calc.reading_items(&derived));
+            let mut r = Reading::default();
+            r.overwrite(msg.ts, msg.seq, items);
+            entry.state.insert_earlier(etype, r);
         }
 
         let result = EventResult {

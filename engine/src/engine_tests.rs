@@ -411,23 +411,59 @@ fn gap_late_and_out_of_order() {
     assert_eq!(gap, Some(SeqRange::new(2, 3)));
     assert!(!late);
     assert_eq!(num(&r, "delta_kwh"), 3.0);
-    // seq 2 arrives late, older than the stored reading (seq 4).
+    // seq 2 arrives late, older than the stored reading (seq 4): calculated against the
+    // reading just before it (seq 1), kept in the earlier-readings window.
     let (r, gap, late) = accepted(run.meter(2, T0 + 1000, json!({"kwh": 2})));
     assert_eq!((gap, late), (None, true));
-    assert_eq!(r.flags, ["out_of_order", "late"]);
-    assert_eq!(num(&r, "delta_kwh"), 0.0);
+    assert_eq!(r.flags, ["earlier_previous", "late"]);
+    assert_eq!(num(&r, "delta_kwh"), 1.0);
     assert_eq!(
         run.state.device("meter-1").unwrap().seq().missing(),
         &[SeqRange::new(3, 3)]
     );
+    // seq 3 then finds seq 2 (a late reading joins the window) as its predecessor.
+    let (r, _, late) = accepted(run.meter(3, T0 + 2000, json!({"kwh": 3})));
+    assert!(late);
+    assert_eq!(num(&r, "delta_kwh"), 1.0);
     // The stored previous reading is still seq 4.
     let (r, _, _) = accepted(run.meter(5, T0 + 4000, json!({"kwh": 6})));
     assert_eq!(num(&r, "delta_kwh"), 2.0);
+    let earlier: Vec<u64> = run
+        .state
+        .device("meter-1")
+        .unwrap()
+        .earlier("meter")
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(
+        earlier,
+        [1, 2, 3, 4],
+        "oldest first, bounded by EARLIER_READINGS"
+    );
     // A gap is reported on a rejected message too.
     let r = rejected(run.meter(9, T0 + 5000, json!({"kwh": "x"})));
     assert_eq!(r.gap, Some(SeqRange::new(6, 8)));
-    assert_eq!(run.state.missing_total(), 4);
-    assert_eq!(run.state.open_gaps().count(), 2);
+    assert_eq!(run.state.missing_total(), 3);
+    assert_eq!(run.state.open_gaps().count(), 1);
+}
+
+#[test]
+fn a_late_event_older_than_the_window_has_no_previous_reading() {
+    let mut run = Run::new();
+    accepted(run.meter(1, T0, json!({"kwh": 1})));
+    for s in 7..=12u64 {
+        accepted(run.meter(s, T0 + s as i64 * 1000, json!({"kwh": s})));
+    }
+    // seq 2 is older than every kept reading (8..=11 and the latest, 12).
+    let (r, _, late) = accepted(run.meter(2, T0 + 2000, json!({"kwh": 2})));
+    assert!(late);
+    assert_eq!(r.flags, ["out_of_order", "late"]);
+    assert_eq!(num(&r, "delta_kwh"), 0.0);
+    assert_eq!(
+        run.state.device("meter-1").unwrap().earlier("meter").len(),
+        crate::state::EARLIER_READINGS
+    );
 }
 
 #[test]

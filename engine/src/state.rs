@@ -112,9 +112,18 @@ pub struct DeviceState {
     /// detectors existed (hence the default); bounded by the configured fields.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) anomaly: BTreeMap<String, TypeDetectors>,
+    /// Event type → up to [`EARLIER_READINGS`] accepted readings older than `previous`,
+    /// oldest first: a late event is calculated against the one just before it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) earlier: BTreeMap<String, Vec<Reading>>,
     #[serde(skip)]
     dirty: bool,
 }
+
+/// How many readings before the latest one a device keeps per event type. A late event older
+/// than all of them is calculated as if there were no previous reading (flag `out_of_order`).
+/// Small on purpose: the state is rewritten with every event.
+pub const EARLIER_READINGS: usize = 4;
 
 impl DeviceState {
     pub fn seq(&self) -> &SeqTracker {
@@ -124,6 +133,41 @@ impl DeviceState {
     /// The previous accepted reading of `event_type`.
     pub fn previous(&self, event_type: &str) -> Option<&Reading> {
         self.previous.get(event_type)
+    }
+
+    /// The readings of `event_type` older than [`Self::previous`], oldest first.
+    pub fn earlier(&self, event_type: &str) -> &[Reading] {
+        self.earlier.get(event_type).map_or(&[], Vec::as_slice)
+    }
+
+    /// Before the latest reading is overwritten: keeps a copy in the window (reusing the
+    /// allocation of the oldest one when the window is full).
+    pub(crate) fn keep_previous(&mut self, event_type: &str) {
+        let Some(prev) = self.previous.get(event_type) else {
+            return;
+        };
+        let ring = match self.earlier.get_mut(event_type) {
+            Some(r) => r,
+            None => self.earlier.entry(event_type.to_string()).or_default(),
+        };
+        let mut slot = if ring.len() >= EARLIER_READINGS {
+            ring.remove(0)
+        } else {
+            Reading::default()
+        };
+        slot.clone_from(prev);
+        ring.push(slot);
+    }
+
+    /// A late reading joins the window in `ts` order (the oldest falls out when it is full),
+    /// so a later late event finds it as its predecessor.
+    pub(crate) fn insert_earlier(&mut self, event_type: &str, reading: Reading) {
+        let ring = self.earlier.entry(event_type.to_string()).or_default();
+        let at = ring.partition_point(|r| r.ts < reading.ts);
+        ring.insert(at, reading);
+        if ring.len() > EARLIER_READINGS {
+            ring.remove(0);
+        }
     }
 
     /// The anomaly detectors of `event_type`, by field.

@@ -115,6 +115,13 @@ pub fn verify(
         };
     };
     let outdated = current != result.calc_version;
+    // Calculated against an earlier reading than the latest (a late event): a verifier that
+    // offers the latest one does not know the reading that was used.
+    let earlier = result.flags.iter().any(|f| f == flags::EARLIER_PREVIOUS);
+    let previous = match previous {
+        Previous::Known(p) if earlier && p.is_none_or(|p| p.ts >= result.ts) => Previous::Unknown,
+        other => other,
+    };
     let prev = match previous {
         Previous::Known(p) => p,
         Previous::Unknown if needs_previous(engine, result) => {
@@ -345,6 +352,42 @@ mod tests {
             verify(&e, &unknown, Previous::Known(None), 1e-9),
             Verdict::Rejected(_)
         ));
+    }
+
+    #[test]
+    fn a_late_event_calculated_against_an_earlier_reading_needs_that_reading() {
+        let e = engine(SPEC);
+        let mut st = State::new();
+        let a = run(&e, &mut st, "m1", "meter", 1, r#"{"kwh":10}"#);
+        let c = run(&e, &mut st, "m1", "meter", 3, r#"{"kwh":13}"#);
+        // seq 2 arrives after seq 3: the edge used seq 1.
+        let payload = format!(
+            r#"{{"id":"2","seq":2,"ts":{},"data":{{"kwh":11}}}}"#,
+            1_002_000
+        );
+        let Outcome::Accepted { result: b, .. } = e.process(
+            &mut st,
+            &Input {
+                topic: "devices/m1/events/meter",
+                payload: payload.as_bytes(),
+                received_at: 1_010_000,
+                gateway: "g",
+                replay: false,
+            },
+        ) else {
+            panic!()
+        };
+        assert!(b.flags.iter().any(|f| f == flags::EARLIER_PREVIOUS));
+        let latest = Reading::from_result(&c);
+        assert_eq!(
+            verify(&e, &b, Previous::Known(Some(&latest)), 1e-9),
+            Verdict::Unverifiable
+        );
+        let used = Reading::from_result(&a);
+        assert_eq!(
+            verify(&e, &b, Previous::Known(Some(&used)), 1e-9),
+            Verdict::Consistent
+        );
     }
 
     #[test]

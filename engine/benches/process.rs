@@ -1,4 +1,5 @@
-//! Per-event cost of `Engine::process` with and without the anomaly detectors.
+//! Per-event cost of `Engine::process` with and without the anomaly detectors, and of
+//! `verify::verify` (what the cloud bridge pays per result it re-verifies).
 //!
 //! `cargo bench -p engine` (harness = false): prints ns/event for the example config's meter
 //! and environment types as they are (with their `anomaly` tables) and with the tables
@@ -92,5 +93,43 @@ fn main() {
     println!(
         "  with detectors     {b:>8.0} ns/event  (+{:.0} ns, 2 fields per type)",
         b - a
+    );
+
+    // Verification: the results with the previous reading each was computed against.
+    let mut state = State::new();
+    let mut last: std::collections::HashMap<(String, String), engine::Reading> = Default::default();
+    let mut pairs = Vec::with_capacity(msgs.len());
+    for (topic, payload, ts) in &msgs {
+        let input = Input {
+            topic,
+            payload,
+            received_at: ts + 250,
+            gateway: "gw-bench",
+            replay: false,
+        };
+        let Outcome::Accepted { result, .. } = with.process(&mut state, &input) else {
+            panic!()
+        };
+        let k = (result.device.clone(), result.event_type.clone());
+        let prev = last.insert(k, engine::Reading::from_result(&result));
+        pairs.push((result, prev));
+    }
+    let verify_all = || {
+        let started = Instant::now();
+        for (r, prev) in &pairs {
+            let v = engine::verify::verify(
+                &with,
+                r,
+                engine::verify::Previous::Known(prev.as_ref()),
+                1e-9,
+            );
+            assert_eq!(black_box(v), engine::verify::Verdict::Consistent);
+        }
+        started.elapsed().as_nanos() as f64 / pairs.len() as f64
+    };
+    let v = (0..3).map(|_| verify_all()).fold(f64::INFINITY, f64::min);
+    println!(
+        "verify (recompute + compare) {v:>8.0} ns/result  (≈ {:.0}k results/s on one core)",
+        1e6 / v
     );
 }

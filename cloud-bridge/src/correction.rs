@@ -356,3 +356,17 @@ pub async fn select_objects(
         })
         .collect())
 }
+
+/// A correction run over the days `since..=until` (and one gateway, if given), named
+/// `{tag}-{now}` in the history: what `cloud-bridge correct`, the monitor and the Lambda's
+/// alarm handler start.
+pub async fn run_days(
+    p: &crate::pipeline::Pipeline,
+    since: &str,
+    until: Option<&str>,
+    gateway: Option<&str>,
+    tag: &str,
+) -> anyhow::Result<RunReport> {
+    let keys = select_objects(&*p.sink.objects, &p.cfg.aws.prefix, since, until, gateway).await?;
+    run_over(p, &keys, &format!("{tag}-{}", crate::now_ms())).await
+}

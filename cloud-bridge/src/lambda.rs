@@ -214,16 +214,9 @@ async fn handle_trigger(
              'CloudWatch Alarm State Change' or 'CorrectionRequested')"
         ),
     };
-    let keys = crate::correction::select_objects(
-        &*p.sink.objects,
-        &p.cfg.aws.prefix,
-        &since,
-        until.as_deref(),
-        gateway.as_deref(),
-    )
-    .await?;
-    let run_id = format!("run-{}", crate::now_ms());
-    let report = crate::correction::run_over(p, &keys, &run_id).await?;
+    let report =
+        crate::correction::run_days(p, &since, until.as_deref(), gateway.as_deref(), detail_type)
+            .await?;
     info!(?report, %since, "correction run finished");
     Ok(serde_json::to_value(report)?)
 }

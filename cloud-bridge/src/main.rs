@@ -246,16 +246,14 @@ fn main() -> ExitCode {
             &config,
             "correct",
             move |p| async move {
-                let keys = cloud_bridge::correction::select_objects(
-                    &*p.sink.objects,
-                    &p.cfg.aws.prefix,
+                let r = cloud_bridge::correction::run_days(
+                    &p,
                     &since,
                     until.as_deref(),
                     gateway.as_deref(),
+                    "cli",
                 )
                 .await?;
-                let run_id = format!("run-{}", cloud_bridge::now_ms());
-                let r = cloud_bridge::correction::run_over(&p, &keys, &run_id).await?;
                 let text = format!(
                     "{} objects, {} records: {} verified, {} unverifiable, {} incorrect → {} corrected, {} already corrected elsewhere, {} to the DLQ\n",
                     r.objects,

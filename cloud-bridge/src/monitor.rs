@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::MonitorConfig;
-use crate::correction::{RunReport, run_over, select_objects};
+use crate::correction::{RunReport, run_days};
 use crate::pipeline::{Pipeline, date_of};
 use crate::verify::Verifier;
 
@@ -85,16 +85,7 @@ impl Monitor {
             warn!(gateway = %g, discrepancy_rate = rate, verified = dv, incorrect = di,
                 "discrepancy over the threshold: correction run over the gateway's results since yesterday");
             let since = date_of(crate::now_ms() - 86_400_000);
-            let keys = select_objects(
-                &*self.p.sink.objects,
-                &self.p.cfg.aws.prefix,
-                &since,
-                None,
-                Some(&g),
-            )
-            .await?;
-            let run_id = format!("monitor-{}", crate::now_ms());
-            let report = run_over(&self.p, &keys, &run_id).await?;
+            let report = run_days(&self.p, &since, None, Some(&g), "monitor").await?;
             info!(gateway = %g, ?report, "correction run finished");
             out.push((g, report));
         }

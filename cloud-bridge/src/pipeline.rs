@@ -229,9 +229,16 @@ impl Pipeline {
             held.range(c.from..=c.to).map(|(_, r)| r.clone()).collect();
         let dead_letters = match &self.verifier {
             Some(v) => {
-                v.review(gateway, &mut records, &c.key, &self.metrics, now_ms())
-                    .await?
-                    .dead_letters
+                v.review(
+                    gateway,
+                    &mut records,
+                    &c.key,
+                    &self.sink,
+                    &self.metrics,
+                    now_ms(),
+                )
+                .await?
+                .dead_letters
             }
             None => Vec::new(),
         };

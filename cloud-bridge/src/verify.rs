@@ -8,17 +8,25 @@
 //! range) it knows nothing of a device until it sees one of its results again, and such
 //! results are counted as unverified rather than guessed at. Memory is bounded by
 //! `verify.max_devices`.
+//!
+//! Like the edge, it keeps a few earlier readings per device and type (and where each result
+//! is stored). A **late arrival** — older than the device's latest reading — is verified
+//! against the reading just before it, and it makes the result just after it stale: that one
+//! was calculated across the gap, against an older reading. The bridge recalculates it
+//! against the late one and, if the values change, corrects it (at most once, like every
+//! correction) — in the range being stored, or in the object it was stored in.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use engine::verify::{Previous, Verdict, advances_previous, needs_previous, verify};
-use engine::{Engine, Reading};
+use engine::verify::{Previous, Verdict, advances_previous, compare, needs_previous, verify};
+use engine::{Engine, Reading, flags};
 use proto::{EventResult, Stage};
 use tracing::{info, warn};
 
+use crate::backend::Sink;
 use crate::config::VerifyConfig;
-use crate::correction::{Applied, Corrector};
+use crate::correction::{Applied, Corrector, rewrite_record};
 use crate::dlq::DlqMessage;
 use crate::metrics::Metrics;
 
@@ -30,9 +38,90 @@ struct Stream {
     /// Seen from the gateway's first result on, without a break: a device not in `readings`
     /// has no previous reading at all.
     complete: bool,
-    /// (device, type) → the last reading seen, and whether it is surely the one the edge
-    /// used next (false after a break in `edge_seq`: the missing range may hold a newer one).
-    readings: HashMap<(String, String), (Reading, bool)>,
+    /// (device, type) → its recent readings.
+    readings: HashMap<(String, String), Window>,
+}
+
+/// A device's recent readings of one type, oldest first by `ts` (the latest last), at most
+/// [`engine::state::EARLIER_READINGS`] + 1, as the edge keeps them.
+#[derive(Debug, Default)]
+struct Window(Vec<Kept>);
+
+#[derive(Debug)]
+struct Kept {
+    reading: Reading,
+    edge_seq: u64,
+    /// The object the result is stored in.
+    key: String,
+    /// Surely what the edge had (false after a break in `edge_seq`: the missing range may
+    /// hold newer readings).
+    sure: bool,
+}
+
+impl Window {
+    fn latest(&self) -> Option<&Kept> {
+        self.0.last()
+    }
+
+    /// The reading `r` was calculated against: the latest (or, for a late event calculated
+    /// against an earlier reading, the newest one older than it). An unsure reading counts
+    /// when the device's seq shows nothing came in between.
+    fn previous_of(&self, r: &EventResult) -> Option<&Reading> {
+        let earlier = r.flags.iter().any(|f| f == flags::EARLIER_PREVIOUS);
+        let k = if earlier {
+            self.0.iter().rev().find(|k| k.reading.ts < r.ts)?
+        } else {
+            self.latest()?
+        };
+        (k.sure || k.reading.seq + 1 == r.seq).then_some(&k.reading)
+    }
+
+    /// The kept result just after `r` by `ts`, when `r` is older than the latest: it was
+    /// calculated without `r`.
+    fn successor_of(&self, r: &EventResult) -> Option<&Kept> {
+        if self.latest().is_none_or(|l| l.reading.ts <= r.ts) {
+            return None;
+        }
+        self.0
+            .iter()
+            .find(|k| k.reading.ts > r.ts)
+            .filter(|k| k.sure)
+    }
+
+    fn keep(&mut self, r: &EventResult, key: &str) {
+        let kept = Kept {
+            reading: Reading::from_result(r),
+            edge_seq: r.edge_seq,
+            key: key.to_string(),
+            sure: true,
+        };
+        if advances_previous(r, self.latest().map(|k| &k.reading)) {
+            self.0.push(kept);
+        } else if r.flags.iter().all(|f| f != flags::REPLAY) {
+            let at = self.0.partition_point(|k| k.reading.ts < r.ts);
+            // Older than the edge's latest reading but newer than all kept here: the edge's
+            // latest is one this bridge never saw, so this one is not surely the previous.
+            let last = at == self.0.len();
+            self.0.insert(
+                at,
+                Kept {
+                    sure: !last,
+                    ..kept
+                },
+            );
+        }
+        if self.0.len() > engine::state::EARLIER_READINGS + 1 {
+            self.0.remove(0);
+        }
+    }
+}
+
+/// A stored result made stale by a late arrival.
+struct Stale {
+    edge_seq: u64,
+    key: String,
+    late: Reading,
+    late_event: String,
 }
 
 #[derive(Debug)]
@@ -100,11 +189,13 @@ impl Verifier {
         gateway: &str,
         records: &mut [EventResult],
         key: &str,
+        sink: &Sink,
         metrics: &Metrics,
         now: i64,
     ) -> anyhow::Result<Review> {
         // Verdicts first (pure, under the lock), then the corrections (I/O, without it).
         let mut findings = Vec::new();
+        let mut stale = Vec::new();
         {
             let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
             let s = streams.entry(gateway.to_string()).or_default();
@@ -120,20 +211,25 @@ impl Verifier {
                         "verifier lost the gateway's thread: previous readings forgotten until seen again"
                     );
                 }
-                for (_, sure) in s.readings.values_mut() {
-                    *sure = false;
+                for w in s.readings.values_mut() {
+                    for k in &mut w.0 {
+                        k.sure = false;
+                    }
                 }
                 s.complete = first.edge_seq == 1;
             }
             for (i, r) in records.iter().enumerate() {
                 let k = (r.device.clone(), r.event_type.clone());
-                // An unsure reading is still the previous one if the device's seq says nothing
-                // came in between.
-                let prev = s
-                    .readings
-                    .get(&k)
-                    .filter(|(p, sure)| *sure || p.seq + 1 == r.seq)
-                    .map(|(p, _)| p);
+                let window = s.readings.get(&k);
+                let prev = window.and_then(|w| w.previous_of(r));
+                if let Some(next) = window.and_then(|w| w.successor_of(r)) {
+                    stale.push(Stale {
+                        edge_seq: next.edge_seq,
+                        key: next.key.clone(),
+                        late: Reading::from_result(r),
+                        late_event: r.event_id.clone(),
+                    });
+                }
                 if self.sampled(&r.event_id) {
                     let known = if prev.is_some() || s.complete {
                         Previous::Known(prev)
@@ -150,10 +246,7 @@ impl Verifier {
                         }
                     }
                 }
-                let last = s.readings.get(&k).map(|(p, _)| p);
-                if advances_previous(r, last) {
-                    s.readings.insert(k, (Reading::from_result(r), true));
-                }
+                s.readings.entry(k).or_default().keep(r, key);
             }
             s.next = records.last().map_or(s.next, |r| r.edge_seq + 1);
             if s.readings.len() > self.max_devices {
@@ -215,8 +308,124 @@ impl Verifier {
                 )),
             }
         }
+        for st in stale {
+            self.correct_stale(gateway, st, records, sink, metrics, now, &mut review)
+                .await?;
+        }
         Ok(review)
     }
+
+    /// Recalculates the result a late arrival made stale against it, and corrects it (in
+    /// `records`, or where it is stored) if its values change.
+    #[allow(clippy::too_many_arguments)]
+    async fn correct_stale(
+        &self,
+        gateway: &str,
+        st: Stale,
+        records: &mut [EventResult],
+        sink: &Sink,
+        metrics: &Metrics,
+        now: i64,
+        review: &mut Review,
+    ) -> anyhow::Result<()> {
+        let here = records.iter().position(|x| x.edge_seq == st.edge_seq);
+        let record = match here {
+            Some(i) => records[i].clone(),
+            None => match stored_record(sink, &st.key, st.edge_seq).await? {
+                Some(r) => r,
+                None => {
+                    warn!(gateway, key = %st.key, edge_seq = st.edge_seq,
+                        "a result made stale by a late arrival is not where it was stored");
+                    return Ok(());
+                }
+            },
+        };
+        let engine = &self.corrector.engine;
+        let expected = match engine.recompute(&record, Some(&st.late)) {
+            Ok(f) => f,
+            Err(rej) => {
+                // Right as calculated across the gap, refused against the late reading (a
+                // check fails): a person has to look at it.
+                Metrics::add(&metrics.incorrect, 1);
+                review.dead_letters.push(DlqMessage::for_record(
+                    Stage::Correction,
+                    format!(
+                        "late arrival {} comes before it; recalculated against it, the {} stage refuses it: {}",
+                        st.late_event, rej.stage, rej.reason
+                    ),
+                    &record,
+                    Some(&st.key),
+                    Some(&st.late),
+                    now,
+                ));
+                return Ok(());
+            }
+        };
+        let diff = compare(&record.result, &expected, self.tolerance);
+        if diff.is_empty() {
+            return Ok(());
+        }
+        Metrics::add(&metrics.incorrect, 1);
+        let reason = format!(
+            "late arrival {} comes before it: recalculated against it ({})",
+            st.late_event,
+            Verdict::Mismatch { fields: diff }.reason()
+        );
+        let request = format!("late:{gateway}:{}", st.edge_seq);
+        match self
+            .corrector
+            .correct(&record, Some(&st.late), &reason, &request, now)
+            .await?
+        {
+            Applied::Corrected(mut fixed) => {
+                // Calculated against a reading that arrived after it: a verifier going in
+                // edge_seq order cannot know that reading.
+                fixed.flags.push(flags::PREVIOUS_ARRIVED_LATE.to_string());
+                Metrics::add(&metrics.corrected, 1);
+                info!(gateway, event_id = %fixed.event_id, %reason, "corrected");
+                match here {
+                    Some(i) => records[i] = *fixed,
+                    None => {
+                        if rewrite_record(&*sink.objects, &st.key, &fixed).await? {
+                            sink.put_events(vec![(
+                                "EventCorrected",
+                                serde_json::to_string(&*fixed)?,
+                            )])
+                            .await?;
+                        }
+                    }
+                }
+            }
+            Applied::Superseded(_) => {}
+            Applied::DeadLetter(reason) => review.dead_letters.push(DlqMessage::for_record(
+                Stage::Correction,
+                reason,
+                &record,
+                Some(&st.key),
+                Some(&st.late),
+                now,
+            )),
+            Applied::Failed(rej) => {
+                warn!(gateway, event_id = %record.event_id, "recalculation after a late arrival failed: {}", rej.reason)
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The record with `edge_seq` in the stored object `key`.
+async fn stored_record(
+    sink: &Sink,
+    key: &str,
+    edge_seq: u64,
+) -> anyhow::Result<Option<EventResult>> {
+    let Some((body, _)) = sink.objects.get_versioned(key).await? else {
+        return Ok(None);
+    };
+    Ok(String::from_utf8_lossy(&body)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<EventResult>(l).ok())
+        .find(|r| r.edge_seq == edge_seq))
 }
 
 /// `None`: unknown; `Some(None)`: known to be none.

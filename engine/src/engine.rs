@@ -23,6 +23,8 @@ pub mod flags {
     /// Older than the previous reading, and calculated against the kept earlier reading just
     /// before it (see [`crate::state::EARLIER_READINGS`]).
     pub const EARLIER_PREVIOUS: &str = "earlier_previous";
+    /// Corrected against a reading that arrived after it (a late event came before it).
+    pub const PREVIOUS_ARRIVED_LATE: &str = "previous_arrived_late";
     /// The previous reading is not older than this event (`ts`): computed as if there were
     /// none, and the stored previous reading was left as it is.
     pub const OUT_OF_ORDER: &str = "out_of_order";

@@ -118,8 +118,14 @@ pub fn verify(
     // Calculated against an earlier reading than the latest (a late event): a verifier that
     // offers the latest one does not know the reading that was used.
     let earlier = result.flags.iter().any(|f| f == flags::EARLIER_PREVIOUS);
+    let arrived_late = result
+        .flags
+        .iter()
+        .any(|f| f == flags::PREVIOUS_ARRIVED_LATE);
     let previous = match previous {
         Previous::Known(p) if earlier && p.is_none_or(|p| p.ts >= result.ts) => Previous::Unknown,
+        // Corrected against a late reading: whoever goes in edge_seq order offers another.
+        Previous::Known(_) if arrived_late => Previous::Unknown,
         other => other,
     };
     let prev = match previous {
@@ -198,10 +204,14 @@ fn same(a: &Value, b: &Value, tolerance: f64) -> bool {
 /// Keeps the reading a verifier should use for the next result of the same device and type,
 /// mirroring the edge: a result becomes the previous reading unless it was out of order.
 pub fn advances_previous(result: &EventResult, current: Option<&Reading>) -> bool {
-    !result.flags.iter().any(|f| f == flags::OUT_OF_ORDER)
+    // Flagged as older than the edge's latest reading: the edge kept its latest, even if the
+    // verifier never saw that one.
+    !result
+        .flags
+        .iter()
+        .any(|f| f == flags::OUT_OF_ORDER || f == flags::EARLIER_PREVIOUS)
         && current.is_none_or(|p| p.ts < result.ts)
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

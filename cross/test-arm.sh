@@ -38,7 +38,10 @@ step() { # step LABEL cmd...
   timed "$@" || failed+=("$1")
 }
 step "aarch64 test build (proto, engine, edge-agent)" arm_cargo "${unit_tests[@]}" --no-run
-step "aarch64 tests under qemu-aarch64" arm_cargo "${unit_tests[@]}" --no-fail-fast
+# The labelled anomaly data set (3 seeds x 60k events) is the same f64 arithmetic on every
+# target and takes ~100 s under qemu: it runs on the host; the detectors' unit tests run here.
+step "aarch64 tests under qemu-aarch64" arm_cargo "${unit_tests[@]}" --no-fail-fast \
+  -- --skip detectors_find_labelled_anomalies_on_three_seeds
 
 bash cross/build.sh aarch64 --no-bridge
 arm_bin=$ARM_TARGET_DIR/$TRIPLE/release/edge-agent

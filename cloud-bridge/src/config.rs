@@ -619,6 +619,15 @@ impl MqttConfig {
             proto::uplink::RESULTS_FILTER
         )
     }
+
+    /// `$share/{group}/gateways/+/status` (`run` only: the Lambda takes results alone).
+    pub fn status_subscription(&self) -> String {
+        format!(
+            "$share/{}/{}",
+            self.share_group,
+            proto::uplink::STATUS_FILTER
+        )
+    }
 }
 
 #[cfg(test)]

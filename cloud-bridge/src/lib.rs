@@ -44,6 +44,7 @@ pub mod monitor;
 pub mod pipeline;
 pub mod provision;
 pub mod service;
+pub mod status;
 pub mod verify;
 
 /// FNV-1a: a stable hash (the same on every bridge and build) for sampling and file names.

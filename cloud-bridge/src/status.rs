@@ -93,7 +93,12 @@ pub async fn announce(
                     last_seq = r.last_seq, count = r.count,
                     "the gateway gave up on a device's seqs: announced as MissedEvents");
             }
-            Announce::Done => {}
+            Announce::Done => {
+                info!(
+                    gateway,
+                    id, "missed-event record was announced before: skipped"
+                );
+            }
             Announce::Busy => {
                 info!(
                     gateway,

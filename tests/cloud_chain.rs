@@ -957,8 +957,8 @@ fn a_cloud_outage_under_load_loses_nothing() {
     // The devices keep publishing until everything acknowledged before the recovery is
     // stored. (mosquitto drops what the gateway publishes after the restart and before the
     // bridge's `$share` subscription is back; it shows as a gap only when a later batch
-    // arrives, and the bridge then asks for a replay. Stopping the load right away could
-    // leave such a tail unnoticed: see README, "Tests".)
+    // arrives, or at the gateway's next status message (every 30 s by default), and the
+    // bridge then asks for a replay: see README, "Tests". The steady load keeps it quick.)
     let produced = devices.acked();
     wait_for(
         "the outage's backlog to be stored",

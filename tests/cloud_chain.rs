@@ -14,6 +14,13 @@
 //! - `uplink_batches_lost_in_flight_are_replayed`: the agent's fault hook sends a range of
 //!   batches where nobody listens; the bridge notices the gap, asks for a replay, and the range
 //!   arrives from the agent's replay window: nothing missing, nothing twice, no MissedEvents.
+//! - `a_lost_tail_is_noticed_through_the_gateway_status`: the fault hook drops the *last*
+//!   batches of a stream, so no later batch shows a gap; the gateway's status message
+//!   (`released`) makes the bridge ask for the range, and it arrives: every event in S3 once.
+//! - `a_device_gap_declared_missed_reaches_eventbridge_once`: device sequence gaps the agent
+//!   declares missed (`missed_after_s = 1`) travel in its status message and come out of the
+//!   EventBridge rule's queue as `MissedEvents` with `kind: device`, once per record id, also
+//!   when the status is delivered again.
 //!
 //! Tests 1 and 3 use the shared emulator at `AWS_ENDPOINT_URL` (unique names per test); without
 //! it they print SKIPPED. Test 2 starts its own moto from the venv `tests/aws-emulator.sh` makes.
@@ -530,9 +537,20 @@ impl CloudSide {
     }
 
     fn agent(&self, gateway: &str, env: &[(&str, &str)]) -> Agent {
+        self.agent_with(gateway, env, |_| {})
+    }
+
+    /// [`CloudSide::agent`] with more config changes.
+    fn agent_with(
+        &self,
+        gateway: &str,
+        env: &[(&str, &str)],
+        tweak: impl FnOnce(&mut toml::Table),
+    ) -> Agent {
         let dir = self.subdir("agent");
         Agent::embedded_with_env(&dir, env, |c| {
-            uplink_to(c, gateway, &self.broker, &self.pki)
+            uplink_to(c, gateway, &self.broker, &self.pki);
+            tweak(c);
         })
     }
 }
@@ -939,8 +957,8 @@ fn a_cloud_outage_under_load_loses_nothing() {
     // The devices keep publishing until everything acknowledged before the recovery is
     // stored. (mosquitto drops what the gateway publishes after the restart and before the
     // bridge's `$share` subscription is back; it shows as a gap only when a later batch
-    // arrives, and the bridge then asks for a replay. Stopping the load right away could
-    // leave such a tail unnoticed: see README, "Tests".)
+    // arrives, or at the gateway's next status message (every 30 s by default), and the
+    // bridge then asks for a replay: see README, "Tests". The steady load keeps it quick.)
     let produced = devices.acked();
     wait_for(
         "the outage's backlog to be stored",
@@ -1120,4 +1138,208 @@ fn uplink_batches_lost_in_flight_are_replayed() {
     assert!(agent.metric("edge_replay_requests_total") >= 1.0);
     assert_eq!(agent.metric("edge_replay_unavailable_total"), 0.0);
     assert!(agent.stop().success());
+}
+
+// ---------------------------------------------------------------- 4. the lost tail
+
+#[test]
+fn a_lost_tail_is_noticed_through_the_gateway_status() {
+    let Some(endpoint) = shared_emulator() else {
+        return;
+    };
+    let started = Instant::now();
+    let cloud = Cloud::new(&endpoint);
+    let side = CloudSide::new("tail");
+    let mut bridge = side.bridge(&endpoint, &endpoint);
+    let queue = cloud.capture_events(&side.names.bus);
+    let gw = "gw-tail";
+    // Every batch after the first goes where nobody listens (acknowledged by the broker): the
+    // end of the stream is lost in flight and no later batch will ever reveal the gap.
+    let mut agent = side.agent_with(gw, &[("EDGE_AGENT_FAULT_DROP_UPLINK", "2..1000000")], |c| {
+        set(c, &["uplink", "status_interval_s"], 1.into());
+    });
+    let per_wave = 20u64;
+    for w in 0..2u64 {
+        let messages = (1..=per_wave)
+            .map(|i| {
+                let seq = w * per_wave + i;
+                (
+                    u16::try_from(i).unwrap(),
+                    "devices/meter-1/events/meter".to_string(),
+                    e2e::meter(&format!("r{seq}"), seq, 1000.0 + seq as f64 * 0.1),
+                )
+            })
+            .collect();
+        Publisher::new(agent.mqtt_port, &format!("meter-1-w{w}")).publish_all(
+            messages,
+            20,
+            Duration::from_secs(60),
+            |_| {},
+        );
+        wait_for(
+            "the wave to leave the gateway",
+            Duration::from_secs(30),
+            || uplinked(&agent, (w + 1) * per_wave),
+        );
+    }
+    let n = 2 * per_wave;
+    // What was lost: the batches the fault hook diverted, up to the very last result.
+    let lost: Vec<(u64, u64)> = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("fault hook"))
+        .map(|l| (field(l, "first").unwrap(), field(l, "last").unwrap()))
+        .collect();
+    assert!(!lost.is_empty(), "{}", agent.log_text());
+    assert_eq!(lost.last().unwrap().1, n, "the tail is lost: {lost:?}");
+    let first_lost = lost[0].0;
+    assert!(first_lost > 1, "the first batch arrived: {lost:?}");
+
+    cloud.wait_hwm(&side.names.table, gw, n, Duration::from_secs(60));
+    let requests: Vec<(u64, u64)> = bridge
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("requested a replay"))
+        .map(|l| (field(l, "from").unwrap(), field(l, "to").unwrap()))
+        .collect();
+    assert_eq!(
+        requests.first().map(|r| r.0),
+        Some(first_lost),
+        "the bridge asked for the lost tail: {requests:?}"
+    );
+    assert!(requests.iter().all(|r| r.1 <= n), "{requests:?}");
+    let want_ids: BTreeSet<String> = (1..=n).map(|s| format!("meter-1/r{s}")).collect();
+    let events = cloud.read_events(&queue, Duration::from_secs(60), |ev| {
+        ev.iter()
+            .filter(|e| e["detail-type"] == "EventProcessed")
+            .map(|e| e["detail"]["event_id"].as_str().unwrap())
+            .collect::<BTreeSet<_>>()
+            .len()
+            >= want_ids.len()
+    });
+    let status = bridge.terminate();
+    assert!(status.success(), "{status:?}\n{}", bridge.log_text());
+
+    let stored = assert_stored_once(&cloud.stored(&side.names.bucket), n);
+    assert_eq!(stored.keys().cloned().collect::<BTreeSet<_>>(), want_ids);
+    assert!(bridge.emf_sum("replays_requested") >= 1);
+    assert!(bridge.emf_sum("gaps") >= 1);
+    assert_eq!(bridge.emf_sum("missed_events"), 0, "no range given up");
+    assert!(
+        !events.iter().any(|e| e["detail-type"] == "MissedEvents"),
+        "no MissedEvents: {events:#?}"
+    );
+    assert!(agent.metric("edge_uplink_status_total") >= 1.0);
+    assert!(agent.metric("edge_replay_requests_total") >= 1.0);
+    assert_eq!(agent.metric("edge_replay_unavailable_total"), 0.0);
+    assert!(agent.stop().success());
+    eprintln!(
+        "tail: {n} results, lost {lost:?}, replays {requests:?}, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+// ---------------------------------------------------------------- 5. device gaps
+
+#[test]
+fn a_device_gap_declared_missed_reaches_eventbridge_once() {
+    let Some(endpoint) = shared_emulator() else {
+        return;
+    };
+    let started = Instant::now();
+    let cloud = Cloud::new(&endpoint);
+    let side = CloudSide::new("devgap");
+    let mut bridge = side.bridge(&endpoint, &endpoint);
+    let queue = cloud.capture_events(&side.names.bus);
+    let gw = "gw-devgap";
+    let mut agent = side.agent_with(gw, &[], |c| {
+        set(c, &["uplink", "status_interval_s"], 1.into());
+        set(c, &["pipeline", "missed_after_s"], 1.into());
+    });
+    // meter-1 skips 3..=4, meter-2 skips 2: two records once a second has passed.
+    let topic = "devices/meter-1/events/meter";
+    for seq in [1u64, 2, 5] {
+        let payload = e2e::meter(&format!("r{seq}"), seq, 1000.0 + seq as f64 * 0.1);
+        mosquitto_pub(agent.mqtt_port, topic, &payload, 1);
+    }
+    for seq in [1u64, 3] {
+        let payload = e2e::meter(&format!("r{seq}"), seq, 500.0 + seq as f64 * 0.1);
+        mosquitto_pub(agent.mqtt_port, "devices/meter-2/events/meter", &payload, 1);
+    }
+    let missed = |ev: &[Value]| -> Vec<Value> {
+        ev.iter()
+            .filter(|e| e["detail-type"] == "MissedEvents")
+            .map(|e| e["detail"].clone())
+            .collect()
+    };
+    let mut events = cloud.read_events(&queue, Duration::from_secs(60), |ev| missed(ev).len() >= 2);
+    let records = missed(&events);
+    assert_eq!(records.len(), 2, "{events:#?}");
+    let by_device: BTreeMap<String, Value> = records
+        .iter()
+        .map(|r| (r["device"].as_str().unwrap().to_string(), r.clone()))
+        .collect();
+    let m1 = &by_device["meter-1"];
+    assert_eq!(m1["kind"], "device");
+    assert_eq!(m1["gateway"], gw);
+    assert_eq!(
+        (m1["first_seq"].as_u64(), m1["last_seq"].as_u64()),
+        (Some(3), Some(4))
+    );
+    assert_eq!(m1["count"], 2);
+    assert_eq!(m1["ranges"], json!([{"first": 3, "last": 4}]));
+    assert!(m1["declared_at"].as_i64().unwrap() > T0);
+    let m2 = &by_device["meter-2"];
+    assert_eq!(
+        (m2["first_seq"].as_u64(), m2["count"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_ne!(m1["id"], m2["id"]);
+    // The agent marked them reported (the broker acknowledged the status that carried them).
+    wait_for(
+        "the records marked reported",
+        Duration::from_secs(30),
+        || agent.metric("edge_missed_reported_total") >= 2.0,
+    );
+
+    // A redelivery of a status with the same records (as after a bridge crash, or to another
+    // bridge of the group) announces nothing again.
+    let again = json!({
+        "gateway": gw, "released": 0, "at": 1,
+        "missed": records.iter().map(|r| json!({
+            "id": r["id"], "device": r["device"], "first_seq": r["first_seq"],
+            "last_seq": r["last_seq"], "count": r["count"], "ranges": r["ranges"],
+            "declared_at": r["declared_at"],
+        })).collect::<Vec<_>>(),
+    });
+    let before = bridge.log_text().matches("was announced before").count();
+    mosquitto_pub(
+        side.broker.port,
+        &format!("gateways/{gw}/status"),
+        again.to_string().as_bytes(),
+        1,
+    );
+    wait_for("the redelivery handled", Duration::from_secs(30), || {
+        bridge.log_text().matches("was announced before").count() >= before + 2
+    });
+    // Whatever else reaches the queue in the next seconds (statuses keep coming every second).
+    events.extend(cloud.read_events(&queue, Duration::from_secs(4), |_| false));
+    let ids: Vec<u64> = missed(&events)
+        .iter()
+        .map(|r| r["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "each record exactly once: {events:#?}");
+    // The results themselves all arrived.
+    cloud.wait_hwm(&side.names.table, gw, 5, Duration::from_secs(30));
+    let status = bridge.terminate();
+    assert!(status.success(), "{status:?}\n{}", bridge.log_text());
+    assert_eq!(bridge.emf_sum("missed_records_announced"), 2);
+    assert_eq!(
+        bridge.emf_sum("missed_events"),
+        0,
+        "no edge_seq range missed"
+    );
+    assert!(agent.stop().success());
+    assert!(agent.dlq().is_empty(), "{:#?}", agent.dlq());
+    eprintln!("device gaps: {:.1} s", started.elapsed().as_secs_f64());
 }

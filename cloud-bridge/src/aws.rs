@@ -21,7 +21,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use crate::backend::{BoxFuture, EventPublisher, ObjectStore, StateStore};
+use crate::backend::{Announce, BoxFuture, EventPublisher, ObjectStore, StateStore};
 use crate::config::{AwsConfig, Config};
 use crate::metrics::Metrics;
 
@@ -357,7 +357,101 @@ impl StateTable {
     }
 }
 
+impl StateTable {
+    fn announce_key(gateway: &str, id: u64) -> AttributeValue {
+        s(format!("missed-dev#{gateway}#{id}"))
+    }
+
+    /// See [`StateStore::begin_announce`].
+    pub async fn begin_announce(
+        &self,
+        gateway: &str,
+        id: u64,
+        owner: &str,
+        now: i64,
+        stale_before: i64,
+    ) -> anyhow::Result<Announce> {
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", Self::announce_key(gateway, id))
+            .item("gateway", s(gateway))
+            .item("record", n(id))
+            .item("state", s("pending"))
+            .item("owner", s(owner))
+            .item("at", n(now))
+            .condition_expression(
+                "attribute_not_exists(pk) OR (#s = :pending AND (#o = :owner OR #a < :stale))",
+            )
+            .expression_attribute_names("#s", "state")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_names("#a", "at")
+            .expression_attribute_values(":pending", s("pending"))
+            .expression_attribute_values(":owner", s(owner))
+            .expression_attribute_values(":stale", n(stale_before))
+            .send()
+            .await;
+        if conditional(put)
+            .with_context(|| format!("DynamoDB PutItem missed-dev#{gateway}#{id}"))?
+        {
+            return Ok(Announce::Mine);
+        }
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", Self::announce_key(gateway, id))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(err)
+            .with_context(|| format!("DynamoDB GetItem missed-dev#{gateway}#{id}"))?;
+        Ok(match out.item.as_ref().and_then(|i| i.get("state")) {
+            Some(AttributeValue::S(v)) if v == "sent" => Announce::Done,
+            // Gone in between (nobody deletes them) or pending elsewhere.
+            _ => Announce::Busy,
+        })
+    }
+
+    /// See [`StateStore::end_announce`].
+    pub async fn end_announce(&self, gateway: &str, id: u64) -> anyhow::Result<()> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key("pk", Self::announce_key(gateway, id))
+            .update_expression("SET #s = :sent")
+            .expression_attribute_names("#s", "state")
+            .expression_attribute_values(":sent", s("sent"))
+            .send()
+            .await
+            .map_err(err)
+            .with_context(|| format!("DynamoDB UpdateItem missed-dev#{gateway}#{id}"))?;
+        Ok(())
+    }
+}
+
 impl StateStore for StateTable {
+    fn begin_announce<'a>(
+        &'a self,
+        gateway: &'a str,
+        id: u64,
+        owner: &'a str,
+        now: i64,
+        stale_before: i64,
+    ) -> BoxFuture<'a, Announce> {
+        Box::pin(StateTable::begin_announce(
+            self,
+            gateway,
+            id,
+            owner,
+            now,
+            stale_before,
+        ))
+    }
+    fn end_announce<'a>(&'a self, gateway: &'a str, id: u64) -> BoxFuture<'a, ()> {
+        Box::pin(StateTable::end_announce(self, gateway, id))
+    }
     fn read<'a>(&'a self, gateway: &'a str) -> BoxFuture<'a, GatewayState> {
         Box::pin(StateTable::read(self, gateway))
     }

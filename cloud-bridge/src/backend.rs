@@ -51,6 +51,20 @@ pub struct GatewayState {
     pub garbage: Vec<String>,
 }
 
+/// Where an announcement of a gateway's missed-event record stands
+/// ([`StateStore::begin_announce`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announce {
+    /// This bridge announces it now (a new record, a retry of its own attempt, or the stale
+    /// attempt of a bridge that died mid-way), then calls [`StateStore::end_announce`].
+    Mine,
+    /// It was announced already.
+    Done,
+    /// Another bridge is announcing it right now (its status message stays unacked until it
+    /// is done, so a crash there leads to a redelivery that takes over).
+    Busy,
+}
+
 /// Objects by key (`events/dt=…/gateway=…/….ndjson`, `failures/…`).
 pub trait ObjectStore: Send + Sync + Debug {
     /// Writes the whole object (replacing one with the same key).
@@ -109,6 +123,20 @@ pub trait StateStore: Send + Sync + Debug {
         to: u64,
         now: i64,
     ) -> BoxFuture<'a, bool>;
+    /// Starts announcing the gateway's missed-event record `id` (DynamoDB item
+    /// `missed-dev#{gateway}#{id}` written with `attribute_not_exists`): [`Announce::Mine`] if
+    /// there is no such item, or its announcement by `owner` (or one older than
+    /// `stale_before`, epoch ms) never finished.
+    fn begin_announce<'a>(
+        &'a self,
+        gateway: &'a str,
+        id: u64,
+        owner: &'a str,
+        now: i64,
+        stale_before: i64,
+    ) -> BoxFuture<'a, Announce>;
+    /// The record's MissedEvents was accepted by EventBridge: never announce it again.
+    fn end_announce<'a>(&'a self, gateway: &'a str, id: u64) -> BoxFuture<'a, ()>;
 }
 
 /// Sends events (at least once). Errors if any entry could not be sent.

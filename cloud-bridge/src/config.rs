@@ -133,7 +133,8 @@ pub struct MqttConfig {
     /// Must be stable per bridge instance: the broker keeps this client's session (and the
     /// messages it has not acknowledged) under this id across restarts.
     pub client_id: String,
-    /// Bridges with the same group share the load (`$share/{group}/gateways/+/results`).
+    /// Bridges with the same group share the load (`$share/{group}/gateways/+/results` and
+    /// `…/status`).
     #[serde(default = "default_share_group")]
     pub share_group: String,
     #[serde(default = "default_keep_alive")]
@@ -617,6 +618,15 @@ impl MqttConfig {
             "$share/{}/{}",
             self.share_group,
             proto::uplink::RESULTS_FILTER
+        )
+    }
+
+    /// `$share/{group}/gateways/+/status` (`run` only: the Lambda takes results alone).
+    pub fn status_subscription(&self) -> String {
+        format!(
+            "$share/{}/{}",
+            self.share_group,
+            proto::uplink::STATUS_FILTER
         )
     }
 }

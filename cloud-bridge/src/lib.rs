@@ -12,6 +12,9 @@
 //! NDJSON object per claimed range, see [`pipeline`]) and publishes it to EventBridge. Two
 //! transports share that one pipeline: [`service`] (`run`, an MQTT shared subscription with
 //! manual acks) and [`lambda`] (`lambda_runtime`).
+//! In `run`, each gateway's status message (`gateways/{g}/status`, [`status`]) checks the
+//! stored tail against what the gateway's broker acknowledged and carries the gateway's
+//! missed-event records, each announced once as `MissedEvents` (`kind: device`).
 //!
 //! # Invariants
 //! - A message is acknowledged to the broker (or an invocation answered with success) only
@@ -44,6 +47,7 @@ pub mod monitor;
 pub mod pipeline;
 pub mod provision;
 pub mod service;
+pub mod status;
 pub mod verify;
 
 /// FNV-1a: a stable hash (the same on every bridge and build) for sampling and file names.

@@ -6,7 +6,9 @@
 //!   an object;
 //! - state: `dir/state/bridge-state.json`, the DynamoDB item of every gateway (hwm, claim,
 //!   garbage) and the missed ranges, rewritten (temporary file + rename) on every change, under
-//!   an in-process lock: one bridge process per directory;
+//!   an in-process lock: one bridge process per directory; the announced missed-event records
+//!   of gateways as files `dir/state/missed-devices/{gateway hex}-{id}` created with `O_EXCL`
+//!   (`pending`, then `sent` once EventBridge took the MissedEvents);
 //! - events: one JSON line per event, as EventBridge would deliver it, appended to
 //!   `dir/eventbridge/dt=YYYY-MM-DD/{detail-type}.ndjson`.
 
@@ -20,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::backend::{
-    BoxFuture, Claim, Entry, EventPublisher, GatewayState, ObjectStore, StateStore,
+    Announce, BoxFuture, Claim, Entry, EventPublisher, GatewayState, ObjectStore, StateStore,
 };
 
 /// Objects as files under a directory.
@@ -372,6 +374,71 @@ impl StateStore for LocalState {
                 true
             })
         })
+    }
+
+    /// One process: a `pending` file is a failed or crashed attempt of this bridge, so it is
+    /// taken over at once.
+    fn begin_announce<'a>(
+        &'a self,
+        gateway: &'a str,
+        id: u64,
+        _owner: &'a str,
+        _now: i64,
+        _stale_before: i64,
+    ) -> BoxFuture<'a, Announce> {
+        Box::pin(async move {
+            let path = self.announce_path(gateway, id)?;
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(b"pending")
+                        .and_then(|()| f.sync_all())
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    Ok(Announce::Mine)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let body = std::fs::read(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    Ok(if body == b"sent" {
+                        Announce::Done
+                    } else {
+                        Announce::Mine
+                    })
+                }
+                Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        })
+    }
+
+    fn end_announce<'a>(&'a self, gateway: &'a str, id: u64) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let path = self.announce_path(gateway, id)?;
+            let tmp = path.with_extension("tmp");
+            let write = || -> std::io::Result<()> {
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(b"sent")?;
+                f.sync_all()?;
+                std::fs::rename(&tmp, &path)
+            };
+            write().with_context(|| format!("writing {}", path.display()))
+        })
+    }
+}
+
+impl LocalState {
+    /// `missed-devices/{hex of the gateway id}-{id}`: any gateway id is one safe file name.
+    fn announce_path(&self, gateway: &str, id: u64) -> anyhow::Result<PathBuf> {
+        let dir = self
+            .path
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("missed-devices");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let hex: String = gateway.bytes().map(|b| format!("{b:02x}")).collect();
+        Ok(dir.join(format!("{hex}-{id}")))
     }
 }
 

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub failures_stored: AtomicU64,
     /// Results stored with status `anomaly`.
     pub anomalies: AtomicU64,
+    /// Gateways' missed-event records announced as MissedEvents (kind `device`), each once.
+    pub missed_records_announced: AtomicU64,
     /// The totals at the last EMF line: each line carries the difference, while the
     /// counters themselves only grow (the monitor reads them too).
     emitted: std::sync::Mutex<Vec<u64>>,
@@ -62,7 +64,7 @@ impl Metrics {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
-    fn fields(&self) -> [(&'static str, &AtomicU64); 20] {
+    fn fields(&self) -> [(&'static str, &AtomicU64); 21] {
         [
             ("processed", &self.processed),
             ("duplicates", &self.duplicates),
@@ -87,6 +89,7 @@ impl Metrics {
             ("dead_lettered", &self.dead_lettered),
             ("failures_stored", &self.failures_stored),
             ("anomalies", &self.anomalies),
+            ("missed_records_announced", &self.missed_records_announced),
         ]
     }
 

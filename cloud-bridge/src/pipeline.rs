@@ -309,6 +309,11 @@ impl Pipeline {
         self.state.clear_garbage(gateway, keys).await
     }
 
+    /// Names this bridge (claims, missed-record announcements).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
     /// Gives up on `from..=to` (after the replay requests): reports MissedEvents and moves
     /// the gateway's hwm past it. False if the state moved on in between (nothing done).
     pub async fn skip_missing(&self, gateway: &str, from: u64, to: u64) -> anyhow::Result<bool> {
@@ -329,6 +334,7 @@ impl Pipeline {
             "edge_seq range never arrived after the replay requests: reported as MissedEvents and skipped"
         );
         let detail = json!({
+            "kind": "edge_seq",
             "gateway": gateway,
             "from_edge_seq": from,
             "to_edge_seq": to,

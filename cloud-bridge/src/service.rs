@@ -14,17 +14,23 @@
 //! every `replay_timeout_ms`, and after `replay_attempts` it reports MissedEvents and skips the
 //! range.
 //!
+//! Gateway status messages (`$share/{group}/gateways/+/status`, see [`crate::status`]) go to
+//! the same worker: a `released` above what is stored, with nothing held that covers it, is a
+//! tail gap handled exactly like the gap above; the status's missed-event records are
+//! announced (each once) before the status is acked, and the status itself is acked in order
+//! with the results once the stored hwm reaches its `released` (or the range was skipped).
+//!
 //! Messages that are not a valid batch are written under `{prefix}failures/` (the DLQ entry
 //! JSON, original bytes included), announced as EventDeadLettered, and then acked.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use proto::uplink::{ReplayRequest, gateway_of, replay_topic};
+use proto::uplink::{GatewayStatus, MissedReport, ReplayRequest, gateway_of, replay_topic};
 use proto::{Batch, DlqEntry, Stage};
 use rumqttc::{
     AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode, TlsConfiguration,
@@ -56,8 +62,13 @@ struct Delivery {
 
 /// One uplink message for a gateway's worker.
 struct Message {
-    batch: Batch,
+    kind: Kind,
     delivery: Delivery,
+}
+
+enum Kind {
+    Results(Batch),
+    Status(GatewayStatus),
 }
 
 /// Runs until `shutdown`; then stops taking messages, lets the workers finish what they are
@@ -134,6 +145,7 @@ pub async fn run_with(
     let backoff_max = Duration::from_millis(mqtt.reconnect_max_ms);
     let mut backoff = backoff_min;
     let filter = mqtt.subscription();
+    let status_filter = mqtt.status_subscription();
     info!(host = %mqtt.host, port = mqtt.port, client_id = %mqtt.client_id, %filter, tls = mqtt.tls,
         "cloud-bridge connecting");
 
@@ -173,15 +185,19 @@ pub async fn run_with(
                     connected = true;
                     backoff = backoff_min;
                     info!(session_present = ca.session_present, "connected to the broker");
-                    if !draining && let Err(e) = client.try_subscribe(filter.clone(), QoS::AtLeastOnce) {
-                        error!(error = %e, "could not queue SUBSCRIBE");
+                    if !draining {
+                        for f in [&filter, &status_filter] {
+                            if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                                error!(error = %e, "could not queue SUBSCRIBE");
+                            }
+                        }
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(s))) => {
                     if s.return_codes.contains(&SubscribeReasonCode::Failure) {
-                        error!(%filter, "the broker refused the subscription");
+                        error!(%filter, %status_filter, "the broker refused a subscription");
                     } else {
-                        info!(%filter, "subscribed");
+                        info!(%filter, %status_filter, "subscribed");
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -273,8 +289,13 @@ fn dispatch(
     tasks: &mut JoinSet<()>,
 ) {
     let topic = d.publish.topic.clone();
-    let batch = match validate(&topic, &d.publish.payload) {
-        Ok(b) => b,
+    let parsed = if proto::uplink::status_gateway_of(&topic).is_some() {
+        crate::status::parse(&topic, &d.publish.payload).map(Kind::Status)
+    } else {
+        validate(&topic, &d.publish.payload).map(Kind::Results)
+    };
+    let kind = match parsed {
+        Ok(k) => k,
         Err(reason) => {
             Metrics::add(&pipeline.metrics.decode_errors, 1);
             warn!(%topic, %reason, "not a valid uplink batch: dead-lettered under failures/");
@@ -303,8 +324,11 @@ fn dispatch(
             return;
         }
     };
-    let gateway = batch.gateway.clone();
-    let msg = Message { batch, delivery: d };
+    let gateway = match &kind {
+        Kind::Results(b) => b.gateway.clone(),
+        Kind::Status(s) => s.gateway.clone(),
+    };
+    let msg = Message { kind, delivery: d };
     let msg = match workers.get(&gateway) {
         Some(tx) => match tx.send(msg) {
             Ok(()) => return,
@@ -408,6 +432,13 @@ struct Gap {
     next_action: Instant,
 }
 
+/// What a worker took from its gateway's status messages.
+#[derive(Default)]
+struct StatusSeen {
+    released: u64,
+    reports: BTreeMap<u64, MissedReport>,
+}
+
 /// Stores one gateway's messages in order; see the module doc.
 async fn worker(
     gateway: String,
@@ -423,42 +454,63 @@ async fn worker(
     let mut gap: Option<Gap> = None;
     let mut wake_at: Option<Instant> = None;
     let mut err_backoff = Duration::from_millis(200);
-    let add = |m: Message, held: &mut Held, waiting: &mut Vec<(u64, Delivery)>| {
-        let last = m
-            .batch
-            .results
-            .iter()
-            .map(|r| r.edge_seq)
-            .max()
-            .unwrap_or(0);
-        for r in m.batch.results {
-            held.entry(r.edge_seq).or_insert(r);
+    // The highest `released` of the gateway's status messages, and their records to announce.
+    let mut seen = StatusSeen::default();
+    let add = |m: Message,
+               held: &mut Held,
+               waiting: &mut Vec<(u64, Delivery)>,
+               seen: &mut StatusSeen| match m.kind {
+        Kind::Results(batch) => {
+            let last = batch.results.iter().map(|r| r.edge_seq).max().unwrap_or(0);
+            for r in batch.results {
+                held.entry(r.edge_seq).or_insert(r);
+            }
+            waiting.push((last, m.delivery));
         }
-        waiting.push((last, m.delivery));
+        Kind::Status(s) => {
+            seen.released = seen.released.max(s.released);
+            for r in s.missed {
+                seen.reports.entry(r.id).or_insert(r);
+            }
+            // Acked once the hwm covers what it reports as released.
+            waiting.push((s.released, m.delivery));
+        }
     };
     loop {
         if stop.is_cancelled() {
             return;
         }
-        if waiting.is_empty() {
+        if waiting.is_empty() && gap.is_none() {
             tokio::select! {
                 m = rx.recv() => match m {
-                    Some(m) => add(m, &mut held, &mut waiting),
+                    Some(m) => add(m, &mut held, &mut waiting, &mut seen),
                     None => return,
                 },
                 _ = stop.cancelled() => return,
             }
         } else if let Some(at) = wake_at {
             tokio::select! {
-                m = rx.recv() => if let Some(m) = m { add(m, &mut held, &mut waiting) },
+                m = rx.recv() => if let Some(m) = m { add(m, &mut held, &mut waiting, &mut seen) },
                 _ = sleep_until(at) => {}
                 _ = stop.cancelled() => return,
             }
         }
         while let Ok(m) = rx.try_recv() {
-            add(m, &mut held, &mut waiting);
+            add(m, &mut held, &mut waiting, &mut seen);
         }
+        let tail = seen.released;
         wake_at = None;
+        // Before anything is acked: a status is acked only after its records are announced.
+        if !seen.reports.is_empty()
+            && let Err(e) = crate::status::announce(&p, &gateway, &mut seen.reports).await
+        {
+            Metrics::add(&p.metrics.aws_errors, 1);
+            error!(%gateway, error = %format!("{e:#}"),
+                "announcing missed-event records failed; retrying in {err_backoff:?}");
+            wake_at = Some(Instant::now() + err_backoff);
+            err_backoff = (err_backoff * 2).min(Duration::from_secs(30));
+            continue;
+        }
         let progress = match p.advance(&gateway, &mut held).await {
             Ok(pr) => {
                 err_backoff = Duration::from_millis(200);
@@ -482,6 +534,8 @@ async fn worker(
         if !acks.is_empty() && ack_tx.send(acks).is_err() {
             return;
         }
+        // The tail check: a released range that nothing held covers is a gap too.
+        let progress = crate::status::with_tail(progress, tail);
         let Progress::Missing { from, to, .. } = progress else {
             gap = None;
             continue;

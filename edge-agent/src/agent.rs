@@ -92,6 +92,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
             cfg.uplink.clone(),
             cfg.gateway_id.clone(),
             outbox.clone(),
+            reader.clone(),
             link.clone(),
             uplink_stop.clone(),
         ))

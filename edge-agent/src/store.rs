@@ -33,6 +33,9 @@ pub(crate) mod key {
     pub const GAPS: u8 = b'g';
     /// Missed-event record id → `missed::MissedRecord`.
     pub const MISSED: u8 = b'x';
+    /// Missed-event record id → empty: the record reached the cloud broker in a status
+    /// message (written by the uplink, never by the pipeline, so neither overwrites the other).
+    pub const MISSED_REPORTED: u8 = b'y';
 
     pub fn numbered(prefix: u8, n: u64) -> [u8; 9] {
         let mut k = [0u8; 9];
@@ -412,6 +415,46 @@ impl StoreReader {
         })
     }
 
+    /// Up to `limit` missed records not yet reported to the cloud, oldest first.
+    pub fn missed_unreported(&self, limit: usize) -> Result<Vec<MissedRecord>, StoreError> {
+        let mut out = Vec::new();
+        for r in self.missed() {
+            if out.len() >= limit {
+                break;
+            }
+            let r = r?;
+            if !self
+                .tree
+                .contains_key(key::numbered(key::MISSED_REPORTED, r.id))?
+            {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Marks records reported (the cloud broker acknowledged the status message that carried
+    /// them). Not flushed: the next group commit's flush makes it durable, and a mark lost to
+    /// a crash only means a record is reported twice, which the cloud de-duplicates by id.
+    /// Marks of records that no longer exist (filled late, dropped by the cap) are removed.
+    pub fn mark_missed_reported(&self, ids: &[u64]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for &id in ids {
+            batch.insert(&key::numbered(key::MISSED_REPORTED, id), &[][..]);
+        }
+        for kv in self.tree.range(
+            key::numbered(key::MISSED_REPORTED, 0)..key::numbered(key::MISSED_REPORTED + 1, 0),
+        ) {
+            let (k, _) = kv?;
+            let id = key::number_of(&k);
+            if !ids.contains(&id) && !self.tree.contains_key(key::numbered(key::MISSED, id))? {
+                batch.remove(k);
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+
     /// Every device's tracked gaps.
     pub fn gaps(&self) -> impl Iterator<Item = Result<(String, DeviceGaps), StoreError>> + '_ {
         self.tree.scan_prefix([key::GAPS]).map(|kv| {
@@ -713,6 +756,36 @@ mod tests {
         assert_eq!(dlq.len(), 1);
         assert_eq!(dlq[0].id, 1);
         assert_eq!(dlq[0].reason, "data.kwh: missing");
+    }
+
+    #[test]
+    fn missed_records_are_reported_once_and_stale_marks_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let rec =
+            |id| MissedRecord::new(id, "m1", engine::SeqRange::new(id * 10, id * 10 + 1), 1, 2);
+        let mut c = Commit::default();
+        for id in 1..=3 {
+            c.missed.insert(id, rec(id));
+        }
+        store.commit(&mut c).unwrap();
+        let reader = store.reader();
+        let ids = |v: Vec<MissedRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(reader.missed_unreported(2).unwrap()), [1, 2]);
+        reader.mark_missed_reported(&[1, 2]).unwrap();
+        assert_eq!(ids(reader.missed_unreported(100).unwrap()), [3]);
+        // Record 1 filled late (deleted): its mark goes with the next marking.
+        let mut c = Commit::default();
+        c.missed_removals.insert(1);
+        store.commit(&mut c).unwrap();
+        reader.mark_missed_reported(&[3]).unwrap();
+        assert!(reader.missed_unreported(100).unwrap().is_empty());
+        let marks = reader
+            .tree
+            .scan_prefix([key::MISSED_REPORTED])
+            .map(|kv| key::number_of(&kv.unwrap().0))
+            .collect::<Vec<_>>();
+        assert_eq!(marks, [2, 3]);
     }
 
     #[test]

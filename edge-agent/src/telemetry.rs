@@ -40,6 +40,8 @@ pub const UPLINK_BATCHES: &str = "edge_uplink_batches_total";
 pub const UPLINK_RESULTS: &str = "edge_uplink_results_total";
 pub const UPLINK_BYTES: &str = "edge_uplink_bytes_total";
 pub const REPLAY_REQUESTS: &str = "edge_replay_requests_total";
+pub const UPLINK_STATUS: &str = "edge_uplink_status_total";
+pub const MISSED_REPORTED: &str = "edge_missed_reported_total";
 pub const REPLAY_UNAVAILABLE: &str = "edge_replay_unavailable_total";
 pub const BATCH_SIZE: &str = "edge_batch_size";
 pub const STAGE_SECONDS: &str = "edge_stage_seconds";
@@ -191,6 +193,14 @@ fn describe() {
     );
     describe_counter!(UPLINK_BYTES, "Bytes published to the cloud");
     describe_counter!(REPLAY_REQUESTS, "Replay requests received from the cloud");
+    describe_counter!(
+        UPLINK_STATUS,
+        "Status messages published on gateways/{g}/status"
+    );
+    describe_counter!(
+        MISSED_REPORTED,
+        "Missed-event records the cloud broker acknowledged in a status message"
+    );
     describe_counter!(
         REPLAY_UNAVAILABLE,
         "Requested results no longer in the replay window"

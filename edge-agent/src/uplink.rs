@@ -8,6 +8,13 @@
 //! connections: every connection starts a fresh client and re-sends everything unacknowledged
 //! from the outbox, so nothing depends on the client's memory. The cloud de-duplicates re-sent
 //! results by `event_id`.
+//!
+//! Every `status_interval_s`, and right after each connect, the uplink publishes a
+//! [`GatewayStatus`] on `gateways/{g}/status`: `released` (how far the broker acknowledged the
+//! results, so the cloud can notice a lost tail that no later batch would reveal) and up to
+//! [`MAX_MISSED_PER_STATUS`] missed-event records not yet reported. A record is marked reported
+//! only when the PUBACK of the very status packet that carried it arrives (the same packet-id
+//! matching as for results).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -15,7 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use proto::uplink::{ReplayRequest, replay_topic, results_topic};
+use proto::uplink::{
+    GatewayStatus, MAX_MISSED_PER_STATUS, MissedReport, ReplayRequest, SeqSpan, replay_topic,
+    results_topic, status_topic,
+};
 use rumqttc::{
     AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration,
     Transport,
@@ -24,7 +34,9 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::now_ms;
+use crate::missed::MissedRecord;
 use crate::outbox::Outbox;
+use crate::store::StoreReader;
 use crate::telemetry as m;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +66,9 @@ pub struct UplinkConfig {
     pub max_in_flight: u16,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
+    /// Seconds between status messages on `gateways/{g}/status` (one is also sent right
+    /// after each connect).
+    pub status_interval_s: u64,
 }
 
 impl Default for UplinkConfig {
@@ -74,6 +89,7 @@ impl Default for UplinkConfig {
             max_in_flight: 16,
             reconnect_min_ms: 500,
             reconnect_max_ms: 30_000,
+            status_interval_s: 30,
         }
     }
 }
@@ -108,6 +124,9 @@ impl UplinkConfig {
         }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
             return Err("uplink.reconnect_min_ms/reconnect_max_ms: need 0 < min <= max".into());
+        }
+        if self.status_interval_s == 0 {
+            return Err("uplink.status_interval_s: must be at least 1".into());
         }
         Ok(())
     }
@@ -167,14 +186,49 @@ impl LinkStatus {
     }
 }
 
-/// One publish: a contiguous `edge_seq` range.
-#[derive(Debug, Clone, Copy)]
+/// One publish: a contiguous `edge_seq` range, or a status message.
+#[derive(Debug, Clone)]
 struct Sent {
     first: u64,
     last: u64,
     bytes: u64,
     /// A replay of already-released results: its ack releases nothing.
     replay: bool,
+    /// A status message carrying these missed-record ids: its ack marks them reported.
+    status: Option<Vec<u64>>,
+}
+
+/// The status message the uplink sends: `released` and the records to report.
+pub fn status_message(
+    gateway: &str,
+    released: u64,
+    at: i64,
+    records: &[MissedRecord],
+) -> GatewayStatus {
+    GatewayStatus {
+        gateway: gateway.to_string(),
+        released,
+        at,
+        missed: records
+            .iter()
+            .map(|r| MissedReport {
+                id: r.id,
+                device: r.device.clone(),
+                first_seq: r.first_seq,
+                last_seq: r.last_seq,
+                count: r.count,
+                ranges: r
+                    .ranges
+                    .iter()
+                    .map(|s| SeqSpan {
+                        first: s.first,
+                        last: s.last,
+                    })
+                    .collect(),
+                declared_at: r.declared_at,
+            })
+            .collect(),
+    }
 }
 
 /// Runs until `shutdown`; reconnects with exponential backoff and full jitter.
@@ -182,6 +236,7 @@ pub async fn run(
     cfg: UplinkConfig,
     gateway: String,
     outbox: Outbox,
+    missed: StoreReader,
     status: LinkStatus,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -190,7 +245,7 @@ pub async fn run(
     tracing::info!(host = %cfg.host, port = cfg.port, tls = cfg.tls, "uplink starting");
     loop {
         let opts = cfg.options(&gateway)?;
-        let mut link = Link::new(&cfg, &gateway, &outbox, opts);
+        let mut link = Link::new(&cfg, &gateway, &outbox, &missed, opts);
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => None,
             r = link.run(&status) => Some(r),
@@ -227,7 +282,9 @@ struct Link<'a> {
     gateway: &'a str,
     topic: String,
     replay_topic: String,
+    status_topic: String,
     outbox: &'a Outbox,
+    missed: &'a StoreReader,
     client: AsyncClient,
     events: EventLoop,
     connected: bool,
@@ -240,18 +297,28 @@ struct Link<'a> {
     /// Acknowledged ranges not yet contiguous with what was released: first → (last, bytes).
     acked: BTreeMap<u64, (u64, u64)>,
     replays: VecDeque<(u64, u64)>,
+    /// Missed-record ids in a status message not yet acknowledged.
+    reporting: Vec<u64>,
     buf: Vec<u8>,
 }
 
 impl<'a> Link<'a> {
-    fn new(cfg: &'a UplinkConfig, gateway: &'a str, outbox: &'a Outbox, opts: MqttOptions) -> Self {
+    fn new(
+        cfg: &'a UplinkConfig,
+        gateway: &'a str,
+        outbox: &'a Outbox,
+        missed: &'a StoreReader,
+        opts: MqttOptions,
+    ) -> Self {
         let (client, events) = AsyncClient::new(opts, usize::from(cfg.max_in_flight) * 2 + 8);
         Link {
             cfg,
             gateway,
             topic: results_topic(gateway),
             replay_topic: replay_topic(gateway),
+            status_topic: status_topic(gateway),
             outbox,
+            missed,
             client,
             events,
             connected: false,
@@ -261,17 +328,27 @@ impl<'a> Link<'a> {
             by_pkid: HashMap::new(),
             acked: BTreeMap::new(),
             replays: VecDeque::new(),
+            reporting: Vec::new(),
             buf: Vec::new(),
         }
     }
 
     /// Returns only with the error that ended the connection.
     async fn run(&mut self, status: &LinkStatus) -> anyhow::Error {
+        let period = Duration::from_secs(self.cfg.status_interval_s.max(1));
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
                 ev = self.events.poll() => ev,
                 _ = self.outbox.wait_appended(), if self.connected => {
                     if let Err(e) = self.fill() {
+                        return e;
+                    }
+                    continue;
+                }
+                _ = tick.tick(), if self.connected => {
+                    if let Err(e) = self.send_status() {
                         return e;
                     }
                     continue;
@@ -299,6 +376,9 @@ impl<'a> Link<'a> {
                 metrics::gauge!(m::UPLINK_CONNECTED).set(1.0);
                 self.client
                     .try_subscribe(self.replay_topic.clone(), QoS::AtLeastOnce)?;
+                // Right away: what the broker acknowledged before a disconnect may not have
+                // reached the cloud, and no later batch may come to show it.
+                self.send_status()?;
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
                 let sent = self
@@ -311,7 +391,9 @@ impl<'a> Link<'a> {
                 if let Some(sent) = self.by_pkid.remove(&ack.pkid) {
                     self.acked_any = true;
                     status.update(|s| s.last_ack_at = Some(now_ms()));
-                    if !sent.replay {
+                    if let Some(ids) = sent.status {
+                        self.reported(&ids)?;
+                    } else if !sent.replay {
                         self.acked.insert(sent.first, (sent.last, sent.bytes));
                         self.release()?;
                     }
@@ -346,6 +428,53 @@ impl<'a> Link<'a> {
         }
         if bytes > 0 {
             self.outbox.release(through, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a status message (QoS 1) with the records not yet reported.
+    fn send_status(&mut self) -> anyhow::Result<()> {
+        let released = self.outbox.first_pending() - 1;
+        let records: Vec<MissedRecord> = self
+            .missed
+            .missed_unreported(MAX_MISSED_PER_STATUS + self.reporting.len())?
+            .into_iter()
+            .filter(|r| !self.reporting.contains(&r.id))
+            .take(MAX_MISSED_PER_STATUS)
+            .collect();
+        let msg = status_message(self.gateway, released, now_ms(), &records);
+        let body = serde_json::to_vec(&msg).context("encoding the status message")?;
+        self.client
+            .try_publish(self.status_topic.clone(), QoS::AtLeastOnce, false, body)?;
+        let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
+        self.reporting.extend(&ids);
+        self.queued.push_back(Sent {
+            first: 0,
+            last: 0,
+            bytes: 0,
+            replay: false,
+            status: Some(ids),
+        });
+        metrics::counter!(m::UPLINK_STATUS).increment(1);
+        tracing::debug!(released, missed = records.len(), "status sent");
+        Ok(())
+    }
+
+    /// The broker acknowledged a status message: its records are reported.
+    fn reported(&mut self, ids: &[u64]) -> anyhow::Result<()> {
+        self.reporting.retain(|id| !ids.contains(id));
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.missed.mark_missed_reported(ids)?;
+        metrics::counter!(m::MISSED_REPORTED).increment(ids.len() as u64);
+        tracing::info!(
+            records = ids.len(),
+            "missed-event records reported to the cloud"
+        );
+        if ids.len() >= MAX_MISSED_PER_STATUS {
+            // More may be waiting: the next status right away rather than in a period.
+            self.send_status()?;
         }
         Ok(())
     }
@@ -416,6 +545,7 @@ impl<'a> Link<'a> {
                 last,
                 bytes,
                 replay,
+                status: None,
             });
             if !replay {
                 self.cursor = last + 1;
@@ -451,5 +581,27 @@ mod tests {
         c.validate().unwrap();
         c.cert = Some("c.pem".into());
         assert!(c.validate().unwrap_err().contains("cert"));
+    }
+
+    #[test]
+    fn the_status_carries_released_and_the_records() {
+        let mut r = MissedRecord::new(4, "meter-1", engine::SeqRange::new(3, 9), 10, 20);
+        r.fill(engine::SeqRange::new(5, 5));
+        let s = status_message("gw", 17, 99, std::slice::from_ref(&r));
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["gateway"], "gw");
+        assert_eq!(v["released"], 17);
+        assert_eq!(v["at"], 99);
+        assert_eq!(
+            v["missed"][0],
+            serde_json::json!({"id": 4, "device": "meter-1", "first_seq": 3, "last_seq": 9,
+                "count": 6, "ranges": [{"first": 3, "last": 4}, {"first": 6, "last": 9}],
+                "declared_at": 20})
+        );
+        assert_eq!(
+            UplinkConfig::default().status_interval_s,
+            30,
+            "the documented default"
+        );
     }
 }

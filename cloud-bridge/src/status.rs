@@ -1,0 +1,204 @@
+//! Gateway status messages (`gateways/{g}/status`, JSON [`GatewayStatus`]) in `cloud-bridge
+//! run`: the gateway's tail check and its missed-event records.
+//!
+//! - **Tail.** A lost batch shows as a gap only when a later batch arrives; the last batches of
+//!   a stream have none. The status says how far the cloud broker acknowledged the gateway's
+//!   results (`released`). The gateway's worker keeps the highest `released` it has seen;
+//!   when everything it holds is stored and the stored hwm is still below it, the range
+//!   `hwm+1..=released` becomes a gap like any other ([`with_tail`]): held for `gap_hold_ms`
+//!   (another bridge may be storing it), then `ReplayRequest`s, then MissedEvents + skip.
+//!   A stale status (released ≤ hwm) changes nothing.
+//! - **Missed-event records.** Each record (a device's seqs the gateway gave up on) is
+//!   announced once as a `MissedEvents` event with `"kind": "device"`, across redeliveries
+//!   and bridges: a conditional write in the state table ([`StateStore::begin_announce`])
+//!   decides who announces it; the status message is acknowledged only after its records are.
+
+use std::collections::BTreeMap;
+
+use proto::uplink::{GatewayStatus, MissedReport, status_gateway_of};
+use serde_json::{Value, json};
+use tracing::{info, warn};
+
+use crate::backend::Announce;
+use crate::metrics::Metrics;
+use crate::now_ms;
+use crate::pipeline::{Pipeline, Progress};
+
+/// The status in a message on `gateways/{g}/status`, or why it is not one.
+pub fn parse(topic: &str, payload: &[u8]) -> Result<GatewayStatus, String> {
+    let gw = status_gateway_of(topic)
+        .ok_or_else(|| format!("topic '{topic}' is not gateways/{{gateway}}/status"))?;
+    let s: GatewayStatus =
+        serde_json::from_slice(payload).map_err(|e| format!("not a status message: {e}"))?;
+    if s.gateway != gw {
+        return Err(format!(
+            "status names gateway '{}' but arrived on the topic of '{gw}'",
+            s.gateway
+        ));
+    }
+    Ok(s)
+}
+
+/// The tail check: where `advance` stopped, with the gateway's highest reported `released`
+/// taken into account. A gap already waited on stays as it is (it covers the tail or comes
+/// before it); when everything held is stored but the hwm is below `released`, the rest is
+/// a gap.
+pub fn with_tail(progress: Progress, released: u64) -> Progress {
+    match progress {
+        Progress::Done { hwm } if released > hwm => Progress::Missing {
+            hwm,
+            from: hwm + 1,
+            to: released,
+        },
+        p => p,
+    }
+}
+
+/// The MissedEvents detail of a gateway's missed-event record.
+pub fn device_detail(gateway: &str, r: &MissedReport) -> Value {
+    json!({
+        "kind": "device",
+        "gateway": gateway,
+        "id": r.id,
+        "device": r.device,
+        "first_seq": r.first_seq,
+        "last_seq": r.last_seq,
+        "count": r.count,
+        "ranges": r.ranges,
+        "declared_at": r.declared_at,
+    })
+}
+
+/// Announces the records in `pending` (each once, see the module doc), removing each one
+/// that is announced or was announced before. An error leaves the rest for a later call.
+pub async fn announce(
+    p: &Pipeline,
+    gateway: &str,
+    pending: &mut BTreeMap<u64, MissedReport>,
+) -> anyhow::Result<()> {
+    while let Some((&id, r)) = pending.first_key_value() {
+        let now = now_ms();
+        let stale_before = now - p.cfg.pipeline.claim_timeout_ms as i64;
+        match p
+            .state
+            .begin_announce(gateway, id, p.owner(), now, stale_before)
+            .await?
+        {
+            Announce::Mine => {
+                let detail = device_detail(gateway, r).to_string();
+                p.sink.put_events(vec![("MissedEvents", detail)]).await?;
+                p.state.end_announce(gateway, id).await?;
+                Metrics::add(&p.metrics.missed_records_announced, 1);
+                warn!(gateway, id, device = %r.device, first_seq = r.first_seq,
+                    last_seq = r.last_seq, count = r.count,
+                    "the gateway gave up on a device's seqs: announced as MissedEvents");
+            }
+            Announce::Done => {
+                info!(
+                    gateway,
+                    id, "missed-event record was announced before: skipped"
+                );
+            }
+            Announce::Busy => {
+                info!(
+                    gateway,
+                    id, "another bridge is announcing this missed-event record"
+                );
+            }
+        }
+        pending.remove(&id);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::uplink::SeqSpan;
+
+    #[test]
+    fn the_tail_counts_only_when_nothing_else_is_waited_on() {
+        // Stale or equal: nothing to do.
+        assert_eq!(
+            with_tail(Progress::Done { hwm: 10 }, 10),
+            Progress::Done { hwm: 10 }
+        );
+        assert_eq!(
+            with_tail(Progress::Done { hwm: 10 }, 3),
+            Progress::Done { hwm: 10 }
+        );
+        // Everything held is stored, the gateway released more: a tail gap.
+        assert_eq!(
+            with_tail(Progress::Done { hwm: 10 }, 25),
+            Progress::Missing {
+                hwm: 10,
+                from: 11,
+                to: 25
+            }
+        );
+        // A gap already waited on stays the gap (its later batch covers what follows).
+        let gap = Progress::Missing {
+            hwm: 10,
+            from: 11,
+            to: 14,
+        };
+        assert_eq!(with_tail(gap, 25), gap);
+        assert_eq!(with_tail(gap, 0), gap);
+    }
+
+    #[test]
+    fn statuses_are_checked_against_their_topic_and_records_keep_their_shape() {
+        let body = br#"{"gateway":"gw-1","released":5,"at":9,"missed":[{"id":2,"device":"m",
+            "first_seq":3,"last_seq":4,"count":2,"ranges":[{"first":3,"last":4}],"declared_at":7}]}"#;
+        let s = parse("gateways/gw-1/status", body).unwrap();
+        assert_eq!((s.released, s.missed.len()), (5, 1));
+        assert!(
+            parse("gateways/gw-2/status", body)
+                .unwrap_err()
+                .contains("gw-2")
+        );
+        assert!(parse("gateways/gw-1/results", body).is_err());
+        assert!(parse("gateways/gw-1/status", b"{").is_err());
+        let r = MissedReport {
+            id: 2,
+            device: "m".into(),
+            first_seq: 3,
+            last_seq: 9,
+            count: 5,
+            ranges: vec![SeqSpan { first: 3, last: 4 }, SeqSpan { first: 7, last: 9 }],
+            declared_at: 7,
+        };
+        assert_eq!(
+            device_detail("gw-1", &r),
+            json!({"kind": "device", "gateway": "gw-1", "id": 2, "device": "m",
+                "first_seq": 3, "last_seq": 9, "count": 5,
+                "ranges": [{"first": 3, "last": 4}, {"first": 7, "last": 9}],
+                "declared_at": 7})
+        );
+    }
+
+    #[tokio::test]
+    async fn a_record_is_announced_once_by_the_local_backend() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = crate::local::LocalState::open(dir.path()).unwrap();
+        let st: &dyn crate::backend::StateStore = &st;
+        assert_eq!(
+            st.begin_announce("g/1", 4, "b", 0, 0).await.unwrap(),
+            Announce::Mine
+        );
+        // Not finished (PutEvents failed, or a crash): the one process takes it again.
+        assert_eq!(
+            st.begin_announce("g/1", 4, "b", 0, 0).await.unwrap(),
+            Announce::Mine
+        );
+        st.end_announce("g/1", 4).await.unwrap();
+        assert_eq!(
+            st.begin_announce("g/1", 4, "b", 0, 0).await.unwrap(),
+            Announce::Done
+        );
+        assert_eq!(
+            st.begin_announce("g/1", 5, "b", 0, 0).await.unwrap(),
+            Announce::Mine
+        );
+    }
+}

@@ -209,7 +209,7 @@ fn main() -> ExitCode {
             tool(
                 &config,
                 "dlq",
-                move |p| async move {
+                move |p, _| async move {
                     Ok(match command {
                         DlqCommand::List { limit, .. } => {
                             let v = cloud_bridge::dlq::report::list(&p, limit).await?;
@@ -245,7 +245,7 @@ fn main() -> ExitCode {
         } => tool(
             &config,
             "correct",
-            move |p| async move {
+            move |p, _| async move {
                 let r = cloud_bridge::correction::run_days(
                     &p,
                     &since,
@@ -269,39 +269,23 @@ fn main() -> ExitCode {
             },
             json,
         ),
-        Command::Provision { config, json } => {
-            let cfg = match load(&config) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            cloud_bridge::init_logging(&LogConfig {
-                level: "warn".into(),
-                ..cfg.log.clone()
-            });
-            runtime().block_on(async move {
-                let aws = cloud_bridge::aws::Aws::connect(&cfg.aws).await;
-                match cloud_bridge::provision::provision(&cfg, &aws).await {
-                    Ok(report) => {
-                        if json {
-                            println!("{report}");
-                        } else {
-                            for (what, v) in report.as_object().into_iter().flatten() {
-                                println!(
-                                    "{what} {}: {}",
-                                    v["name"].as_str().unwrap_or(""),
-                                    v["state"].as_str().unwrap_or("")
-                                );
-                            }
-                        }
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("cloud-bridge provision: {e:#}");
-                        ExitCode::FAILURE
-                    }
+        Command::Provision { config, json } => tool(
+            &config,
+            "provision",
+            move |p, aws| async move {
+                let report = cloud_bridge::provision::provision(&p.cfg, &aws).await?;
+                let mut text = String::new();
+                for (what, v) in report.as_object().into_iter().flatten() {
+                    text.push_str(&format!(
+                        "{what} {}: {}\n",
+                        v["name"].as_str().unwrap_or(""),
+                        v["state"].as_str().unwrap_or("")
+                    ));
                 }
-            })
-        }
+                Ok((report, text))
+            },
+            json,
+        ),
         Command::Anomaly { command } => {
             let (store, what) = match &command {
                 AnomalyCommand::Train { store } => (store, "train"),
@@ -604,7 +588,7 @@ mod anomaly {
 /// Runs a one-shot command over the AWS pipeline: JSON or human text on stdout.
 fn tool<F, Fut>(config: &std::path::Path, name: &str, f: F, json: bool) -> ExitCode
 where
-    F: FnOnce(cloud_bridge::pipeline::Pipeline) -> Fut,
+    F: FnOnce(cloud_bridge::pipeline::Pipeline, cloud_bridge::aws::Aws) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<(serde_json::Value, String)>>,
 {
     let cfg = match load(config) {
@@ -618,8 +602,9 @@ where
     runtime().block_on(async move {
         let aws = cloud_bridge::aws::Aws::connect(&cfg.aws).await;
         let metrics = Arc::new(cloud_bridge::metrics::Metrics::default());
-        let p = cloud_bridge::pipeline::Pipeline::new(aws, cfg, metrics, format!("cli-{name}"));
-        match f(p).await {
+        let p =
+            cloud_bridge::pipeline::Pipeline::new(aws.clone(), cfg, metrics, format!("cli-{name}"));
+        match f(p, aws).await {
             Ok((v, text)) => {
                 if json {
                     println!("{v}");

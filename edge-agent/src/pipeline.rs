@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use engine::{Engine, Input, Outcome, State};
-use proto::DlqEntry;
+use engine::{Engine, Input, Outcome, Reading, State, correct, flags};
+use proto::{CorrectedBy, DlqEntry};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
@@ -35,7 +35,7 @@ use crate::ingest::{AckSet, Inbound, now_ms};
 use crate::missed::{DeviceGaps, MissedRecord};
 use crate::outbox::Outbox;
 use crate::status::{Live, describe_rejection};
-use crate::store::{Commit, DlqRef, Store, StoreError};
+use crate::store::{Commit, CorrectionMark, DlqRef, Store, StoreError};
 use crate::telemetry as m;
 
 /// A DLQ write for the pipeline thread, from the admin socket; the reply goes back on the
@@ -684,6 +684,9 @@ impl Pipeline {
         if anomalies > 0 {
             metrics::counter!(m::ANOMALIES).increment(anomalies);
         }
+        if !commit.corrections.is_empty() {
+            metrics::counter!(m::CORRECTED).increment(commit.corrections.len() as u64);
+        }
         metrics::counter!(m::MISSED).increment(commit.missed_declared_seqs);
         metrics::counter!(m::MISSED_FILLED_LATE).increment(commit.missed_filled_late);
         if !commit.missed_dropped.is_empty() {
@@ -723,6 +726,72 @@ impl Pipeline {
         );
     }
 
+    /// A late result (the last one in `commit`) makes the device's next result stale: that one
+    /// was calculated across the gap. If it is in this batch (not yet durable, not yet sent),
+    /// it is recalculated against the late one and corrected here, at most once (the sled
+    /// correction history); once it is in the outbox, the cloud corrects it where it stores
+    /// it (cloud-bridge `verify.rs`), so each tier corrects only what it holds.
+    fn correct_successor(&mut self, commit: &mut Commit, now: i64) -> Result<(), StoreError> {
+        let Some(late) = commit.results.last() else {
+            return Ok(());
+        };
+        let Some(next_seq) = self.state.device(&late.device).and_then(|d| {
+            d.earlier(&late.event_type)
+                .iter()
+                .chain(d.previous(&late.event_type))
+                .filter(|r| r.ts > late.ts)
+                .min_by_key(|r| r.ts)
+                .map(|r| r.seq)
+        }) else {
+            return Ok(());
+        };
+        let n = commit.results.len() - 1;
+        let Some(i) = commit.results[..n].iter().rposition(|r| {
+            r.device == late.device && r.event_type == late.event_type && r.seq == next_seq
+        }) else {
+            return Ok(());
+        };
+        let reading = Reading::from_result(late);
+        let late_id = late.event_id.clone();
+        let stale = &commit.results[i];
+        let Ok(expected) = self.engine.recompute(stale, Some(&reading)) else {
+            return Ok(()); // refused against it: the cloud dead-letters it for a person
+        };
+        let diff = engine::verify::compare(&stale.result, &expected, 1e-9);
+        if diff.is_empty() {
+            return Ok(());
+        }
+        let reason = format!(
+            "late arrival {late_id} comes before it: recalculated against it ({})",
+            engine::verify::Verdict::Mismatch { fields: diff }.reason()
+        );
+        let before = self.store.corrected(&stale.event_id)?
+            || commit
+                .corrections
+                .iter()
+                .any(|(id, _)| *id == stale.event_id);
+        if correct::decide(stale, before, &reason) != correct::Decision::Correct {
+            return Ok(());
+        }
+        let Ok(mut fixed) = correct::apply(
+            &self.engine,
+            stale,
+            Some(&reading),
+            &reason,
+            now,
+            CorrectedBy::Edge,
+        ) else {
+            return Ok(());
+        };
+        fixed.flags.push(flags::PREVIOUS_ARRIVED_LATE.to_string());
+        tracing::info!(event_id = %fixed.event_id, %reason, "corrected at the edge");
+        commit
+            .corrections
+            .push((fixed.event_id.clone(), CorrectionMark { reason, at: now }));
+        commit.results[i] = fixed;
+        Ok(())
+    }
+
     /// One group commit. Public for benchmarks and tests that drive the pipeline directly.
     pub fn process(
         &mut self,
@@ -756,7 +825,14 @@ impl Pipeline {
                         missed += g.len();
                     }
                     late += u64::from(was_late);
+                    let older = result
+                        .flags
+                        .iter()
+                        .any(|f| f == flags::EARLIER_PREVIOUS || f == flags::OUT_OF_ORDER);
                     commit.results.push(result);
+                    if older {
+                        self.correct_successor(&mut commit, inbound.received_at)?;
+                    }
                 }
                 Outcome::Duplicate { .. } => dups += 1,
                 Outcome::Rejected(r) => {
@@ -856,3 +932,7 @@ mod dlq_tests;
 #[cfg(test)]
 #[path = "pipeline_missed_tests.rs"]
 mod missed_tests;
+
+#[cfg(test)]
+#[path = "pipeline_correction_tests.rs"]
+mod correction_tests;

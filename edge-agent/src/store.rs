@@ -36,6 +36,8 @@ pub(crate) mod key {
     /// Missed-event record id → empty: the record reached the cloud broker in a status
     /// message (written by the uplink, never by the pipeline, so neither overwrites the other).
     pub const MISSED_REPORTED: u8 = b'y';
+    /// Event id → `CorrectionMark`: the edge corrected this result (at most once, ever).
+    pub const CORRECTED: u8 = b'c';
 
     pub fn numbered(prefix: u8, n: u64) -> [u8; 9] {
         let mut k = [0u8; 9];
@@ -109,6 +111,9 @@ pub struct Counters {
     /// Missed records evicted to stay under the cap.
     #[serde(default)]
     pub missed_dropped: u64,
+    /// Results corrected at the edge.
+    #[serde(default)]
+    pub corrected: u64,
 }
 
 impl Counters {
@@ -146,6 +151,15 @@ pub struct Commit {
     pub missed_filled_late: u64,
     /// Set by the store: records evicted to keep under the cap (oldest first).
     pub missed_dropped: Vec<MissedRecord>,
+    /// Results corrected at the edge in this commit (the correction history).
+    pub corrections: Vec<(String, CorrectionMark)>,
+}
+
+/// The edge's correction history entry of one event.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CorrectionMark {
+    pub reason: String,
+    pub at: i64,
 }
 
 /// A DLQ entry in a [`Commit`]: an existing one, or the `i`-th of `Commit::dlq` (whose id the
@@ -167,6 +181,7 @@ impl Commit {
             && self.gaps.is_empty()
             && self.missed.is_empty()
             && self.missed_removals.is_empty()
+            && self.corrections.is_empty()
     }
 }
 
@@ -251,11 +266,25 @@ impl Store {
             batch.insert(key::named(key::STATE, device), proto::wire::encode(state));
         }
         self.missed_apply(&mut batch, &mut next, commit)?;
+        for (event_id, mark) in &commit.corrections {
+            batch.insert(
+                key::named(key::CORRECTED, event_id),
+                proto::wire::encode(mark),
+            );
+            next.corrected += 1;
+        }
         batch.insert(key::named(key::META, COUNTERS), proto::wire::encode(&next));
         self.tree.apply_batch(batch)?;
         self.db.flush()?;
         self.counters = next;
         Ok(())
+    }
+
+    /// Whether the edge corrected this event before (its correction history).
+    pub fn corrected(&self, event_id: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .tree
+            .contains_key(key::named(key::CORRECTED, event_id))?)
     }
 
     /// Makes everything written so far durable (the uplink's release marks are written

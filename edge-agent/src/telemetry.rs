@@ -25,6 +25,7 @@ pub const MISSED_RECORDS: &str = "edge_missed_records";
 pub const MISSED_FILLED_LATE: &str = "edge_missed_filled_late_total";
 pub const MISSED_DROPPED: &str = "edge_missed_records_dropped_total";
 pub const ANOMALIES: &str = "edge_anomalies_total";
+pub const CORRECTED: &str = "edge_corrected_total";
 pub const OUTBOX_DEPTH: &str = "edge_outbox_entries";
 pub const OUTBOX_BYTES: &str = "edge_outbox_bytes";
 pub const OUTBOX_DROPPED: &str = "edge_outbox_dropped_total";
@@ -156,6 +157,10 @@ fn describe() {
     describe_counter!(
         ANOMALIES,
         "Results the engine's anomaly detectors flagged (status anomaly)"
+    );
+    describe_counter!(
+        CORRECTED,
+        "Results corrected at the edge (made stale by a late arrival in the same batch)"
     );
     describe_gauge!(OUTBOX_DEPTH, "Results waiting in the outbox for the cloud");
     describe_gauge!(

@@ -32,8 +32,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use aws_config::BehaviorVersion;
-use aws_sdk_dynamodb::types::AttributeValue;
+use e2e::aws::{AwsNames, TestAws, aws_endpoint};
 use e2e::{Agent, Mosquitto, Moto, Pki, Publisher, TcpProxy, mosquitto_pub, set, wait_for};
 use proto::EventResult;
 use serde_json::{Value, json};
@@ -42,53 +41,11 @@ const SOURCE: &str = "iot.edge-pipeline";
 
 // ---------------------------------------------------------------- AWS side
 
-/// The shared emulator's endpoint, or None (after saying so) when `AWS_ENDPOINT_URL` is unset.
-fn shared_emulator() -> Option<String> {
-    match std::env::var("AWS_ENDPOINT_URL") {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            eprintln!("SKIPPED: no AWS emulator (set AWS_ENDPOINT_URL)");
-            println!("SKIPPED: no AWS emulator (set AWS_ENDPOINT_URL)");
-            None
-        }
-    }
-}
-
-/// A name unique to this test run, valid for buckets, tables, queues, buses and rules.
-fn unique(base: &str) -> String {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_micros()
-        % 10_000_000_000;
-    format!("{base}-{}-{t}", std::process::id())
-}
-
-struct Names {
-    bucket: String,
-    bus: String,
-    table: String,
-    dlq: String,
-}
-
-impl Names {
-    fn unique(tag: &str) -> Names {
-        Names {
-            bucket: unique(&format!("chain-{tag}")),
-            bus: unique(&format!("bus-{tag}")),
-            table: unique(&format!("tbl-{tag}")),
-            dlq: unique(&format!("dlq-{tag}")),
-        }
-    }
-}
-
-/// SDK clients on one endpoint, driven from the (synchronous) tests through their own runtime.
+/// The shared AWS helper ([`TestAws`], async), driven from these synchronous tests through a
+/// runtime of their own: `cloud.block_on(cloud.hwm(table, gw))`.
 struct Cloud {
     rt: tokio::runtime::Runtime,
-    s3: aws_sdk_s3::Client,
-    sqs: aws_sdk_sqs::Client,
-    eb: aws_sdk_eventbridge::Client,
-    ddb: aws_sdk_dynamodb::Client,
+    aws: TestAws,
 }
 
 impl Cloud {
@@ -97,200 +54,20 @@ impl Cloud {
             .enable_all()
             .build()
             .unwrap();
-        let conf = rt.block_on(
-            aws_config::defaults(BehaviorVersion::latest())
-                .region(aws_config::Region::new("us-east-1"))
-                .endpoint_url(endpoint)
-                .credentials_provider(aws_sdk_s3::config::Credentials::new(
-                    "test", "test", None, None, "static",
-                ))
-                .load(),
-        );
-        let s3 = aws_sdk_s3::Client::from_conf(
-            aws_sdk_s3::config::Builder::from(&conf)
-                .force_path_style(true)
-                .build(),
-        );
-        Cloud {
-            s3,
-            sqs: aws_sdk_sqs::Client::new(&conf),
-            eb: aws_sdk_eventbridge::Client::new(&conf),
-            ddb: aws_sdk_dynamodb::Client::new(&conf),
-            rt,
-        }
+        let aws = rt.block_on(TestAws::new(endpoint));
+        Cloud { rt, aws }
     }
 
-    /// An SQS queue behind a rule on `bus` that matches every event from [`SOURCE`].
-    fn capture_events(&self, bus: &str) -> String {
-        self.rt.block_on(async {
-            let url = self
-                .sqs
-                .create_queue()
-                .queue_name(unique("capture"))
-                .send()
-                .await
-                .unwrap()
-                .queue_url
-                .unwrap();
-            let arn = self
-                .sqs
-                .get_queue_attributes()
-                .queue_url(&url)
-                .attribute_names(aws_sdk_sqs::types::QueueAttributeName::QueueArn)
-                .send()
-                .await
-                .unwrap()
-                .attributes
-                .unwrap()[&aws_sdk_sqs::types::QueueAttributeName::QueueArn]
-                .clone();
-            let rule = unique("from-edge");
-            self.eb
-                .put_rule()
-                .name(&rule)
-                .event_bus_name(bus)
-                .event_pattern(json!({ "source": [SOURCE] }).to_string())
-                .send()
-                .await
-                .unwrap();
-            self.eb
-                .put_targets()
-                .rule(&rule)
-                .event_bus_name(bus)
-                .targets(
-                    aws_sdk_eventbridge::types::Target::builder()
-                        .id("capture")
-                        .arn(arn)
-                        .build()
-                        .unwrap(),
-                )
-                .send()
-                .await
-                .unwrap();
-            url
-        })
+    fn block_on<F: Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
     }
+}
 
-    /// Reads (and deletes) the capture queue's messages until `done` says so or `timeout`.
-    fn read_events(
-        &self,
-        url: &str,
-        timeout: Duration,
-        done: impl Fn(&[Value]) -> bool,
-    ) -> Vec<Value> {
-        self.rt.block_on(async {
-            let start = Instant::now();
-            let mut all = Vec::new();
-            while !done(&all) && start.elapsed() < timeout {
-                let r = self
-                    .sqs
-                    .receive_message()
-                    .queue_url(url)
-                    .max_number_of_messages(10)
-                    .wait_time_seconds(1)
-                    .send()
-                    .await
-                    .unwrap();
-                for m in r.messages() {
-                    all.push(serde_json::from_str(m.body().unwrap()).unwrap());
-                    self.sqs
-                        .delete_message()
-                        .queue_url(url)
-                        .receipt_handle(m.receipt_handle().unwrap())
-                        .send()
-                        .await
-                        .unwrap();
-                }
-            }
-            all
-        })
-    }
+impl std::ops::Deref for Cloud {
+    type Target = TestAws;
 
-    /// Every object under `prefix`: key → body.
-    fn objects(&self, bucket: &str, prefix: &str) -> BTreeMap<String, String> {
-        self.rt.block_on(async {
-            let mut out = BTreeMap::new();
-            let mut token = None;
-            loop {
-                let r = self
-                    .s3
-                    .list_objects_v2()
-                    .bucket(bucket)
-                    .prefix(prefix)
-                    .set_continuation_token(token)
-                    .send()
-                    .await
-                    .unwrap();
-                for o in r.contents() {
-                    let key = o.key().unwrap().to_string();
-                    let body = self
-                        .s3
-                        .get_object()
-                        .bucket(bucket)
-                        .key(&key)
-                        .send()
-                        .await
-                        .unwrap()
-                        .body
-                        .collect()
-                        .await
-                        .unwrap()
-                        .into_bytes();
-                    out.insert(key, String::from_utf8(body.to_vec()).unwrap());
-                }
-                if r.is_truncated() == Some(true) {
-                    token = r.next_continuation_token().map(str::to_string);
-                } else {
-                    return out;
-                }
-            }
-        })
-    }
-
-    /// Every result stored under `events/`, with its object key, in key order.
-    fn stored(&self, bucket: &str) -> Vec<(String, EventResult)> {
-        let mut out = Vec::new();
-        for (key, body) in self.objects(bucket, "events/") {
-            assert!(key.ends_with(".ndjson"), "{key}");
-            for line in body.lines() {
-                let r: EventResult = serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("{key}: not a result: {e}: {line}"));
-                out.push((key.clone(), r));
-            }
-        }
-        out
-    }
-
-    /// The gateway's high-water mark in the bridge's table (0 before the first commit).
-    fn hwm(&self, table: &str, gateway: &str) -> u64 {
-        self.rt.block_on(async {
-            let out = self
-                .ddb
-                .get_item()
-                .table_name(table)
-                .key("pk", AttributeValue::S(format!("gw#{gateway}")))
-                .consistent_read(true)
-                .send()
-                .await
-                .unwrap();
-            match out.item.as_ref().and_then(|i| i.get("hwm")) {
-                Some(AttributeValue::N(n)) => n.parse().unwrap(),
-                _ => 0,
-            }
-        })
-    }
-
-    fn wait_hwm(&self, table: &str, gateway: &str, want: u64, timeout: Duration) {
-        let mut last = 0;
-        let start = Instant::now();
-        while last < want {
-            assert!(
-                start.elapsed() < timeout,
-                "timed out waiting for hwm {want} of {gateway} (at {last})"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-            last = self.hwm(table, gateway);
-        }
-        assert_eq!(last, want, "hwm went past what the gateway produced");
+    fn deref(&self) -> &TestAws {
+        &self.aws
     }
 }
 
@@ -342,7 +119,7 @@ fn assert_stored_once(stored: &[(String, EventResult)], n: u64) -> HashMap<Strin
 fn bridge_config(
     dir: &Path,
     endpoint: &str,
-    names: &Names,
+    names: &AwsNames,
     broker: &Mosquitto,
     pki: &Pki,
 ) -> PathBuf {
@@ -373,20 +150,7 @@ fn bridge_config(
 
 /// `cloud-bridge provision --json` against `endpoint`; every resource is created.
 fn provision(config: &Path, endpoint: &str) {
-    let out = Command::new(e2e::cloud_bridge_bin())
-        .args(["provision", "--json", "--config"])
-        .arg(config)
-        .env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "provision failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = e2e::aws::provision(&e2e::cloud_bridge_bin(), config, Some(endpoint));
     for what in ["bucket", "event_bus", "table", "dlq_queue"] {
         assert_eq!(report[what]["state"], "created", "{what}: {report}");
     }
@@ -444,7 +208,12 @@ impl Bridge {
             .sum()
     }
 
-    /// SIGTERM and wait: it drains, acks and flushes its metrics.
+    /// SIGTERM and wait: it drains, acks, flushes its metrics and exits cleanly.
+    fn stop(&mut self) {
+        let status = self.terminate();
+        assert!(status.success(), "{status:?}\n{}", self.log_text());
+    }
+
     fn terminate(&mut self) -> ExitStatus {
         let mut c = self.child.take().expect("running");
         Command::new("kill")
@@ -503,7 +272,7 @@ struct CloudSide {
     dir: tempfile::TempDir,
     pki: Pki,
     broker: Mosquitto,
-    names: Names,
+    names: AwsNames,
 }
 
 impl CloudSide {
@@ -517,7 +286,7 @@ impl CloudSide {
             dir,
             pki,
             broker,
-            names: Names::unique(tag),
+            names: AwsNames::unique(tag),
         }
     }
 
@@ -574,6 +343,35 @@ fn uplinked(agent: &Agent, n: u64) -> bool {
         && agent.metric("edge_outbox_entries") == 0.0
 }
 
+/// A test on the shared emulator: its SDK clients, a cloud side, the running bridge, and the
+/// queue behind a rule that captures the bridge's EventBridge events. None (after saying
+/// SKIPPED) when `AWS_ENDPOINT_URL` is unset.
+fn shared_chain(tag: &str) -> Option<(Cloud, CloudSide, Bridge, String)> {
+    let endpoint = aws_endpoint()?;
+    let cloud = Cloud::new(&endpoint);
+    let side = CloudSide::new(tag);
+    let bridge = side.bridge(&endpoint, &endpoint);
+    let queue = cloud.block_on(cloud.capture_events(&side.names.bus, SOURCE));
+    Some((cloud, side, bridge, queue))
+}
+
+/// The event_ids of the EventProcessed events among `events`.
+fn processed_ids(events: &[Value]) -> BTreeSet<String> {
+    events
+        .iter()
+        .filter(|e| e["detail-type"] == "EventProcessed")
+        .map(|e| e["detail"]["event_id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Reads the capture queue until every event_id of `want` was announced as EventProcessed (or
+/// a minute has passed).
+fn wait_processed(cloud: &Cloud, queue: &str, want: &BTreeSet<String>) -> Vec<Value> {
+    cloud.block_on(cloud.read_events(queue, Duration::from_secs(60), |ev| {
+        processed_ids(ev).len() >= want.len()
+    }))
+}
+
 // ---------------------------------------------------------------- 1. the chain
 
 const T0: i64 = 1_764_000_000_000;
@@ -595,13 +393,9 @@ struct Expected {
 
 #[test]
 fn valid_events_arrive_once_with_their_results_invalid_ones_stay_in_the_dlq() {
-    let Some(endpoint) = shared_emulator() else {
+    let Some((cloud, side, mut bridge, queue)) = shared_chain("e2e") else {
         return;
     };
-    let cloud = Cloud::new(&endpoint);
-    let side = CloudSide::new("e2e");
-    let mut bridge = side.bridge(&endpoint, &endpoint);
-    let queue = cloud.capture_events(&side.names.bus);
     let gw = "gw-chain";
     let mut agent = side.agent(gw, &[]);
 
@@ -728,24 +522,15 @@ fn valid_events_arrive_once_with_their_results_invalid_ones_stay_in_the_dlq() {
     wait_for("the outbox to drain", Duration::from_secs(30), || {
         uplinked(&agent, n)
     });
-    cloud.wait_hwm(&side.names.table, gw, n, Duration::from_secs(60));
-    let processed = |ev: &[Value]| -> BTreeSet<String> {
-        ev.iter()
-            .filter(|e| e["detail-type"] == "EventProcessed")
-            .map(|e| e["detail"]["event_id"].as_str().unwrap().to_string())
-            .collect()
-    };
+    cloud.block_on(cloud.wait_hwm(&side.names.table, gw, n, Duration::from_secs(60)));
     let want_ids: BTreeSet<String> = expected.keys().cloned().collect();
-    let events = cloud.read_events(&queue, Duration::from_secs(60), |ev| {
-        processed(ev).len() >= want_ids.len()
-    });
+    let events = wait_processed(&cloud, &queue, &want_ids);
     // The bridge drains, acks and exits cleanly; nothing more is stored after that.
-    let status = bridge.terminate();
-    assert!(status.success(), "{status:?}\n{}", bridge.log_text());
+    bridge.stop();
     assert!(agent.stop().success());
 
     // S3: every valid reading once, with the engine's derived fields.
-    let stored = assert_stored_once(&cloud.stored(&side.names.bucket), n);
+    let stored = assert_stored_once(&cloud.block_on(cloud.stored(&side.names.bucket)), n);
     assert_eq!(
         stored.keys().cloned().collect::<BTreeSet<_>>(),
         want_ids,
@@ -788,7 +573,9 @@ fn valid_events_arrive_once_with_their_results_invalid_ones_stay_in_the_dlq() {
         .collect();
     assert_eq!(order, published);
     assert!(
-        cloud.objects(&side.names.bucket, "failures/").is_empty(),
+        cloud
+            .block_on(cloud.objects(&side.names.bucket, "failures/"))
+            .is_empty(),
         "nothing dead-lettered in the cloud"
     );
 
@@ -819,7 +606,7 @@ fn valid_events_arrive_once_with_their_results_invalid_ones_stay_in_the_dlq() {
     // EventBridge → SQS: an EventProcessed for every stored result (at-least-once: repeats
     // are allowed, strangers are not).
     assert_eq!(
-        processed(&events),
+        processed_ids(&events),
         want_ids,
         "EventProcessed for every valid reading"
     );
@@ -915,7 +702,7 @@ fn a_cloud_outage_under_load_loses_nothing() {
 
     let devices = Devices::start(agent.mqtt_port);
     wait_for("results in the cloud", Duration::from_secs(60), || {
-        cloud.hwm(&side.names.table, gw) >= 30
+        cloud.block_on(cloud.hwm(&side.names.table, gw)) >= 30
     });
 
     // AWS goes away: the bridge cannot store, holds what it has unacked and retries.
@@ -925,7 +712,7 @@ fn a_cloud_outage_under_load_loses_nothing() {
         Duration::from_secs(60),
         || bridge.log_text().matches("storing failed").count() >= 3,
     );
-    let hwm_at_cut = cloud.hwm(&side.names.table, gw);
+    let hwm_at_cut = cloud.block_on(cloud.hwm(&side.names.table, gw));
     // Then the cloud broker: the uplink loses its link and the outbox grows.
     side.broker.stop();
     wait_for("the uplink to notice", Duration::from_secs(30), || {
@@ -947,7 +734,7 @@ fn a_cloud_outage_under_load_loses_nothing() {
                 && agent.metric("edge_outbox_entries") <= 60.0
         },
     );
-    let hwm_in_outage = cloud.hwm(&side.names.table, gw);
+    let hwm_in_outage = cloud.block_on(cloud.hwm(&side.names.table, gw));
     assert_eq!(
         hwm_in_outage, hwm_at_cut,
         "nothing stored while AWS was unreachable"
@@ -963,7 +750,7 @@ fn a_cloud_outage_under_load_loses_nothing() {
     wait_for(
         "the outage's backlog to be stored",
         Duration::from_secs(120),
-        || cloud.hwm(&side.names.table, gw) >= produced,
+        || cloud.block_on(cloud.hwm(&side.names.table, gw)) >= produced,
     );
     let acked = devices.finish();
     let n = acked.len() as u64;
@@ -972,11 +759,10 @@ fn a_cloud_outage_under_load_loses_nothing() {
         Duration::from_secs(60),
         || uplinked(&agent, n),
     );
-    cloud.wait_hwm(&side.names.table, gw, n, Duration::from_secs(120));
-    let status = bridge.terminate();
-    assert!(status.success(), "{status:?}\n{}", bridge.log_text());
+    cloud.block_on(cloud.wait_hwm(&side.names.table, gw, n, Duration::from_secs(120)));
+    bridge.stop();
 
-    let stored = assert_stored_once(&cloud.stored(&side.names.bucket), n);
+    let stored = assert_stored_once(&cloud.block_on(cloud.stored(&side.names.bucket)), n);
     let want: BTreeSet<String> = acked.into_iter().collect();
     assert_eq!(want.len() as u64, n);
     assert_eq!(
@@ -1036,23 +822,10 @@ fn field(line: &str, name: &str) -> Option<u64> {
         .ok()
 }
 
-#[test]
-fn uplink_batches_lost_in_flight_are_replayed() {
-    let Some(endpoint) = shared_emulator() else {
-        return;
-    };
-    let cloud = Cloud::new(&endpoint);
-    let side = CloudSide::new("replay");
-    let mut bridge = side.bridge(&endpoint, &endpoint);
-    let queue = cloud.capture_events(&side.names.bus);
-    let gw = "gw-replay";
-    // The 2nd and 3rd batches go where nobody listens, but the broker acknowledges them.
-    let mut agent = side.agent(gw, &[("EDGE_AGENT_FAULT_DROP_UPLINK", "2..3")]);
-
-    // Four waves, each sent after the previous one left the outbox: at least four batches,
-    // so at least one arrives after the lost ones and shows the gap.
-    let waves = 4u64;
-    let per_wave = 25u64;
+/// Publishes `waves` waves of `per_wave` readings of meter-1 (seqs 1, 2, ... throughout), all
+/// of a wave in flight at once; the waves stay apart: each leaves the gateway before the next
+/// one is published. Returns how many readings were published.
+fn publish_waves(agent: &Agent, waves: u64, per_wave: u64) -> u64 {
     for w in 0..waves {
         let messages = (1..=per_wave)
             .map(|i| {
@@ -1066,38 +839,75 @@ fn uplink_batches_lost_in_flight_are_replayed() {
             .collect();
         Publisher::new(agent.mqtt_port, &format!("meter-1-w{w}")).publish_all(
             messages,
-            25,
+            usize::try_from(per_wave).unwrap(),
             Duration::from_secs(60),
             |_| {},
         );
-        // Waves stay apart: each leaves the gateway before the next one is published.
         wait_for(
             "the wave to leave the gateway",
             Duration::from_secs(30),
-            || uplinked(&agent, (w + 1) * per_wave),
+            || uplinked(agent, (w + 1) * per_wave),
         );
     }
-    let n = waves * per_wave;
+    waves * per_wave
+}
+
+/// The (`first`, `last`) fields of the log lines that contain `needle`: the ranges the agent's
+/// fault hook diverted, or those the bridge asked the gateway to replay.
+fn logged_ranges(log: &str, needle: &str, [first, last]: [&str; 2]) -> Vec<(u64, u64)> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .map(|l| (field(l, first).unwrap(), field(l, last).unwrap()))
+        .collect()
+}
+
+/// The end of a replay test: waits until meter-1's readings 1..=n were all announced as
+/// EventProcessed, stops the bridge, and asserts each is in S3 once, the bridge asked for a
+/// replay, gave no range up, and no MissedEvents came out. The events read and the event_ids.
+fn assert_replayed_in_full(
+    cloud: &Cloud,
+    side: &CloudSide,
+    bridge: &mut Bridge,
+    queue: &str,
+    n: u64,
+) -> (Vec<Value>, BTreeSet<String>) {
+    let want_ids: BTreeSet<String> = (1..=n).map(|s| format!("meter-1/r{s}")).collect();
+    let events = wait_processed(cloud, queue, &want_ids);
+    bridge.stop();
+
+    let stored = assert_stored_once(&cloud.block_on(cloud.stored(&side.names.bucket)), n);
+    assert_eq!(stored.keys().cloned().collect::<BTreeSet<_>>(), want_ids);
+    assert!(bridge.emf_sum("replays_requested") >= 1);
+    assert_eq!(bridge.emf_sum("missed_events"), 0, "no range given up");
+    assert!(
+        !events.iter().any(|e| e["detail-type"] == "MissedEvents"),
+        "no MissedEvents: {events:#?}"
+    );
+    (events, want_ids)
+}
+
+#[test]
+fn uplink_batches_lost_in_flight_are_replayed() {
+    let Some((cloud, side, mut bridge, queue)) = shared_chain("replay") else {
+        return;
+    };
+    let gw = "gw-replay";
+    // The 2nd and 3rd batches go where nobody listens, but the broker acknowledges them.
+    let mut agent = side.agent(gw, &[("EDGE_AGENT_FAULT_DROP_UPLINK", "2..3")]);
+
+    // Four waves, each sent after the previous one left the outbox: at least four batches,
+    // so at least one arrives after the lost ones and shows the gap.
+    let n = publish_waves(&agent, 4, 25);
 
     // The lost range, from the agent's fault-hook lines.
-    let lost: Vec<(u64, u64)> = agent
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("fault hook"))
-        .map(|l| (field(l, "first").unwrap(), field(l, "last").unwrap()))
-        .collect();
+    let lost = logged_ranges(&agent.log_text(), "fault hook", ["first", "last"]);
     assert_eq!(lost.len(), 2, "{}", agent.log_text());
     assert_eq!(lost[0].1 + 1, lost[1].0, "two consecutive batches");
     let (from, to) = (lost[0].0, lost[1].1);
     assert!(to < n);
 
-    cloud.wait_hwm(&side.names.table, gw, n, Duration::from_secs(60));
-    let requests: Vec<(u64, u64)> = bridge
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("requested a replay"))
-        .map(|l| (field(l, "from").unwrap(), field(l, "to").unwrap()))
-        .collect();
+    cloud.block_on(cloud.wait_hwm(&side.names.table, gw, n, Duration::from_secs(60)));
+    let requests = logged_ranges(&bridge.log_text(), "requested a replay", ["from", "to"]);
     assert_eq!(
         requests.first(),
         Some(&(from, to)),
@@ -1108,33 +918,9 @@ fn uplink_batches_lost_in_flight_are_replayed() {
         "{}",
         agent.log_text()
     );
-    let want_ids: BTreeSet<String> = (1..=n).map(|s| format!("meter-1/r{s}")).collect();
-    let events = cloud.read_events(&queue, Duration::from_secs(60), |ev| {
-        ev.iter()
-            .filter(|e| e["detail-type"] == "EventProcessed")
-            .map(|e| e["detail"]["event_id"].as_str().unwrap())
-            .collect::<BTreeSet<_>>()
-            .len()
-            >= want_ids.len()
-    });
-    let status = bridge.terminate();
-    assert!(status.success(), "{status:?}\n{}", bridge.log_text());
-
-    let stored = assert_stored_once(&cloud.stored(&side.names.bucket), n);
-    assert_eq!(stored.keys().cloned().collect::<BTreeSet<_>>(), want_ids);
-    assert!(bridge.emf_sum("replays_requested") >= 1);
-    assert_eq!(bridge.emf_sum("missed_events"), 0, "no range given up");
+    let (events, want_ids) = assert_replayed_in_full(&cloud, &side, &mut bridge, &queue, n);
     assert_eq!(bridge.emf_sum("gaps"), 1);
-    assert!(
-        !events.iter().any(|e| e["detail-type"] == "MissedEvents"),
-        "no MissedEvents: {events:#?}"
-    );
-    let processed: BTreeSet<String> = events
-        .iter()
-        .filter(|e| e["detail-type"] == "EventProcessed")
-        .map(|e| e["detail"]["event_id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(processed, want_ids);
+    assert_eq!(processed_ids(&events), want_ids);
     assert!(agent.metric("edge_replay_requests_total") >= 1.0);
     assert_eq!(agent.metric("edge_replay_unavailable_total"), 0.0);
     assert!(agent.stop().success());
@@ -1144,91 +930,34 @@ fn uplink_batches_lost_in_flight_are_replayed() {
 
 #[test]
 fn a_lost_tail_is_noticed_through_the_gateway_status() {
-    let Some(endpoint) = shared_emulator() else {
+    let started = Instant::now();
+    let Some((cloud, side, mut bridge, queue)) = shared_chain("tail") else {
         return;
     };
-    let started = Instant::now();
-    let cloud = Cloud::new(&endpoint);
-    let side = CloudSide::new("tail");
-    let mut bridge = side.bridge(&endpoint, &endpoint);
-    let queue = cloud.capture_events(&side.names.bus);
     let gw = "gw-tail";
     // Every batch after the first goes where nobody listens (acknowledged by the broker): the
     // end of the stream is lost in flight and no later batch will ever reveal the gap.
     let mut agent = side.agent_with(gw, &[("EDGE_AGENT_FAULT_DROP_UPLINK", "2..1000000")], |c| {
         set(c, &["uplink", "status_interval_s"], 1.into());
     });
-    let per_wave = 20u64;
-    for w in 0..2u64 {
-        let messages = (1..=per_wave)
-            .map(|i| {
-                let seq = w * per_wave + i;
-                (
-                    u16::try_from(i).unwrap(),
-                    "devices/meter-1/events/meter".to_string(),
-                    e2e::meter(&format!("r{seq}"), seq, 1000.0 + seq as f64 * 0.1),
-                )
-            })
-            .collect();
-        Publisher::new(agent.mqtt_port, &format!("meter-1-w{w}")).publish_all(
-            messages,
-            20,
-            Duration::from_secs(60),
-            |_| {},
-        );
-        wait_for(
-            "the wave to leave the gateway",
-            Duration::from_secs(30),
-            || uplinked(&agent, (w + 1) * per_wave),
-        );
-    }
-    let n = 2 * per_wave;
+    let n = publish_waves(&agent, 2, 20);
     // What was lost: the batches the fault hook diverted, up to the very last result.
-    let lost: Vec<(u64, u64)> = agent
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("fault hook"))
-        .map(|l| (field(l, "first").unwrap(), field(l, "last").unwrap()))
-        .collect();
+    let lost = logged_ranges(&agent.log_text(), "fault hook", ["first", "last"]);
     assert!(!lost.is_empty(), "{}", agent.log_text());
     assert_eq!(lost.last().unwrap().1, n, "the tail is lost: {lost:?}");
     let first_lost = lost[0].0;
     assert!(first_lost > 1, "the first batch arrived: {lost:?}");
 
-    cloud.wait_hwm(&side.names.table, gw, n, Duration::from_secs(60));
-    let requests: Vec<(u64, u64)> = bridge
-        .log_text()
-        .lines()
-        .filter(|l| l.contains("requested a replay"))
-        .map(|l| (field(l, "from").unwrap(), field(l, "to").unwrap()))
-        .collect();
+    cloud.block_on(cloud.wait_hwm(&side.names.table, gw, n, Duration::from_secs(60)));
+    let requests = logged_ranges(&bridge.log_text(), "requested a replay", ["from", "to"]);
     assert_eq!(
         requests.first().map(|r| r.0),
         Some(first_lost),
         "the bridge asked for the lost tail: {requests:?}"
     );
     assert!(requests.iter().all(|r| r.1 <= n), "{requests:?}");
-    let want_ids: BTreeSet<String> = (1..=n).map(|s| format!("meter-1/r{s}")).collect();
-    let events = cloud.read_events(&queue, Duration::from_secs(60), |ev| {
-        ev.iter()
-            .filter(|e| e["detail-type"] == "EventProcessed")
-            .map(|e| e["detail"]["event_id"].as_str().unwrap())
-            .collect::<BTreeSet<_>>()
-            .len()
-            >= want_ids.len()
-    });
-    let status = bridge.terminate();
-    assert!(status.success(), "{status:?}\n{}", bridge.log_text());
-
-    let stored = assert_stored_once(&cloud.stored(&side.names.bucket), n);
-    assert_eq!(stored.keys().cloned().collect::<BTreeSet<_>>(), want_ids);
-    assert!(bridge.emf_sum("replays_requested") >= 1);
+    assert_replayed_in_full(&cloud, &side, &mut bridge, &queue, n);
     assert!(bridge.emf_sum("gaps") >= 1);
-    assert_eq!(bridge.emf_sum("missed_events"), 0, "no range given up");
-    assert!(
-        !events.iter().any(|e| e["detail-type"] == "MissedEvents"),
-        "no MissedEvents: {events:#?}"
-    );
     assert!(agent.metric("edge_uplink_status_total") >= 1.0);
     assert!(agent.metric("edge_replay_requests_total") >= 1.0);
     assert_eq!(agent.metric("edge_replay_unavailable_total"), 0.0);
@@ -1243,14 +972,10 @@ fn a_lost_tail_is_noticed_through_the_gateway_status() {
 
 #[test]
 fn a_device_gap_declared_missed_reaches_eventbridge_once() {
-    let Some(endpoint) = shared_emulator() else {
+    let started = Instant::now();
+    let Some((cloud, side, mut bridge, queue)) = shared_chain("devgap") else {
         return;
     };
-    let started = Instant::now();
-    let cloud = Cloud::new(&endpoint);
-    let side = CloudSide::new("devgap");
-    let mut bridge = side.bridge(&endpoint, &endpoint);
-    let queue = cloud.capture_events(&side.names.bus);
     let gw = "gw-devgap";
     let mut agent = side.agent_with(gw, &[], |c| {
         set(c, &["uplink", "status_interval_s"], 1.into());
@@ -1272,7 +997,8 @@ fn a_device_gap_declared_missed_reaches_eventbridge_once() {
             .map(|e| e["detail"].clone())
             .collect()
     };
-    let mut events = cloud.read_events(&queue, Duration::from_secs(60), |ev| missed(ev).len() >= 2);
+    let mut events = cloud
+        .block_on(cloud.read_events(&queue, Duration::from_secs(60), |ev| missed(ev).len() >= 2));
     let records = missed(&events);
     assert_eq!(records.len(), 2, "{events:#?}");
     let by_device: BTreeMap<String, Value> = records
@@ -1323,16 +1049,15 @@ fn a_device_gap_declared_missed_reaches_eventbridge_once() {
         bridge.log_text().matches("was announced before").count() >= before + 2
     });
     // Whatever else reaches the queue in the next seconds (statuses keep coming every second).
-    events.extend(cloud.read_events(&queue, Duration::from_secs(4), |_| false));
+    events.extend(cloud.block_on(cloud.read_events(&queue, Duration::from_secs(4), |_| false)));
     let ids: Vec<u64> = missed(&events)
         .iter()
         .map(|r| r["id"].as_u64().unwrap())
         .collect();
     assert_eq!(ids.len(), 2, "each record exactly once: {events:#?}");
     // The results themselves all arrived.
-    cloud.wait_hwm(&side.names.table, gw, 5, Duration::from_secs(30));
-    let status = bridge.terminate();
-    assert!(status.success(), "{status:?}\n{}", bridge.log_text());
+    cloud.block_on(cloud.wait_hwm(&side.names.table, gw, 5, Duration::from_secs(30)));
+    bridge.stop();
     assert_eq!(bridge.emf_sum("missed_records_announced"), 2);
     assert_eq!(
         bridge.emf_sum("missed_events"),

@@ -208,7 +208,7 @@ impl Verifier {
                         gateway,
                         expected = s.next,
                         got = first.edge_seq,
-                        "verifier lost the gateway's thread: previous readings forgotten until seen again"
+                        "a break in the gateway's edge_seq: its devices' readings count only where their seq confirms them"
                     );
                 }
                 for w in s.readings.values_mut() {

@@ -674,16 +674,22 @@ async fn finish(
         simulator::DEVICES.len()
     );
     println!(
-        "           injected: {} invalid, {} spikes, {} re-sent (duplicates), {} skipped seq (gaps)",
+        "           injected: {} invalid, {} spikes, {} re-sent (duplicates), {} skipped seq (gaps), {} sent late",
         sim.expected_dlq() - load(&sim.expect_dlq[3]),
         load(&sim.spikes),
         load(&sim.duplicates),
         load(&sim.gaps),
+        load(&sim.late),
     );
     println!(
         "  agent    {accepted} accepted, {dlq} dead-lettered ({}), {dups} duplicates, {gaps} gaps ({} events missing)",
         stages(&by),
         load(&live.missed),
+    );
+    println!(
+        "           {} late arrivals: the results they made stale are corrected here while still in the same batch ({}), else by the cloud",
+        load(&live.late),
+        load(&live.corrected),
     );
     println!(
         "  uplink   {uplinked} results acknowledged by the cloud broker, {} pending in the outbox",
@@ -729,6 +735,7 @@ async fn finish(
             "spikes": load(&sim.spikes),
             "duplicates": load(&sim.duplicates),
             "gaps": load(&sim.gaps),
+            "late": load(&sim.late),
         },
         "agent": {
             "accepted": accepted,
@@ -737,6 +744,8 @@ async fn finish(
             "duplicates": dups,
             "gaps": gaps,
             "missed": load(&live.missed),
+            "late": load(&live.late),
+            "corrected": load(&live.corrected),
             "outbox_pending": depth.entries,
             "uplinked": uplinked,
         },

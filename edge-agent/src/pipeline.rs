@@ -886,6 +886,9 @@ impl Pipeline {
         live.duplicates.fetch_add(dups, Ordering::Relaxed);
         live.gaps.fetch_add(gaps, Ordering::Relaxed);
         live.missed.fetch_add(missed, Ordering::Relaxed);
+        live.late.fetch_add(late, Ordering::Relaxed);
+        live.corrected
+            .fetch_add(commit.corrections.len() as u64, Ordering::Relaxed);
         if let Some(d) = commit.dlq.last() {
             let what = describe_rejection(d.stage, &d.reason, d.device.as_deref());
             live.set_last_error(d.last_seen, what);

@@ -9,7 +9,9 @@
 //! - **spikes**: a meter register jump or a GPS position jump (the calculation's checks reject
 //!   them: `check`), a temperature jump (plausible, accepted);
 //! - **duplicates**: its previous reading sent again (same id and seq);
-//! - **gaps**: a sequence number skipped (an event that never comes).
+//! - **gaps**: a sequence number skipped (an event that never comes);
+//! - **late**: a reading held back and sent right after the next one, so it arrives late
+//!   (the next one, calculated across it, is then corrected by the agent or the bridge).
 //!
 //! [`SimStats`] counts what was published (acknowledged by the endpoint) and what the agent
 //! should make of it, so the demo can set the agent's figures against it.
@@ -35,6 +37,7 @@ pub struct SimConfig {
     pub spike_pm: u32,
     pub duplicate_pm: u32,
     pub gap_pm: u32,
+    pub late_pm: u32,
     /// Makes a run repeatable (each device derives its own generator from it).
     pub seed: u64,
 }
@@ -48,6 +51,7 @@ impl SimConfig {
             spike_pm: 30,
             duplicate_pm: 40,
             gap_pm: 30,
+            late_pm: 20,
             seed: 7,
         }
     }
@@ -82,6 +86,8 @@ pub struct SimStats {
     pub duplicates: AtomicU64,
     /// Sequence numbers skipped.
     pub gaps: AtomicU64,
+    /// Readings sent after the next one.
+    pub late: AtomicU64,
 }
 
 /// The stages of [`SimStats::expect_dlq`].
@@ -126,6 +132,8 @@ struct Device {
     /// The last reading sent that the agent accepts (its state: what the next one is relative to).
     last: Option<(i64, Reading)>,
     last_payload: Option<Vec<u8>>,
+    /// A reading held back, sent right after the next message (it then arrives late).
+    held: Option<(String, Vec<u8>)>,
     topic: String,
 }
 
@@ -154,6 +162,7 @@ impl Device {
             seq: 0,
             last: None,
             last_payload: None,
+            held: None,
             topic: format!("devices/{name}/events/{kind}"),
         }
     }
@@ -207,7 +216,9 @@ impl Device {
                 _ = tokio::time::sleep_until(next) => {}
             }
             next += period.mul_f64(0.8 + 0.4 * self.rng.f64());
-            let (topic, payload, outcome) = self.next_message(&cfg, &stats);
+            let Some((topic, payload, outcome)) = self.next_message(&cfg, &stats) else {
+                continue;
+            };
             if client
                 .publish(topic, QoS::AtLeastOnce, false, payload)
                 .await
@@ -222,6 +233,19 @@ impl Device {
                 Outcome::Dlq(stage) => SimStats::add(&stats.expect_dlq[stage]),
                 Outcome::Duplicate => SimStats::add(&stats.duplicates),
             }
+            // A held-back reading goes right after the one that overtook it.
+            if let Some((topic, payload)) = self.held.take() {
+                if client
+                    .publish(topic, QoS::AtLeastOnce, false, payload)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                sent.fetch_add(1, Ordering::Relaxed);
+                SimStats::add(&stats.sent);
+                SimStats::add(&stats.valid);
+            }
         }
         // Let the endpoint acknowledge what is in flight, then leave.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -235,31 +259,44 @@ impl Device {
     }
 
     /// The next message: mostly a plausible reading, sometimes one of the faults.
-    fn next_message(&mut self, cfg: &SimConfig, stats: &SimStats) -> (String, Vec<u8>, Outcome) {
+    /// `None`: a reading was taken and held back (it goes after the next message).
+    fn next_message(
+        &mut self,
+        cfg: &SimConfig,
+        stats: &SimStats,
+    ) -> Option<(String, Vec<u8>, Outcome)> {
         let roll = self.rng.u32(0..1000);
         let mut t = cfg.invalid_pm;
         if roll < t {
-            return self.invalid();
+            return Some(self.invalid());
         }
         t += cfg.duplicate_pm;
         if roll < t
             && let Some(p) = self.last_payload.clone()
         {
-            return (self.topic.clone(), p, Outcome::Duplicate);
+            return Some((self.topic.clone(), p, Outcome::Duplicate));
         }
         t += cfg.spike_pm;
         if roll < t
             && let Some(m) = self.spike()
         {
             SimStats::add(&stats.spikes);
-            return m;
+            return Some(m);
+        }
+        t += cfg.late_pm;
+        if roll < t && self.last.is_some() && self.held.is_none() {
+            // Taken now, sent after the next reading.
+            let (topic, held, _) = self.reading();
+            self.held = Some((topic, held));
+            SimStats::add(&stats.late);
+            return None;
         }
         t += cfg.gap_pm;
         if roll < t && self.last.is_some() {
             self.seq += 1; // this one never comes
             SimStats::add(&stats.gaps);
         }
-        self.reading()
+        Some(self.reading())
     }
 
     fn envelope(&mut self, ts: i64, data: serde_json::Value) -> Vec<u8> {

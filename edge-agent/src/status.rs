@@ -24,6 +24,10 @@ pub struct Live {
     /// Device sequence gaps detected, and the events missing inside them.
     pub gaps: AtomicU64,
     pub missed: AtomicU64,
+    /// Late arrivals (they filled a gap), and results they made stale that were corrected
+    /// at the edge.
+    pub late: AtomicU64,
+    pub corrected: AtomicU64,
     /// Intake stopped because the DLQ is full (`full_policy = "block"`).
     pub intake_blocked: AtomicBool,
     last_error: Mutex<Option<LastError>>,
@@ -53,6 +57,8 @@ impl Live {
             duplicates: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
             missed: AtomicU64::new(0),
+            late: AtomicU64::new(0),
+            corrected: AtomicU64::new(0),
             intake_blocked: AtomicBool::new(false),
             last_error: Mutex::new(None),
             samples: Mutex::new(VecDeque::from([Sample {

@@ -241,6 +241,10 @@ fn default_eb_attempts() -> u32 {
 pub struct PipelineConfig {
     /// Upper bound of results in one S3 object.
     pub max_object_records: u64,
+    /// How long a gateway's first message after a quiet spell waits for more before its
+    /// object is written (`run` only): fewer, larger objects for slow streams, at the cost
+    /// of that much ack latency. 0: write at once.
+    pub object_linger_ms: u64,
     /// How long a batch that starts past the stored sequence is held (another bridge may be
     /// storing the range in between) before a replay is requested.
     pub gap_hold_ms: u64,
@@ -260,6 +264,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         PipelineConfig {
             max_object_records: 10_000,
+            object_linger_ms: 500,
             gap_hold_ms: 2_000,
             gap_recheck_ms: 100,
             replay_timeout_ms: 10_000,

@@ -488,6 +488,19 @@ async fn worker(
                 },
                 _ = stop.cancelled() => return,
             }
+            // Idle until now: let more of the gateway's messages come for a moment, so a
+            // slow stream makes fewer, larger objects (S3 charges per PUT).
+            let until = Instant::now() + Duration::from_millis(pc.object_linger_ms);
+            while (held.len() as u64) < pc.max_object_records {
+                tokio::select! {
+                    m = rx.recv() => match m {
+                        Some(m) => add(m, &mut held, &mut waiting, &mut seen),
+                        None => break,
+                    },
+                    _ = sleep_until(until) => break,
+                    _ = stop.cancelled() => return,
+                }
+            }
         } else if let Some(at) = wake_at {
             tokio::select! {
                 m = rx.recv() => if let Some(m) = m { add(m, &mut held, &mut waiting, &mut seen) },

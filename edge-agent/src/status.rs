@@ -175,6 +175,9 @@ pub struct StatusReport {
     pub uplink: UplinkInfo,
     pub dlq: DlqInfo,
     pub missed: MissedInfo,
+    /// Results the agent corrected, ever (a late arrival's stale successor in its batch).
+    #[serde(default)]
+    pub corrected_total: u64,
     pub next_edge_seq: u64,
     /// Only while running.
     pub rates: Option<Rates>,
@@ -308,6 +311,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
             uplink,
             dlq,
             missed,
+            corrected_total: c.corrected,
             next_edge_seq: c.next_edge_seq,
             rates: Some(live.rates()),
             totals: Some(live.totals()),
@@ -328,6 +332,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
                 uplink,
                 dlq,
                 missed,
+                corrected_total: c.corrected,
                 next_edge_seq: c.next_edge_seq,
                 rates: None,
                 totals: None,

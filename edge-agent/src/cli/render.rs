@@ -420,6 +420,15 @@ pub fn status(r: &StatusReport, now: i64) -> String {
         let _ = write!(missed, "; {} dropped by the cap", m.dropped_total);
     }
     rows.push(("missed", missed));
+    if r.corrected_total > 0 {
+        rows.push((
+            "corrected",
+            format!(
+                "{} made stale by a late arrival",
+                plural(r.corrected_total, "result", "results")
+            ),
+        ));
+    }
     rows.push((
         "last error",
         match &r.last_error {

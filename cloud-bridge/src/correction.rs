@@ -187,7 +187,7 @@ pub async fn run_over(
     keys: &[String],
     run_id: &str,
 ) -> anyhow::Result<RunReport> {
-    use engine::verify::{Previous, Verdict, advances_previous, needs_previous, verify};
+    use engine::verify::{Previous, Verdict, needs_previous, verify};
     let v = p
         .verifier
         .as_ref()
@@ -214,7 +214,7 @@ pub async fn run_over(
         })
         .collect();
     ordered.sort();
-    let mut readings: std::collections::HashMap<(String, String, String), (Reading, bool)> =
+    let mut readings: std::collections::HashMap<(String, String, String), crate::window::Window> =
         Default::default();
     let mut next_from: std::collections::HashMap<String, u64> = Default::default();
     for (gw, from, key) in ordered {
@@ -234,9 +234,9 @@ pub async fn run_over(
         }
         records.sort_by_key(|r| r.edge_seq);
         if next_from.get(gw) != Some(&from) {
-            for ((g, _, _), (_, sure)) in readings.iter_mut() {
+            for ((g, _, _), w) in readings.iter_mut() {
                 if g == gw {
-                    *sure = false;
+                    w.doubt();
                 }
             }
         }
@@ -246,18 +246,14 @@ pub async fn run_over(
         for r in &records {
             report.records += 1;
             let k = (r.gateway.clone(), r.device.clone(), r.event_type.clone());
-            let prev = readings
-                .get(&k)
-                .filter(|(p, sure)| *sure || p.seq + 1 == r.seq)
-                .map(|(p, _)| p.clone());
+            let w = readings.entry(k).or_default();
+            let prev = w.previous_of(r).cloned();
             let known = match &prev {
                 Some(p) => Previous::Known(Some(p)),
                 None => Previous::Unknown,
             };
             let verdict = verify(&v.corrector.engine, r, known, v.tolerance());
-            if advances_previous(r, readings.get(&k).map(|(p, _)| p)) {
-                readings.insert(k, (Reading::from_result(r), true));
-            }
+            w.keep(r, key);
             match &verdict {
                 Verdict::Consistent => report.verified += 1,
                 Verdict::Unverifiable => report.unverifiable += 1,

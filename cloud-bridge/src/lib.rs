@@ -49,6 +49,7 @@ pub mod provision;
 pub mod service;
 pub mod status;
 pub mod verify;
+pub mod window;
 
 /// FNV-1a: a stable hash (the same on every bridge and build) for sampling and file names.
 pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {

@@ -248,23 +248,9 @@ impl Drop for Bridge {
 
 /// The agent's uplink to the cloud broker's TLS port, as gateway `gateway`.
 fn uplink_to(cfg: &mut toml::Table, gateway: &str, broker: &Mosquitto, pki: &Pki) {
-    let path = |p: &Path| toml::Value::from(p.display().to_string());
-    set(cfg, &["gateway_id"], gateway.into());
-    set(cfg, &["uplink", "enabled"], true.into());
-    set(cfg, &["uplink", "host"], "127.0.0.1".into());
-    set(
-        cfg,
-        &["uplink", "port"],
-        i64::from(broker.tls_port.unwrap()).into(),
-    );
-    set(cfg, &["uplink", "ca"], path(&pki.ca));
-    set(cfg, &["uplink", "cert"], path(&pki.client_cert));
-    set(cfg, &["uplink", "key"], path(&pki.client_key));
     // Long enough that a loaded machine never drops the link by itself (a reconnect re-sends
     // unacknowledged batches, which would shift the fault hook's batch count).
-    set(cfg, &["uplink", "keep_alive_s"], 10.into());
-    set(cfg, &["uplink", "reconnect_min_ms"], 100.into());
-    set(cfg, &["uplink", "reconnect_max_ms"], 1000.into());
+    e2e::uplink_to(cfg, gateway, broker, pki, true, 10);
 }
 
 /// One cloud: a TLS mosquitto (certificates made here) and the names of the AWS resources.

@@ -4,29 +4,14 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use e2e::{Agent, Mosquitto, Pki, Publisher, Subscriber, meter, mosquitto_pub, set, wait_for};
+use e2e::{Agent, Mosquitto, Pki, Publisher, Subscriber, meter, mosquitto_pub, wait_for};
 use proto::Batch;
 
 const RESULTS: &str = "gateways/+/results";
 
+/// The gateway's uplink at the test broker; a 2 s keep-alive notices a stopped broker fast.
 fn uplink_to(cfg: &mut toml::Table, broker: &Mosquitto, pki: &Pki, with_cert: bool) {
-    set(cfg, &["gateway_id"], "gw-test".into());
-    let path = |p: &std::path::Path| toml::Value::from(p.display().to_string());
-    set(cfg, &["uplink", "enabled"], true.into());
-    set(cfg, &["uplink", "host"], "127.0.0.1".into());
-    set(
-        cfg,
-        &["uplink", "port"],
-        i64::from(broker.tls_port.unwrap()).into(),
-    );
-    set(cfg, &["uplink", "ca"], path(&pki.ca));
-    if with_cert {
-        set(cfg, &["uplink", "cert"], path(&pki.client_cert));
-        set(cfg, &["uplink", "key"], path(&pki.client_key));
-    }
-    set(cfg, &["uplink", "keep_alive_s"], 2.into());
-    set(cfg, &["uplink", "reconnect_min_ms"], 100.into());
-    set(cfg, &["uplink", "reconnect_max_ms"], 1000.into());
+    e2e::uplink_to(cfg, "gw-test", broker, pki, with_cert, 2);
 }
 
 /// Publishes readings `seqs` of one meter through the agent's embedded endpoint.

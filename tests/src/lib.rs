@@ -314,6 +314,32 @@ pub fn set(cfg: &mut toml::Table, path: &[&str], value: toml::Value) {
     t.insert(last.to_string(), value);
 }
 
+/// Points an agent config's uplink at `broker`'s TLS port with `pki`'s CA, and its client
+/// certificate if `with_cert`; short reconnects, `keep_alive_s` to notice a dead link.
+pub fn uplink_to(
+    cfg: &mut toml::Table,
+    gateway: &str,
+    broker: &Mosquitto,
+    pki: &Pki,
+    with_cert: bool,
+    keep_alive_s: i64,
+) {
+    let path = |p: &Path| toml::Value::from(p.display().to_string());
+    set(cfg, &["gateway_id"], gateway.into());
+    set(cfg, &["uplink", "enabled"], true.into());
+    set(cfg, &["uplink", "host"], "127.0.0.1".into());
+    let port = broker.tls_port.expect("the broker listens with TLS");
+    set(cfg, &["uplink", "port"], i64::from(port).into());
+    set(cfg, &["uplink", "ca"], path(&pki.ca));
+    if with_cert {
+        set(cfg, &["uplink", "cert"], path(&pki.client_cert));
+        set(cfg, &["uplink", "key"], path(&pki.client_key));
+    }
+    set(cfg, &["uplink", "keep_alive_s"], keep_alive_s.into());
+    set(cfg, &["uplink", "reconnect_min_ms"], 100.into());
+    set(cfg, &["uplink", "reconnect_max_ms"], 1000.into());
+}
+
 pub fn http_get(port: u16, path: &str) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect metrics");
     write!(

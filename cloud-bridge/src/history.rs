@@ -168,8 +168,7 @@ impl DirHistory {
 
     /// Event ids hold `/` (`{device}/{id}`): hex keeps every id one safe file name.
     fn path(&self, event_id: &str) -> PathBuf {
-        let hex: String = event_id.bytes().map(|b| format!("{b:02x}")).collect();
-        self.dir.join(format!("{hex}.json"))
+        self.dir.join(format!("{}.json", crate::hex_name(event_id)))
     }
 
     fn put_new_sync(&self, rec: &CorrectionRecord) -> anyhow::Result<bool> {

@@ -58,6 +58,17 @@ pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
+/// Any id (event ids hold `/`, gateway ids anything but MQTT wildcards) as one safe file name
+/// or S3 key segment: its bytes in lowercase hex.
+pub(crate) fn hex_name(id: &str) -> String {
+    use std::fmt::Write as _;
+    id.bytes()
+        .fold(String::with_capacity(id.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+}
+
 /// Wall-clock epoch milliseconds.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

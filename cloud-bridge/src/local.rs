@@ -154,21 +154,14 @@ impl LocalObjects {
         let path = self.path(key)?;
         match std::fs::read(&path) {
             Ok(body) => {
-                let etag = format!("{:016x}", content_tag(&body));
+                // A version tag from the content, as S3's ETag of a one-part upload is its MD5.
+                let etag = format!("{:016x}", crate::fnv1a(&body));
                 Ok(Some((body, etag)))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
         }
     }
-}
-
-/// A version tag from the content (as S3's ETag of a single-part upload is its MD5).
-fn content_tag(body: &[u8]) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::hash::DefaultHasher::new();
-    h.write(body);
-    h.finish()
 }
 
 /// One gateway's item, as in the DynamoDB table.
@@ -437,8 +430,7 @@ impl LocalState {
             .unwrap_or(Path::new("."))
             .join("missed-devices");
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let hex: String = gateway.bytes().map(|b| format!("{b:02x}")).collect();
-        Ok(dir.join(format!("{hex}-{id}")))
+        Ok(dir.join(format!("{}-{id}", crate::hex_name(gateway))))
     }
 }
 

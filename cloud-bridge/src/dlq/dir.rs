@@ -43,8 +43,7 @@ impl DirQueue {
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_nanos();
-            let id: String = m.id.bytes().map(|b| format!("{b:02x}")).collect();
-            let name = format!("{now:024}-{id}.json");
+            let name = format!("{now:024}-{}.json", crate::hex_name(&m.id));
             let tmp = self.dir.join(format!(".{name}.tmp"));
             std::fs::write(&tmp, serde_json::to_vec(m)?)
                 .and_then(|()| std::fs::rename(&tmp, self.dir.join(&name)))

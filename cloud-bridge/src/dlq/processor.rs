@@ -141,7 +141,7 @@ async fn store_failure(
     let now = now_ms();
     let gateway = msg.and_then(|m| m.gateway.as_deref()).unwrap_or("unknown");
     let id: String = match msg {
-        Some(m) => m.id.bytes().map(|b| format!("{b:02x}")).collect(),
+        Some(m) => crate::hex_name(&m.id),
         None => format!("{:016x}", crate::fnv1a(body.as_bytes())),
     };
     let key = format!(

@@ -302,30 +302,7 @@ impl Default for MetricsConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    /// A tracing filter; `RUST_LOG` wins when set.
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Text,
-            level: "info".into(),
-        }
-    }
-}
+pub use settings::{LogConfig, LogFormat};
 
 /// The anomaly model (`[anomaly]`, all optional). Models live under
 /// `{aws.prefix}models/anomaly/{type}.json`.
@@ -415,27 +392,11 @@ impl AnomalyConfig {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
+pub use settings::ConfigError;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        })?;
+        let mut cfg = settings::load(path, Self::parse)?;
         if let Some(v) = cfg.verify.as_mut() {
             if v.engine_config.is_relative()
                 && let Some(dir) = path.parent()
@@ -462,16 +423,7 @@ impl Config {
 
     /// Parses and validates; the error names the field (`aws.detail_types[1]: ...`).
     pub fn parse(text: &str) -> Result<Config, String> {
-        let de = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().message().to_string();
-            if path == "." || path.is_empty() {
-                inner
-            } else {
-                format!("{path}: {inner}")
-            }
-        })?;
+        let cfg: Config = settings::from_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -572,11 +524,8 @@ pub fn load_engine_spec(path: &Path) -> Result<engine::EngineSpec, String> {
     let mut table: toml::Table =
         toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
     table.retain(|k, _| matches!(k, "topic" | "limits" | "event_types"));
-    let spec: engine::EngineSpec = serde_path_to_error::deserialize(toml::Value::Table(table))
-        .map_err(|e| {
-            let at = e.path().to_string();
-            format!("{}: {at}: {}", path.display(), e.into_inner())
-        })?;
+    let spec: engine::EngineSpec = settings::from_toml_value(toml::Value::Table(table))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
     engine::Engine::new(&spec).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(spec)
 }

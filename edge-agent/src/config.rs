@@ -47,41 +47,16 @@ fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Invalid { path: PathBuf, message: String },
-}
+pub use settings::ConfigError;
 
 impl AgentConfig {
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Self::parse(&text).map_err(|message| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            message,
-        })
+        settings::load(path, Self::parse)
     }
 
     /// Parses and validates; the error names the field (`broker.embedded.listen: ...`).
     pub fn parse(text: &str) -> Result<AgentConfig, String> {
-        let de = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
-        let cfg: AgentConfig = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let inner = e.into_inner().message().to_string();
-            if path == "." || path.is_empty() {
-                inner
-            } else {
-                format!("{path}: {inner}")
-            }
-        })?;
+        let cfg: AgentConfig = settings::from_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -134,18 +134,13 @@ pub fn list(l: &Listing, limit: Option<usize>) -> String {
     right(&mut t, &[0, 4]);
     upto(&mut t, 3, 14);
     let mut s = finish(&t);
-    let shown = l.entries.len() as u64;
-    let what = if l.matching == l.total {
-        plural(l.total, "entry", "entries")
-    } else {
-        format!("{} matching (of {})", l.matching, l.total)
-    };
-    if shown < l.matching {
-        let _ = writeln!(s, "{shown} of {what} shown, oldest first. Times UTC.");
-        let _ = writeln!(s, "--limit N shows more, --limit 0 all.");
-    } else {
-        let _ = writeln!(s, "{what}, oldest first. Times UTC.");
-    }
+    listing_footer(
+        &mut s,
+        l.entries.len() as u64,
+        l.matching,
+        l.total,
+        ("entry", "entries"),
+    );
     if l.entries.iter().any(|e| e.auto_retry_at.is_some()) {
         let _ = writeln!(s, "TRIES n+: an automatic retry is scheduled.");
     }
@@ -476,20 +471,36 @@ pub fn missed(l: &MissedListing) -> String {
     right(&mut t, &[0, 3, 4]);
     upto(&mut t, 1, 16);
     let mut s = finish(&t);
-    let shown = l.records.len() as u64;
-    let what = if l.matching == l.total {
-        plural(l.total, "record", "records")
+    listing_footer(
+        &mut s,
+        l.records.len() as u64,
+        l.matching,
+        l.total,
+        ("record", "records"),
+    );
+    let _ = writeln!(s, "LATE: seqs that arrived after being declared missed.");
+    s
+}
+
+/// How much of a filtered, limited listing is shown, and how to see more.
+fn listing_footer(
+    s: &mut String,
+    shown: u64,
+    matching: u64,
+    total: u64,
+    (one, many): (&str, &str),
+) {
+    let what = if matching == total {
+        plural(total, one, many)
     } else {
-        format!("{} matching (of {})", l.matching, l.total)
+        format!("{matching} matching (of {total})")
     };
-    if shown < l.matching {
+    if shown < matching {
         let _ = writeln!(s, "{shown} of {what} shown, oldest first. Times UTC.");
         let _ = writeln!(s, "--limit N shows more, --limit 0 all.");
     } else {
         let _ = writeln!(s, "{what}, oldest first. Times UTC.");
     }
-    let _ = writeln!(s, "LATE: seqs that arrived after being declared missed.");
-    s
 }
 
 pub fn outbox(results: &[EventResult]) -> anyhow::Result<String> {

@@ -316,10 +316,9 @@ pub async fn run_over(
             }
         }
     }
-    if !dead.is_empty() {
-        p.dlq.send(&dead).await?;
-        crate::metrics::Metrics::add(&p.metrics.dead_lettered, dead.len() as u64);
-    }
+    let events = p.dead_letter(&dead).await?;
+    p.sink.put_events(events).await?;
+    crate::metrics::Metrics::add(&p.metrics.dead_lettered, dead.len() as u64);
     Ok(report)
 }
 

@@ -48,7 +48,7 @@ use crate::anomaly::live::LiveModels;
 use crate::aws::Aws;
 use crate::backend::{Backend, Claim, Entry, Sink, StateStore};
 use crate::config::Config;
-use crate::dlq::DeadLetterQueue;
+use crate::dlq::{DeadLetterQueue, DlqMessage};
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::verify::Verifier;
@@ -280,14 +280,8 @@ impl Pipeline {
             .put_object(&c.key, body, "application/x-ndjson")
             .await?;
         crate::fault::after_put().await;
-        if !dead_letters.is_empty() {
-            // Before the commit: a crash resends them (same ids), never loses them.
-            self.dlq.send(&dead_letters).await?;
-            for m in &dead_letters {
-                warn!(gateway, event_id = ?m.event_id, stage = %m.stage, reason = %m.reason, "dead-lettered");
-                entries.push(("EventDeadLettered", serde_json::to_string(m)?));
-            }
-        }
+        // Before the commit: a crash resends them (same ids), never loses them.
+        entries.extend(self.dead_letter(&dead_letters).await?);
         self.sink.put_events(entries).await?;
         if !self.state.commit(gateway, c).await? {
             Metrics::add(&self.metrics.claim_conflicts, 1);
@@ -299,6 +293,21 @@ impl Pipeline {
         Metrics::add(&self.metrics.anomalies, anomalies);
         Metrics::add(&self.metrics.dead_lettered, dead_letters.len() as u64);
         Ok(true)
+    }
+
+    /// Sends `messages` to the cloud DLQ and returns their `EventDeadLettered` events (for the
+    /// caller's next PutEvents).
+    pub(crate) async fn dead_letter(&self, messages: &[DlqMessage]) -> anyhow::Result<Vec<Entry>> {
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.dlq.send(messages).await?;
+        let mut entries = Vec::with_capacity(messages.len());
+        for m in messages {
+            warn!(gateway = ?m.gateway, event_id = ?m.event_id, stage = %m.stage, reason = %m.reason, "dead-lettered");
+            entries.push(("EventDeadLettered", serde_json::to_string(m)?));
+        }
+        Ok(entries)
     }
 
     async fn collect_garbage(&self, gateway: &str, keys: &[String]) -> anyhow::Result<()> {

@@ -724,6 +724,36 @@ async fn two_bridges_racing_correct_each_event_exactly_once() {
         .await
         .unwrap();
     assert_eq!((r3.corrected, r3.incorrect), (0, 0), "{r3:?}");
+
+    // A corrected record found wrong again: never corrected twice, dead-lettered instead.
+    let (key, again) = records
+        .values()
+        .find(|(_, r)| r.status == Status::Corrected)
+        .map(|(k, r)| (k.clone(), r.clone()))
+        .unwrap();
+    let mut wrong_again = again.clone();
+    let (field, v) = wrong_again
+        .result
+        .iter()
+        .find(|(_, v)| v.is_f64())
+        .map(|(k, v)| (k.clone(), v.as_f64().unwrap()))
+        .unwrap();
+    wrong_again.result.insert(field, Value::from(v + 2.0));
+    assert!(
+        cloud_bridge::correction::rewrite_record(&*b1.sink.objects, &key, &wrong_again)
+            .await
+            .unwrap()
+    );
+    let r4 = cloud_bridge::correction::run_over(&b2, &keys, "run-b4")
+        .await
+        .unwrap();
+    assert_eq!(
+        (r4.incorrect, r4.corrected, r4.dead_lettered),
+        (1, 0, 1),
+        "{r4:?}"
+    );
+    let (waiting, in_flight) = b2.dlq.depth().await.unwrap();
+    assert_eq!(waiting + in_flight, 1, "the second detection is in the DLQ");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

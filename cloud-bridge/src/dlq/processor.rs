@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use engine::correct::{self, Decision};
 use engine::verify::needs_previous;
 use proto::EventResult;
 use serde_json::json;
@@ -63,17 +64,9 @@ pub async fn handle(p: &Pipeline, body: &str) -> anyhow::Result<Handled> {
         );
         return store_failure(p, Some(&msg), body, reason).await;
     };
-    if let Some(c) = &record.correction {
-        let reason = format!("{} (corrected before: {})", msg.reason, c.reason);
-        return store_failure(p, Some(&msg), body, reason).await;
-    }
-    if let Some(h) = corrector.history.get(&record.event_id).await?
-        && h.request != msg.id
-    {
-        let reason = format!(
-            "{} (corrected before by {}: {})",
-            msg.reason, h.request, h.reason
-        );
+    // Corrected before: the policy's answer, before anything is recalculated. (Corrected by
+    // another request meanwhile is the Corrector's answer below.)
+    if let Decision::DeadLetter { reason } = correct::decide(&record, false, &msg.reason) {
         return store_failure(p, Some(&msg), body, reason).await;
     }
     if msg.previous.is_none() && needs_previous(&corrector.engine, &record) {

@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use engine::verify::{Previous, Verdict, compare, needs_previous, verify};
+use engine::verify::{Previous, Restated, Verdict, against_late, needs_previous, verify};
 use engine::{Engine, Reading, flags};
 use proto::{EventResult, Stage};
 use tracing::{info, warn};
@@ -265,19 +265,22 @@ impl Verifier {
                 }
             },
         };
-        let engine = &self.corrector.engine;
-        let expected = match engine.recompute(&record, Some(&st.late)) {
-            Ok(f) => f,
-            Err(rej) => {
-                // Right as calculated across the gap, refused against the late reading (a
-                // check fails): a person has to look at it.
+        let reason = match against_late(
+            &self.corrector.engine,
+            &record,
+            &st.late,
+            &st.late_event,
+            self.tolerance,
+        ) {
+            Restated::Holds => return Ok(()),
+            Restated::Changed { reason } => reason,
+            Restated::Refused { reason } => {
+                // Right as calculated across the gap, refused against the late reading: a
+                // person has to look at it.
                 Metrics::add(&metrics.incorrect, 1);
                 review.dead_letters.push(DlqMessage::for_record(
                     Stage::Correction,
-                    format!(
-                        "late arrival {} comes before it; recalculated against it, the {} stage refuses it: {}",
-                        st.late_event, rej.stage, rej.reason
-                    ),
+                    reason,
                     &record,
                     Some(&st.key),
                     Some(&st.late),
@@ -286,16 +289,7 @@ impl Verifier {
                 return Ok(());
             }
         };
-        let diff = compare(&record.result, &expected, self.tolerance);
-        if diff.is_empty() {
-            return Ok(());
-        }
         Metrics::add(&metrics.incorrect, 1);
-        let reason = format!(
-            "late arrival {} comes before it: recalculated against it ({})",
-            st.late_event,
-            Verdict::Mismatch { fields: diff }.reason()
-        );
         let request = format!("late:{gateway}:{}", st.edge_seq);
         match self
             .corrector

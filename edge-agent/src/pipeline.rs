@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use engine::{Engine, Input, Outcome, Reading, State, correct, flags};
+use engine::{Engine, Input, Outcome, Reading, State, correct, flags, verify};
 use proto::{CorrectedBy, DlqEntry};
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
@@ -754,17 +754,12 @@ impl Pipeline {
         let reading = Reading::from_result(late);
         let late_id = late.event_id.clone();
         let stale = &commit.results[i];
-        let Ok(expected) = self.engine.recompute(stale, Some(&reading)) else {
-            return Ok(()); // refused against it: the cloud dead-letters it for a person
-        };
-        let diff = engine::verify::compare(&stale.result, &expected, 1e-9);
-        if diff.is_empty() {
+        // Refused against it: the cloud dead-letters it for a person.
+        let verify::Restated::Changed { reason } =
+            verify::against_late(&self.engine, stale, &reading, &late_id, 1e-9)
+        else {
             return Ok(());
-        }
-        let reason = format!(
-            "late arrival {late_id} comes before it: recalculated against it ({})",
-            engine::verify::Verdict::Mismatch { fields: diff }.reason()
-        );
+        };
         let before = self.store.corrected(&stale.event_id)?
             || commit
                 .corrections

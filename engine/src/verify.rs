@@ -161,6 +161,49 @@ pub fn verify(
     }
 }
 
+/// What a late arrival says about the result calculated just after it (before it arrived).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Restated {
+    /// The same values against the late reading (a calculation that does not look back).
+    Holds,
+    /// Different values: the result is stale; `reason` names the late event and the fields.
+    Changed { reason: String },
+    /// Recalculated against the late reading, the engine refuses it (a check fails).
+    Refused { reason: String },
+}
+
+/// Recalculates `stale` — calculated across a gap, against an older reading — against `late`,
+/// the reading of `late_event` that arrived after it and comes just before it.
+pub fn against_late(
+    engine: &Engine,
+    stale: &EventResult,
+    late: &Reading,
+    late_event: &str,
+    tolerance: f64,
+) -> Restated {
+    match engine.recompute(stale, Some(late)) {
+        Err(r) => Restated::Refused {
+            reason: format!(
+                "late arrival {late_event} comes before it; recalculated against it, the {} stage refuses it: {}",
+                r.stage, r.reason
+            ),
+        },
+        Ok(expected) => {
+            let fields = compare(&stale.result, &expected, tolerance);
+            if fields.is_empty() {
+                Restated::Holds
+            } else {
+                Restated::Changed {
+                    reason: format!(
+                        "late arrival {late_event} comes before it: recalculated against it ({})",
+                        Verdict::Mismatch { fields }.reason()
+                    ),
+                }
+            }
+        }
+    }
+}
+
 /// Whether recomputing `result` depends on the previous reading.
 pub fn needs_previous(engine: &Engine, result: &EventResult) -> bool {
     let has = |f: &str| result.flags.iter().any(|x| x == f);
@@ -397,6 +440,36 @@ mod tests {
         assert_eq!(
             verify(&e, &b, Previous::Known(Some(&used)), 1e-9),
             Verdict::Consistent
+        );
+    }
+
+    #[test]
+    fn a_late_arrival_restates_the_result_after_it() {
+        let e = engine(SPEC);
+        let mut st = State::new();
+        run(&e, &mut st, "m1", "meter", 1, r#"{"kwh":10}"#);
+        let s3 = run(&e, &mut st, "m1", "meter", 3, r#"{"kwh":16}"#);
+        let mut other = State::new();
+        let s2 = run(&e, &mut other, "m1", "meter", 2, r#"{"kwh":12}"#);
+        let late = Reading::from_result(&s2);
+        let Restated::Changed { reason } = against_late(&e, &s3, &late, "m1/2", 1e-9) else {
+            panic!()
+        };
+        assert_eq!(
+            reason,
+            "late arrival m1/2 comes before it: recalculated against it \
+             (result mismatch: consumption_kwh is 6.0 (expected 4.0))"
+        );
+        // A calculation that does not look back holds.
+        let p1 = run(&e, &mut st, "p1", "plain", 1, r#"{"x":2}"#);
+        let p0 = run(&e, &mut other, "p1", "plain", 1, r#"{"x":1}"#);
+        let before = Reading {
+            ts: p1.ts - 1,
+            ..Reading::from_result(&p0)
+        };
+        assert_eq!(
+            against_late(&e, &p1, &before, "p1/0", 1e-9),
+            Restated::Holds
         );
     }
 

@@ -44,6 +44,28 @@ pub struct Handles {
     pub link: LinkStatus,
 }
 
+/// Opens the store once a child process has shown it can be read; a damaged one is moved
+/// aside (`store::quarantine`) and the agent starts on a fresh store, loudly.
+fn open_store(data_dir: &std::path::Path) -> anyhow::Result<Store> {
+    let exe = std::env::current_exe().context("locating the edge-agent binary for the probe")?;
+    let now = crate::ingest::now_ms();
+    let made = crate::store::quarantine::probe(&exe, data_dir, now)?;
+    let store = Store::open(data_dir)?;
+    if let Some(q) = &made {
+        tracing::error!(
+            moved_to = %q.moved_to.display(),
+            reason = %q.reason,
+            "the store was damaged: moved aside, starting on a fresh store (export what is \
+             left with `edge-agent store salvage --from {}`)",
+            q.moved_to.display()
+        );
+        store.record_quarantine(q)?;
+    }
+    let quarantined = store.reader().quarantines()?;
+    metrics::gauge!(telemetry::STORE_QUARANTINED).set(quarantined.len() as f64);
+    Ok(store)
+}
+
 pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     run_with(cfg, Hooks::default()).await
 }
@@ -54,7 +76,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     telemetry::init_metrics(&cfg.metrics)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("data_dir: cannot create {}", cfg.data_dir.display()))?;
-    let store = Store::open(&cfg.data_dir)?;
+    let store = open_store(&cfg.data_dir)?;
     let counters = store.counters();
     let outbox = store.open_outbox(cfg.outbox.clone())?;
     let pipeline = Pipeline::new(

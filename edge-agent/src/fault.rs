@@ -4,6 +4,10 @@
 //! them, so the agent releases the range into its replay window exactly as if the batches had
 //! been lost after the broker took them; the cloud sees the gap and asks for a replay.
 //! Unset (always, in production) it costs one cached environment lookup per batch.
+//!
+//! The power-cut test's negative control: `EDGE_AGENT_FAULT_SKIP_SYNC=1` leaves out the store's
+//! own syncs (`store::sync`), so a commit ends at sled's `sync_file_range`, as before the fix;
+//! the test then expects acknowledged messages to be lost.
 
 use std::ops::RangeInclusive;
 use std::sync::OnceLock;
@@ -40,6 +44,18 @@ pub fn drop_next_batch(first: u64, last: u64) -> bool {
         );
     }
     drop
+}
+
+/// Whether the store should skip its syncs (the power-cut test's control run).
+pub fn skip_sync() -> bool {
+    static SKIP: OnceLock<bool> = OnceLock::new();
+    *SKIP.get_or_init(|| {
+        let skip = std::env::var_os("EDGE_AGENT_FAULT_SKIP_SYNC").is_some_and(|v| v == "1");
+        if skip {
+            tracing::warn!("fault hook: the store does not sync its commits");
+        }
+        skip
+    })
 }
 
 #[cfg(test)]

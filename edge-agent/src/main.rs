@@ -56,6 +56,11 @@ enum Command {
         #[command(subcommand)]
         command: cli::MissedCommand,
     },
+    /// The store itself: `check` (the start-up probe), `salvage` (export a damaged one).
+    Store {
+        #[command(subcommand)]
+        command: cli::StoreCommand,
+    },
     /// The whole pipeline on this machine, no cloud account: simulated devices → this agent →
     /// an in-process cloud broker → cloud-bridge → a local directory with S3's layout. Prints
     /// a live summary every 2 s and a final one.
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
         Command::Outbox { command } => return finish(cli::outbox(command)),
         Command::Dlq { command } => return finish(cli::dlq(command)),
         Command::Missed { command } => return finish(cli::missed(command)),
+        Command::Store { command } => return finish(cli::store(command)),
         #[cfg(feature = "demo")]
         Command::Demo(args) => edge_agent::demo::main(args),
     };

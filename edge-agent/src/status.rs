@@ -185,6 +185,9 @@ pub struct StatusReport {
     /// The most recent failure: while running, the last rejection or error since start; when
     /// stopped, the newest DLQ entry.
     pub last_error: Option<LastError>,
+    /// Damaged stores moved aside at start-up (the agent went on with a fresh store).
+    #[serde(default)]
+    pub quarantined: Vec<crate::store::Quarantine>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -293,6 +296,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
     let uplink = UplinkInfo {
         state: src.uplink.unwrap_or_else(|| "not configured".into()),
     };
+    let quarantined = src.reader.quarantines()?;
     Ok(match src.live {
         Some(live) => StatusReport {
             agent: AgentInfo {
@@ -316,6 +320,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
             rates: Some(live.rates()),
             totals: Some(live.totals()),
             last_error: live.last_error(),
+            quarantined,
         },
         None => {
             let newest = src.reader.dlq_newest()?;
@@ -340,6 +345,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
                     at: e.last_seen,
                     what: describe_rejection(e.stage, &e.reason, e.device.as_deref()),
                 }),
+                quarantined,
             }
         }
     })

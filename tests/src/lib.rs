@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub mod aws;
 pub mod cli;
+pub mod cutfs;
 pub mod moto;
 pub mod pki;
 pub mod proxy;

@@ -13,7 +13,7 @@
 mod render;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, anyhow, bail};
@@ -85,6 +85,27 @@ pub enum OutboxCommand {
         /// One JSON document (an array) on stdout.
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum StoreCommand {
+    /// Open the store and read every record (the agent's start-up probe). Exit 0 when sound,
+    /// 3 when another process holds it, 1 (or a crash) when it is damaged.
+    Check {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Export what can still be read from a store (e.g. one moved to
+    /// `data_dir/quarantine/<time>/store`) as JSON lines: `{"outbox": result}` and
+    /// `{"dlq": entry}`.
+    Salvage {
+        /// The store directory to read (a `store` directory, e.g. from `status`).
+        #[arg(long)]
+        from: PathBuf,
+        /// Where to write the JSON lines ('-': stdout).
+        #[arg(long, default_value = "-")]
+        to: PathBuf,
     },
 }
 
@@ -205,7 +226,7 @@ struct Local {
 }
 
 enum LocalInner {
-    Store(Store),
+    Store(Box<Store>),
     Pipeline(Box<Pipeline>),
 }
 
@@ -244,7 +265,7 @@ impl StoreArgs {
                 .with_dlq(cfg.dlq.clone())?;
                 (LocalInner::Pipeline(Box::new(pipeline)), Some(cfg.dlq))
             }
-            None => (LocalInner::Store(store), None),
+            None => (LocalInner::Store(Box::new(store)), None),
         };
         Ok(Backend::Store(Box::new(Local {
             reader,
@@ -438,6 +459,57 @@ pub fn outbox(cmd: OutboxCommand) -> anyhow::Result<ExitCode> {
         print_text(&render::outbox(&results)?)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `edge-agent store check|salvage` (the store opened directly).
+pub fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        StoreCommand::Check { store } => {
+            let (dir, _) = store.load()?;
+            let store = match Store::open(&dir) {
+                Ok(s) => s,
+                Err(StoreError::Locked(path)) => {
+                    eprintln!("edge-agent: the store at {} is in use", path.display());
+                    return Ok(ExitCode::from(crate::store::quarantine::CHECK_LOCKED as u8));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let report = store.reader().check()?;
+            println!(
+                "store ok: {} records ({} outbox, {} dlq, {} devices), next edge_seq {}",
+                report.records, report.outbox, report.dlq, report.devices, report.next_edge_seq
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Salvage { from, to } => {
+            // The store is `<dir>/store`; Store::open takes `<dir>`.
+            let parent = match from.file_name() {
+                Some(name) if name == "store" => from.parent().unwrap_or(Path::new(".")),
+                _ => bail!(
+                    "--from: expected a `store` directory, got {}",
+                    from.display()
+                ),
+            };
+            let store = Store::open(parent)?;
+            let mut out: Box<dyn Write> = if to.as_os_str() == "-" {
+                Box::new(std::io::stdout().lock())
+            } else {
+                Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(&to)
+                        .with_context(|| format!("--to: cannot create {}", to.display()))?,
+                ))
+            };
+            let report = store.reader().salvage(&mut out)?;
+            out.flush()?;
+            eprintln!(
+                "salvaged {} records ({} unreadable) from {}",
+                report.exported,
+                report.unreadable,
+                from.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// `edge-agent missed …`.

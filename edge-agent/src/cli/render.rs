@@ -424,6 +424,20 @@ pub fn status(r: &StatusReport, now: i64) -> String {
             ),
         ));
     }
+    if let Some(q) = r.quarantined.last() {
+        rows.push((
+            "STORE DAMAGED",
+            format!(
+                "{} moved aside {} ({}), agent restarted on a fresh store; `edge-agent store \
+                 salvage --from {}` exports what is left. Reason: {}",
+                plural(r.quarantined.len() as u64, "store", "stores"),
+                long_time(q.at),
+                age(now, q.at),
+                q.moved_to.display(),
+                q.reason
+            ),
+        ));
+    }
     rows.push((
         "last error",
         match &r.last_error {

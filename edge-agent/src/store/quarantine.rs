@@ -1,0 +1,113 @@
+//! A damaged store never stops the gateway.
+//!
+//! A torn log or a bug in the storage library can make the store fail to open, fail to read,
+//! or panic inside sled, and the release build aborts on panic. So before the agent trusts its
+//! store it probes it in a child process (`edge-agent store check`): the child opens the store
+//! and reads and decodes every record. If the child fails in any way (an error, a panic, an
+//! abort, a signal), the store directory is moved aside intact to
+//! `data_dir/quarantine/<timestamp>/store`, the agent starts on a fresh store and records the
+//! quarantine in it (`status`, the `edge_store_quarantined` metric, an error log line).
+//! `edge-agent store salvage` exports what can still be read from the quarantined copy.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde::{Deserialize, Serialize};
+
+/// Exit code of `store check` when the store is held by another process (not damage).
+pub const CHECK_LOCKED: i32 = 3;
+
+/// One store moved aside.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Quarantine {
+    /// When (epoch ms).
+    pub at: i64,
+    /// Where the damaged store now is.
+    pub moved_to: PathBuf,
+    /// What the probe said (its last lines of output, or how it died).
+    pub reason: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("the store at {0} is in use by another process (is the agent running?)")]
+    Locked(PathBuf),
+    #[error("probing the store at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Probes `data_dir/store` with `exe store check` and quarantines it if the probe fails.
+/// Returns the quarantine made, if any. A missing store is not damage (first start).
+pub fn probe(exe: &Path, data_dir: &Path, now_ms: i64) -> Result<Option<Quarantine>, ProbeError> {
+    let store = data_dir.join("store");
+    if !store.exists() {
+        return Ok(None);
+    }
+    let io = |source| ProbeError::Io {
+        path: store.clone(),
+        source,
+    };
+    let out = Command::new(exe)
+        .args(["store", "check", "--data-dir"])
+        .arg(data_dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(io)?;
+    if out.status.success() {
+        return Ok(None);
+    }
+    if out.status.code() == Some(CHECK_LOCKED) {
+        return Err(ProbeError::Locked(store));
+    }
+    let reason = failure_reason(&out.status, &out.stderr);
+    let moved_to = move_aside(data_dir, now_ms).map_err(io)?;
+    Ok(Some(Quarantine {
+        at: now_ms,
+        moved_to,
+        reason,
+    }))
+}
+
+fn failure_reason(status: &std::process::ExitStatus, stderr: &[u8]) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    let text = String::from_utf8_lossy(stderr);
+    let tail: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = tail[tail.len().saturating_sub(3)..].join(" | ");
+    let how = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("store check exited {code}"),
+        (None, Some(sig)) => format!("store check died of signal {sig}"),
+        _ => "store check failed".to_string(),
+    };
+    if tail.is_empty() {
+        how
+    } else {
+        format!("{how}: {tail}")
+    }
+}
+
+/// Renames `data_dir/store` to `data_dir/quarantine/<timestamp>/store`, durably.
+fn move_aside(data_dir: &Path, now_ms: i64) -> std::io::Result<PathBuf> {
+    // 2026-11-25T10:00:00.000Z → 20261125T100000.000Z: sortable, and no ':' in a file name.
+    let stamp: String = proto::timestamp::format_rfc3339(now_ms)
+        .chars()
+        .filter(|c| !matches!(c, '-' | ':'))
+        .collect();
+    let root = data_dir.join("quarantine");
+    let mut dir = root.join(&stamp);
+    let mut n = 1;
+    while dir.exists() {
+        n += 1;
+        dir = root.join(format!("{stamp}-{n}"));
+    }
+    std::fs::create_dir_all(&dir)?;
+    let to = dir.join("store");
+    std::fs::rename(data_dir.join("store"), &to)?;
+    for d in [&dir, &root, &data_dir.to_path_buf()] {
+        std::fs::File::open(d)?.sync_all()?;
+    }
+    Ok(to)
+}

@@ -1,0 +1,115 @@
+//! The syncs sled 0.34 leaves out of a durable commit.
+//!
+//! sled's `flush` ends in `sync_file_range(WAIT_BEFORE|WRITE|WAIT_AFTER)` on Linux: the pages
+//! go to the device queue, but neither the drive's write cache nor the file's metadata (its
+//! grown size) is committed, and no directory is ever synced. A power cut then loses every
+//! acknowledged message since start-up (`tests/powercut.rs` shows it with this module turned
+//! off). So the store keeps its own handles on sled's log file and directory and ends each
+//! group commit with `fdatasync(db)` + `fsync(store/)`; at open it syncs every file and
+//! directory sled may have created, up to the data dir's parent.
+//!
+//! Also here: in-process reopening. sled releases its file lock when the last handle to the
+//! database drops, which may be a background thread a moment after the `Store` is dropped;
+//! [`reopen_guard`] waits for that release instead of failing with `Locked`.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+/// sled's log (and heap) file inside the store directory, the one its lock is taken on.
+const LOG_FILE: &str = "db";
+
+/// Handles that make a flushed sled commit durable.
+pub(super) struct Syncer {
+    log: File,
+    dir: File,
+}
+
+impl Syncer {
+    /// Syncs what sled created under `store_dir` (files, `blobs/`, the directory entries up to
+    /// `store_dir`'s grandparent) and keeps the handles the commits sync.
+    pub(super) fn open(store_dir: &Path) -> io::Result<Syncer> {
+        for entry in std::fs::read_dir(store_dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                sync_dir_tree(&entry.path())?;
+            } else {
+                File::open(entry.path())?.sync_all()?;
+            }
+        }
+        let dir = File::open(store_dir)?;
+        dir.sync_all()?;
+        let mut up = store_dir.parent();
+        for _ in 0..2 {
+            let Some(parent) = up.filter(|p| !p.as_os_str().is_empty()) else {
+                break;
+            };
+            File::open(parent)?.sync_all()?;
+            up = parent.parent();
+        }
+        Ok(Syncer {
+            log: File::open(store_dir.join(LOG_FILE))?,
+            dir,
+        })
+    }
+
+    /// After `sled::Db::flush`: the log's data and size, and the directory (a snapshot sled
+    /// renamed into place, a blob it created).
+    pub(super) fn sync(&self) -> io::Result<()> {
+        self.log.sync_data()?;
+        self.dir.sync_all()
+    }
+}
+
+fn sync_dir_tree(dir: &Path) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_dir_tree(&entry.path())?;
+        } else {
+            File::open(entry.path())?.sync_all()?;
+        }
+    }
+    File::open(dir)?.sync_all()
+}
+
+/// Store directories this process closed: their lock may still be held by one of sled's
+/// threads for a moment.
+static CLOSED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// How long a reopen waits for this process's own sled threads to let go of the lock. Far
+/// beyond what they take (they finish the write in hand); a lock still held then belongs to
+/// something else and is reported as `Locked`.
+const RELEASE_WAIT: Duration = Duration::from_secs(30);
+
+/// Marks `store_dir` as closed by this process (called when the `Store` drops).
+pub(super) fn closed(store_dir: &Path) {
+    CLOSED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(store_dir.to_path_buf());
+}
+
+/// Before sled opens `store_dir`: if this process closed it, waits until sled's lock on it is
+/// released (so a reopen never races sled's background threads).
+pub(super) fn reopen_guard(store_dir: &Path) {
+    let was_closed = CLOSED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .remove(store_dir);
+    if !was_closed {
+        return;
+    }
+    let Ok(log) = File::open(store_dir.join(LOG_FILE)) else {
+        return;
+    };
+    let until = Instant::now() + RELEASE_WAIT;
+    // flock locks belong to the open file description, so ours conflicts with sled's.
+    while log.try_lock().is_err() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let _ = log.unlock();
+}

@@ -1,0 +1,149 @@
+//! A damaged store never stops the gateway: at start-up the agent probes its store in a child
+//! process, moves a damaged one aside to `data/quarantine/<time>/store`, starts on a fresh
+//! store and says so (status, metric, log); `store salvage` exports what is readable.
+
+use std::path::Path;
+use std::time::Duration;
+
+use e2e::{Agent, Publisher, agent_bin, meter};
+
+fn publish(agent: &Agent, client: &str, first_seq: u64, n: u64) {
+    let msgs = (0..n)
+        .map(|i| {
+            let seq = first_seq + i;
+            let pkid = u16::try_from(i + 1).unwrap();
+            let topic = "devices/meter-1/events/meter".to_string();
+            (
+                pkid,
+                topic,
+                meter(&format!("r{seq}"), seq, 100.0 + seq as f64 * 0.1),
+            )
+        })
+        .collect();
+    let mut p = Publisher::new(agent.mqtt_port, client);
+    p.publish_all(msgs, 32, Duration::from_secs(60), |_| {});
+}
+
+/// Damage that makes sled fail or panic on open: garbage over the log's first records, and a
+/// log cut short in the middle of a segment.
+fn damage(store: &Path, how: &str) {
+    let db = store.join("db");
+    match how {
+        "garbage" => {
+            let mut bytes = std::fs::read(&db).unwrap();
+            for b in bytes.iter_mut().take(4096) {
+                *b = 0xA5;
+            }
+            std::fs::write(&db, bytes).unwrap();
+        }
+        "truncated" => {
+            let len = std::fs::metadata(&db).unwrap().len();
+            let f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+            f.set_len(len / 3).unwrap();
+            for snap in std::fs::read_dir(store).unwrap() {
+                let p = snap.unwrap().path();
+                if p.file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("snap.")
+                {
+                    std::fs::write(&p, b"torn").unwrap();
+                }
+            }
+        }
+        other => panic!("unknown damage {other}"),
+    }
+}
+
+fn quarantines_and_goes_on(how: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::embedded(dir.path(), |_| {});
+    publish(&agent, "before", 1, 200);
+    assert!(agent.stop().success());
+    let data = dir.path().join("data");
+    let check = agent.cli(&["store", "check"]);
+    assert!(check.status.success(), "a sound store checks ok");
+    damage(&data.join("store"), how);
+    let check = agent.cli(&["store", "check"]);
+    assert!(!check.status.success(), "{how}: store check must fail");
+
+    // Starts anyway, on a fresh store, and says so.
+    agent.restart();
+    assert!(
+        agent
+            .log_text()
+            .contains("the store was damaged: moved aside"),
+        "{how}: an error line says what happened"
+    );
+    assert_eq!(agent.metric("edge_store_quarantined"), 1.0);
+    publish(&agent, "after", 201, 50);
+    let status: serde_json::Value =
+        serde_json::from_slice(&agent.cli(&["status", "--json"]).stdout).unwrap();
+    let q = &status["quarantined"];
+    assert_eq!(q.as_array().map(Vec::len), Some(1), "{status:?}");
+    let moved_to = q[0]["moved_to"].as_str().unwrap().to_string();
+    assert!(moved_to.contains("/quarantine/"), "{moved_to}");
+    assert!(
+        Path::new(&moved_to).join("db").exists(),
+        "the damaged store is kept intact"
+    );
+    assert!(agent.stop().success());
+    let outbox = agent.outbox();
+    assert_eq!(outbox.len(), 50, "the fresh store took the new messages");
+
+    // Salvage never takes the gateway down; it reports what it could read.
+    let out = std::process::Command::new(agent_bin())
+        .args(["store", "salvage", "--from", &moved_to, "--to"])
+        .arg(dir.path().join("salvaged.jsonl"))
+        .output()
+        .unwrap();
+    eprintln!(
+        "{how}: salvage {}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A restart keeps the record and does not quarantine again.
+    agent.restart();
+    assert_eq!(agent.metric("edge_store_quarantined"), 1.0);
+    assert!(agent.stop().success());
+}
+
+#[test]
+fn garbage_in_the_log_is_quarantined_and_the_agent_goes_on() {
+    quarantines_and_goes_on("garbage");
+}
+
+#[test]
+fn a_truncated_log_is_quarantined_and_the_agent_goes_on() {
+    quarantines_and_goes_on("truncated");
+}
+
+#[test]
+fn salvage_exports_every_readable_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::embedded(dir.path(), |_| {});
+    publish(&agent, "salvage", 1, 120);
+    assert!(agent.stop().success());
+    let store = dir.path().join("data/store");
+    let to = dir.path().join("out.jsonl");
+    let out = std::process::Command::new(agent_bin())
+        .args(["store", "salvage", "--from"])
+        .arg(&store)
+        .arg("--to")
+        .arg(&to)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&to)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 120);
+    assert_eq!(lines[0]["outbox"]["edge_seq"], 1);
+    assert_eq!(lines[119]["outbox"]["event_id"], "meter-1/r120");
+}

@@ -84,6 +84,10 @@ pub struct PipelineConfig {
     pub missed_after_s: u64,
     /// Most missed-event records kept; beyond it the oldest are dropped (counted).
     pub missed_max_records: u64,
+    /// Intake stops (devices keep their messages, nothing is acknowledged) while the data
+    /// dir's filesystem has less free space than this, and resumes by itself when there is
+    /// room again: a commit never has to meet a full disk.
+    pub disk_reserve_mb: u64,
 }
 
 impl PipelineConfig {
@@ -121,6 +125,7 @@ impl Default for PipelineConfig {
             queue_capacity: 2048,
             missed_after_s: crate::missed::DEFAULT_AFTER_S,
             missed_max_records: crate::missed::DEFAULT_MAX_RECORDS,
+            disk_reserve_mb: 64,
         }
     }
 }
@@ -145,6 +150,8 @@ pub struct Pipeline {
     /// When the earliest open gap falls due (epoch ms).
     next_missed_check: Option<i64>,
     live: Arc<Live>,
+    /// `disk_reserve_mb` in bytes.
+    disk_reserve: u64,
     /// Shows systemd's watchdog that batches keep finishing.
     heartbeat: crate::systemd::Heartbeat,
 }
@@ -186,6 +193,7 @@ impl Pipeline {
             next_missed_id,
             next_missed_check: None,
             live: Arc::new(Live::new(now_ms())),
+            disk_reserve: cfg.disk_reserve_mb.saturating_mul(1 << 20),
             heartbeat: crate::systemd::Heartbeat::new(),
         };
         // Gaps the engine knows but the agent does not (a store written before missed
@@ -440,8 +448,38 @@ impl Pipeline {
         self.next_missed_check = self.gaps.values().filter_map(|g| g.next_due(after)).min();
     }
 
-    /// With `full_policy = "block"`, a full DLQ stops intake until someone makes room.
+    /// Intake stops while the disk is short of `disk_reserve_mb`, or (with `full_policy =
+    /// "block"`) while the DLQ is full.
     fn intake_blocked(&self) -> bool {
+        let disk_full = self.disk_full();
+        self.dlq_blocked() || disk_full
+    }
+
+    /// Whether the store's filesystem has less free space than the reserve; says so when that
+    /// changes. A failed look-up counts as room (the commit itself will report a real error).
+    fn disk_full(&self) -> bool {
+        let free = self.store.free_bytes().unwrap_or(u64::MAX);
+        let full = free < self.disk_reserve;
+        if self.live.disk_full.swap(full, Ordering::Relaxed) != full {
+            metrics::gauge!(m::DISK_FULL).set(f64::from(u8::from(full)));
+            if full {
+                tracing::error!(
+                    free_bytes = free,
+                    reserve_bytes = self.disk_reserve,
+                    "disk full: intake stopped (devices keep their messages) until the data \
+                     dir's filesystem has pipeline.disk_reserve_mb free again"
+                );
+                self.live
+                    .set_last_error(now_ms(), "disk full: intake stopped".into());
+            } else {
+                tracing::info!(free_bytes = free, "disk has room again: intake resumed");
+            }
+        }
+        full
+    }
+
+    /// With `full_policy = "block"`, a full DLQ stops intake until someone makes room.
+    fn dlq_blocked(&self) -> bool {
         let blocked = self.dlq.full_policy == FullPolicy::Block && self.store.dlq_full();
         if self.live.intake_blocked.swap(blocked, Ordering::Relaxed) != blocked {
             metrics::gauge!(m::DLQ_BLOCKED).set(f64::from(u8::from(blocked)));

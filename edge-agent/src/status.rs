@@ -30,6 +30,8 @@ pub struct Live {
     pub corrected: AtomicU64,
     /// Intake stopped because the DLQ is full (`full_policy = "block"`).
     pub intake_blocked: AtomicBool,
+    /// The disk is short of `pipeline.disk_reserve_mb`: intake stopped.
+    pub disk_full: AtomicBool,
     last_error: Mutex<Option<LastError>>,
     samples: Mutex<VecDeque<Sample>>,
 }
@@ -60,6 +62,7 @@ impl Live {
             late: AtomicU64::new(0),
             corrected: AtomicU64::new(0),
             intake_blocked: AtomicBool::new(false),
+            disk_full: AtomicBool::new(false),
             last_error: Mutex::new(None),
             samples: Mutex::new(VecDeque::from([Sample {
                 at: started,
@@ -168,7 +171,7 @@ pub struct Totals {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
     pub agent: AgentInfo,
-    /// "taking messages", "blocked: DLQ full" or "stopped".
+    /// "taking messages", "blocked: disk full", "blocked: DLQ full" or "stopped".
     pub intake: String,
     /// Results waiting for the cloud.
     pub outbox: OutboxInfo,
@@ -306,7 +309,9 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
                 started_at: Some(live.started_at),
                 uptime_s: Some(live.uptime().as_secs()),
             },
-            intake: if live.intake_blocked.load(Ordering::Relaxed) {
+            intake: if live.disk_full.load(Ordering::Relaxed) {
+                "blocked: disk full".into()
+            } else if live.intake_blocked.load(Ordering::Relaxed) {
                 "blocked: DLQ full".into()
             } else {
                 "taking messages".into()

@@ -28,6 +28,7 @@ pub const ANOMALIES: &str = "edge_anomalies_total";
 pub const CORRECTED: &str = "edge_corrected_total";
 pub const OUTBOX_DEPTH: &str = "edge_outbox_entries";
 pub const STORE_QUARANTINED: &str = "edge_store_quarantined";
+pub const DISK_FULL: &str = "edge_disk_full";
 pub const OUTBOX_BYTES: &str = "edge_outbox_bytes";
 pub const OUTBOX_DROPPED: &str = "edge_outbox_dropped_total";
 pub const OUTBOX_BLOCKED: &str = "edge_outbox_blocked";
@@ -141,6 +142,10 @@ fn describe() {
         "Results corrected at the edge (made stale by a late arrival in the same batch)"
     );
     describe_gauge!(OUTBOX_DEPTH, "Results waiting in the outbox for the cloud");
+    describe_gauge!(
+        DISK_FULL,
+        "1 while the data dir's filesystem is short of pipeline.disk_reserve_mb (intake stopped)"
+    );
     describe_gauge!(
         STORE_QUARANTINED,
         "Damaged stores moved aside to data_dir/quarantine (the agent started on a fresh one)"

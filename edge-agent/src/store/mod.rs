@@ -322,6 +322,12 @@ impl Store {
         Ok(())
     }
 
+    /// Free space on the store's filesystem, as an unprivileged writer sees it.
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        let st = nix::sys::statvfs::statvfs(&self.path).map_err(std::io::Error::from)?;
+        Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+    }
+
     /// Remembers, durably, that a damaged store was moved aside (shown by `status`).
     pub fn record_quarantine(&self, q: &Quarantine) -> Result<(), StoreError> {
         let k = key::named(key::META, &format!("{QUARANTINE}{:020}", q.at));

@@ -323,6 +323,8 @@ impl Store {
     }
 
     /// Free space on the store's filesystem, as an unprivileged writer sees it.
+    // The block counts are u32 on 32-bit ARM gateways, u64 here.
+    #[allow(clippy::useless_conversion)]
     pub fn free_bytes(&self) -> std::io::Result<u64> {
         let st = nix::sys::statvfs::statvfs(&self.path).map_err(std::io::Error::from)?;
         Ok(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))

@@ -51,19 +51,28 @@ pub fn probe(exe: &Path, data_dir: &Path, now_ms: i64) -> Result<Option<Quaranti
         path: store.clone(),
         source,
     };
-    let out = Command::new(exe)
+    let child = Command::new(exe)
         .args(["store", "check", "--data-dir"])
         .arg(data_dir)
         .stdin(Stdio::null())
-        .output()
-        .map_err(io)?;
-    if out.status.success() {
-        return Ok(None);
-    }
-    if out.status.code() == Some(CHECK_LOCKED) {
-        return Err(ProbeError::Locked(store));
-    }
-    let reason = failure_reason(&out.status, &out.stderr);
+        .output();
+    let reason = match child {
+        Ok(out) if out.status.success() => return Ok(None),
+        Ok(out) if out.status.code() == Some(CHECK_LOCKED) => {
+            return Err(ProbeError::Locked(store));
+        }
+        Ok(out) => failure_reason(&out.status, &out.stderr),
+        // The binary cannot run itself (e.g. an ARM build under qemu-user without binfmt):
+        // check in-process, which catches every error but not a panic.
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot run the store probe as a child: checking in-process");
+            match super::Store::open(data_dir).and_then(|s| s.reader().check()) {
+                Ok(_) => return Ok(None),
+                Err(super::StoreError::Locked(path)) => return Err(ProbeError::Locked(path)),
+                Err(e) => format!("store check: {e}"),
+            }
+        }
+    };
     let moved_to = move_aside(data_dir, now_ms).map_err(io)?;
     Ok(Some(Quarantine {
         at: now_ms,

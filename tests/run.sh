@@ -24,6 +24,13 @@ source tests/aws-emulator.sh
 aws_emulator_start >/dev/null
 trap aws_emulator_stop EXIT
 
+# The power-cut filesystem (FUSE) for tests/powercut.rs.
+# shellcheck source=tests/powercut/cutfs.sh
+source tests/powercut/cutfs.sh
+cutfs_install
+CUTFS_PYTHON="$(cutfs_python)"
+export CUTFS_PYTHON
+
 # Keep build artifacts outside the clone so repeated runs on one machine rebuild little.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-pipeline/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"

@@ -30,6 +30,7 @@ source tests/powercut/cutfs.sh
 cutfs_install
 CUTFS_PYTHON="$(cutfs_python)"
 export CUTFS_PYTHON
+"$CUTFS_PYTHON" tests/powercut/selfcheck.py
 
 # Keep build artifacts outside the clone so repeated runs on one machine rebuild little.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-pipeline/target}"

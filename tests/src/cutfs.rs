@@ -86,7 +86,7 @@ impl CutFs {
 impl Drop for CutFs {
     fn drop(&mut self) {
         let _ = Command::new("fusermount3")
-            .arg("-u")
+            .args(["-u", "-z"])
             .arg(&self.mount)
             .status();
         if let Some(mut child) = self.child.take() {

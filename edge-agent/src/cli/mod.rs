@@ -466,6 +466,12 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
     match cmd {
         StoreCommand::Check { store } => {
             let (dir, _) = store.load()?;
+            println!(
+                "{} at {}",
+                crate::store::quarantine::CHECK_STARTED,
+                dir.join("store").display()
+            );
+            std::io::stdout().flush()?;
             let store = match Store::open(&dir) {
                 Ok(s) => s,
                 Err(StoreError::Locked(path)) => {

@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 /// Exit code of `store check` when the store is held by another process (not damage).
 pub const CHECK_LOCKED: i32 = 3;
 
+/// The first line `store check` prints, before it touches the store.
+pub const CHECK_STARTED: &str = "checking the store";
+
 /// One store moved aside.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Quarantine {
@@ -56,16 +59,24 @@ pub fn probe(exe: &Path, data_dir: &Path, now_ms: i64) -> Result<Option<Quaranti
         .arg(data_dir)
         .stdin(Stdio::null())
         .output();
+    // Only a child that got as far as the store can call it damaged: one that never started
+    // (no binary to run, an ARM build under qemu-user whose child lacks the emulator's
+    // sysroot) says nothing about the store.
+    let started = |out: &std::process::Output| out.stdout.starts_with(CHECK_STARTED.as_bytes());
     let reason = match child {
-        Ok(out) if out.status.success() => return Ok(None),
-        Ok(out) if out.status.code() == Some(CHECK_LOCKED) => {
+        Ok(out) if out.status.success() && started(&out) => return Ok(None),
+        Ok(out) if out.status.code() == Some(CHECK_LOCKED) && started(&out) => {
             return Err(ProbeError::Locked(store));
         }
-        Ok(out) => failure_reason(&out.status, &out.stderr),
-        // The binary cannot run itself (e.g. an ARM build under qemu-user without binfmt):
-        // check in-process, which catches every error but not a panic.
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot run the store probe as a child: checking in-process");
+        Ok(out) if started(&out) => failure_reason(&out.status, &out.stderr),
+        // The probe could not run: check in-process, which catches every error but not a
+        // panic.
+        unavailable => {
+            let why = match unavailable {
+                Ok(out) => failure_reason(&out.status, &out.stderr),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(error = %why, "cannot run the store probe as a child: checking in-process");
             match super::Store::open(data_dir).and_then(|s| s.reader().check()) {
                 Ok(_) => return Ok(None),
                 Err(super::StoreError::Locked(path)) => return Err(ProbeError::Locked(path)),
@@ -119,4 +130,20 @@ fn move_aside(data_dir: &Path, now_ms: i64) -> std::io::Result<PathBuf> {
         std::fs::File::open(d)?.sync_all()?;
     }
     Ok(to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_that_cannot_run_never_quarantines_a_sound_store() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(crate::store::Store::open(dir.path()).unwrap());
+        // `false` exits 1 without printing the start line: not the store's fault.
+        let made = probe(Path::new("/bin/false"), dir.path(), 0).unwrap();
+        assert_eq!(made, None);
+        assert!(dir.path().join("store").exists());
+        assert!(!dir.path().join("quarantine").exists());
+    }
 }

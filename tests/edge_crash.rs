@@ -1,47 +1,18 @@
 //! Crash safety: `kill -9` the agent mid-stream, several times, and check that every message
 //! a broker acknowledged to its publisher ends in the outbox exactly once.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use e2e::{Agent, Mosquitto, Publisher, meter, wait_for};
+use e2e::{Agent, Mosquitto, Publisher, assert_stream_stored_once, meter_stream, wait_for};
 
 const DEVICES: u64 = 4;
 
-/// `n` meter readings spread over `DEVICES` devices, in per-device seq order.
 fn messages(n: u64) -> Vec<(u16, String, Vec<u8>)> {
-    (0..n)
-        .map(|i| {
-            let device = i % DEVICES;
-            let seq = i / DEVICES + 1;
-            let topic = format!("devices/meter-{device}/events/meter");
-            let id = format!("r{seq}");
-            let pkid = u16::try_from(i + 1).expect("fits a packet id");
-            (pkid, topic, meter(&id, seq, 1000.0 + seq as f64 * 0.1))
-        })
-        .collect()
+    meter_stream(n, DEVICES)
 }
 
-/// Every expected event exactly once, and the outbox's edge_seq gap-free.
 fn assert_exactly_once(agent: &Agent, n: u64) {
-    let outbox = agent.outbox();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for r in &outbox {
-        *seen
-            .entry(r["event_id"].as_str().unwrap().to_string())
-            .or_default() += 1;
-    }
-    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
-    assert!(twice.is_empty(), "stored more than once: {twice:?}");
-    for i in 0..n {
-        let id = format!("meter-{}/r{}", i % DEVICES, i / DEVICES + 1);
-        assert!(seen.contains_key(&id), "acknowledged but lost: {id}");
-    }
-    assert_eq!(outbox.len() as u64, n);
-    for (i, r) in outbox.iter().enumerate() {
-        assert_eq!(r["edge_seq"].as_u64(), Some(i as u64 + 1), "edge_seq gap");
-    }
-    assert!(agent.dlq().is_empty(), "nothing here is invalid");
+    assert_stream_stored_once(agent, n, DEVICES);
 }
 
 #[test]

@@ -5,30 +5,18 @@
 //! The control run leaves the store's syncs out (`EDGE_AGENT_FAULT_SKIP_SYNC=1`) and must
 //! lose acknowledged messages, or the test proves nothing.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
 use e2e::cutfs::{CutFs, Metadata};
-use e2e::{Agent, Mosquitto, Publisher, meter, set, wait_for};
+use e2e::{
+    Agent, Mosquitto, Publisher, assert_stream_stored_once, meter, meter_stream, set, wait_for,
+};
 
 const DEVICES: u64 = 4;
 
-/// `n` meter readings over `DEVICES` devices, in per-device seq order, packet ids 1..=n.
 fn messages(n: u64) -> Vec<(u16, String, Vec<u8>)> {
-    (0..n)
-        .map(|i| {
-            let device = i % DEVICES;
-            let seq = i / DEVICES + 1;
-            let topic = format!("devices/meter-{device}/events/meter");
-            let pkid = u16::try_from(i + 1).expect("fits a packet id");
-            (
-                pkid,
-                topic,
-                meter(&format!("r{seq}"), seq, 1000.0 + seq as f64 * 0.1),
-            )
-        })
-        .collect()
+    meter_stream(n, DEVICES)
 }
 
 /// Reproducible cut points: `cuts` distinct ack counts in `(0, n)`, ascending.
@@ -57,28 +45,10 @@ fn agent_on(dir: &Path, fs: &CutFs, env: &[(&str, &str)]) -> Agent {
     })
 }
 
-/// Every one of the `n` events exactly once, `edge_seq` 1..=n, nothing in the DLQ, no device
-/// gap left open (device state agrees with the outbox).
+/// Every one of the `n` events exactly once (see `e2e::assert_stream_stored_once`), and no
+/// device gap left open (device state agrees with the outbox).
 fn assert_exactly_once(agent: &Agent, n: u64) {
-    let outbox = agent.outbox();
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for r in &outbox {
-        *seen
-            .entry(r["event_id"].as_str().unwrap().to_string())
-            .or_default() += 1;
-    }
-    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
-    assert!(twice.is_empty(), "stored more than once: {twice:?}");
-    let lost: Vec<String> = (0..n)
-        .map(|i| format!("meter-{}/r{}", i % DEVICES, i / DEVICES + 1))
-        .filter(|id| !seen.contains_key(id))
-        .collect();
-    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
-    assert_eq!(outbox.len() as u64, n);
-    for (i, r) in outbox.iter().enumerate() {
-        assert_eq!(r["edge_seq"].as_u64(), Some(i as u64 + 1), "edge_seq gap");
-    }
-    assert!(agent.dlq().is_empty(), "nothing here is invalid");
+    assert_stream_stored_once(agent, n, DEVICES);
     let missed = agent.cli_json(&["missed", "list", "--json"]);
     assert!(missed.is_empty(), "no seq is missing: {missed:?}");
 }

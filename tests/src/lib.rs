@@ -490,6 +490,48 @@ impl Drop for Mosquitto {
     }
 }
 
+/// `n` meter readings over `devices` devices (`meter-0`…), in per-device seq order, ids
+/// `r{seq}`, packet ids 1..=n: the crash and power-cut tests' stream.
+pub fn meter_stream(n: u64, devices: u64) -> Vec<(u16, String, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let device = i % devices;
+            let seq = i / devices + 1;
+            let topic = format!("devices/meter-{device}/events/meter");
+            let pkid = u16::try_from(i + 1).expect("fits a packet id");
+            (
+                pkid,
+                topic,
+                meter(&format!("r{seq}"), seq, 1000.0 + seq as f64 * 0.1),
+            )
+        })
+        .collect()
+}
+
+/// Every reading of `meter_stream(n, devices)` exactly once in the (stopped) agent's outbox,
+/// `edge_seq` 1..=n without a gap, and nothing in the DLQ.
+pub fn assert_stream_stored_once(agent: &Agent, n: u64, devices: u64) {
+    let outbox = agent.outbox();
+    let mut seen: std::collections::HashMap<String, usize> = Default::default();
+    for r in &outbox {
+        *seen
+            .entry(r["event_id"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let twice: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(twice.is_empty(), "stored more than once: {twice:?}");
+    let lost: Vec<String> = (0..n)
+        .map(|i| format!("meter-{}/r{}", i % devices, i / devices + 1))
+        .filter(|id| !seen.contains_key(id))
+        .collect();
+    assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
+    assert_eq!(outbox.len() as u64, n);
+    for (i, r) in outbox.iter().enumerate() {
+        assert_eq!(r["edge_seq"].as_u64(), Some(i as u64 + 1), "edge_seq gap");
+    }
+    assert!(agent.dlq().is_empty(), "nothing here is invalid");
+}
+
 /// A meter reading as a device would send it.
 pub fn meter(id: &str, seq: u64, kwh: f64) -> Vec<u8> {
     serde_json::json!({

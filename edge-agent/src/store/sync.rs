@@ -32,16 +32,8 @@ impl Syncer {
     /// Syncs what sled created under `store_dir` (files, `blobs/`, the directory entries up to
     /// `store_dir`'s grandparent) and keeps the handles the commits sync.
     pub(super) fn open(store_dir: &Path) -> io::Result<Syncer> {
-        for entry in std::fs::read_dir(store_dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_dir() {
-                sync_dir_tree(&entry.path())?;
-            } else {
-                File::open(entry.path())?.sync_all()?;
-            }
-        }
+        sync_dir_tree(store_dir)?;
         let dir = File::open(store_dir)?;
-        dir.sync_all()?;
         let mut up = store_dir.parent();
         for _ in 0..2 {
             let Some(parent) = up.filter(|p| !p.as_os_str().is_empty()) else {

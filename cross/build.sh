@@ -9,7 +9,7 @@
 #
 # Prepares the toolchain first (cross/toolchain.sh; a no-op when cached). Uses the workspace's
 # [profile.release] (lto, codegen-units=1, strip, panic=abort); edge-agent is the gateway build,
-# --no-default-features (no `demo`: no cloud-bridge/AWS SDK in it; EDGE_AGENT_FEATURES overrides). Output: binaries and .debs in
+# --no-default-features (no `demo-alias`; EDGE_AGENT_FEATURES overrides). Output: binaries and .debs in
 # $DIST (default $HOME/.cache/edge-pipeline/target-arm/dist), the size report in
 # $DIST/sizes.txt. Fails when a stripped edge-agent is larger than MAX_AGENT_BYTES (8 MiB).
 # Smaller still: CARGO_PROFILE_RELEASE_OPT_LEVEL=s bash cross/build.sh ... (aarch64 agent
@@ -53,7 +53,7 @@ export CARGO_TARGET_DIR=$target_dir
 build() { # triple package: one package per cargo call (features are per invocation)
   local triple=$1 pkg=$2
   local args=(--release $(locked_flag) -j "$JOBS" -p "$pkg")
-  # The gateway build of the agent: $AGENT_FEATURES (default --no-default-features, no demo).
+  # The gateway build of the agent: $AGENT_FEATURES (default --no-default-features, no demo alias).
   if [ "$pkg" = edge-agent ]; then args+=("${AGENT_FEATURES[@]}"); fi
   if [ -n "$glibc" ]; then
     cargo zigbuild "${args[@]}" --target "$triple.$glibc"

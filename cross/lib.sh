@@ -20,7 +20,7 @@ JOBS=${CROSS_JOBS:-2}
 CARGO_DEB_VERSION=3.8.0
 CARGO_ZIGBUILD_VERSION=0.24.1
 # Cargo feature flags of the gateway build of edge-agent (what the .deb ships and the ARM tests
-# run): no `demo` (cloud-bridge, AWS SDK, rumqttd stay out of the binary).
+# run): no `demo-alias` (a gateway has no demo beside the agent to run).
 read -r -a AGENT_FEATURES <<<"${EDGE_AGENT_FEATURES:---no-default-features}"
 # Target size of the stripped agent (issue 6): fail the build above this.
 MAX_AGENT_BYTES=${MAX_AGENT_BYTES:-$((8 * 1024 * 1024))}

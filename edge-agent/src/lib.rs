@@ -15,16 +15,12 @@ pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;
-#[cfg(feature = "demo")]
-pub mod demo;
 pub mod dlq;
 pub mod fault;
 pub mod ingest;
 pub mod missed;
 pub mod outbox;
 pub mod pipeline;
-#[cfg(feature = "demo")]
-pub mod simulator;
 pub mod status;
 pub mod store;
 pub mod systemd;

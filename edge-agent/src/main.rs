@@ -64,8 +64,13 @@ enum Command {
     /// The whole pipeline on this machine, no cloud account: simulated devices → this agent →
     /// an in-process cloud broker → cloud-bridge → a local directory with S3's layout. Prints
     /// a live summary every 2 s and a final one.
-    #[cfg(feature = "demo")]
-    Demo(edge_agent::demo::DemoArgs),
+    #[cfg(feature = "demo-alias")]
+    #[command(disable_help_flag = true)]
+    Demo {
+        /// Passed on to `edge-demo` (`edge-agent demo --help` shows its options).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,8 +83,8 @@ fn main() -> ExitCode {
         Command::Dlq { command } => return finish(cli::dlq(command)),
         Command::Missed { command } => return finish(cli::missed(command)),
         Command::Store { command } => return finish(cli::store(command)),
-        #[cfg(feature = "demo")]
-        Command::Demo(args) => edge_agent::demo::main(args),
+        #[cfg(feature = "demo-alias")]
+        Command::Demo { args } => demo(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -127,4 +132,22 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(agent::run(cfg))
+}
+
+/// `edge-agent demo …` runs `edge-demo …` from beside this binary (crate `demo/`): the demo
+/// needs the cloud tier, which the gateway binary must not carry.
+#[cfg(feature = "demo-alias")]
+fn demo(args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let demo = exe.with_file_name("edge-demo");
+    if !demo.exists() {
+        anyhow::bail!(
+            "the demo is its own binary, and {} is not there: run `cargo run -p demo -- …` \
+             (or `cargo build` the workspace, then `edge-agent demo` finds it)",
+            demo.display()
+        );
+    }
+    let err = std::process::Command::new(&demo).args(args).exec();
+    Err(err).with_context(|| format!("running {}", demo.display()))
 }

@@ -48,6 +48,14 @@ pub fn cloud_bridge_bin() -> PathBuf {
     workspace_bin("cloud-bridge")
 }
 
+/// The demo's binary, `edge-demo` (`EDGE_DEMO_BIN` overrides it).
+pub fn demo_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EDGE_DEMO_BIN") {
+        return PathBuf::from(p);
+    }
+    workspace_bin("edge-demo")
+}
+
 fn workspace_bin(name: &str) -> PathBuf {
     // Integration tests live in target/<profile>/deps; `cargo test --workspace` builds the
     // binaries next to that folder.

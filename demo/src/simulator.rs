@@ -144,8 +144,11 @@ enum Reading {
     Gps { lat: f64, lon: f64, heading: f64 },
 }
 
-fn now_ms() -> i64 {
-    crate::ingest::now_ms()
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn round(x: f64, digits: i32) -> f64 {

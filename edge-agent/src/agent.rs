@@ -14,9 +14,9 @@ use std::time::Duration;
 use crate::admin;
 use crate::config::AgentConfig;
 use crate::ingest;
-use crate::outbox::Outbox;
 use crate::pipeline::Pipeline;
 use crate::status::Live;
+use crate::store::outbox::Outbox;
 use crate::store::{Store, StoreReader};
 use crate::systemd;
 use crate::telemetry;
@@ -76,7 +76,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     telemetry::init_metrics(&cfg.metrics)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("data_dir: cannot create {}", cfg.data_dir.display()))?;
-    let store = open_store(&cfg.data_dir)?;
+    let mut store = open_store(&cfg.data_dir)?;
     let counters = store.counters();
     let outbox = store.open_outbox(cfg.outbox.clone())?;
     let pipeline = Pipeline::new(

@@ -11,8 +11,8 @@ use serde::Deserialize;
 
 use crate::dlq::DlqConfig;
 use crate::ingest::IngestConfig;
-use crate::outbox::OutboxConfig;
 use crate::pipeline::PipelineConfig;
+use crate::store::outbox::OutboxConfig;
 use crate::telemetry::{LogConfig, MetricsConfig};
 use crate::uplink::UplinkConfig;
 

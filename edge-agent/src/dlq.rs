@@ -32,11 +32,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use proto::timestamp::format_rfc3339;
+use proto::timestamp::{rfc3339, rfc3339_opt};
 use proto::{DlqEntry, Stage};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Commit, Store, StoreError, StoreReader};
+use crate::store::{DlqCap, Store, StoreError, StoreReader};
 
 /// `[dlq]` in the agent config.
 #[derive(Debug, Clone, Deserialize)]
@@ -144,31 +144,6 @@ impl DlqConfig {
             max_bytes: self.max_bytes,
             drop_oldest: self.full_policy == FullPolicy::DropOldest,
         }
-    }
-}
-
-/// The DLQ's size limits as the store applies them in each commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DlqCap {
-    pub max_entries: u64,
-    pub max_bytes: u64,
-    /// Evict the oldest entries over the cap (else the pipeline blocks intake while full).
-    pub drop_oldest: bool,
-}
-
-impl DlqCap {
-    pub const UNLIMITED: DlqCap = DlqCap {
-        max_entries: u64::MAX,
-        max_bytes: u64::MAX,
-        drop_oldest: false,
-    };
-
-    pub fn exceeded(&self, entries: u64, bytes: u64) -> bool {
-        entries > self.max_entries || bytes > self.max_bytes
-    }
-
-    pub fn reached(&self, entries: u64, bytes: u64) -> bool {
-        entries >= self.max_entries || bytes >= self.max_bytes
     }
 }
 
@@ -500,11 +475,9 @@ pub fn purge(store: &mut Store, sel: &Selection) -> Result<PurgeReport, StoreErr
         }
     }
     for chunk in report.purged.chunks(10_000) {
-        let mut commit = Commit {
-            dlq_removals: chunk.to_vec(),
-            ..Commit::default()
-        };
-        store.commit(&mut commit)?;
+        let mut commit = store.begin();
+        commit.dlq_removals = chunk.to_vec();
+        store.commit(&commit)?;
     }
     Ok(report)
 }
@@ -594,38 +567,6 @@ fn ranked(map: HashMap<String, (u64, i64)>, top: usize) -> Vec<Count> {
         });
     }
     v
-}
-
-/// Epoch ms as RFC 3339 in JSON.
-pub mod rfc3339 {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&super::format_rfc3339(*ms))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-        let s = String::deserialize(d)?;
-        proto::timestamp::parse_rfc3339(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-/// `Option<i64>` epoch ms as RFC 3339 or `null` in JSON.
-pub mod rfc3339_opt {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
-        match ms {
-            Some(ms) => s.serialize_str(&super::format_rfc3339(*ms)),
-            None => s.serialize_none(),
-        }
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-        Option::<String>::deserialize(d)?
-            .map(|s| proto::timestamp::parse_rfc3339(&s).map_err(serde::de::Error::custom))
-            .transpose()
-    }
 }
 
 #[cfg(test)]

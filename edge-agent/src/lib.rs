@@ -19,7 +19,6 @@ pub mod dlq;
 pub mod fault;
 pub mod ingest;
 pub mod missed;
-pub mod outbox;
 pub mod pipeline;
 pub mod status;
 pub mod store;

@@ -17,7 +17,7 @@
 use engine::{SeqRange, SeqTracker};
 use serde::{Deserialize, Serialize};
 
-use crate::dlq::rfc3339;
+use proto::timestamp::rfc3339;
 
 /// Default wait before an open gap is declared missed.
 pub const DEFAULT_AFTER_S: u64 = 300;

@@ -33,9 +33,9 @@ use crate::dlq::{
 };
 use crate::ingest::{AckSet, Inbound, now_ms};
 use crate::missed::{DeviceGaps, MissedRecord};
-use crate::outbox::Outbox;
 use crate::status::{Live, describe_rejection};
-use crate::store::{Commit, CorrectionMark, DlqRef, Store, StoreError};
+use crate::store::outbox::Outbox;
+use crate::store::{Commit, Committed, CorrectionMark, Store, StoreError};
 use crate::telemetry as m;
 
 /// A DLQ write for the pipeline thread, from the admin socket; the reply goes back on the
@@ -434,8 +434,8 @@ impl Pipeline {
         self.next_missed_id = next_id;
         self.stage_gaps(&mut commit);
         if !commit.is_empty() {
-            self.store.commit(&mut commit)?;
-            self.after_commit(&commit);
+            let receipt = self.store.commit(&commit)?;
+            self.after_commit(&commit, &receipt);
         }
         self.reschedule_missed();
         self.publish_gauges();
@@ -583,24 +583,19 @@ impl Pipeline {
         let mut report = RetryReport::default();
         for chunk in ids.chunks(self.max_batch) {
             let now = now_ms();
-            let mut commit = Commit::default();
-            // Per item: the index of its result in `commit.results`, when it became one.
-            let mut results = Vec::with_capacity(chunk.len());
-            let first = report.items.len();
+            let mut commit = self.store.begin();
             for &id in chunk {
                 let Some(e) = self.store.reader().dlq_entry(id)? else {
                     // Clear any schedule left for it, so a due retry cannot come back forever.
-                    commit.dlq_schedule.push((DlqRef::Id(id), None));
+                    commit.dlq_schedule.push((id, None));
                     report.items.push(RetryItem {
                         id,
                         outcome: RetryOutcome::NotFound,
                     });
-                    results.push(None);
                     continue;
                 };
-                let (outcome, result) = self.replay(e, now, &mut commit)?;
+                let outcome = self.replay(e, now, &mut commit)?;
                 report.items.push(RetryItem { id, outcome });
-                results.push(result);
             }
             commit.states = self.state.take_dirty();
             self.stage_gaps(&mut commit);
@@ -608,17 +603,8 @@ impl Pipeline {
                 continue;
             }
             self.outbox.make_room()?;
-            self.store.commit(&mut commit)?;
-            let c = self.store.counters();
-            self.outbox.committed(c.next_edge_seq - 1, c.outbox_bytes);
-            for (item, result) in report.items[first..].iter_mut().zip(results) {
-                if let (RetryOutcome::Reprocessed { edge_seq, .. }, Some(i)) =
-                    (&mut item.outcome, result)
-                {
-                    *edge_seq = commit.results[i].edge_seq;
-                }
-            }
-            self.after_commit(&commit);
+            let receipt = self.store.commit(&commit)?;
+            self.after_commit(&commit, &receipt);
         }
         let ok = report.count(|o| matches!(o, RetryOutcome::Reprocessed { .. })) as u64;
         let failed = report.count(|o| matches!(o, RetryOutcome::Failed { .. })) as u64;
@@ -633,14 +619,13 @@ impl Pipeline {
         Ok(report)
     }
 
-    /// Runs one DLQ entry through the engine again and records the outcome in `commit`;
-    /// returns the outcome and, for a result, its index in `commit.results`.
+    /// Runs one DLQ entry through the engine again and records the outcome in `commit`.
     fn replay(
         &mut self,
         e: DlqEntry,
         now: i64,
         commit: &mut Commit,
-    ) -> Result<(RetryOutcome, Option<usize>), StoreError> {
+    ) -> Result<RetryOutcome, StoreError> {
         let input = Input {
             topic: &e.topic,
             payload: &e.payload,
@@ -657,19 +642,13 @@ impl Pipeline {
         Ok(match outcome {
             Outcome::Accepted { result, .. } => {
                 let event_id = result.event_id.clone();
-                commit.results.push(result);
+                let edge_seq = commit.push_result(result);
                 commit.dlq_removals.push(e.id);
-                (
-                    RetryOutcome::Reprocessed {
-                        event_id,
-                        edge_seq: 0,
-                    },
-                    Some(commit.results.len() - 1),
-                )
+                RetryOutcome::Reprocessed { event_id, edge_seq }
             }
             Outcome::Duplicate { reason, .. } => {
                 commit.dlq_removals.push(e.id);
-                (RetryOutcome::Duplicate { reason }, None)
+                RetryOutcome::Duplicate { reason }
             }
             Outcome::Rejected(r) => {
                 let attempts = e.attempts.saturating_add(1);
@@ -684,7 +663,7 @@ impl Pipeline {
                     attempts,
                     auto_retry_at,
                 };
-                commit.dlq_schedule.push((DlqRef::Id(e.id), auto_retry_at));
+                commit.dlq_schedule.push((e.id, auto_retry_at));
                 commit.dlq_updates.push(DlqEntry {
                     event_id: r.event_id.or(e.event_id),
                     device: r.device.or(e.device),
@@ -694,7 +673,7 @@ impl Pipeline {
                     last_seen: now,
                     ..e
                 });
-                (outcome, None)
+                outcome
             }
         })
     }
@@ -710,12 +689,12 @@ impl Pipeline {
         Ok(())
     }
 
-    /// After any commit: report the DLQ entries evicted by the cap.
-    fn after_commit(&self, commit: &Commit) {
+    /// After any commit: count its anomalies and corrections, report what the caps evicted.
+    fn after_commit(&self, commit: &Commit, receipt: &Committed) {
         // Counted after the commit, like every other outcome: a result flagged by the
         // engine's anomaly detectors is durable in the outbox by now.
         let anomalies = commit
-            .results
+            .results()
             .iter()
             .filter(|r| r.status == proto::Status::Anomaly)
             .count() as u64;
@@ -727,17 +706,17 @@ impl Pipeline {
         }
         metrics::counter!(m::MISSED).increment(commit.missed_declared_seqs);
         metrics::counter!(m::MISSED_FILLED_LATE).increment(commit.missed_filled_late);
-        if !commit.missed_dropped.is_empty() {
-            metrics::counter!(m::MISSED_DROPPED).increment(commit.missed_dropped.len() as u64);
-            let oldest = &commit.missed_dropped[0];
+        if !receipt.missed_dropped.is_empty() {
+            metrics::counter!(m::MISSED_DROPPED).increment(receipt.missed_dropped.len() as u64);
+            let oldest = &receipt.missed_dropped[0];
             tracing::warn!(
-                dropped = commit.missed_dropped.len(),
+                dropped = receipt.missed_dropped.len(),
                 oldest_id = oldest.id,
                 oldest_device = oldest.device.as_str(),
                 "missed records over pipeline.missed_max_records: dropped the oldest"
             );
         }
-        let dropped = &commit.dlq_dropped;
+        let dropped = &receipt.dlq_dropped;
         if dropped.is_empty() {
             return;
         }
@@ -770,7 +749,7 @@ impl Pipeline {
     /// correction history); once it is in the outbox, the cloud corrects it where it stores
     /// it (cloud-bridge `verify.rs`), so each tier corrects only what it holds.
     fn correct_successor(&mut self, commit: &mut Commit, now: i64) -> Result<(), StoreError> {
-        let Some(late) = commit.results.last() else {
+        let Some(late) = commit.results().last() else {
             return Ok(());
         };
         let Some(next_seq) = self.state.device(&late.device).and_then(|d| {
@@ -783,15 +762,15 @@ impl Pipeline {
         }) else {
             return Ok(());
         };
-        let n = commit.results.len() - 1;
-        let Some(i) = commit.results[..n].iter().rposition(|r| {
+        let n = commit.results().len() - 1;
+        let Some(i) = commit.results()[..n].iter().rposition(|r| {
             r.device == late.device && r.event_type == late.event_type && r.seq == next_seq
         }) else {
             return Ok(());
         };
         let reading = Reading::from_result(late);
         let late_id = late.event_id.clone();
-        let stale = &commit.results[i];
+        let stale = &commit.results()[i];
         // Refused against it: the cloud dead-letters it for a person.
         let verify::Restated::Changed { reason } =
             verify::against_late(&self.engine, stale, &reading, &late_id, 1e-9)
@@ -821,7 +800,7 @@ impl Pipeline {
         commit
             .corrections
             .push((fixed.event_id.clone(), CorrectionMark { reason, at: now }));
-        commit.results[i] = fixed;
+        commit.replace_result(i, fixed);
         Ok(())
     }
 
@@ -833,7 +812,7 @@ impl Pipeline {
     ) -> Result<(), StoreError> {
         let n = batch.len();
         let started = Instant::now();
-        let mut commit = Commit::default();
+        let mut commit = self.store.begin();
         let (mut dups, mut gaps, mut missed, mut late) = (0u64, 0u64, 0u64, 0u64);
         for inbound in batch.drain(..) {
             let input = Input {
@@ -862,7 +841,7 @@ impl Pipeline {
                         .flags
                         .iter()
                         .any(|f| f == flags::EARLIER_PREVIOUS || f == flags::OUT_OF_ORDER);
-                    commit.results.push(result);
+                    commit.push_result(result);
                     if older {
                         self.correct_successor(&mut commit, inbound.received_at)?;
                     }
@@ -874,15 +853,8 @@ impl Pipeline {
                         gaps += 1;
                         missed += g.len();
                     }
-                    if r.transient
-                        && let Some(at) = self.dlq.auto_retry.next_at(1, inbound.received_at)
-                    {
-                        commit
-                            .dlq_schedule
-                            .push((DlqRef::New(commit.dlq.len()), Some(at)));
-                        self.next_auto_retry = Some(self.next_auto_retry.map_or(at, |n| n.min(at)));
-                    }
-                    commit.dlq.push(DlqEntry {
+                    let transient = r.transient;
+                    let id = commit.push_dlq(DlqEntry {
                         id: 0,
                         event_id: r.event_id,
                         device: r.device,
@@ -894,6 +866,12 @@ impl Pipeline {
                         last_seen: inbound.received_at,
                         payload: inbound.payload.to_vec(),
                     });
+                    if transient
+                        && let Some(at) = self.dlq.auto_retry.next_at(1, inbound.received_at)
+                    {
+                        commit.dlq_schedule.push((id, Some(at)));
+                        self.next_auto_retry = Some(self.next_auto_retry.map_or(at, |n| n.min(at)));
+                    }
                 }
             }
             acks.push(inbound.ack);
@@ -901,28 +879,26 @@ impl Pipeline {
         commit.states = self.state.take_dirty();
         self.stage_gaps(&mut commit);
         let engine_done = Instant::now();
-        let accepted = commit.results.len() as u64;
+        let accepted = commit.results().len() as u64;
         // A full outbox blocks here (policy `block`) with the batch's acks still held, so
         // devices see back-pressure instead of loss; `drop_oldest` makes room instead.
         self.outbox.make_room()?;
-        self.store.commit(&mut commit)?;
+        let receipt = self.store.commit(&commit)?;
         acks.release();
         let committed = Instant::now();
-        let c = self.store.counters();
-        self.outbox.committed(c.next_edge_seq - 1, c.outbox_bytes);
-        self.after_commit(&commit);
+        self.after_commit(&commit, &receipt);
         let live = &self.live;
         live.ingested.fetch_add(n as u64, Ordering::Relaxed);
         live.accepted.fetch_add(accepted, Ordering::Relaxed);
         live.rejected
-            .fetch_add(commit.dlq.len() as u64, Ordering::Relaxed);
+            .fetch_add(commit.dlq().len() as u64, Ordering::Relaxed);
         live.duplicates.fetch_add(dups, Ordering::Relaxed);
         live.gaps.fetch_add(gaps, Ordering::Relaxed);
         live.missed.fetch_add(missed, Ordering::Relaxed);
         live.late.fetch_add(late, Ordering::Relaxed);
         live.corrected
             .fetch_add(commit.corrections.len() as u64, Ordering::Relaxed);
-        if let Some(d) = commit.dlq.last() {
+        if let Some(d) = commit.dlq().last() {
             let what = describe_rejection(d.stage, &d.reason, d.device.as_deref());
             live.set_last_error(d.last_seen, what);
         }

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use super::*;
 use crate::ingest::Ack;
-use crate::outbox::OutboxConfig;
+use crate::store::outbox::OutboxConfig;
 
 const SPEC: &str = r#"
 topic = "devices/{device}/events/{type}"
@@ -23,7 +23,7 @@ expr = 'delta("kwh")'
 const T0: i64 = 1_764_000_000_000;
 
 fn open(dir: &std::path::Path) -> (Pipeline, Outbox) {
-    let store = Store::open(dir).unwrap();
+    let mut store = Store::open(dir).unwrap();
     let outbox = store.open_outbox(OutboxConfig::default()).unwrap();
     let spec: EngineSpec = toml::from_str(SPEC).unwrap();
     let p = Pipeline::new(

@@ -8,7 +8,7 @@ use serde_json::json;
 use super::*;
 use crate::dlq::{AutoRetry, Filter};
 use crate::ingest::Ack;
-use crate::outbox::OutboxConfig;
+use crate::store::outbox::OutboxConfig;
 
 /// A pulse counter whose rate needs the previous reading (except on a boot message), and a
 /// meter with a required field.
@@ -33,7 +33,7 @@ struct Fixture {
 
 fn fixture(dlq: DlqConfig) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let mut store = Store::open(dir.path()).unwrap();
     let outbox = store.open_outbox(OutboxConfig::default()).unwrap();
     let spec: EngineSpec = toml::from_str(SPEC).unwrap();
     let p = Pipeline::new(

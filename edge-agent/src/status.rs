@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::dlq::{DlqConfig, FullPolicy, rfc3339, rfc3339_opt};
-use crate::outbox::Depth;
+use crate::dlq::{DlqConfig, FullPolicy};
+use crate::store::outbox::Depth;
 use crate::store::{Counters, StoreError, StoreReader};
+use proto::timestamp::{rfc3339, rfc3339_opt};
 
 /// Live figures the pipeline thread updates and the admin socket reads.
 #[derive(Debug)]

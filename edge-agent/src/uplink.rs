@@ -35,8 +35,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ingest::now_ms;
 use crate::missed::MissedRecord;
-use crate::outbox::Outbox;
 use crate::store::StoreReader;
+use crate::store::outbox::Outbox;
 use crate::telemetry as m;
 
 #[derive(Debug, Clone, Deserialize)]

@@ -118,6 +118,39 @@ fn echo(s: &str) -> String {
     }
 }
 
+/// For `#[serde(with = "proto::timestamp::rfc3339")]`: epoch ms as RFC 3339 in JSON (the
+/// edge CLI's and status' JSON views).
+pub mod rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ms: &i64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_rfc3339(*ms))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_rfc3339(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `Option<i64>` epoch ms as RFC 3339 or `null` in JSON.
+pub mod rfc3339_opt {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(ms: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+        match ms {
+            Some(ms) => s.serialize_str(&super::format_rfc3339(*ms)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| super::parse_rfc3339(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

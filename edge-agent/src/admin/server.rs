@@ -13,10 +13,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::{MAX_REQUEST, Reply, Request, authorized, socket_path};
 use crate::dlq::{self, DlqConfig};
-use crate::outbox::Outbox;
 use crate::pipeline::AdminCall;
 use crate::status::{self, Live, Sources};
 use crate::store::StoreReader;
+use crate::store::outbox::Outbox;
 use crate::uplink::LinkStatus;
 
 /// What the admin socket serves from.

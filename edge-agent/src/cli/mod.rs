@@ -26,9 +26,9 @@ use crate::dlq::{
     self, DlqConfig, DlqStats, EntryView, Filter, Listing, PurgeReport, RetryReport, Selection,
 };
 use crate::missed::{MissedFilter, MissedListing};
-use crate::outbox::Outbox;
 use crate::pipeline::Pipeline;
 use crate::status::{self, Sources, StatusReport};
+use crate::store::outbox::Outbox;
 use crate::store::{Store, StoreError, StoreReader};
 
 /// Where the agent's data is: `--config` (its `data_dir`) or `--data-dir`.
@@ -247,7 +247,7 @@ impl StoreArgs {
         if let Some(client) = Client::connect(&dir)? {
             return Ok(Backend::Agent(client));
         }
-        let store = open_store(&dir)?;
+        let mut store = open_store(&dir)?;
         let outbox_cfg = cfg.as_ref().map(|c| c.outbox.clone()).unwrap_or_default();
         let outbox = store.open_outbox(outbox_cfg)?;
         let reader = store.reader();

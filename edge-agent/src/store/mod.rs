@@ -12,60 +12,26 @@
 //! on a drive that honours flushes; a drive whose volatile write cache ignores them can still
 //! lose the last commits.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use engine::DeviceState;
 use proto::{DlqEntry, EventResult};
 
-use crate::dlq::DlqCap;
-use crate::missed::{DeviceGaps, MissedFilter, MissedListing, MissedRecord, over_cap};
-use crate::outbox::{Outbox, OutboxConfig};
+use crate::missed::{DeviceGaps, MissedRecord};
+
+pub use dlq::DlqCap;
+pub use outbox::{Outbox, OutboxConfig};
 use serde::de::DeserializeOwned;
 
+mod dlq;
+pub(crate) mod key;
+mod missed;
+pub mod outbox;
 pub mod quarantine;
 mod sync;
 
 pub use quarantine::Quarantine;
-
-/// Key prefixes of the one tree. Keys sort by prefix, then big-endian number or name.
-pub(crate) mod key {
-    pub const OUTBOX: u8 = b'o';
-    pub const DLQ: u8 = b'q';
-    /// DLQ id → when its next automatic retry is due (transient failures only).
-    pub const DLQ_RETRY: u8 = b'r';
-    pub const STATE: u8 = b's';
-    pub const META: u8 = b'm';
-    /// Device → its open sequence gaps as the agent tracks them (`missed::DeviceGaps`).
-    pub const GAPS: u8 = b'g';
-    /// Missed-event record id → `missed::MissedRecord`.
-    pub const MISSED: u8 = b'x';
-    /// Missed-event record id → empty: the record reached the cloud broker in a status
-    /// message (written by the uplink, never by the pipeline, so neither overwrites the other).
-    pub const MISSED_REPORTED: u8 = b'y';
-    /// Event id → `CorrectionMark`: the edge corrected this result (at most once, ever).
-    pub const CORRECTED: u8 = b'c';
-
-    pub fn numbered(prefix: u8, n: u64) -> [u8; 9] {
-        let mut k = [0u8; 9];
-        k[0] = prefix;
-        k[1..].copy_from_slice(&n.to_be_bytes());
-        k
-    }
-
-    pub fn named(prefix: u8, name: &str) -> Vec<u8> {
-        let mut k = Vec::with_capacity(1 + name.len());
-        k.push(prefix);
-        k.extend_from_slice(name.as_bytes());
-        k
-    }
-
-    pub fn number_of(k: &[u8]) -> u64 {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&k[1..9]);
-        u64::from_be_bytes(b)
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -89,6 +55,14 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A commit begun before another was written (a bug in the caller, caught before it
+    /// could reuse an `edge_seq` or DLQ id).
+    #[error("commit out of order: {what} {got} where {expected} was next")]
+    Numbering {
+        what: &'static str,
+        expected: u64,
+        got: u64,
+    },
 }
 
 /// Gateway-wide counters kept beside the data they count, so they survive restarts exactly.
@@ -98,7 +72,7 @@ pub struct Counters {
     pub next_edge_seq: u64,
     pub next_dlq_id: u64,
     /// Results ever appended to the outbox, and their encoded bytes. What is still pending is
-    /// these minus what the uplink released: see [`crate::outbox::Outbox::depth`].
+    /// these minus what the uplink released: see [`crate::store::outbox::Outbox::depth`].
     pub outbox_entries: u64,
     pub outbox_bytes: u64,
     pub dlq_entries: u64,
@@ -156,22 +130,23 @@ pub struct SalvageReport {
     pub unreadable: u64,
 }
 
-/// What one group commit writes.
+/// What one group commit writes. [`Store::begin`] starts one numbered from the store's head:
+/// [`Commit::push_result`] and [`Commit::push_dlq`] give each new result its `edge_seq` and
+/// each new DLQ entry its id, so the caller knows them before the commit and the store only
+/// checks them.
 #[derive(Debug, Default)]
 pub struct Commit {
-    /// `edge_seq` is assigned by the store, in order.
-    pub results: Vec<EventResult>,
-    /// `id` is assigned by the store.
-    pub dlq: Vec<DlqEntry>,
+    next_edge_seq: u64,
+    next_dlq_id: u64,
+    results: Vec<EventResult>,
+    dlq: Vec<DlqEntry>,
     pub states: Vec<(String, DeviceState)>,
     /// DLQ entries rewritten in place, by `id` (a retry that failed again).
     pub dlq_updates: Vec<DlqEntry>,
     /// DLQ entries deleted (a retry that succeeded, a purge); unknown ids are ignored.
     pub dlq_removals: Vec<u64>,
-    /// Automatic-retry schedule: the entry and its next retry (epoch ms), or `None` for none.
-    pub dlq_schedule: Vec<(DlqRef, Option<i64>)>,
-    /// Set by the store: entries evicted to keep the DLQ under its cap (`drop_oldest`).
-    pub dlq_dropped: Vec<DlqEntry>,
+    /// Automatic-retry schedule: the entry's id and its next retry (epoch ms), or `None`.
+    pub dlq_schedule: Vec<(u64, Option<i64>)>,
     /// Devices whose tracked gaps changed: the new gaps, or `None` when none are left.
     pub gaps: Vec<(String, Option<DeviceGaps>)>,
     /// Missed records written (new or updated), by id (ids assigned by the pipeline).
@@ -181,10 +156,22 @@ pub struct Commit {
     /// Seqs declared missed, and seqs of missed records filled late, in this commit.
     pub missed_declared_seqs: u64,
     pub missed_filled_late: u64,
-    /// Set by the store: records evicted to keep under the cap (oldest first).
-    pub missed_dropped: Vec<MissedRecord>,
     /// Results corrected at the edge in this commit (the correction history).
     pub corrections: Vec<(String, CorrectionMark)>,
+}
+
+/// The receipt of a commit: where the outbox stands now and what the caps evicted to make it
+/// fit. The store has already told the outbox (and so the uplink).
+#[derive(Debug, Default)]
+pub struct Committed {
+    /// The last `edge_seq` in the outbox.
+    pub head: u64,
+    /// Encoded bytes ever appended to the outbox.
+    pub outbox_bytes: u64,
+    /// DLQ entries evicted to keep the DLQ under its cap (`drop_oldest`), oldest first.
+    pub dlq_dropped: Vec<DlqEntry>,
+    /// Missed records evicted to keep under their cap, oldest first.
+    pub missed_dropped: Vec<MissedRecord>,
 }
 
 /// The edge's correction history entry of one event.
@@ -194,15 +181,39 @@ pub struct CorrectionMark {
     pub at: i64,
 }
 
-/// A DLQ entry in a [`Commit`]: an existing one, or the `i`-th of `Commit::dlq` (whose id the
-/// commit assigns).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DlqRef {
-    Id(u64),
-    New(usize),
-}
-
 impl Commit {
+    /// Adds a result numbered with the next `edge_seq`, which it returns.
+    pub fn push_result(&mut self, mut r: EventResult) -> u64 {
+        r.edge_seq = self.next_edge_seq + self.results.len() as u64;
+        let seq = r.edge_seq;
+        self.results.push(r);
+        seq
+    }
+
+    /// The new results, in `edge_seq` order.
+    pub fn results(&self) -> &[EventResult] {
+        &self.results
+    }
+
+    /// The new DLQ entries, in id order.
+    pub fn dlq(&self) -> &[DlqEntry] {
+        &self.dlq
+    }
+
+    /// Replaces the `i`-th new result (an edge correction), keeping its `edge_seq`.
+    pub fn replace_result(&mut self, i: usize, mut r: EventResult) {
+        r.edge_seq = self.results[i].edge_seq;
+        self.results[i] = r;
+    }
+
+    /// Adds a DLQ entry numbered with the next id, which it returns.
+    pub fn push_dlq(&mut self, mut e: DlqEntry) -> u64 {
+        e.id = self.next_dlq_id + self.dlq.len() as u64;
+        let id = e.id;
+        self.dlq.push(e);
+        id
+    }
+
     pub fn is_empty(&self) -> bool {
         self.results.is_empty()
             && self.dlq.is_empty()
@@ -219,6 +230,8 @@ impl Commit {
 
 pub struct Store {
     db: sled::Db,
+    /// Told of every commit (the uplink waits on it), once the pipeline opened it.
+    outbox: Option<Outbox>,
     tree: sled::Tree,
     /// `data_dir/store`.
     path: PathBuf,
@@ -265,6 +278,7 @@ impl Store {
         };
         let mut store = Store {
             db,
+            outbox: None,
             tree,
             path,
             syncer,
@@ -281,33 +295,45 @@ impl Store {
     }
 
     /// The queue view of the outbox, shared by the pipeline and the uplink.
-    pub fn open_outbox(&self, cfg: OutboxConfig) -> Result<Outbox, StoreError> {
-        Outbox::open(
+    pub fn open_outbox(&mut self, cfg: OutboxConfig) -> Result<Outbox, StoreError> {
+        let outbox = Outbox::open(
             self.tree.clone(),
             cfg,
             self.counters.next_edge_seq - 1,
             self.counters.outbox_bytes,
-        )
+        )?;
+        self.outbox = Some(outbox.clone());
+        Ok(outbox)
     }
 
-    /// Assigns `edge_seq`s and DLQ ids, writes the batch atomically and flushes it to disk.
-    /// Only after this returns may the batch's messages be acknowledged.
-    pub fn commit(&mut self, commit: &mut Commit) -> Result<(), StoreError> {
+    /// A new commit, numbered from the store's head.
+    pub fn begin(&self) -> Commit {
+        Commit {
+            next_edge_seq: self.counters.next_edge_seq,
+            next_dlq_id: self.counters.next_dlq_id,
+            ..Commit::default()
+        }
+    }
+
+    /// Writes the commit atomically and makes it durable, then tells the outbox. Only after
+    /// this returns may the commit's messages be acknowledged.
+    pub fn commit(&mut self, commit: &Commit) -> Result<Committed, StoreError> {
+        self.check_numbering(commit)?;
         let mut batch = sled::Batch::default();
         let mut next = self.counters;
-        for r in &mut commit.results {
-            r.edge_seq = next.next_edge_seq;
+        let mut receipt = Committed::default();
+        for r in &commit.results {
             next.next_edge_seq += 1;
             let bytes = proto::wire::encode(r);
             next.outbox_entries += 1;
             next.outbox_bytes += bytes.len() as u64;
             batch.insert(&key::numbered(key::OUTBOX, r.edge_seq)[..], bytes);
         }
-        self.dlq_apply(&mut batch, &mut next, commit)?;
+        self.dlq_apply(&mut batch, &mut next, commit, &mut receipt.dlq_dropped)?;
         for (device, state) in &commit.states {
             batch.insert(key::named(key::STATE, device), proto::wire::encode(state));
         }
-        self.missed_apply(&mut batch, &mut next, commit)?;
+        self.missed_apply(&mut batch, &mut next, commit, &mut receipt.missed_dropped)?;
         for (event_id, mark) in &commit.corrections {
             batch.insert(
                 key::named(key::CORRECTED, event_id),
@@ -319,7 +345,40 @@ impl Store {
         self.tree.apply_batch(batch)?;
         self.flush()?;
         self.counters = next;
-        Ok(())
+        receipt.head = next.next_edge_seq - 1;
+        receipt.outbox_bytes = next.outbox_bytes;
+        if let Some(outbox) = &self.outbox {
+            outbox.committed(receipt.head, receipt.outbox_bytes);
+        }
+        Ok(receipt)
+    }
+
+    /// New results and DLQ entries must continue the store's numbering without a gap: a
+    /// commit begun before another one was written would reuse its numbers.
+    fn check_numbering(&self, commit: &Commit) -> Result<(), StoreError> {
+        let numbered = |what, first: u64, got: &mut dyn Iterator<Item = u64>| {
+            for (i, n) in got.enumerate() {
+                let expected = first + i as u64;
+                if n != expected {
+                    return Err(StoreError::Numbering {
+                        what,
+                        expected,
+                        got: n,
+                    });
+                }
+            }
+            Ok(())
+        };
+        numbered(
+            "edge_seq",
+            self.counters.next_edge_seq,
+            &mut commit.results.iter().map(|r| r.edge_seq),
+        )?;
+        numbered(
+            "DLQ id",
+            self.counters.next_dlq_id,
+            &mut commit.dlq.iter().map(|e| e.id),
+        )
     }
 
     /// Free space on the store's filesystem, as an unprivileged writer sees it.
@@ -487,358 +546,13 @@ impl StoreReader {
             }),
         }
     }
-
-    /// DLQ entries in id order (oldest first), starting at `from`.
-    pub fn dlq(&self, from: u64) -> impl Iterator<Item = Result<DlqEntry, StoreError>> + '_ {
-        self.tree
-            .range(key::numbered(key::DLQ, from)..key::numbered(key::DLQ + 1, 0))
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&v, &format!("q{}", key::number_of(&k)))
-            })
-    }
-
-    pub fn dlq_entry(&self, id: u64) -> Result<Option<DlqEntry>, StoreError> {
-        self.tree
-            .get(key::numbered(key::DLQ, id))?
-            .map(|v| decode(&v, &format!("q{id}")))
-            .transpose()
-    }
-
-    /// The entry with the highest id (the newest failure).
-    pub fn dlq_newest(&self) -> Result<Option<DlqEntry>, StoreError> {
-        match self
-            .tree
-            .range(key::numbered(key::DLQ, 0)..key::numbered(key::DLQ + 1, 0))
-            .next_back()
-        {
-            Some(kv) => {
-                let (k, v) = kv?;
-                Ok(Some(decode(&v, &format!("q{}", key::number_of(&k)))?))
-            }
-            None => Ok(None),
-        }
-    }
-
-    /// When the entry's next automatic retry is due, if it has one.
-    pub fn dlq_retry_at(&self, id: u64) -> Result<Option<i64>, StoreError> {
-        self.tree
-            .get(key::numbered(key::DLQ_RETRY, id))?
-            .map(|v| decode(&v, &format!("r{id}")))
-            .transpose()
-    }
-
-    /// Every scheduled automatic retry: (DLQ id, due at), in id order.
-    pub fn dlq_schedule(&self) -> impl Iterator<Item = Result<(u64, i64), StoreError>> + '_ {
-        self.tree.scan_prefix([key::DLQ_RETRY]).map(|kv| {
-            let (k, v) = kv?;
-            let id = key::number_of(&k);
-            Ok((id, decode(&v, &format!("r{id}"))?))
-        })
-    }
 }
 
-// Missed events
-impl StoreReader {
-    pub fn missed_record(&self, id: u64) -> Result<Option<MissedRecord>, StoreError> {
-        self.tree
-            .get(key::numbered(key::MISSED, id))?
-            .map(|v| decode(&v, &format!("x{id}")))
-            .transpose()
-    }
-
-    /// Missed records in id order (oldest first).
-    pub fn missed(&self) -> impl Iterator<Item = Result<MissedRecord, StoreError>> + '_ {
-        self.tree
-            .range(key::numbered(key::MISSED, 0)..key::numbered(key::MISSED + 1, 0))
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&v, &format!("x{}", key::number_of(&k)))
-            })
-    }
-
-    /// `missed list`: the matching records, oldest first, up to the filter's limit.
-    pub fn missed_list(&self, filter: &MissedFilter) -> Result<MissedListing, StoreError> {
-        let total = self.counters()?.missed_records;
-        let mut matching = 0u64;
-        let mut records = Vec::new();
-        for r in self.missed() {
-            let r = r?;
-            if !filter.matches(&r) {
-                continue;
-            }
-            matching += 1;
-            if filter.limit.is_none_or(|l| records.len() < l) {
-                records.push(r);
-            }
-        }
-        Ok(MissedListing {
-            total,
-            matching,
-            records,
-        })
-    }
-
-    /// Up to `limit` missed records not yet reported to the cloud, oldest first.
-    pub fn missed_unreported(&self, limit: usize) -> Result<Vec<MissedRecord>, StoreError> {
-        let mut out = Vec::new();
-        for r in self.missed() {
-            if out.len() >= limit {
-                break;
-            }
-            let r = r?;
-            if !self
-                .tree
-                .contains_key(key::numbered(key::MISSED_REPORTED, r.id))?
-            {
-                out.push(r);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Marks records reported (the cloud broker acknowledged the status message that carried
-    /// them). Not flushed: the next group commit's flush makes it durable, and a mark lost to
-    /// a crash only means a record is reported twice, which the cloud de-duplicates by id.
-    /// Marks of records that no longer exist (filled late, dropped by the cap) are removed.
-    pub fn mark_missed_reported(&self, ids: &[u64]) -> Result<(), StoreError> {
-        let mut batch = sled::Batch::default();
-        for &id in ids {
-            batch.insert(&key::numbered(key::MISSED_REPORTED, id), &[][..]);
-        }
-        for kv in self.tree.range(
-            key::numbered(key::MISSED_REPORTED, 0)..key::numbered(key::MISSED_REPORTED + 1, 0),
-        ) {
-            let (k, _) = kv?;
-            let id = key::number_of(&k);
-            if !ids.contains(&id) && !self.tree.contains_key(key::numbered(key::MISSED, id))? {
-                batch.remove(k);
-            }
-        }
-        self.tree.apply_batch(batch)?;
-        Ok(())
-    }
-
-    /// Every device's tracked gaps.
-    pub fn gaps(&self) -> impl Iterator<Item = Result<(String, DeviceGaps), StoreError>> + '_ {
-        self.tree.scan_prefix([key::GAPS]).map(|kv| {
-            let (k, v) = kv?;
-            let device = String::from_utf8_lossy(&k[1..]).into_owned();
-            let gaps = decode(&v, &format!("g{device}"))?;
-            Ok((device, gaps))
-        })
-    }
-}
-
-// Missed events
-impl Store {
-    /// The cap on stored missed records, applied from the next commit on (default: none).
-    pub fn set_missed_cap(&mut self, cap: u64) {
-        self.missed_cap = cap;
-    }
-
-    /// The missed-events part of [`Store::commit`]: tracked gaps, record writes and removals,
-    /// then the cap (oldest records first).
-    fn missed_apply(
-        &self,
-        batch: &mut sled::Batch,
-        next: &mut Counters,
-        commit: &mut Commit,
-    ) -> Result<(), StoreError> {
-        for (device, gaps) in &commit.gaps {
-            let k = key::named(key::GAPS, device);
-            match gaps {
-                Some(g) => batch.insert(k, proto::wire::encode(g)),
-                None => batch.remove(k),
-            }
-        }
-        let rec_key = |id| key::numbered(key::MISSED, id);
-        let mut stored: BTreeSet<u64> = BTreeSet::new();
-        for &id in &commit.missed_removals {
-            if commit.missed.contains_key(&id) {
-                continue;
-            }
-            if self.tree.contains_key(rec_key(id))? {
-                batch.remove(&rec_key(id)[..]);
-                next.missed_records -= 1;
-            }
-        }
-        for (&id, r) in &commit.missed {
-            if !self.tree.contains_key(rec_key(id))? {
-                next.missed_records += 1;
-            }
-            stored.insert(id);
-            next.next_missed_id = next.first_free_missed_id().max(id + 1);
-            batch.insert(&rec_key(id)[..], proto::wire::encode(r));
-        }
-        next.missed_seqs += commit.missed_declared_seqs;
-        next.missed_filled_late += commit.missed_filled_late;
-        if next.missed_records <= self.missed_cap {
-            return Ok(());
-        }
-        // Oldest first: the stored ids (less this commit's removals) merged with this
-        // commit's writes, in id order.
-        let excess = next.missed_records - self.missed_cap;
-        let mut ids = Vec::new();
-        for kv in self
-            .tree
-            .range(rec_key(0)..key::numbered(key::MISSED + 1, 0))
-        {
-            let (k, _) = kv?;
-            let id = key::number_of(&k);
-            if !commit.missed_removals.contains(&id) && !stored.contains(&id) {
-                ids.push(id);
-            }
-            if ids.len() as u64 >= excess {
-                break;
-            }
-        }
-        ids.extend(stored.iter().copied());
-        ids.sort_unstable();
-        let keep = ids.len() as u64 - excess.min(ids.len() as u64);
-        for &id in over_cap(&ids, keep) {
-            let record = match commit.missed.get(&id) {
-                Some(r) => Some(r.clone()),
-                None => self.reader().missed_record(id)?,
-            };
-            batch.remove(&rec_key(id)[..]);
-            next.missed_records -= 1;
-            next.missed_dropped += 1;
-            commit.missed_dropped.extend(record);
-        }
-        Ok(())
-    }
-}
-
-// DLQ
 impl Store {
     pub fn reader(&self) -> StoreReader {
         StoreReader {
             tree: self.tree.clone(),
         }
-    }
-
-    /// The DLQ's cap, applied from the next commit on (the default is no cap).
-    pub fn set_dlq_cap(&mut self, cap: DlqCap) {
-        self.dlq_cap = cap;
-    }
-
-    /// The DLQ is at its cap (with `full_policy = "block"` the pipeline stops taking messages).
-    pub fn dlq_full(&self) -> bool {
-        self.dlq_cap
-            .reached(self.counters.dlq_entries, self.counters.dlq_bytes)
-    }
-
-    /// A store written before `dlq_bytes` was counted: count it once.
-    fn dlq_open(&mut self) -> Result<(), StoreError> {
-        if self.counters.dlq_entries > 0 && self.counters.dlq_bytes == 0 {
-            let mut bytes = 0u64;
-            for kv in self.tree.scan_prefix([key::DLQ]) {
-                bytes += kv?.1.len() as u64;
-            }
-            self.counters.dlq_bytes = bytes;
-        }
-        Ok(())
-    }
-
-    /// The DLQ part of [`Store::commit`]: removals, in-place updates, new entries (ids
-    /// assigned here), the retry schedule, then the cap (`drop_oldest` evicts oldest first).
-    fn dlq_apply(
-        &self,
-        batch: &mut sled::Batch,
-        next: &mut Counters,
-        commit: &mut Commit,
-    ) -> Result<(), StoreError> {
-        let entry_key = |id| key::numbered(key::DLQ, id);
-        let retry_key = |id| key::numbered(key::DLQ_RETRY, id);
-        let mut gone = HashSet::new();
-        for &id in &commit.dlq_removals {
-            if !gone.insert(id) {
-                continue;
-            }
-            if let Some(old) = self.tree.get(entry_key(id))? {
-                next.dlq_entries -= 1;
-                next.dlq_bytes = next.dlq_bytes.saturating_sub(old.len() as u64);
-                batch.remove(&entry_key(id)[..]);
-                batch.remove(&retry_key(id)[..]);
-            }
-        }
-        // Sizes of updated entries, for the cap below.
-        let mut sizes = HashMap::new();
-        for d in &commit.dlq_updates {
-            if gone.contains(&d.id) {
-                continue;
-            }
-            let Some(old) = self.tree.get(entry_key(d.id))? else {
-                continue;
-            };
-            let bytes = proto::wire::encode(d);
-            next.dlq_bytes = next.dlq_bytes.saturating_sub(old.len() as u64) + bytes.len() as u64;
-            sizes.insert(d.id, bytes.len() as u64);
-            batch.insert(&entry_key(d.id)[..], bytes);
-        }
-        let first_new = next.next_dlq_id;
-        for d in &mut commit.dlq {
-            d.id = next.next_dlq_id;
-            next.next_dlq_id += 1;
-            let bytes = proto::wire::encode(d);
-            next.dlq_entries += 1;
-            next.dlq_bytes += bytes.len() as u64;
-            sizes.insert(d.id, bytes.len() as u64);
-            batch.insert(&entry_key(d.id)[..], bytes);
-        }
-        for (r, at) in &commit.dlq_schedule {
-            let id = match *r {
-                DlqRef::Id(id) => id,
-                DlqRef::New(i) => match commit.dlq.get(i) {
-                    Some(d) => d.id,
-                    None => continue,
-                },
-            };
-            if gone.contains(&id) {
-                continue;
-            }
-            match at {
-                Some(t) => batch.insert(&retry_key(id)[..], proto::wire::encode(t)),
-                None => batch.remove(&retry_key(id)[..]),
-            }
-        }
-
-        let cap = self.dlq_cap;
-        if !cap.drop_oldest || !cap.exceeded(next.dlq_entries, next.dlq_bytes) {
-            return Ok(());
-        }
-        let evict = |id: u64, size: u64, batch: &mut sled::Batch, next: &mut Counters| {
-            batch.remove(&entry_key(id)[..]);
-            batch.remove(&retry_key(id)[..]);
-            next.dlq_entries -= 1;
-            next.dlq_bytes = next.dlq_bytes.saturating_sub(size);
-            next.dlq_dropped += 1;
-        };
-        for kv in self.tree.range(entry_key(0)..entry_key(first_new)) {
-            if !cap.exceeded(next.dlq_entries, next.dlq_bytes) {
-                return Ok(());
-            }
-            let (k, v) = kv?;
-            let id = key::number_of(&k);
-            if gone.contains(&id) {
-                continue;
-            }
-            let size = sizes.get(&id).copied().unwrap_or(v.len() as u64);
-            evict(id, size, batch, next);
-            if let Ok(e) = decode::<DlqEntry>(&v, "") {
-                commit.dlq_dropped.push(e);
-            }
-        }
-        // A batch with more new entries than the cap holds: the oldest new ones go too.
-        for d in &commit.dlq {
-            if !cap.exceeded(next.dlq_entries, next.dlq_bytes) {
-                break;
-            }
-            evict(d.id, sizes[&d.id], batch, next);
-            commit.dlq_dropped.push(d.clone());
-        }
-        Ok(())
     }
 }
 
@@ -860,7 +574,8 @@ mod tests {
     use super::*;
     use proto::{Stage, Status};
 
-    fn result(device: &str, seq: u64) -> EventResult {
+    /// A plain result (also the outbox tests' fixture).
+    pub(super) fn result(device: &str, seq: u64) -> EventResult {
         EventResult {
             event_id: EventResult::event_id(device, &seq.to_string()),
             device: device.into(),
@@ -900,19 +615,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let mut store = Store::open(dir.path()).unwrap();
-            let mut c = Commit {
-                results: vec![result("m1", 1), result("m1", 2)],
-                dlq: vec![dlq_entry("data.kwh: missing")],
-                ..Commit::default()
-            };
-            store.commit(&mut c).unwrap();
-            assert_eq!(c.results[1].edge_seq, 2);
-            let mut c = Commit {
-                results: vec![result("m2", 1)],
-                ..Commit::default()
-            };
-            store.commit(&mut c).unwrap();
-            assert_eq!(c.results[0].edge_seq, 3);
+            let mut c = store.begin();
+            assert_eq!(c.push_result(result("m1", 1)), 1);
+            assert_eq!(c.push_result(result("m1", 2)), 2);
+            assert_eq!(c.push_dlq(dlq_entry("data.kwh: missing")), 1);
+            assert_eq!(store.commit(&c).unwrap().head, 2);
+            let mut c = store.begin();
+            assert_eq!(c.push_result(result("m2", 1)), 3);
+            store.commit(&c).unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
         let seqs: Vec<u64> = store.outbox(0).map(|r| r.unwrap().edge_seq).collect();
@@ -938,7 +648,7 @@ mod tests {
         for id in 1..=3 {
             c.missed.insert(id, rec(id));
         }
-        store.commit(&mut c).unwrap();
+        store.commit(&c).unwrap();
         let reader = store.reader();
         let ids = |v: Vec<MissedRecord>| v.into_iter().map(|r| r.id).collect::<Vec<_>>();
         assert_eq!(ids(reader.missed_unreported(2).unwrap()), [1, 2]);
@@ -947,7 +657,7 @@ mod tests {
         // Record 1 filled late (deleted): its mark goes with the next marking.
         let mut c = Commit::default();
         c.missed_removals.insert(1);
-        store.commit(&mut c).unwrap();
+        store.commit(&c).unwrap();
         reader.mark_missed_reported(&[3]).unwrap();
         assert!(reader.missed_unreported(100).unwrap().is_empty());
         let marks = reader

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{StoreError, key};
+use super::{StoreError, key};
 use crate::telemetry as m;
 
 /// What to do when pending results reach `max_bytes`.
@@ -319,39 +319,21 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Commit, Store};
-    use proto::{EventResult, Status};
+    use crate::store::Store;
+    use proto::EventResult;
 
     fn result(seq: u64) -> EventResult {
-        EventResult {
-            event_id: EventResult::event_id("m1", &seq.to_string()),
-            device: "m1".into(),
-            event_type: "meter".into(),
-            seq,
-            ts: 1_764_000_000_000,
-            gateway: "gw".into(),
-            edge_seq: 0,
-            input: Default::default(),
-            result: Default::default(),
-            calc_version: "meter-0".into(),
-            status: Status::Ok,
-            flags: vec![],
-            anomaly_score: 0.0,
-            processed_at: 1_764_000_000_001,
-            correction: None,
-        }
+        crate::store::tests::result("m1", seq)
     }
 
     fn store_with(dir: &std::path::Path, n: u64, cfg: OutboxConfig) -> (Store, Outbox) {
         let mut store = Store::open(dir).unwrap();
         let outbox = store.open_outbox(cfg).unwrap();
-        let mut c = Commit {
-            results: (1..=n).map(result).collect(),
-            ..Commit::default()
-        };
-        store.commit(&mut c).unwrap();
-        let counters = store.counters();
-        outbox.committed(counters.next_edge_seq - 1, counters.outbox_bytes);
+        let mut c = store.begin();
+        for i in 1..=n {
+            c.push_result(result(i));
+        }
+        store.commit(&c).unwrap();
         (store, outbox)
     }
 
@@ -383,7 +365,7 @@ mod tests {
                 .collect();
             assert_eq!(window, [6, 7, 8, 9, 10]);
         }
-        let store = Store::open(dir.path()).unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
         let outbox = store.open_outbox(cfg).unwrap();
         assert_eq!(outbox.first_pending(), 9);
         assert_eq!(outbox.depth().entries, 2);

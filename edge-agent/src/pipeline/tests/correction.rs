@@ -7,8 +7,8 @@ use engine::EngineSpec;
 use proto::{EventResult, Status};
 use serde_json::json;
 
-use super::*;
 use crate::ingest::Ack;
+use crate::pipeline::*;
 use crate::store::outbox::OutboxConfig;
 
 const SPEC: &str = r#"

@@ -5,9 +5,14 @@ use bytes::Bytes;
 use engine::EngineSpec;
 use serde_json::json;
 
-use super::*;
-use crate::dlq::{AutoRetry, Filter};
+use std::sync::atomic::Ordering;
+
+use proto::DlqEntry;
+use tokio::sync::oneshot;
+
+use crate::dlq::{AutoRetry, DlqConfig, Filter, FullPolicy, RetryOutcome, Selection};
 use crate::ingest::Ack;
+use crate::pipeline::*;
 use crate::store::outbox::OutboxConfig;
 
 /// A pulse counter whose rate needs the previous reading (except on a boot message), and a
@@ -124,8 +129,7 @@ impl Fixture {
 
     /// Runs the automatic retries as if their time had come.
     fn auto_retry_now(&mut self) {
-        std::thread::sleep(Duration::from_millis(5));
-        self.p.auto_retry().unwrap();
+        self.p.auto_retry(i64::MAX).unwrap();
     }
 }
 
@@ -138,7 +142,7 @@ fn a_transient_failure_is_retried_automatically_and_succeeds_once_its_state_arri
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].stage, proto::Stage::Calc);
     assert_eq!(f.schedule().len(), 1, "transient: scheduled for a retry");
-    assert!(f.p.next_auto_retry.is_some());
+    assert!(f.p.retries.due().is_some());
     // A retry before the state exists fails again and is rescheduled.
     f.auto_retry_now();
     assert_eq!(f.dlq()[0].attempts, 2);
@@ -169,7 +173,7 @@ fn automatic_retries_stop_after_the_configured_attempts() {
     let e = &f.dlq()[0];
     assert_eq!(e.attempts, 3, "the first failure and two automatic retries");
     assert!(f.schedule().is_empty(), "now it waits for a person");
-    assert_eq!(f.p.next_auto_retry, None);
+    assert_eq!(f.p.retries.due(), None);
     f.auto_retry_now();
     assert_eq!(f.dlq()[0].attempts, 3, "no further automatic attempt");
     f.assert_counters_exact();
@@ -181,7 +185,7 @@ fn permanent_failures_are_not_retried_automatically() {
     f.feed(vec![bad_meter(1)]);
     assert_eq!(f.dlq().len(), 1);
     assert!(f.schedule().is_empty());
-    assert_eq!(f.p.next_auto_retry, None);
+    assert_eq!(f.p.retries.due(), None);
 }
 
 #[test]
@@ -255,7 +259,7 @@ fn purge_removes_entries_and_their_schedule() {
     assert_eq!(r.purged, vec![2]);
     assert_eq!(r.not_found, vec![7]);
     assert!(f.schedule().is_empty());
-    assert_eq!(f.p.next_auto_retry, None);
+    assert_eq!(f.p.retries.due(), None);
     f.assert_counters_exact();
     let r =
         f.p.purge(&Selection {
@@ -282,7 +286,7 @@ fn drop_oldest_keeps_the_newest_entries_and_counts_the_drops() {
     let c = f.p.store.counters();
     assert_eq!(c.dlq_dropped, 4);
     f.assert_counters_exact();
-    assert!(!f.p.intake_blocked(), "drop_oldest never blocks");
+    assert!(!f.p.intake.closed(&f.p.store), "drop_oldest never blocks");
 }
 
 #[test]
@@ -307,21 +311,21 @@ fn block_stops_intake_while_full_until_room_is_made() {
         ..DlqConfig::default()
     });
     f.feed((1..=2).map(bad_meter).collect());
-    assert!(!f.p.intake_blocked());
+    assert!(!f.p.intake.closed(&f.p.store));
     f.feed(vec![bad_meter(3), bad_meter(4)]);
     assert_eq!(
         f.dlq().len(),
         4,
         "nothing is dropped: over by at most a batch"
     );
-    assert!(f.p.intake_blocked());
+    assert!(f.p.intake.closed(&f.p.store));
     assert!(f.p.live.intake_blocked.load(Ordering::Relaxed));
     f.p.purge(&Selection {
         ids: vec![1, 2],
         ..Selection::default()
     })
     .unwrap();
-    assert!(!f.p.intake_blocked());
+    assert!(!f.p.intake.closed(&f.p.store));
     assert_eq!(f.p.store.counters().dlq_dropped, 0);
 }
 

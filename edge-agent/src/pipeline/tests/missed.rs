@@ -6,9 +6,9 @@ use bytes::Bytes;
 use engine::{EngineSpec, SeqRange};
 use serde_json::json;
 
-use super::*;
 use crate::ingest::Ack;
-use crate::missed::MissedFilter;
+use crate::missed::{DeviceGaps, MissedFilter, MissedRecord};
+use crate::pipeline::*;
 use crate::store::outbox::OutboxConfig;
 
 const SPEC: &str = r#"
@@ -82,7 +82,7 @@ fn a_gap_is_stored_with_its_message_and_declared_missed_after_the_wait() {
     assert_eq!(g[0].0, "m1");
     assert_eq!(g[0].1.gaps[0].range(), SeqRange::new(3, 4));
     assert_eq!(g[0].1.gaps[0].first_seen, T0);
-    assert_eq!(p.next_missed_check, Some(T0 + AFTER_MS));
+    assert_eq!(p.gaps.due(), Some(T0 + AFTER_MS));
 
     p.declare_missed(T0 + AFTER_MS - 1).unwrap();
     assert!(records(&p).is_empty(), "not before the wait");
@@ -99,7 +99,7 @@ fn a_gap_is_stored_with_its_message_and_declared_missed_after_the_wait() {
         ("m1", 3, 4, 2)
     );
     assert_eq!((r[0].first_seen, r[0].declared_at), (T0, T0 + AFTER_MS));
-    assert_eq!(p.next_missed_check, None);
+    assert_eq!(p.gaps.due(), None);
     // Declared once.
     p.declare_missed(T0 + 10 * AFTER_MS).unwrap();
     assert_eq!(records(&p).len(), 1);
@@ -110,7 +110,7 @@ fn a_gap_is_stored_with_its_message_and_declared_missed_after_the_wait() {
     // Everything survives a restart, and the gap is not declared again.
     let mut p = open(dir.path(), 100);
     assert_eq!(records(&p).len(), 1);
-    assert_eq!(p.next_missed_check, None);
+    assert_eq!(p.gaps.due(), None);
     p.declare_missed(T0 + 20 * AFTER_MS).unwrap();
     assert_eq!(records(&p).len(), 1);
     assert_eq!(p.store.counters().missed_seqs, 2);
@@ -157,7 +157,7 @@ fn a_late_arrival_inside_a_declared_range_splits_it() {
     assert_eq!(ranges(&r[0]), [(2, 4), (6, 9)]);
     assert_eq!((r[0].first_seq, r[0].last_seq, r[0].count), (2, 9, 7));
     // The split pieces stay declared: no second record, nothing to wait for.
-    assert_eq!(p.next_missed_check, None);
+    assert_eq!(p.gaps.due(), None);
     p.declare_missed(T0 + 5 * AFTER_MS).unwrap();
     assert_eq!(records(&p).len(), 1);
     // A late arrival before the wait: the gap shrinks and is declared with what is left.
@@ -204,7 +204,7 @@ fn a_device_restart_makes_its_open_gaps_missed_at_once() {
     // The check scheduled for the gap finds nothing left to declare.
     p.declare_missed(T0 + AFTER_MS).unwrap();
     assert_eq!(records(&p).len(), 1);
-    assert_eq!(p.next_missed_check, None);
+    assert_eq!(p.gaps.due(), None);
     assert_eq!(p.store.counters().missed_seqs, 4);
 }
 

@@ -1,0 +1,58 @@
+//! The pipeline's side of the admin socket: DLQ writes (`dlq retry`, `dlq purge`) handed to
+//! the pipeline thread, which owns every store write while the agent runs, and served between
+//! batches so they take the same group-commit path as live traffic.
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::Pipeline;
+use crate::dlq::{PurgeReport, RetryReport, Selection};
+use crate::store::StoreError;
+
+/// A DLQ write for the pipeline thread, from the admin socket; the reply goes back on the
+/// oneshot (an `Err` is a store failure, after which the pipeline stops).
+pub enum AdminCall {
+    Retry(Selection, oneshot::Sender<Result<RetryReport, String>>),
+    Purge(Selection, oneshot::Sender<Result<PurgeReport, String>>),
+}
+
+/// The calls still to come; once every sender is gone it stays quiet instead of waking the
+/// pipeline with `None` forever.
+pub(super) struct AdminInbox {
+    rx: mpsc::Receiver<AdminCall>,
+    open: bool,
+}
+
+impl AdminInbox {
+    pub(super) fn new(rx: mpsc::Receiver<AdminCall>) -> AdminInbox {
+        AdminInbox { rx, open: true }
+    }
+
+    /// The next call; pending forever once the admin side is gone.
+    pub(super) async fn next(&mut self) -> AdminCall {
+        if self.open {
+            match self.rx.recv().await {
+                Some(call) => return call,
+                None => self.open = false,
+            }
+        }
+        std::future::pending().await
+    }
+}
+
+impl Pipeline {
+    /// Runs one call and replies; a store failure is also returned, to stop the pipeline.
+    pub(super) fn serve(&mut self, call: AdminCall) -> Result<(), StoreError> {
+        match call {
+            AdminCall::Retry(sel, reply) => {
+                let r = self.retry(&sel);
+                let _ = reply.send(r.as_ref().map(Clone::clone).map_err(ToString::to_string));
+                r.map(drop)
+            }
+            AdminCall::Purge(sel, reply) => {
+                let r = self.purge(&sel);
+                let _ = reply.send(r.as_ref().map(Clone::clone).map_err(ToString::to_string));
+                r.map(drop)
+            }
+        }
+    }
+}

@@ -121,3 +121,75 @@ fn a_full_disk_stops_intake_loses_nothing_and_resumes_by_itself() {
         assert_eq!(r["event_id"], format!("meter-1/r{}", i + 1));
     }
 }
+
+/// Fills the filesystem to the last byte (a file that grows until ENOSPC).
+fn fill_up(fs: &SmallFs) -> PathBuf {
+    use std::io::Write;
+    let path = fs.0.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 1 << 16];
+    while f.write_all(&chunk).is_ok() {}
+    // The last partial chunk: byte by byte.
+    while f.write_all(&[0]).is_ok() {}
+    path
+}
+
+#[test]
+fn no_space_inside_a_commit_loses_nothing_acknowledged_and_never_quarantines() {
+    let dir = tempfile::tempdir().unwrap();
+    let fs = SmallFs::mount(&dir.path().join("small"), 48);
+    let data = fs.0.join("data");
+    // No reserve: the commit itself meets the full disk, as on a filesystem that another
+    // process filled between the agent's look and its write.
+    let mut agent = Agent::embedded(dir.path(), |cfg| {
+        set(cfg, &["data_dir"], data.display().to_string().into());
+        set(cfg, &["pipeline", "disk_reserve_mb"], 0.into());
+    });
+    let mut first = Publisher::new(agent.mqtt_port, "before");
+    first.publish_all(messages(1, 300), 32, Duration::from_secs(60), |_| {});
+    let filler = fill_up(&fs);
+
+    // The device keeps publishing (and retransmitting what was not acknowledged) throughout.
+    let port = agent.mqtt_port;
+    let later = std::thread::spawn(move || {
+        let mut p = Publisher::new(port, "during");
+        p.publish_all(messages(301, 2000), 32, Duration::from_secs(300), |_| {});
+        p.acked.len()
+    });
+    let status = agent.exited(Duration::from_secs(60));
+    assert!(!status.success(), "a failed commit stops the agent");
+    let log = agent.log_text();
+    assert!(
+        log.contains("edge-agent: the pipeline stopped: disk full"),
+        "{log}"
+    );
+
+    // Started again on the still-full disk: it refuses, says why, and leaves the store be.
+    let (status, log) = agent.start_refused();
+    assert!(!status.success());
+    assert!(log.contains("disk full"), "{log}");
+    assert!(!data.join("quarantine").exists(), "{log}");
+
+    // Room again: the store opens as it was, and the device's held messages all come in.
+    std::fs::remove_file(&filler).unwrap();
+    agent.restart();
+    assert!(!data.join("quarantine").exists(), "{}", agent.log_text());
+    assert_eq!(
+        later.join().unwrap(),
+        2000,
+        "every held message acknowledged"
+    );
+    assert!(agent.stop().success());
+    let outbox = agent.outbox();
+    assert_eq!(outbox.len(), 2300);
+    for (i, r) in outbox.iter().enumerate() {
+        assert_eq!(r["edge_seq"].as_u64(), Some(i as u64 + 1));
+    }
+    let mut ids: Vec<String> = outbox
+        .iter()
+        .map(|r| r["event_id"].as_str().unwrap().to_string())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 2300, "each message stored once");
+}

@@ -155,7 +155,13 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
         signal = termination(), if hooks.stop.is_none() => signal?,
         _ = stop.cancelled() => "stop requested",
         result = ingest.wait() => {
-            result.context("ingest stopped")?;
+            if let Err(e) = result {
+                // Ingest stops when the pipeline has gone: its error is the cause to report.
+                return Err(match tokio::task::spawn_blocking(move || pipeline.join()).await? {
+                    Ok(Err(store)) => anyhow::Error::new(store).context("the pipeline stopped"),
+                    _ => e.context("ingest stopped"),
+                });
+            }
             "ingest"
         }
     };

@@ -102,6 +102,8 @@ pub struct Agent {
     ready_line: &'static str,
     /// Extra environment for the process (e.g. a fault hook).
     env: Vec<(String, String)>,
+    /// Where this start's lines begin in the log.
+    log_offset: usize,
 }
 
 impl Agent {
@@ -185,6 +187,7 @@ impl Agent {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            log_offset: 0,
         };
         agent.restart();
         agent
@@ -192,6 +195,43 @@ impl Agent {
 
     /// (Re)starts the process with the same config and data, and waits until it is ready.
     pub fn restart(&mut self) {
+        self.spawn();
+        let offset = self.log_offset;
+        let ready_line = self.ready_line;
+        wait_for(ready_line, Duration::from_secs(30), || {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("edge-agent exited early ({status}):\n{}", self.log_text());
+            }
+            self.log_text()[offset..].contains(ready_line)
+        });
+    }
+
+    /// Starts the process expecting it to refuse to run; returns how it exited and what it
+    /// logged on this start.
+    pub fn start_refused(&mut self) -> (ExitStatus, String) {
+        self.spawn();
+        let status = self.exited(Duration::from_secs(30));
+        (status, self.log_text()[self.log_offset..].to_string())
+    }
+
+    /// Waits for the process to end by itself.
+    pub fn exited(&mut self, timeout: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().expect("running").try_wait().unwrap() {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "edge-agent did not exit by itself:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn spawn(&mut self) {
         assert!(self.child.is_none(), "agent already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -211,13 +251,7 @@ impl Agent {
             .spawn()
             .expect("spawn edge-agent");
         self.child = Some(child);
-        let ready_line = self.ready_line;
-        wait_for(ready_line, Duration::from_secs(30), || {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("edge-agent exited early ({status}):\n{}", self.log_text());
-            }
-            self.log_text()[offset..].contains(ready_line)
-        });
+        self.log_offset = offset;
     }
 
     pub fn log_text(&self) -> String {

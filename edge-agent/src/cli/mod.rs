@@ -478,6 +478,12 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
                     eprintln!("edge-agent: the store at {} is in use", path.display());
                     return Ok(ExitCode::from(crate::store::quarantine::CHECK_LOCKED as u8));
                 }
+                Err(e @ StoreError::NoSpace(_)) => {
+                    eprintln!("edge-agent: {e}");
+                    return Ok(ExitCode::from(
+                        crate::store::quarantine::CHECK_NO_SPACE as u8,
+                    ));
+                }
                 Err(e) => return Err(e.into()),
             };
             let report = store.reader().check()?;

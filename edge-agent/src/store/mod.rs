@@ -46,7 +46,13 @@ pub enum StoreError {
         source: sled::Error,
     },
     #[error("store: {0}")]
-    Io(#[from] sled::Error),
+    Io(sled::Error),
+    /// The filesystem is full (ENOSPC, or a quota): not damage. What was committed stays;
+    /// the failed commit acknowledged nothing.
+    #[error(
+        "disk full: {0} (the store keeps everything committed so far; free some space on the data dir's filesystem)"
+    )]
+    NoSpace(#[source] std::io::Error),
     #[error("store record {key}: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("store at {path}: syncing to disk: {source}")]
@@ -63,6 +69,34 @@ pub enum StoreError {
         expected: u64,
         got: u64,
     },
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) if no_space(&io) => StoreError::NoSpace(io),
+            other => StoreError::Io(other),
+        }
+    }
+}
+
+impl StoreError {
+    /// A failed `fsync`/`fdatasync` of the store at `path`.
+    fn sync(path: &Path, e: std::io::Error) -> StoreError {
+        if no_space(&e) {
+            StoreError::NoSpace(e)
+        } else {
+            StoreError::Sync {
+                path: path.to_path_buf(),
+                source: e,
+            }
+        }
+    }
+}
+
+/// ENOSPC or EDQUOT: the disk (or the user's quota) is full.
+fn no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.kind() == std::io::ErrorKind::QuotaExceeded
 }
 
 /// Gateway-wide counters kept beside the data they count, so they survive restarts exactly.
@@ -258,16 +292,14 @@ impl Store {
                 sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
                     StoreError::Locked(path.clone())
                 }
+                sled::Error::Io(io) if no_space(&io) => StoreError::NoSpace(io),
                 other => StoreError::Sled {
                     path: path.clone(),
                     source: other,
                 },
             })?;
         let tree = db.open_tree("pipeline")?;
-        let syncer = sync::Syncer::open(&path).map_err(|source| StoreError::Sync {
-            path: path.clone(),
-            source,
-        })?;
+        let syncer = sync::Syncer::open(&path).map_err(|e| StoreError::sync(&path, e))?;
         let counters = match tree.get(key::named(key::META, COUNTERS))? {
             Some(v) => decode(&v, COUNTERS)?,
             None => Counters {
@@ -410,10 +442,9 @@ impl Store {
         if crate::fault::skip_sync() {
             return Ok(());
         }
-        self.syncer.sync().map_err(|source| StoreError::Sync {
-            path: self.path.clone(),
-            source,
-        })
+        self.syncer
+            .sync()
+            .map_err(|e| StoreError::sync(&self.path, e))
     }
 
     /// Every device's persisted engine state, for the engine to resume where it stopped.
@@ -608,6 +639,24 @@ mod tests {
             last_seen: 1,
             payload: b"{}".to_vec(),
         }
+    }
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_damage() {
+        let enospc = || std::io::Error::from_raw_os_error(28);
+        assert!(matches!(
+            StoreError::from(sled::Error::Io(enospc())),
+            StoreError::NoSpace(_)
+        ));
+        assert!(matches!(
+            StoreError::sync(Path::new("s"), enospc()),
+            StoreError::NoSpace(_)
+        ));
+        let eio = std::io::Error::from_raw_os_error(5);
+        assert!(matches!(
+            StoreError::from(sled::Error::Io(eio)),
+            StoreError::Io(_)
+        ));
     }
 
     #[test]

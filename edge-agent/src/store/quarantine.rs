@@ -17,6 +17,9 @@ use serde::{Deserialize, Serialize};
 /// Exit code of `store check` when the store is held by another process (not damage).
 pub const CHECK_LOCKED: i32 = 3;
 
+/// Exit code of `store check` when the filesystem is full (not damage either).
+pub const CHECK_NO_SPACE: i32 = 4;
+
 /// The first line `store check` prints, before it touches the store.
 pub const CHECK_STARTED: &str = "checking the store";
 
@@ -35,6 +38,10 @@ pub struct Quarantine {
 pub enum ProbeError {
     #[error("the store at {0} is in use by another process (is the agent running?)")]
     Locked(PathBuf),
+    #[error(
+        "disk full: the filesystem of {0} has no space left; the store is left as it is (nothing is lost): free some space and start the agent again"
+    )]
+    NoSpace(PathBuf),
     #[error("probing the store at {path}: {source}")]
     Io {
         path: PathBuf,
@@ -68,6 +75,9 @@ pub fn probe(exe: &Path, data_dir: &Path, now_ms: i64) -> Result<Option<Quaranti
         Ok(out) if out.status.code() == Some(CHECK_LOCKED) && started(&out) => {
             return Err(ProbeError::Locked(store));
         }
+        Ok(out) if out.status.code() == Some(CHECK_NO_SPACE) && started(&out) => {
+            return Err(ProbeError::NoSpace(store));
+        }
         Ok(out) if started(&out) => failure_reason(&out.status, &out.stderr),
         // The probe could not run: check in-process, which catches every error but not a
         // panic.
@@ -80,6 +90,7 @@ pub fn probe(exe: &Path, data_dir: &Path, now_ms: i64) -> Result<Option<Quaranti
             match super::Store::open(data_dir).and_then(|s| s.reader().check()) {
                 Ok(_) => return Ok(None),
                 Err(super::StoreError::Locked(path)) => return Err(ProbeError::Locked(path)),
+                Err(super::StoreError::NoSpace(_)) => return Err(ProbeError::NoSpace(store)),
                 Err(e) => format!("store check: {e}"),
             }
         }

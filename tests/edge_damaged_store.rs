@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use e2e::{Agent, Publisher, agent_bin, meter};
+use e2e::{Agent, Mosquitto, Pki, Publisher, Subscriber, agent_bin, meter, set, wait_for};
 
 fn publish(agent: &Agent, client: &str, first_seq: u64, n: u64) {
     let msgs = (0..n)
@@ -116,6 +116,73 @@ fn garbage_in_the_log_is_quarantined_and_the_agent_goes_on() {
 #[test]
 fn a_truncated_log_is_quarantined_and_the_agent_goes_on() {
     quarantines_and_goes_on("truncated");
+}
+
+/// The status messages received so far, decoded.
+fn statuses(sub: &Subscriber) -> Vec<serde_json::Value> {
+    sub.received()
+        .iter()
+        .map(|(_, body)| serde_json::from_slice(body).unwrap())
+        .collect()
+}
+
+#[test]
+fn a_quarantine_is_reported_to_the_cloud_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cloud");
+    let broker = Mosquitto::start_tls(dir.path(), &pki);
+    let sub = Subscriber::start(broker.port, "bridge-test", "gateways/+/status");
+    let mut agent = Agent::embedded(dir.path(), |cfg| {
+        e2e::uplink_to(cfg, "gw-test", &broker, &pki, true, 2);
+        set(cfg, &["uplink", "status_interval_s"], 1.into());
+    });
+    publish(&agent, "before", 1, 50);
+    assert!(agent.stop().success());
+    damage(&dir.path().join("data/store"), "garbage");
+    // Before sled's first snapshot: it reads this log as empty, only the watermark knows.
+    let check = agent.cli(&["store", "check"]);
+    assert!(!check.status.success());
+    let err = String::from_utf8_lossy(&check.stderr);
+    assert!(err.contains("committed records are missing"), "{err}");
+    let before = sub.count();
+    agent.restart();
+
+    let carrying =
+        |v: &serde_json::Value| v["quarantines"].as_array().is_some_and(|q| !q.is_empty());
+    wait_for(
+        "a status carrying the quarantine",
+        Duration::from_secs(30),
+        || statuses(&sub)[before..].iter().any(carrying),
+    );
+    let all = statuses(&sub);
+    let first = before + all[before..].iter().position(carrying).unwrap();
+    let q = &all[first]["quarantines"][0];
+    assert_eq!(all[first]["gateway"], "gw-test");
+    assert!(
+        q["moved_to"].as_str().unwrap().contains("/quarantine/"),
+        "{q}"
+    );
+    assert!(q["reason"].as_str().unwrap().contains("store check"), "{q}");
+    assert!(q["at"].as_i64().unwrap() > 0, "{q}");
+
+    // Acknowledged, so the next statuses leave it out, also after a restart.
+    wait_for("statuses without it", Duration::from_secs(30), || {
+        statuses(&sub)[first + 1..]
+            .iter()
+            .filter(|v| !carrying(v))
+            .count()
+            >= 2
+    });
+    assert!(agent.stop().success());
+    let before = sub.count();
+    agent.restart();
+    wait_for(
+        "a status after the restart",
+        Duration::from_secs(30),
+        || sub.count() > before,
+    );
+    assert!(!statuses(&sub)[before..].iter().any(carrying));
+    assert!(agent.stop().success());
 }
 
 #[test]

@@ -12,9 +12,10 @@
 //! Every `status_interval_s`, and right after each connect, the uplink publishes a
 //! [`GatewayStatus`] on `gateways/{g}/status`: `released` (how far the broker acknowledged the
 //! results, so the cloud can notice a lost tail that no later batch would reveal) and up to
-//! [`MAX_MISSED_PER_STATUS`] missed-event records not yet reported. A record is marked reported
-//! only when the PUBACK of the very status packet that carried it arrives (the same packet-id
-//! matching as for results).
+//! [`MAX_MISSED_PER_STATUS`] missed-event records not yet reported, and any store quarantine not
+//! yet reported (a damaged store moved aside at start-up: the cloud must hear of it, since the
+//! results it held are not coming). A record is marked reported only when the PUBACK of the very
+//! status packet that carried it arrives (the same packet-id matching as for results).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -23,8 +24,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use proto::uplink::{
-    GatewayStatus, MAX_MISSED_PER_STATUS, MissedReport, ReplayRequest, SeqSpan, replay_topic,
-    results_topic, status_topic,
+    GatewayStatus, MAX_MISSED_PER_STATUS, MissedReport, QuarantineReport, ReplayRequest, SeqSpan,
+    replay_topic, results_topic, status_topic,
 };
 use rumqttc::{
     AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration,
@@ -35,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ingest::now_ms;
 use crate::missed::MissedRecord;
-use crate::store::StoreReader;
 use crate::store::outbox::Outbox;
+use crate::store::{Quarantine, StoreReader};
 use crate::telemetry as m;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -194,8 +195,15 @@ struct Sent {
     bytes: u64,
     /// A replay of already-released results: its ack releases nothing.
     replay: bool,
-    /// A status message carrying these missed-record ids: its ack marks them reported.
-    status: Option<Vec<u64>>,
+    /// A status message: its ack marks what it carried reported.
+    status: Option<Carried>,
+}
+
+/// What one status message reported: missed-record ids, quarantines (by `at`).
+#[derive(Debug, Clone, Default)]
+struct Carried {
+    missed: Vec<u64>,
+    quarantines: Vec<i64>,
 }
 
 /// The status message the uplink sends: `released` and the records to report.
@@ -204,8 +212,17 @@ pub fn status_message(
     released: u64,
     at: i64,
     records: &[MissedRecord],
+    quarantines: &[Quarantine],
 ) -> GatewayStatus {
     GatewayStatus {
+        quarantines: quarantines
+            .iter()
+            .map(|q| QuarantineReport {
+                at: q.at,
+                moved_to: q.moved_to.display().to_string(),
+                reason: q.reason.clone(),
+            })
+            .collect(),
         gateway: gateway.to_string(),
         released,
         at,
@@ -297,8 +314,8 @@ struct Link<'a> {
     /// Acknowledged ranges not yet contiguous with what was released: first → (last, bytes).
     acked: BTreeMap<u64, (u64, u64)>,
     replays: VecDeque<(u64, u64)>,
-    /// Missed-record ids in a status message not yet acknowledged.
-    reporting: Vec<u64>,
+    /// Missed-record ids and quarantines in a status message not yet acknowledged.
+    reporting: Carried,
     buf: Vec<u8>,
 }
 
@@ -328,7 +345,7 @@ impl<'a> Link<'a> {
             by_pkid: HashMap::new(),
             acked: BTreeMap::new(),
             replays: VecDeque::new(),
-            reporting: Vec::new(),
+            reporting: Carried::default(),
             buf: Vec::new(),
         }
     }
@@ -391,8 +408,8 @@ impl<'a> Link<'a> {
                 if let Some(sent) = self.by_pkid.remove(&ack.pkid) {
                     self.acked_any = true;
                     status.update(|s| s.last_ack_at = Some(now_ms()));
-                    if let Some(ids) = sent.status {
-                        self.reported(&ids)?;
+                    if let Some(carried) = sent.status {
+                        self.reported(&carried)?;
                     } else if !sent.replay {
                         self.acked.insert(sent.first, (sent.last, sent.bytes));
                         self.release()?;
@@ -435,34 +452,60 @@ impl<'a> Link<'a> {
     /// Publishes a status message (QoS 1) with the records not yet reported.
     fn send_status(&mut self) -> anyhow::Result<()> {
         let released = self.outbox.first_pending() - 1;
+        let in_flight = &self.reporting;
         let records: Vec<MissedRecord> = self
             .missed
-            .missed_unreported(MAX_MISSED_PER_STATUS + self.reporting.len())?
+            .missed_unreported(MAX_MISSED_PER_STATUS + in_flight.missed.len())?
             .into_iter()
-            .filter(|r| !self.reporting.contains(&r.id))
+            .filter(|r| !in_flight.missed.contains(&r.id))
             .take(MAX_MISSED_PER_STATUS)
             .collect();
-        let msg = status_message(self.gateway, released, now_ms(), &records);
+        let mut quarantines = self.missed.quarantines_unreported()?;
+        quarantines.retain(|q| !in_flight.quarantines.contains(&q.at));
+        let msg = status_message(self.gateway, released, now_ms(), &records, &quarantines);
         let body = serde_json::to_vec(&msg).context("encoding the status message")?;
         self.client
             .try_publish(self.status_topic.clone(), QoS::AtLeastOnce, false, body)?;
-        let ids: Vec<u64> = records.iter().map(|r| r.id).collect();
-        self.reporting.extend(&ids);
+        let carried = Carried {
+            missed: records.iter().map(|r| r.id).collect(),
+            quarantines: quarantines.iter().map(|q| q.at).collect(),
+        };
+        self.reporting.missed.extend(&carried.missed);
+        self.reporting.quarantines.extend(&carried.quarantines);
         self.queued.push_back(Sent {
             first: 0,
             last: 0,
             bytes: 0,
             replay: false,
-            status: Some(ids),
+            status: Some(carried),
         });
         metrics::counter!(m::UPLINK_STATUS).increment(1);
-        tracing::debug!(released, missed = records.len(), "status sent");
+        tracing::debug!(
+            released,
+            missed = records.len(),
+            quarantines = quarantines.len(),
+            "status sent"
+        );
         Ok(())
     }
 
     /// The broker acknowledged a status message: its records are reported.
-    fn reported(&mut self, ids: &[u64]) -> anyhow::Result<()> {
-        self.reporting.retain(|id| !ids.contains(id));
+    fn reported(&mut self, carried: &Carried) -> anyhow::Result<()> {
+        self.reporting
+            .missed
+            .retain(|id| !carried.missed.contains(id));
+        self.reporting
+            .quarantines
+            .retain(|at| !carried.quarantines.contains(at));
+        if !carried.quarantines.is_empty() {
+            self.missed
+                .mark_quarantines_reported(&carried.quarantines)?;
+            tracing::info!(
+                quarantines = carried.quarantines.len(),
+                "store quarantines reported to the cloud"
+            );
+        }
+        let ids = &carried.missed;
         if ids.is_empty() {
             return Ok(());
         }
@@ -587,7 +630,7 @@ mod tests {
     fn the_status_carries_released_and_the_records() {
         let mut r = MissedRecord::new(4, "meter-1", engine::SeqRange::new(3, 9), 10, 20);
         r.fill(engine::SeqRange::new(5, 5));
-        let s = status_message("gw", 17, 99, std::slice::from_ref(&r));
+        let s = status_message("gw", 17, 99, std::slice::from_ref(&r), &[]);
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["gateway"], "gw");
         assert_eq!(v["released"], 17);

@@ -7,7 +7,7 @@
 //! - `gateways/{gateway}/status` (gateway → cloud, QoS 1): one JSON [`GatewayStatus`], every
 //!   `status_interval_s` and right after each (re)connect: how far the broker acknowledged the
 //!   gateway's results (`released`, so the cloud notices a lost tail) and the gateway's
-//!   missed-event records not yet reported. Only `cloud-bridge run` subscribes to it (the
+//!   missed-event records and store quarantines not yet reported. Only `cloud-bridge run` subscribes to it (the
 //!   Lambda transport ignores it).
 
 use serde::{Deserialize, Serialize};
@@ -59,6 +59,22 @@ pub struct GatewayStatus {
     /// first, at most [`MAX_MISSED_PER_STATUS`].
     #[serde(default)]
     pub missed: Vec<MissedReport>,
+    /// Damaged stores the gateway moved aside and started afresh from, not yet reported
+    /// (absent when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantines: Vec<QuarantineReport>,
+}
+
+/// A gateway's store found damaged at start-up and moved aside: results it held but had not
+/// yet sent are only in the quarantined copy (`edge-agent store salvage` reads it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuarantineReport {
+    /// When it was moved aside (epoch ms); unique per gateway.
+    pub at: i64,
+    /// Where the damaged store now is, on the gateway.
+    pub moved_to: String,
+    /// What the start-up probe said.
+    pub reason: String,
 }
 
 /// One missed-event record of a gateway: seqs of `device` that never arrived.
@@ -126,6 +142,7 @@ mod tests {
                 ranges: vec![SeqSpan { first: 3, last: 5 }, SeqSpan { first: 7, last: 9 }],
                 declared_at: 1_795_600_700_000,
             }],
+            quarantines: vec![],
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(
@@ -143,5 +160,17 @@ mod tests {
         let bare: GatewayStatus =
             serde_json::from_str(r#"{"gateway":"g","released":0,"at":1}"#).unwrap();
         assert!(bare.missed.is_empty());
+        assert!(bare.quarantines.is_empty());
+        let q = GatewayStatus {
+            quarantines: vec![QuarantineReport {
+                at: 5,
+                moved_to: "/var/lib/edge-agent/quarantine/x/store".into(),
+                reason: "store check exited 1".into(),
+            }],
+            ..bare
+        };
+        let v = serde_json::to_value(&q).unwrap();
+        assert_eq!(v["quarantines"][0]["reason"], "store check exited 1");
+        assert_eq!(serde_json::from_value::<GatewayStatus>(v).unwrap(), q);
     }
 }

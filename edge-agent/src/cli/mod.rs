@@ -502,7 +502,7 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
                     from.display()
                 ),
             };
-            let store = Store::open(parent)?;
+            let store = Store::open_for_salvage(parent)?;
             let mut out: Box<dyn Write> = if to.as_os_str() == "-" {
                 Box::new(std::io::stdout().lock())
             } else {

@@ -30,6 +30,7 @@ mod missed;
 pub mod outbox;
 pub mod quarantine;
 mod sync;
+mod watermark;
 
 pub use quarantine::Quarantine;
 
@@ -60,6 +61,18 @@ pub enum StoreError {
         path: PathBuf,
         #[source]
         source: std::io::Error,
+    },
+    /// The store opened with less than it had committed (sled read its log as shorter than
+    /// it was): damage, though sled itself reports none.
+    #[error(
+        "store at {path}: committed records are missing: it holds edge_seq up to {has_seq} and DLQ ids up to {has_dlq}, but had committed up to {had_seq} and {had_dlq} (watermark)"
+    )]
+    Lost {
+        path: PathBuf,
+        has_seq: u64,
+        has_dlq: u64,
+        had_seq: u64,
+        had_dlq: u64,
     },
     /// A commit begun before another was written (a bug in the caller, caught before it
     /// could reuse an `edge_seq` or DLQ id).
@@ -146,6 +159,10 @@ impl Counters {
 const COUNTERS: &str = "counters";
 /// Meta key prefix of the quarantine records (`quarantine/{at:020}`).
 const QUARANTINE: &str = "quarantine/";
+
+fn quarantine_key(at: i64) -> Vec<u8> {
+    key::named(key::META, &format!("{QUARANTINE}{at:020}"))
+}
 
 /// What `store check` read.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -270,6 +287,8 @@ pub struct Store {
     /// `data_dir/store`.
     path: PathBuf,
     syncer: sync::Syncer,
+    /// Told the numbering after each durable commit.
+    watermark: watermark::Watermark,
     counters: Counters,
     dlq_cap: DlqCap,
     /// Most missed records kept (the oldest go first).
@@ -279,6 +298,16 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store under `data_dir/store`.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with(data_dir, true)
+    }
+
+    /// Opens a damaged store to read what is left (`store salvage`): a store behind its
+    /// watermark is read all the same, and the watermark is left as it was.
+    pub fn open_for_salvage(data_dir: &Path) -> Result<Store, StoreError> {
+        Self::open_with(data_dir, false)
+    }
+
+    fn open_with(data_dir: &Path, trust_watermark: bool) -> Result<Store, StoreError> {
         let path = data_dir.join("store");
         sync::reopen_guard(&path);
         let db = sled::Config::new()
@@ -308,12 +337,33 @@ impl Store {
                 ..Counters::default()
             },
         };
+        let (watermark, had) =
+            watermark::Watermark::open(&path).map_err(|e| StoreError::sync(&path, e))?;
+        let has = watermark::Mark {
+            next_edge_seq: counters.next_edge_seq,
+            next_dlq_id: counters.next_dlq_id,
+        };
+        match had {
+            _ if !trust_watermark => {}
+            Some(had) if !has.covers(had) => {
+                return Err(StoreError::Lost {
+                    path,
+                    has_seq: has.next_edge_seq - 1,
+                    has_dlq: has.next_dlq_id - 1,
+                    had_seq: had.next_edge_seq - 1,
+                    had_dlq: had.next_dlq_id - 1,
+                });
+            }
+            Some(had) if had == has => {}
+            _ => watermark.set(has).map_err(|e| StoreError::sync(&path, e))?,
+        }
         let mut store = Store {
             db,
             outbox: None,
             tree,
             path,
             syncer,
+            watermark,
             counters,
             dlq_cap: DlqCap::UNLIMITED,
             missed_cap: u64::MAX,
@@ -377,6 +427,12 @@ impl Store {
         self.tree.apply_batch(batch)?;
         self.flush()?;
         self.counters = next;
+        self.watermark
+            .set(watermark::Mark {
+                next_edge_seq: next.next_edge_seq,
+                next_dlq_id: next.next_dlq_id,
+            })
+            .map_err(|e| StoreError::sync(&self.path, e))?;
         receipt.head = next.next_edge_seq - 1;
         receipt.outbox_bytes = next.outbox_bytes;
         if let Some(outbox) = &self.outbox {
@@ -423,8 +479,8 @@ impl Store {
 
     /// Remembers, durably, that a damaged store was moved aside (shown by `status`).
     pub fn record_quarantine(&self, q: &Quarantine) -> Result<(), StoreError> {
-        let k = key::named(key::META, &format!("{QUARANTINE}{:020}", q.at));
-        self.tree.insert(k, proto::wire::encode(q))?;
+        self.tree
+            .insert(quarantine_key(q.at), proto::wire::encode(q))?;
         self.flush()
     }
 
@@ -503,6 +559,29 @@ impl StoreReader {
                 decode(&v, &String::from_utf8_lossy(&k))
             })
             .collect()
+    }
+
+    /// Quarantines the cloud has not been told of, oldest first.
+    pub fn quarantines_unreported(&self) -> Result<Vec<Quarantine>, StoreError> {
+        let mut all = self.quarantines()?;
+        all.retain(|q| !q.reported);
+        Ok(all)
+    }
+
+    /// Marks these quarantines (by `at`) reported: the cloud broker acknowledged them. Not
+    /// synced: a mark lost in a power cut only means one more report.
+    pub fn mark_quarantines_reported(&self, ats: &[i64]) -> Result<(), StoreError> {
+        for q in self.quarantines()? {
+            if ats.contains(&q.at) && !q.reported {
+                let k = quarantine_key(q.at);
+                let marked = Quarantine {
+                    reported: true,
+                    ..q
+                };
+                self.tree.insert(k, proto::wire::encode(&marked))?;
+            }
+        }
+        Ok(())
     }
 
     /// Reads and decodes every record; the first that fails is the error. What `store check`
@@ -639,6 +718,35 @@ mod tests {
             last_seen: 1,
             payload: b"{}".to_vec(),
         }
+    }
+
+    #[test]
+    fn a_store_that_lost_its_log_is_not_taken_for_an_empty_one() {
+        let (had, empty) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        {
+            let mut store = Store::open(had.path()).unwrap();
+            let mut c = store.begin();
+            c.push_result(result("m1", 1));
+            c.push_dlq(dlq_entry("data.kwh: missing"));
+            store.commit(&c).unwrap();
+        }
+        drop(Store::open(empty.path()).unwrap());
+        // sled's files say "empty", the watermark says one result and one DLQ entry.
+        std::fs::copy(
+            had.path().join("store/watermark"),
+            empty.path().join("store/watermark"),
+        )
+        .unwrap();
+        match Store::open(empty.path()) {
+            Err(e @ StoreError::Lost { .. }) => {
+                assert!(e.to_string().contains("up to 0"), "{e}");
+            }
+            Err(e) => panic!("expected Lost, got {e}"),
+            Ok(_) => panic!("expected Lost, got an open store"),
+        }
+        // Salvage still reads what is there; the sound store reopens as before.
+        drop(Store::open_for_salvage(empty.path()).unwrap());
+        assert_eq!(Store::open(had.path()).unwrap().counters().next_edge_seq, 2);
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub struct Quarantine {
     pub moved_to: PathBuf,
     /// What the probe said (its last lines of output, or how it died).
     pub reason: String,
+    /// Whether the cloud broker acknowledged a status message carrying it (the uplink's).
+    #[serde(default)]
+    pub reported: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +103,7 @@ pub fn probe(exe: &Path, data_dir: &Path, now_ms: i64) -> Result<Option<Quaranti
         at: now_ms,
         moved_to,
         reason,
+        reported: false,
     }))
 }
 

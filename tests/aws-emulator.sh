@@ -36,7 +36,8 @@ aws_emulator_start() {
   if [ -z "$port" ]; then
     port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
   fi
-  "$AWS_EMULATOR_VENV/bin/moto_server" -H 127.0.0.1 -p "$port" \
+  # moto_server, with DynamoDB's conditional writes made atomic (see the script).
+  "$AWS_EMULATOR_VENV/bin/python" "$(dirname "${BASH_SOURCE[0]}")/aws-emulator-serve.py" 127.0.0.1 "$port" \
     >"$AWS_EMULATOR_STATE/moto-$port.log" 2>&1 &
   local pid=$!
   echo "$pid" >"$AWS_EMULATOR_STATE/moto-$port.pid"

@@ -129,7 +129,14 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     );
 
     let shutdown = ingest::Shutdown::new();
-    let mut ingest = ingest::start(&cfg.broker, tx, shutdown.clone()).await?;
+    let devices = match cfg.broker.embedded.auth {
+        ingest::config::Auth::None => None,
+        ingest::config::Auth::Password => Some(ingest::embedded::auth::DeviceAuth {
+            registry: crate::devices::Watch::new(&cfg.data_dir)?,
+            topics: engine::TopicPattern::parse(&cfg.engine.topic).map_err(anyhow::Error::msg)?,
+        }),
+    };
+    let mut ingest = ingest::start(&cfg.broker, devices, tx, shutdown.clone()).await?;
     tracing::info!(
         gateway = %cfg.gateway_id,
         data_dir = %cfg.data_dir.display(),

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod devices;
 pub mod dlq;
 pub mod fault;
 pub mod ingest;

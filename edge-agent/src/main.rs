@@ -56,6 +56,12 @@ enum Command {
         #[command(subcommand)]
         command: cli::MissedCommand,
     },
+    /// Devices allowed on the embedded endpoint with `auth = "password"`: add, list, remove,
+    /// rotate (running or stopped agent).
+    Device {
+        #[command(subcommand)]
+        command: cli::device::DeviceCommand,
+    },
     /// The store itself: `check` (the start-up probe), `salvage` (export a damaged one).
     Store {
         #[command(subcommand)]
@@ -83,6 +89,7 @@ fn main() -> ExitCode {
         Command::Dlq { command } => return finish(cli::dlq(command)),
         Command::Missed { command } => return finish(cli::missed(command)),
         Command::Store { command } => return finish(cli::store(command)),
+        Command::Device { command } => return finish(cli::device::device(command)),
         #[cfg(feature = "demo-alias")]
         Command::Demo { args } => demo(args),
     };

@@ -1,5 +1,5 @@
 //! The field technician's commands: `status`, `dlq list|show|retry|export|purge|stats`,
-//! `missed list` and `outbox list`.
+//! `missed list`, `outbox list` and `device add|list|remove|rotate` ([`device`]).
 //!
 //! One implementation, two transports: while the agent runs, a command goes through its admin
 //! socket ([`crate::admin`]) and the agent does the work (DLQ writes on its pipeline thread);
@@ -10,6 +10,7 @@
 //! Exit codes: 0 done; 1 failed, or a `retry`/`purge` left some selected entries in the DLQ
 //! (failed again, not found); 2 a usage error (e.g. `purge` without `--yes`).
 
+pub mod device;
 mod render;
 
 use std::io::Write;

@@ -21,7 +21,7 @@ use crate::status::StatusReport;
 pub const WIDTH: u16 = 80;
 
 /// A borderless table, `WIDTH` wide, two spaces between columns.
-fn table(header: &[&str]) -> Table {
+pub(super) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_style(presets::NOTHING)
         .set_content_arrangement(ContentArrangement::Dynamic)

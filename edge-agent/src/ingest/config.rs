@@ -13,7 +13,8 @@
 //! max_packet_bytes = 262144
 //! connect_timeout_ms = 10000
 //! shutdown_grace_ms = 10000
-//! # username = "devices"            # when set, every CONNECT must carry these credentials
+//! auth = "none"                     # or "password": devices registered with `edge-agent device add`
+//! # username = "devices"            # auth = "none" only: one shared user name (and password)
 //! # password = "secret"
 //!
 //! [broker.external]
@@ -58,6 +59,18 @@ pub struct IngestConfig {
     pub external: ExternalConfig,
 }
 
+/// How devices prove who they are on the embedded endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Auth {
+    /// Anyone who can reach the listener (optionally one shared user name and password).
+    #[default]
+    None,
+    /// The MQTT user name is the device id, the password its secret from the device registry
+    /// ([`crate::devices`]); a device publishes only under its own id.
+    Password,
+}
+
 /// `[broker.embedded]`: the agent's own MQTT endpoint for devices.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -73,7 +86,9 @@ pub struct EmbeddedConfig {
     /// On shutdown, how long a connection waits for the pipeline to release the acks of
     /// messages it already handed over before it is closed anyway.
     pub shutdown_grace_ms: u64,
-    /// When set, a CONNECT must carry this user name (and `password`, when that is set).
+    pub auth: Auth,
+    /// With `auth = "none"`: when set, a CONNECT must carry this user name (and `password`,
+    /// when that is set).
     pub username: Option<String>,
     pub password: Option<String>,
 }
@@ -85,6 +100,7 @@ impl Default for EmbeddedConfig {
             max_packet_bytes: 256 * 1024,
             connect_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
+            auth: Auth::None,
             username: None,
             password: None,
         }
@@ -163,6 +179,11 @@ impl EmbeddedConfig {
         }
         if self.password.is_some() && self.username.is_none() {
             anyhow::bail!("broker.embedded.password: set without broker.embedded.username");
+        }
+        if self.auth == Auth::Password && self.username.is_some() {
+            anyhow::bail!(
+                "broker.embedded.username: a shared user name does not go with auth = \"password\" (each device has its own: `edge-agent device add`)"
+            );
         }
         Ok(())
     }

@@ -18,6 +18,8 @@
 //! * SUBSCRIBE → SUBACK with failure codes (0x80), UNSUBSCRIBE → UNSUBACK: this endpoint only
 //!   ingests. PINGREQ → PINGRESP. DISCONNECT → close (the will, if any, is discarded).
 //! * A packet larger than `max_packet_bytes` closes the connection before its body is read.
+//! * `auth = "password"` ([`auth`]): the user name is the device id, checked against the device
+//!   registry; a device may publish only under its own id (else the connection is closed).
 //!
 //! # Data path
 //! Each connection has a reader (this task) and a writer task. The reader reads into a
@@ -52,7 +54,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::config::EmbeddedConfig;
+pub mod auth;
+
+use auth::{DeviceAuth, Refusal, Refusals};
+
+use super::config::{Auth, EmbeddedConfig};
 use super::{Ack, AckKind, Inbound, now_ms};
 
 /// Spare capacity ensured before each socket read.
@@ -75,10 +81,10 @@ pub async fn serve(
 }
 
 /// A bound, not yet serving, embedded endpoint.
-#[derive(Debug)]
 pub struct EmbeddedServer {
     listener: TcpListener,
     cfg: EmbeddedConfig,
+    devices: Option<DeviceAuth>,
 }
 
 impl EmbeddedServer {
@@ -87,7 +93,17 @@ impl EmbeddedServer {
         let listener = TcpListener::bind(cfg.listen)
             .await
             .with_context(|| format!("binding the embedded MQTT endpoint on {}", cfg.listen))?;
-        Ok(Self { listener, cfg })
+        Ok(Self {
+            listener,
+            cfg,
+            devices: None,
+        })
+    }
+
+    /// The device registry and topic pattern `auth = "password"` checks against.
+    pub fn with_devices(mut self, devices: Option<DeviceAuth>) -> Self {
+        self.devices = devices;
+        self
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -103,10 +119,19 @@ impl EmbeddedServer {
         tx: mpsc::Sender<Inbound>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
-        let EmbeddedServer { listener, cfg } = self;
+        let EmbeddedServer {
+            listener,
+            cfg,
+            devices,
+        } = self;
+        if cfg.auth == Auth::Password && devices.is_none() {
+            anyhow::bail!("broker.embedded.auth = \"password\" needs the device registry");
+        }
         let addr = listener.local_addr()?;
         describe_metrics();
         let ctx = Arc::new(Ctx {
+            devices: devices.filter(|_| cfg.auth == Auth::Password),
+            refusals: Refusals::default(),
             cfg,
             m: Metrics::new(),
             sessions: Mutex::new(HashMap::new()),
@@ -152,6 +177,9 @@ impl EmbeddedServer {
 
 struct Ctx {
     cfg: EmbeddedConfig,
+    /// Set with `auth = "password"`.
+    devices: Option<DeviceAuth>,
+    refusals: Refusals,
     m: Metrics,
     /// client id → (connection id, its take-over token).
     sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
@@ -298,6 +326,8 @@ enum End {
     TakenOver,
     Shutdown,
     PipelineGone,
+    /// A publish the device may not make (and its topic).
+    Refused(Refusal, String),
 }
 
 /// Decrements the open-connections gauge however the connection task ends.
@@ -346,6 +376,7 @@ async fn connection(
         keep_alive,
         kick,
         registered,
+        device,
     } = accepted;
     debug!(%peer, %client_id, keep_alive, "connected");
 
@@ -361,7 +392,13 @@ async fn connection(
     });
     let mut writer = tokio::spawn(write_loop(wr, Arc::clone(&io)));
 
-    let end = read_loop(&mut rd, buf, &ctx, &tx, &target, keep_alive, &kick, &stop).await;
+    let conn = Conn {
+        keep_alive,
+        device: device.as_deref(),
+        kick: &kick,
+        stop: &stop,
+    };
+    let end = read_loop(&mut rd, buf, &ctx, &tx, &target, &conn).await;
     // Stop producing: the pipeline's recv() can end once every sender is gone.
     drop(tx);
     drop(target);
@@ -395,6 +432,17 @@ async fn connection(
             }
         }
         End::PipelineGone => debug!(%peer, %client_id, "pipeline gone, closing"),
+        End::Refused(why, topic) => {
+            metrics::counter!("ingest_publish_refused_total", "reason" => why.as_str())
+                .increment(1);
+            let device = device.as_deref().unwrap_or_default();
+            if ctx.refusals.should_log(device, std::time::Instant::now()) {
+                warn!(
+                    %peer, device, %topic, reason = why.as_str(),
+                    "publish refused, connection closed (logged once a minute per device)"
+                );
+            }
+        }
     }
     io.close();
     if timeout(FINAL_FLUSH, &mut writer).await.is_err() {
@@ -417,6 +465,16 @@ struct Accepted {
     kick: CancellationToken,
     /// Whether `client_id` is in the take-over registry (not for server-assigned ids).
     registered: bool,
+    /// The authenticated device (`auth = "password"`).
+    device: Option<String>,
+}
+
+/// What the read loop needs to know of its connection.
+struct Conn<'a> {
+    keep_alive: u16,
+    device: Option<&'a str>,
+    kick: &'a CancellationToken,
+    stop: &'a CancellationToken,
 }
 
 /// Reads and answers CONNECT. `Ok(None)`: refused (CONNACK sent when the spec asks for one).
@@ -491,6 +549,42 @@ async fn handshake(
             return Ok(None);
         }
     }
+    let device = match &ctx.devices {
+        None => None,
+        Some(devices) => match devices.connect(connect.login.as_ref()).await {
+            Ok(id) => {
+                if let Some(ip) = peer.map(|p| p.ip()) {
+                    ctx.refusals.succeeded(ip);
+                }
+                Some(id)
+            }
+            Err(why) => {
+                metrics::counter!("ingest_auth_refused_total", "reason" => why.as_str())
+                    .increment(1);
+                let now = std::time::Instant::now();
+                if let Some(ip) = peer.map(|p| p.ip()) {
+                    // Repeated failures from one address wait longer for their answer.
+                    sleep(ctx.refusals.failed(ip, now)).await;
+                }
+                let code = match why {
+                    Refusal::NoCredentials => ConnectReturnCode::NotAuthorized,
+                    _ => ConnectReturnCode::BadUserNamePassword,
+                };
+                refuse(stream, ctx, code).await;
+                let who = connect.login.as_ref().map_or("", |l| l.username.as_str());
+                let key = peer.map_or_else(|| who.to_string(), |p| format!("{}/{who}", p.ip()));
+                if ctx.refusals.should_log(&key, now) {
+                    info!(
+                        ?peer,
+                        device = who,
+                        reason = why.as_str(),
+                        "refused: device credentials (logged once a minute per device and address)"
+                    );
+                }
+                return Ok(None);
+            }
+        },
+    };
 
     let kick = CancellationToken::new();
     let (client_id, registered) = if connect.client_id.is_empty() {
@@ -514,6 +608,7 @@ async fn handshake(
         keep_alive: connect.keep_alive,
         kick,
         registered,
+        device,
     }))
 }
 
@@ -562,17 +657,20 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn read_loop(
     rd: &mut OwnedReadHalf,
     mut buf: BytesMut,
     ctx: &Ctx,
     tx: &mpsc::Sender<Inbound>,
     target: &Arc<AckTarget>,
-    keep_alive: u16,
-    kick: &CancellationToken,
-    stop: &CancellationToken,
+    conn: &Conn<'_>,
 ) -> End {
+    let Conn {
+        keep_alive,
+        device,
+        kick,
+        stop,
+    } = *conn;
     let max = ctx.cfg.max_packet_bytes;
     // MQTT-3.1.2-24: close after 1.5 × keep-alive without any packet. 0 disables it.
     let ka = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
@@ -581,6 +679,13 @@ async fn read_loop(
     // Responses produced while parsing one read, pushed to the writer as one piece.
     let mut ctrl: Vec<u8> = Vec::new();
     loop {
+        // A device removed from the registry is disconnected at its next read.
+        if let (Some(d), Some(devices)) = (device, &ctx.devices)
+            && !buf.is_empty()
+            && !devices.still_registered(d)
+        {
+            return End::Refused(Refusal::Revoked, String::new());
+        }
         // Parse everything that is buffered (CONNECT may have been followed by more packets).
         let received_at = now_ms();
         let (mut msgs, mut bytes) = (0u64, 0u64);
@@ -589,6 +694,11 @@ async fn read_loop(
                 Ok(Packet::Publish(p)) => {
                     if p.topic.is_empty() || p.topic.contains(['+', '#']) {
                         break Some(End::Protocol(format!("invalid topic name {:?}", p.topic)));
+                    }
+                    if let (Some(d), Some(devices)) = (device, &ctx.devices)
+                        && !devices.may_publish(d, &p.topic)
+                    {
+                        break Some(End::Refused(Refusal::NotOwnTopic, p.topic));
                     }
                     let ack = match p.qos {
                         QoS::AtMostOnce => Ack::none(),

@@ -261,13 +261,16 @@ pub struct Ingest {
 /// then runs the source on a task of its own.
 pub async fn start(
     cfg: &IngestConfig,
+    devices: Option<embedded::auth::DeviceAuth>,
     tx: mpsc::Sender<Inbound>,
     shutdown: Shutdown,
 ) -> anyhow::Result<Ingest> {
     let token = shutdown.token();
     let (task, local_addr) = match cfg.mode {
         Mode::Embedded => {
-            let server = embedded::EmbeddedServer::bind(cfg.embedded.clone()).await?;
+            let server = embedded::EmbeddedServer::bind(cfg.embedded.clone())
+                .await?
+                .with_devices(devices);
             let addr = server.local_addr()?;
             (tokio::spawn(server.run(tx, token)), Some(addr))
         }
@@ -341,12 +344,14 @@ mod tests {
         cfg.embedded.listen = "127.0.0.1:0".parse().unwrap();
         let (tx, mut rx) = mpsc::channel(8);
         let shutdown = Shutdown::new();
-        let mut ingest = start(&cfg, tx.clone(), shutdown.clone()).await.unwrap();
+        let mut ingest = start(&cfg, None, tx.clone(), shutdown.clone())
+            .await
+            .unwrap();
         let addr = ingest.local_addr().unwrap();
 
         // The port is taken now: a second start fails up front.
         cfg.embedded.listen = addr;
-        assert!(start(&cfg, tx, Shutdown::new()).await.is_err());
+        assert!(start(&cfg, None, tx, Shutdown::new()).await.is_err());
 
         let mut raw = Raw::connect(addr).await;
         assert_eq!(raw.mqtt_connect(Connect::new("dev-h")).await, 0);

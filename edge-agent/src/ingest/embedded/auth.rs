@@ -1,0 +1,198 @@
+//! Device identity on the embedded endpoint (`auth = "password"`): who may connect, what each
+//! device may publish, and how refusals are slowed down and reported without flooding the log.
+//!
+//! The MQTT user name is the device id and the password its secret in the device registry
+//! ([`crate::devices`]). An authenticated device may publish only on topics whose `{device}`
+//! level is its own id; MQTT 3.1.1 has no negative PUBACK, so a refused publish closes the
+//! connection (MQTT-3.3.5-2) rather than be acknowledged as if it were stored.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use engine::TopicPattern;
+use rumqttc::mqttbytes::v4::Login;
+
+use crate::devices::{Verdict, Watch};
+
+/// The registry and the topic pattern a device's publishes must match.
+pub struct DeviceAuth {
+    pub registry: Watch,
+    pub topics: TopicPattern,
+}
+
+/// Why a CONNECT or a PUBLISH was refused (the metric's `reason` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    NoCredentials,
+    UnknownDevice,
+    BadPassword,
+    /// A publish outside the device's own topics.
+    NotOwnTopic,
+    /// The device was removed from the registry while connected.
+    Revoked,
+}
+
+impl Refusal {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Refusal::NoCredentials => "no_credentials",
+            Refusal::UnknownDevice => "unknown_device",
+            Refusal::BadPassword => "bad_password",
+            Refusal::NotOwnTopic => "not_own_topic",
+            Refusal::Revoked => "revoked",
+        }
+    }
+}
+
+impl DeviceAuth {
+    /// Checks a CONNECT's credentials off the async threads (argon2 costs tens of ms by
+    /// design). `Ok` carries the device id.
+    pub(super) async fn connect(&self, login: Option<&Login>) -> Result<String, Refusal> {
+        let Some(login) = login else {
+            return Err(Refusal::NoCredentials);
+        };
+        let registry = self.registry.registry().map_err(|e| {
+            tracing::error!(error = %e, "device registry unreadable: refusing the CONNECT");
+            Refusal::UnknownDevice
+        })?;
+        let (id, password) = (login.username.clone(), login.password.clone());
+        let verdict = tokio::task::spawn_blocking(move || {
+            let v = registry.verify(&id, password.as_bytes());
+            (id, v)
+        })
+        .await;
+        match verdict {
+            Ok((id, Verdict::Accepted)) => Ok(id),
+            Ok((_, Verdict::UnknownDevice)) | Err(_) => Err(Refusal::UnknownDevice),
+            Ok((_, Verdict::BadPassword)) => Err(Refusal::BadPassword),
+        }
+    }
+
+    /// Whether `device` may publish on `topic`.
+    pub(super) fn may_publish(&self, device: &str, topic: &str) -> bool {
+        self.topics.matches(topic).is_some_and(|(d, _)| d == device)
+    }
+
+    /// Whether `device` is still registered.
+    pub(super) fn still_registered(&self, device: &str) -> bool {
+        self.registry
+            .registry()
+            .is_ok_and(|r| r.devices.contains_key(device))
+    }
+}
+
+/// Most addresses (and devices) remembered; beyond it the quiet ones are forgotten first.
+const MAX_TRACKED: usize = 4096;
+/// A refusal is logged at most once per device (or address) in this window.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+/// Failures from one address are forgotten after this long without one.
+const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// Slows down repeated failed CONNECTs from one address, and keeps the log to one line per
+/// device per minute however fast a device misbehaves.
+#[derive(Default)]
+pub(super) struct Refusals {
+    inner: Mutex<RefusalsInner>,
+}
+
+#[derive(Default)]
+struct RefusalsInner {
+    /// Address → (failures in a row, last failure).
+    failures: HashMap<IpAddr, (u32, Instant)>,
+    /// Device id or address → when a refusal of it was last logged.
+    logged: HashMap<String, Instant>,
+}
+
+impl Refusals {
+    /// Records a failed CONNECT from `ip`; returns how long to wait before answering it:
+    /// 100 ms doubled per failure in a row, at most 5 s.
+    pub(super) fn failed(&self, ip: IpAddr, now: Instant) -> Duration {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if g.failures.len() >= MAX_TRACKED {
+            g.failures
+                .retain(|_, (_, last)| now.duration_since(*last) < LOG_EVERY);
+        }
+        let entry = g.failures.entry(ip).or_insert((0, now));
+        if now.duration_since(entry.1) > FORGET_AFTER {
+            entry.0 = 0;
+        }
+        entry.0 = entry.0.saturating_add(1);
+        entry.1 = now;
+        let n = entry.0.min(7);
+        Duration::from_millis(100 << (n - 1)).min(Duration::from_secs(5))
+    }
+
+    /// A good CONNECT from `ip` clears its failures.
+    pub(super) fn succeeded(&self, ip: IpAddr) {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        g.failures.remove(&ip);
+    }
+
+    /// Whether a refusal of `who` should be logged now (once per minute each).
+    pub(super) fn should_log(&self, who: &str, now: Instant) -> bool {
+        let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if g.logged.len() >= MAX_TRACKED {
+            g.logged.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
+        }
+        match g.logged.get(who) {
+            Some(at) if now.duration_since(*at) < LOG_EVERY => false,
+            _ => {
+                g.logged.insert(who.to_string(), now);
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_back_off_and_are_forgotten() {
+        let r = Refusals::default();
+        let ip: IpAddr = [10, 0, 0, 1].into();
+        let t = Instant::now();
+        let waits: Vec<u128> = (0..9).map(|_| r.failed(ip, t).as_millis()).collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert_eq!(r.failed(ip, t + FORGET_AFTER * 2).as_millis(), 100);
+        r.succeeded(ip);
+        assert_eq!(r.failed(ip, t).as_millis(), 100);
+    }
+
+    #[test]
+    fn a_device_is_logged_once_a_minute() {
+        let r = Refusals::default();
+        let t = Instant::now();
+        assert!(r.should_log("meter-1", t));
+        assert!(!r.should_log("meter-1", t + Duration::from_secs(30)));
+        assert!(r.should_log("meter-2", t));
+        assert!(r.should_log("meter-1", t + LOG_EVERY));
+    }
+
+    #[test]
+    fn memory_stays_bounded_under_a_flood_of_addresses() {
+        let r = Refusals::default();
+        let t = Instant::now();
+        for i in 0..(MAX_TRACKED as u32 * 3) {
+            let ip: IpAddr = std::net::Ipv4Addr::from(i).into();
+            r.failed(ip, t + LOG_EVERY * (i / MAX_TRACKED as u32 * 2));
+        }
+        assert!(r.inner.lock().unwrap().failures.len() <= MAX_TRACKED);
+    }
+
+    #[test]
+    fn a_device_publishes_only_under_its_own_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = DeviceAuth {
+            registry: Watch::new(dir.path()).unwrap(),
+            topics: TopicPattern::parse("devices/{device}/events/{type}").unwrap(),
+        };
+        assert!(auth.may_publish("m1", "devices/m1/events/meter"));
+        assert!(!auth.may_publish("m1", "devices/m2/events/meter"));
+        assert!(!auth.may_publish("m1", "devices/m1/events/meter/extra"));
+        assert!(!auth.may_publish("m1", "gateways/m1/results"));
+    }
+}

@@ -232,3 +232,58 @@ fn check_config_names_the_bad_field() {
         String::from_utf8_lossy(&good.stderr)
     );
 }
+
+#[test]
+fn a_flood_of_sockets_from_one_address_is_capped_and_others_still_connect() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::embedded(dir.path(), |cfg| {
+        e2e::set(
+            cfg,
+            &["broker", "embedded", "max_connections_per_address"],
+            4.into(),
+        );
+        e2e::set(
+            cfg,
+            &["broker", "embedded", "connect_timeout_ms"],
+            60_000.into(),
+        );
+    });
+    let addr = ("127.0.0.1", agent.mqtt_port);
+    // Four idle sockets (no CONNECT) hold every slot of this address.
+    let mut idle: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect(addr).unwrap())
+        .collect();
+    wait_for("the four to be served", Duration::from_secs(10), || {
+        agent.metric("ingest_connections") == 4.0
+    });
+    // The next ones are closed unserved.
+    for _ in 0..3 {
+        let mut extra = std::net::TcpStream::connect(addr).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(extra.read(&mut byte).unwrap_or(0), 0, "closed at once");
+    }
+    assert_eq!(agent.metric("ingest_connections_refused_total"), 3.0);
+    assert_eq!(agent.metric("ingest_connections"), 4.0);
+    // One goes: its slot comes back, and a device can publish again.
+    drop(idle.pop());
+    wait_for("the slot to free", Duration::from_secs(10), || {
+        agent.metric("ingest_connections") == 3.0
+    });
+    mosquitto_pub(
+        agent.mqtt_port,
+        "devices/meter-1/events/meter",
+        &meter("r1", 1, 1.0),
+        1,
+    );
+    // Counted just after the ack goes out.
+    wait_for("the message to be counted", Duration::from_secs(10), || {
+        agent.metric("edge_accepted_total") == 1.0
+    });
+    assert_eq!(agent.log_text().matches("too many open").count(), 1);
+    drop(idle);
+    assert!(agent.stop().success());
+}

@@ -14,6 +14,8 @@
 //! connect_timeout_ms = 10000
 //! shutdown_grace_ms = 10000
 //! auth = "none"                     # or "password": devices registered with `edge-agent device add`
+//! max_connections = 1024             # in all, and from one client address:
+//! max_connections_per_address = 64
 //! # username = "devices"            # auth = "none" only: one shared user name (and password)
 //! # password = "secret"
 //!
@@ -87,6 +89,10 @@ pub struct EmbeddedConfig {
     /// messages it already handed over before it is closed anyway.
     pub shutdown_grace_ms: u64,
     pub auth: Auth,
+    /// Most connections open at once, in all and from one client address; one beyond is
+    /// closed at once (`ingest_connections_refused_total{reason}`).
+    pub max_connections: usize,
+    pub max_connections_per_address: usize,
     /// With `auth = "none"`: when set, a CONNECT must carry this user name (and `password`,
     /// when that is set).
     pub username: Option<String>,
@@ -101,6 +107,8 @@ impl Default for EmbeddedConfig {
             connect_timeout_ms: 10_000,
             shutdown_grace_ms: 10_000,
             auth: Auth::None,
+            max_connections: 1024,
+            max_connections_per_address: 64,
             username: None,
             password: None,
         }
@@ -176,6 +184,12 @@ impl EmbeddedConfig {
         check_packet_size("broker.embedded.max_packet_bytes", self.max_packet_bytes)?;
         if self.connect_timeout_ms == 0 {
             anyhow::bail!("broker.embedded.connect_timeout_ms: must be > 0");
+        }
+        if self.max_connections == 0 {
+            anyhow::bail!("broker.embedded.max_connections: must be at least 1");
+        }
+        if self.max_connections_per_address == 0 {
+            anyhow::bail!("broker.embedded.max_connections_per_address: must be at least 1");
         }
         if self.password.is_some() && self.username.is_none() {
             anyhow::bail!("broker.embedded.password: set without broker.embedded.username");

@@ -55,8 +55,10 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub mod auth;
+mod limits;
 
 use auth::{DeviceAuth, Refusal, Refusals};
+use limits::{Slot, Slots};
 
 use super::config::{Auth, EmbeddedConfig};
 use super::{Ack, AckKind, Inbound, now_ms};
@@ -131,6 +133,7 @@ impl EmbeddedServer {
         describe_metrics();
         let ctx = Arc::new(Ctx {
             devices: devices.filter(|_| cfg.auth == Auth::Password),
+            slots: Slots::new(cfg.max_connections, cfg.max_connections_per_address),
             refusals: Refusals::default(),
             cfg,
             m: Metrics::new(),
@@ -149,7 +152,20 @@ impl EmbeddedServer {
                 _ = tx.closed() => break Err(anyhow::anyhow!("the pipeline closed its channel")),
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
+                        let slot = match ctx.slots.take(peer.ip()) {
+                            Ok(slot) => slot,
+                            Err(full) => {
+                                metrics::counter!("ingest_connections_refused_total", "reason" => full.as_str())
+                                    .increment(1);
+                                if ctx.refusals.should_log(&peer.ip().to_string(), std::time::Instant::now()) {
+                                    warn!(%peer, cap = full.as_str(), "connection refused: too many open (logged once a minute per address)");
+                                }
+                                drop(stream);
+                                continue;
+                            }
+                        };
                         tracker.spawn(connection(
+                            slot,
                             stream,
                             peer,
                             Arc::clone(&ctx),
@@ -180,6 +196,7 @@ struct Ctx {
     /// Set with `auth = "password"`.
     devices: Option<DeviceAuth>,
     refusals: Refusals,
+    slots: Arc<Slots>,
     m: Metrics,
     /// client id → (connection id, its take-over token).
     sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
@@ -340,6 +357,7 @@ impl Drop for OpenGuard<'_> {
 }
 
 async fn connection(
+    _slot: Slot,
     mut stream: TcpStream,
     peer: SocketAddr,
     ctx: Arc<Ctx>,

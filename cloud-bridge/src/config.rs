@@ -7,14 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-/// The EventBridge detail-types of INTERFACES.md.
-pub const DETAIL_TYPES: [&str; 5] = [
-    "EventProcessed",
-    "EventCorrected",
-    "AnomalyDetected",
-    "MissedEvents",
-    "EventDeadLettered",
-];
+use crate::detail::DetailType;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -227,7 +220,7 @@ fn default_source() -> String {
     "iot.edge-pipeline".into()
 }
 fn all_detail_types() -> Vec<String> {
-    DETAIL_TYPES.iter().map(|s| s.to_string()).collect()
+    DetailType::ALL.iter().map(|t| t.to_string()).collect()
 }
 fn default_eb_concurrency() -> usize {
     8
@@ -451,10 +444,10 @@ impl Config {
             ));
         }
         for (i, t) in a.detail_types.iter().enumerate() {
-            if !DETAIL_TYPES.contains(&t.as_str()) {
+            if DetailType::parse(t).is_none() {
                 return Err(format!(
                     "aws.detail_types[{i}]: unknown detail-type '{t}' (expected one of {})",
-                    DETAIL_TYPES.join(", ")
+                    DetailType::ALL.map(DetailType::as_str).join(", ")
                 ));
             }
         }
@@ -510,8 +503,11 @@ impl Config {
     }
 
     /// Whether events of this detail-type are sent.
-    pub fn sends(&self, detail_type: &str) -> bool {
-        self.aws.detail_types.iter().any(|t| t == detail_type)
+    pub fn sends(&self, detail_type: DetailType) -> bool {
+        self.aws
+            .detail_types
+            .iter()
+            .any(|t| t == detail_type.as_str())
     }
 }
 
@@ -603,7 +599,7 @@ dlq_queue = "q"
         assert!(c.mqtt.is_none());
         assert_eq!(c.aws.source, "iot.edge-pipeline");
         assert_eq!(c.aws.detail_types.len(), 5);
-        assert!(c.sends("MissedEvents"));
+        assert!(c.sends(DetailType::MissedEvents));
     }
 
     #[test]

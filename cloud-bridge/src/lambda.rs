@@ -32,9 +32,9 @@ use proto::uplink::{ReplayRequest, replay_topic};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use crate::aws::Aws;
+use crate::backend::Received;
+use crate::backend::aws::Aws;
 use crate::config::Config;
-use crate::dlq::Received;
 use crate::metrics::Metrics;
 use crate::pipeline::{Held, Pipeline, Progress};
 use crate::service::{check_batch, publish_once};
@@ -198,8 +198,8 @@ async fn handle_trigger(
             let now = time
                 .and_then(|t| proto::timestamp::parse_rfc3339(t).ok())
                 .unwrap_or_else(crate::now_ms);
-            let day = crate::pipeline::date_of(now);
-            (crate::pipeline::date_of(now - 86_400_000), Some(day), None)
+            let day = crate::layout::date_of(now);
+            (crate::layout::date_of(now - 86_400_000), Some(day), None)
         }
         "CorrectionRequested" => (
             detail["since"]
@@ -214,9 +214,10 @@ async fn handle_trigger(
              'CloudWatch Alarm State Change' or 'CorrectionRequested')"
         ),
     };
-    let report =
-        crate::correction::run_days(p, &since, until.as_deref(), gateway.as_deref(), detail_type)
-            .await?;
+    let report = p
+        .correction_run()?
+        .days(&since, until.as_deref(), gateway.as_deref(), detail_type)
+        .await?;
     info!(?report, %since, "correction run finished");
     Ok(serde_json::to_value(report)?)
 }

@@ -33,20 +33,20 @@
 //!   consumers de-duplicate by `event_id`.
 
 pub mod anomaly;
-pub mod aws;
 pub mod backend;
 pub mod config;
 pub mod correction;
+pub mod detail;
 pub mod dlq;
 mod fault;
-pub mod history;
 pub mod lambda;
-pub mod local;
+pub mod layout;
 pub mod metrics;
 pub mod monitor;
 pub mod pipeline;
 pub mod provision;
 pub mod service;
+pub mod sink;
 pub mod status;
 pub mod verify;
 pub mod window;

@@ -246,14 +246,10 @@ fn main() -> ExitCode {
             &config,
             "correct",
             move |p, _| async move {
-                let r = cloud_bridge::correction::run_days(
-                    &p,
-                    &since,
-                    until.as_deref(),
-                    gateway.as_deref(),
-                    "cli",
-                )
-                .await?;
+                let r = p
+                    .correction_run()?
+                    .days(&since, until.as_deref(), gateway.as_deref(), "cli")
+                    .await?;
                 let text = format!(
                     "{} objects, {} records: {} verified, {} unverifiable, {} incorrect → {} corrected, {} already corrected elsewhere, {} to the DLQ\n",
                     r.objects,
@@ -345,21 +341,21 @@ mod anomaly {
     ) -> anyhow::Result<(Arc<dyn ObjectStore>, Arc<dyn EventPublisher>)> {
         Ok(match &store.local {
             Some(dir) => (
-                Arc::new(cloud_bridge::local::LocalObjects::new(dir)?),
-                Arc::new(cloud_bridge::local::LocalEvents::new(
+                Arc::new(cloud_bridge::backend::local::LocalObjects::new(dir)?),
+                Arc::new(cloud_bridge::backend::local::LocalEvents::new(
                     &dir.join("eventbridge"),
                     &cfg.aws.source,
                     &cfg.aws.event_bus,
                 )?),
             ),
             None => {
-                let aws = cloud_bridge::aws::Aws::connect(&cfg.aws).await;
+                let aws = cloud_bridge::backend::aws::Aws::connect(&cfg.aws).await;
                 (
-                    Arc::new(cloud_bridge::aws::S3Objects::new(
+                    Arc::new(cloud_bridge::backend::aws::S3Objects::new(
                         aws.s3.clone(),
                         cfg.aws.bucket.clone(),
                     )),
-                    Arc::new(cloud_bridge::aws::EventBridge::new(
+                    Arc::new(cloud_bridge::backend::aws::EventBridge::new(
                         aws.eventbridge,
                         Arc::clone(cfg),
                         Arc::new(cloud_bridge::metrics::Metrics::default()),
@@ -488,7 +484,7 @@ mod anomaly {
             bail!(
                 "no models under {}/{}: run `cloud-bridge anomaly train` first",
                 objects.location(),
-                an::models_prefix(&cfg.aws.prefix)
+                cloud_bridge::layout::models(&cfg.aws.prefix)
             );
         }
         if let Some(t) = &store.event_type
@@ -588,7 +584,7 @@ mod anomaly {
 /// Runs a one-shot command over the AWS pipeline: JSON or human text on stdout.
 fn tool<F, Fut>(config: &std::path::Path, name: &str, f: F, json: bool) -> ExitCode
 where
-    F: FnOnce(cloud_bridge::pipeline::Pipeline, cloud_bridge::aws::Aws) -> Fut,
+    F: FnOnce(cloud_bridge::pipeline::Pipeline, cloud_bridge::backend::aws::Aws) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<(serde_json::Value, String)>>,
 {
     let cfg = match load(config) {
@@ -600,7 +596,7 @@ where
         ..cfg.log.clone()
     });
     runtime().block_on(async move {
-        let aws = cloud_bridge::aws::Aws::connect(&cfg.aws).await;
+        let aws = cloud_bridge::backend::aws::Aws::connect(&cfg.aws).await;
         let metrics = Arc::new(cloud_bridge::metrics::Metrics::default());
         let p =
             cloud_bridge::pipeline::Pipeline::new(aws.clone(), cfg, metrics, format!("cli-{name}"));

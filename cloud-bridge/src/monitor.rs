@@ -5,7 +5,7 @@
 //! the verified ones over an interval passes `monitor.discrepancy_threshold`, something is
 //! systematically wrong at a gateway (an outdated calculation, a bad build): the monitor then
 //! re-verifies *every* stored result of the gateways concerned, from yesterday on, and corrects
-//! what it finds ([`crate::correction::run_over`]; at most once per event, safe beside other
+//! what it finds ([`crate::correction::run`]; at most once per event, safe beside other
 //! bridges doing the same). The same run can be started by a CloudWatch alarm on the
 //! `discrepancy_rate` metric through the Lambda handler, or by `cloud-bridge correct`.
 
@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::MonitorConfig;
-use crate::correction::{RunReport, run_days};
-use crate::pipeline::{Pipeline, date_of};
+use crate::correction::run::RunReport;
+use crate::layout::date_of;
+use crate::pipeline::Pipeline;
 use crate::verify::Verifier;
 
 #[derive(Debug)]
@@ -85,7 +86,11 @@ impl Monitor {
             warn!(gateway = %g, discrepancy_rate = rate, verified = dv, incorrect = di,
                 "discrepancy over the threshold: correction run over the gateway's results since yesterday");
             let since = date_of(crate::now_ms() - 86_400_000);
-            let report = run_days(&self.p, &since, None, Some(&g), "monitor").await?;
+            let report = self
+                .p
+                .correction_run()?
+                .days(&since, None, Some(&g), "monitor")
+                .await?;
             info!(gateway = %g, ?report, "correction run finished");
             out.push((g, report));
         }

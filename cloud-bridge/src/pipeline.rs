@@ -45,12 +45,16 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::anomaly::live::LiveModels;
-use crate::aws::Aws;
-use crate::backend::{Backend, Claim, Entry, Sink, StateStore};
+use crate::backend::DeadLetterQueue;
+use crate::backend::aws::Aws;
+use crate::backend::{Backend, Claim, Entry, StateStore};
 use crate::config::Config;
-use crate::dlq::{DeadLetterQueue, DlqMessage};
+use crate::correction::run::CorrectionRun;
+use crate::detail::DetailType;
+use crate::layout::ObjectKey;
 use crate::metrics::Metrics;
 use crate::now_ms;
+use crate::sink::Sink;
 use crate::verify::Verifier;
 
 /// A gateway's results not yet stored, by `edge_seq`.
@@ -91,7 +95,7 @@ pub struct Pipeline {
 impl Pipeline {
     /// The AWS backend (S3, DynamoDB, EventBridge).
     pub fn new(aws: Aws, cfg: Arc<Config>, metrics: Arc<Metrics>, owner: String) -> Pipeline {
-        let backend = Backend::aws(aws, &cfg, &metrics);
+        let backend = crate::backend::aws::backend(aws, &cfg, &metrics);
         Pipeline::with_backend(backend, cfg, metrics, owner)
     }
 
@@ -263,13 +267,13 @@ impl Pipeline {
             let line = serde_json::to_string(r).context("encoding a result as JSON")?;
             body.extend_from_slice(line.as_bytes());
             body.push(b'\n');
-            entries.push(("EventProcessed", line.clone()));
+            entries.push((DetailType::EventProcessed, line.clone()));
             match r.status {
                 Status::Anomaly => {
                     anomalies += 1;
-                    entries.push(("AnomalyDetected", line));
+                    entries.push((DetailType::AnomalyDetected, line));
                 }
-                Status::Corrected => entries.push(("EventCorrected", line)),
+                Status::Corrected => entries.push((DetailType::EventCorrected, line)),
                 Status::Ok => {}
             }
         }
@@ -281,7 +285,7 @@ impl Pipeline {
             .await?;
         crate::fault::after_put().await;
         // Before the commit: a crash resends them (same ids), never loses them.
-        entries.extend(self.dead_letter(&dead_letters).await?);
+        entries.extend(crate::dlq::send(&*self.dlq, &dead_letters).await?);
         self.sink.put_events(entries).await?;
         if !self.state.commit(gateway, c).await? {
             Metrics::add(&self.metrics.claim_conflicts, 1);
@@ -295,19 +299,19 @@ impl Pipeline {
         Ok(true)
     }
 
-    /// Sends `messages` to the cloud DLQ and returns their `EventDeadLettered` events (for the
-    /// caller's next PutEvents).
-    pub(crate) async fn dead_letter(&self, messages: &[DlqMessage]) -> anyhow::Result<Vec<Entry>> {
-        if messages.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.dlq.send(messages).await?;
-        let mut entries = Vec::with_capacity(messages.len());
-        for m in messages {
-            warn!(gateway = ?m.gateway, event_id = ?m.event_id, stage = %m.stage, reason = %m.reason, "dead-lettered");
-            entries.push(("EventDeadLettered", serde_json::to_string(m)?));
-        }
-        Ok(entries)
+    /// The parts a correction run over stored objects needs (`[verify]` must be configured).
+    pub fn correction_run(&self) -> anyhow::Result<CorrectionRun<'_>> {
+        let verifier = self
+            .verifier
+            .as_deref()
+            .context("a correction run needs [verify] (the engine config)")?;
+        Ok(CorrectionRun {
+            verifier,
+            sink: &self.sink,
+            dlq: &*self.dlq,
+            metrics: &self.metrics,
+            prefix: &self.cfg.aws.prefix,
+        })
     }
 
     async fn collect_garbage(&self, gateway: &str, keys: &[String]) -> anyhow::Result<()> {
@@ -355,7 +359,7 @@ impl Pipeline {
             "at": now_ms(),
         });
         self.sink
-            .put_events(vec![("MissedEvents", detail.to_string())])
+            .put_events(vec![(DetailType::MissedEvents, detail.to_string())])
             .await?;
         Ok(true)
     }
@@ -363,12 +367,7 @@ impl Pipeline {
     /// `{prefix}events/dt=YYYY-MM-DD/gateway={g}/{from:020}-{to:020}-{nonce}.ndjson`; the date
     /// is that of the first result's `ts` (UTC), the nonce makes every claim's key unique.
     pub fn object_key(&self, gateway: &str, first: &EventResult, from: u64, to: u64) -> String {
-        format!(
-            "{}events/dt={}/gateway={gateway}/{from:020}-{to:020}-{:016x}.ndjson",
-            self.cfg.aws.prefix,
-            date_of(first.ts),
-            nonce()
-        )
+        ObjectKey::range(gateway, first.ts, from, to, nonce()).to_key(&self.cfg.aws.prefix)
     }
 
     /// Stores `held`, re-checking for up to `hold` when it is waiting for a range that another
@@ -413,14 +412,6 @@ fn contiguous_end(held: &Held, start: u64) -> u64 {
     end
 }
 
-/// `YYYY-MM-DD` (UTC) of an epoch-ms timestamp; 1970-01-01 if out of range.
-pub fn date_of(ts_ms: i64) -> String {
-    let d = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_ms) * 1_000_000)
-        .map(|t| t.date())
-        .unwrap_or(time::macros::date!(1970 - 01 - 01));
-    format!("{:04}-{:02}-{:02}", d.year(), u8::from(d.month()), d.day())
-}
-
 /// A random 64-bit value (std's per-process random hash keys, mixed with time and a counter).
 fn nonce() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -444,9 +435,6 @@ mod tests {
 
     #[test]
     fn dates_and_runs() {
-        assert_eq!(date_of(1_764_064_800_000), "2025-11-25");
-        assert_eq!(date_of(0), "1970-01-01");
-        assert_eq!(date_of(i64::MAX), "1970-01-01");
         let mut h = Held::new();
         for k in [3u64, 4, 5, 7, 8] {
             h.insert(k, sample(k));

@@ -9,7 +9,7 @@ use aws_sdk_dynamodb::types::{
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use serde_json::{Value, json};
 
-use crate::aws::Aws;
+use crate::backend::aws::Aws;
 use crate::config::Config;
 
 /// Creates what is missing; returns `{"bucket": "created"|"exists", "event_bus": ..., ...}`.
@@ -42,7 +42,7 @@ pub async fn provision(cfg: &Config, aws: &Aws) -> anyhow::Result<Value> {
                 "exists"
             }
             Err(e) => {
-                return Err(crate::aws::err(e))
+                return Err(crate::backend::aws::err(e))
                     .with_context(|| format!("creating bucket {}", a.bucket));
             }
         }
@@ -73,7 +73,7 @@ pub async fn provision(cfg: &Config, aws: &Aws) -> anyhow::Result<Value> {
                 "exists"
             }
             Err(e) => {
-                return Err(crate::aws::err(e))
+                return Err(crate::backend::aws::err(e))
                     .with_context(|| format!("creating event bus {}", a.event_bus));
             }
         }
@@ -120,7 +120,7 @@ pub async fn provision(cfg: &Config, aws: &Aws) -> anyhow::Result<Value> {
                 "exists"
             }
             Err(e) => {
-                return Err(crate::aws::err(e))
+                return Err(crate::backend::aws::err(e))
                     .with_context(|| format!("creating table {}", a.table));
             }
         }
@@ -141,7 +141,7 @@ pub async fn provision(cfg: &Config, aws: &Aws) -> anyhow::Result<Value> {
             .queue_name(&a.dlq_queue)
             .send()
             .await
-            .map_err(crate::aws::err)
+            .map_err(crate::backend::aws::err)
             .with_context(|| format!("creating queue {}", a.dlq_queue))?;
         "created"
     };
@@ -163,7 +163,7 @@ async fn wait_table_active(aws: &Aws, table: &str) -> anyhow::Result<()> {
             .table_name(table)
             .send()
             .await
-            .map_err(crate::aws::err)?;
+            .map_err(crate::backend::aws::err)?;
         if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
             return Ok(());
         }

@@ -24,7 +24,6 @@
 //! JSON, original bytes included), announced as EventDeadLettered, and then acked.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,9 +41,11 @@ use tokio::time::{Instant, sleep, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::aws::Aws;
 use crate::backend::Backend;
+use crate::backend::aws::Aws;
 use crate::config::{Config, MqttConfig};
+use crate::detail::DetailType;
+use crate::layout::{Object, ObjectKey, date_of};
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::pipeline::{Held, Pipeline, Progress};
@@ -76,7 +77,7 @@ enum Kind {
 pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let aws = Aws::connect(&cfg.aws).await;
     let metrics = Arc::new(Metrics::default());
-    let backend = Backend::aws(aws, &cfg, &metrics);
+    let backend = crate::backend::aws::backend(aws, &cfg, &metrics);
     run_with(cfg, backend, metrics, shutdown).await
 }
 
@@ -394,10 +395,9 @@ async fn dead_letter(
     payload: &Bytes,
     reason: &str,
 ) -> anyhow::Result<()> {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    topic.hash(&mut h);
-    payload.hash(&mut h);
-    let id = h.finish();
+    // Stable across builds and bridges (std's DefaultHasher is not), so a message redelivered
+    // to another bridge is stored under the same key.
+    let id = crate::fnv1a(&[topic.as_bytes(), &[0], payload].concat());
     let now = now_ms();
     let entry = DlqEntry {
         id,
@@ -413,15 +413,18 @@ async fn dead_letter(
     };
     let json = entry.to_json().to_string();
     let gw = gateway_of(topic).unwrap_or("unknown");
-    let key = format!(
-        "{}failures/dt={}/gateway={gw}/uplink-{id:016x}.json",
-        p.cfg.aws.prefix,
-        crate::pipeline::date_of(now)
-    );
+    let key = ObjectKey {
+        date: date_of(now),
+        gateway: gw.to_string(),
+        object: Object::Uplink { hash: id },
+    }
+    .to_key(&p.cfg.aws.prefix);
     p.sink
         .put_object(&key, json.clone().into_bytes(), "application/json")
         .await?;
-    p.sink.put_events(vec![("EventDeadLettered", json)]).await
+    p.sink
+        .put_events(vec![(DetailType::EventDeadLettered, json)])
+        .await
 }
 
 /// A gap a worker is waiting on.

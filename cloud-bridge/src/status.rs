@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::backend::Announce;
+use crate::detail::DetailType;
 use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::pipeline::{Pipeline, Progress};
@@ -86,7 +87,9 @@ pub async fn announce(
         {
             Announce::Mine => {
                 let detail = device_detail(gateway, r).to_string();
-                p.sink.put_events(vec![("MissedEvents", detail)]).await?;
+                p.sink
+                    .put_events(vec![(DetailType::MissedEvents, detail)])
+                    .await?;
                 p.state.end_announce(gateway, id).await?;
                 Metrics::add(&p.metrics.missed_records_announced, 1);
                 warn!(gateway, id, device = %r.device, first_seq = r.first_seq,
@@ -180,7 +183,7 @@ mod tests {
     #[tokio::test]
     async fn a_record_is_announced_once_by_the_local_backend() {
         let dir = tempfile::tempdir().unwrap();
-        let st = crate::local::LocalState::open(dir.path()).unwrap();
+        let st = crate::backend::local::LocalState::open(dir.path()).unwrap();
         let st: &dyn crate::backend::StateStore = &st;
         assert_eq!(
             st.begin_announce("g/1", 4, "b", 0, 0).await.unwrap(),

@@ -24,11 +24,12 @@ use engine::{Engine, Reading, flags};
 use proto::{EventResult, Stage};
 use tracing::{info, warn};
 
-use crate::backend::Sink;
 use crate::config::VerifyConfig;
 use crate::correction::{Applied, Corrector, rewrite_record};
+use crate::detail::DetailType;
 use crate::dlq::DlqMessage;
 use crate::metrics::Metrics;
+use crate::sink::Sink;
 use crate::window::Window;
 
 /// What one gateway's stream has taught this bridge.
@@ -71,7 +72,7 @@ pub struct Review {
 impl Verifier {
     pub fn new(
         engine: Arc<Engine>,
-        history: Arc<dyn crate::history::CorrectionHistory>,
+        history: Arc<dyn crate::backend::CorrectionHistory>,
         cfg: &VerifyConfig,
         owner: String,
     ) -> Verifier {
@@ -307,7 +308,7 @@ impl Verifier {
                     None => {
                         if rewrite_record(&*sink.objects, &st.key, &fixed).await? {
                             sink.put_events(vec![(
-                                "EventCorrected",
+                                DetailType::EventCorrected,
                                 serde_json::to_string(&*fixed)?,
                             )])
                             .await?;

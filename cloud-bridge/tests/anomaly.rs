@@ -16,8 +16,9 @@ use cloud_bridge::anomaly::model::FitParams;
 use cloud_bridge::anomaly::progress::Progress;
 use cloud_bridge::anomaly::scan::{ScanOptions, ScanReport, scan};
 use cloud_bridge::anomaly::train::{TrainOptions, train};
-use cloud_bridge::anomaly::{AnomalyModels, TypeModel, model_key};
+use cloud_bridge::anomaly::{AnomalyModels, TypeModel};
 use cloud_bridge::backend::{EventPublisher, ObjectStore};
+use cloud_bridge::layout::model as model_key;
 use proto::{EventResult, Status};
 use serde_json::{Value, json};
 
@@ -443,10 +444,13 @@ async fn train_and_scan(
 async fn local_backend_train_scan_publish() {
     let dir = tempfile::tempdir().unwrap();
     let objects: Arc<dyn ObjectStore> =
-        Arc::new(cloud_bridge::local::LocalObjects::new(dir.path()).unwrap());
-    let events =
-        cloud_bridge::local::LocalEvents::new(&dir.path().join("eventbridge"), "src", "bus")
-            .unwrap();
+        Arc::new(cloud_bridge::backend::local::LocalObjects::new(dir.path()).unwrap());
+    let events = cloud_bridge::backend::local::LocalEvents::new(
+        &dir.path().join("eventbridge"),
+        "src",
+        "bus",
+    )
+    .unwrap();
     let (_, report) = train_and_scan("local", objects, "", Some(&events)).await;
     assert_eq!(report.published, report.anomalies.len());
     // The events as EventBridge would deliver them: the result, marked.
@@ -476,7 +480,7 @@ async fn local_backend_train_scan_publish() {
 async fn a_prefix_and_one_type() {
     let dir = tempfile::tempdir().unwrap();
     let objects: Arc<dyn ObjectStore> =
-        Arc::new(cloud_bridge::local::LocalObjects::new(dir.path()).unwrap());
+        Arc::new(cloud_bridge::backend::local::LocalObjects::new(dir.path()).unwrap());
     let h = history("prod/");
     upload(objects.as_ref(), &h).await;
     let mut opts = train_options();
@@ -711,7 +715,7 @@ async fn moto_s3_train_scan_and_cli() {
         .send()
         .await
         .unwrap();
-    let objects: Arc<dyn ObjectStore> = Arc::new(cloud_bridge::aws::S3Objects::new(
+    let objects: Arc<dyn ObjectStore> = Arc::new(cloud_bridge::backend::aws::S3Objects::new(
         aws.s3.clone(),
         names.bucket.clone(),
     ));
@@ -754,7 +758,7 @@ async fn moto_s3_train_scan_and_cli() {
 async fn the_bridge_scores_incoming_results_with_the_models() {
     let dir = tempfile::tempdir().unwrap();
     let objects: Arc<dyn ObjectStore> =
-        Arc::new(cloud_bridge::local::LocalObjects::new(dir.path()).unwrap());
+        Arc::new(cloud_bridge::backend::local::LocalObjects::new(dir.path()).unwrap());
     let (h, _) = train_and_scan("live", Arc::clone(&objects), "", None).await;
 
     let cfg = Arc::new(
@@ -763,7 +767,7 @@ async fn the_bridge_scores_incoming_results_with_the_models() {
         )
         .unwrap(),
     );
-    let backend = cloud_bridge::backend::Backend::local(dir.path(), &cfg).unwrap();
+    let backend = cloud_bridge::backend::local::backend(dir.path(), &cfg).unwrap();
     let metrics = Arc::new(cloud_bridge::metrics::Metrics::default());
     let p = cloud_bridge::pipeline::Pipeline::with_backend(
         backend,

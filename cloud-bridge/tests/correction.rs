@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use cloud_bridge::aws::Aws;
+use cloud_bridge::backend::aws::Aws;
 use cloud_bridge::config::Config;
 use cloud_bridge::metrics::Metrics;
 use cloud_bridge::pipeline::{Held, Pipeline, Progress};
@@ -689,7 +689,7 @@ async fn two_bridges_racing_correct_each_event_exactly_once() {
         pipeline_for(&cfg, "b1").await,
         pipeline_for(&cfg, "b2").await,
     );
-    let keys = cloud_bridge::correction::select_objects(
+    let keys = cloud_bridge::correction::run::select_objects(
         &*b1.sink.objects,
         "",
         "2025-11-25",
@@ -700,8 +700,8 @@ async fn two_bridges_racing_correct_each_event_exactly_once() {
     .unwrap();
     assert!(!keys.is_empty());
     let (r1, r2) = tokio::join!(
-        cloud_bridge::correction::run_over(&b1, &keys, "run-b1"),
-        cloud_bridge::correction::run_over(&b2, &keys, "run-b2"),
+        b1.correction_run().unwrap().over(&keys, "run-b1"),
+        b2.correction_run().unwrap().over(&keys, "run-b2"),
     );
     let (r1, r2) = (r1.unwrap(), r2.unwrap());
     println!("bridge 1: {r1:?}\nbridge 2: {r2:?}");
@@ -720,7 +720,10 @@ async fn two_bridges_racing_correct_each_event_exactly_once() {
         .collect();
     assert_eq!(corrected, wrong);
     // A third run finds nothing left to correct.
-    let r3 = cloud_bridge::correction::run_over(&b1, &keys, "run-b3")
+    let r3 = b1
+        .correction_run()
+        .unwrap()
+        .over(&keys, "run-b3")
         .await
         .unwrap();
     assert_eq!((r3.corrected, r3.incorrect), (0, 0), "{r3:?}");
@@ -744,7 +747,10 @@ async fn two_bridges_racing_correct_each_event_exactly_once() {
             .await
             .unwrap()
     );
-    let r4 = cloud_bridge::correction::run_over(&b2, &keys, "run-b4")
+    let r4 = b2
+        .correction_run()
+        .unwrap()
+        .over(&keys, "run-b4")
         .await
         .unwrap();
     assert_eq!(

@@ -5,7 +5,8 @@ mod common;
 
 use std::sync::Arc;
 
-use cloud_bridge::aws::{Aws, Claim};
+use cloud_bridge::backend::Claim;
+use cloud_bridge::backend::aws::Aws;
 use cloud_bridge::config::Config;
 use cloud_bridge::metrics::Metrics;
 use cloud_bridge::pipeline::{Held, Pipeline, Progress};

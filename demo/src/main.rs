@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use cloud_bridge::backend::Backend;
 use cloud_bridge::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
@@ -201,13 +200,13 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // The bridge's backend: the local directory, or AWS/the emulator.
     let bridge_metrics = Arc::new(Metrics::default());
     let backend = match &args.cloud_config {
-        None => Backend::local(&out, &bcfg)?,
+        None => cloud_bridge::backend::local::backend(&out, &bcfg)?,
         Some(_) => {
-            let aws = cloud_bridge::aws::Aws::connect(&bcfg.aws).await;
+            let aws = cloud_bridge::backend::aws::Aws::connect(&bcfg.aws).await;
             cloud_bridge::provision::provision(&bcfg, &aws)
                 .await
                 .context("provisioning the cloud resources")?;
-            Backend::aws(aws, &bcfg, &bridge_metrics)
+            cloud_bridge::backend::aws::backend(aws, &bcfg, &bridge_metrics)
         }
     };
     let local = args.cloud_config.is_none();

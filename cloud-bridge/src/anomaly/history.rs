@@ -10,6 +10,7 @@ use tracing::warn;
 use super::AnomalyError;
 use super::progress::Progress;
 use crate::backend::ObjectStore;
+use crate::layout::{self, ObjectKey};
 
 /// Ranges from `--since` up to this many days are listed one partition at a time (cheaper than
 /// listing the whole history); longer ranges, or none, list `events/` once and filter.
@@ -76,26 +77,21 @@ impl DateRange {
     }
 }
 
-/// The `dt=` partition of an `events/` key.
-fn partition<'k>(key: &'k str, events: &str) -> Option<&'k str> {
-    key.strip_prefix(events)?
-        .strip_prefix("dt=")?
-        .split('/')
-        .next()
-}
-
 /// The NDJSON objects under `{prefix}events/` in the range, in key order.
 pub async fn keys(
     objects: &dyn ObjectStore,
     prefix: &str,
     range: &DateRange,
 ) -> Result<Vec<String>, AnomalyError> {
-    let events = format!("{prefix}events/");
+    let events = layout::events(prefix);
     let tomorrow = time::OffsetDateTime::now_utc().date().next_day();
     let days = tomorrow.and_then(|t| range.days(t));
     let listings: Vec<String> = match days {
-        Some(days) => days.iter().map(|d| format!("{events}dt={d}/")).collect(),
-        None => vec![events.clone()],
+        Some(days) => days
+            .iter()
+            .map(|d| layout::events_of_day(prefix, d))
+            .collect(),
+        None => vec![events],
     };
     let mut keys = Vec::new();
     for p in listings {
@@ -104,7 +100,8 @@ pub async fn keys(
             .await
             .map_err(|e| AnomalyError::store("list", &p, e))?;
         keys.extend(listed.into_iter().filter(|k| {
-            k.ends_with(".ndjson") && partition(k, &events).is_some_and(|dt| range.contains(dt))
+            k.ends_with(".ndjson")
+                && ObjectKey::parse(prefix, k).is_some_and(|o| range.contains(&o.date))
         }));
     }
     keys.sort();
@@ -199,10 +196,5 @@ mod tests {
         assert!(e.to_string().starts_with("--since: '2026-11-5'"), "{e}");
         let e = DateRange::new(Some("2026-11-05"), Some("2026-11-01")).unwrap_err();
         assert!(e.to_string().contains("before"), "{e}");
-        assert_eq!(
-            partition("p/events/dt=2026-11-02/gateway=g/x.ndjson", "p/events/"),
-            Some("2026-11-02")
-        );
-        assert_eq!(partition("p/failures/x.json", "p/events/"), None);
     }
 }

@@ -28,10 +28,11 @@ use proto::EventResult;
 use serde::Serialize;
 
 use crate::backend::ObjectStore;
+use crate::detail::DetailType;
 pub use model::{ModelError, TypeModel};
 
 /// The EventBridge detail-type of an anomaly.
-pub const DETAIL_TYPE: &str = "AnomalyDetected";
+pub const DETAIL_TYPE: DetailType = DetailType::AnomalyDetected;
 /// The flag an `AnomalyDetected` event's result carries when the cloud model found it.
 pub const FLAG: &str = "cloud_anomaly";
 
@@ -43,16 +44,6 @@ pub const UNSCORED_FLAGS: [&str; 3] = ["first_reading", "out_of_order", "seq_res
 /// Whether a result is scored at all (see [`UNSCORED_FLAGS`]).
 pub fn scorable(r: &EventResult) -> bool {
     !r.flags.iter().any(|f| UNSCORED_FLAGS.contains(&f.as_str()))
-}
-
-/// `{prefix}models/anomaly/`.
-pub fn models_prefix(prefix: &str) -> String {
-    format!("{prefix}models/anomaly/")
-}
-
-/// `{prefix}models/anomaly/{type}.json`.
-pub fn model_key(prefix: &str, event_type: &str) -> String {
-    format!("{}{event_type}.json", models_prefix(prefix))
 }
 
 /// Errors of the anomaly commands and of loading models.
@@ -103,7 +94,7 @@ impl AnomalyModels {
     /// Reads every `{prefix}models/anomaly/*.json`. No models is not an error (an empty set
     /// scores nothing); an unreadable or invalid model is.
     pub async fn load(objects: &dyn ObjectStore, prefix: &str) -> Result<Self, AnomalyError> {
-        let dir = models_prefix(prefix);
+        let dir = crate::layout::models(prefix);
         let keys = objects
             .list(&dir)
             .await

@@ -13,11 +13,11 @@ use std::sync::Arc;
 use proto::{EventResult, Status};
 use serde::Serialize;
 
+use super::AnomalyError;
 use super::features::raw_fields;
 use super::history::{self, DateRange, ReadStats};
 use super::model::{FitParams, TypeModel};
 use super::progress::Progress;
-use super::{AnomalyError, model_key};
 use crate::backend::ObjectStore;
 
 #[derive(Debug, Clone)]
@@ -211,7 +211,7 @@ pub async fn train(
                 t.until = opts.range.until.clone();
                 t.objects = report.read.objects;
                 t.trained_at = trained_at.clone();
-                let key = model_key(prefix, &event_type);
+                let key = crate::layout::model(prefix, &event_type);
                 objects
                     .put(&key, m.to_json(), "application/json")
                     .await

@@ -20,11 +20,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{DlqMessage, Received};
+use crate::backend::{DlqMessage, Received};
 use crate::correction::{Applied, rewrite_record};
+use crate::detail::DetailType;
+use crate::layout::{Object, ObjectKey, date_of};
 use crate::metrics::Metrics;
 use crate::now_ms;
-use crate::pipeline::{Pipeline, date_of};
+use crate::pipeline::Pipeline;
 
 /// What became of one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,13 +103,14 @@ pub async fn handle(p: &Pipeline, body: &str) -> anyhow::Result<Handled> {
         }
         None => {
             // Never stored: it gets an object of its own (one record, a deterministic key).
-            let key = format!(
-                "{}events/dt={}/gateway={}/dlq-{:020}.ndjson",
-                p.cfg.aws.prefix,
-                date_of(fixed.ts),
-                fixed.gateway,
-                fixed.edge_seq
-            );
+            let key = ObjectKey {
+                date: date_of(fixed.ts),
+                gateway: fixed.gateway.clone(),
+                object: Object::Recalculated {
+                    edge_seq: fixed.edge_seq,
+                },
+            }
+            .to_key(&p.cfg.aws.prefix);
             let mut line = serde_json::to_vec(&*fixed)?;
             line.push(b'\n');
             p.sink
@@ -117,7 +120,10 @@ pub async fn handle(p: &Pipeline, body: &str) -> anyhow::Result<Handled> {
         }
     };
     p.sink
-        .put_events(vec![("EventCorrected", serde_json::to_string(&*fixed)?)])
+        .put_events(vec![(
+            DetailType::EventCorrected,
+            serde_json::to_string(&*fixed)?,
+        )])
         .await?;
     Metrics::add(&p.metrics.corrected, 1);
     info!(event_id = %fixed.event_id, %key, "DLQ: recalculated and replaced the stored record");
@@ -137,11 +143,12 @@ async fn store_failure(
         Some(m) => crate::hex_name(&m.id),
         None => format!("{:016x}", crate::fnv1a(body.as_bytes())),
     };
-    let key = format!(
-        "{}failures/dt={}/gateway={gateway}/dlq-{id}.json",
-        p.cfg.aws.prefix,
-        date_of(now)
-    );
+    let key = ObjectKey {
+        date: date_of(now),
+        gateway: gateway.to_string(),
+        object: Object::GivenUp { id },
+    }
+    .to_key(&p.cfg.aws.prefix);
     let doc = json!({
         "reason": reason,
         "stored_at": proto::timestamp::format_rfc3339(now),

@@ -6,9 +6,9 @@ use aws_sdk_sqs::types::{
 };
 use tokio::sync::OnceCell;
 
-use super::{DeadLetterQueue, DlqMessage, Received};
-use crate::aws::err;
-use crate::backend::BoxFuture;
+use super::client::err;
+use crate::backend::{BoxFuture, DeadLetterQueue, Received};
+use crate::dlq::DlqMessage;
 
 #[derive(Debug)]
 pub struct SqsQueue {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
-use super::{DeadLetterQueue, DlqMessage, Received};
-use crate::backend::BoxFuture;
+use crate::backend::{BoxFuture, DeadLetterQueue, Received};
+use crate::dlq::DlqMessage;
 
 #[derive(Debug)]
 pub struct DirQueue {

@@ -151,7 +151,7 @@ pub async fn handle(p: &Pipeline, payload: Value) -> anyhow::Result<Value> {
                     let body = serde_json::to_vec(&ReplayRequest { from, to })?;
                     match publish_once(m, replay_topic(&gateway), body).await {
                         Ok(()) => {
-                            Metrics::add(&p.metrics.replays_requested, 1);
+                            p.metrics.replays_requested.increment(1);
                             "replay requested"
                         }
                         Err(e) => {

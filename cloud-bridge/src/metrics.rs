@@ -1,128 +1,223 @@
-//! Counters, published as CloudWatch embedded metric format (EMF) lines on stdout.
+//! The bridge's counters, kept through the `metrics` facade (the API the agent uses too) by an
+//! [`EmfRecorder`], and published as CloudWatch embedded metric format (EMF) lines on stdout.
 //!
 //! EMF is how a Lambda publishes metrics (its stdout goes to CloudWatch Logs, which extracts
 //! them) and works for the service too (CloudWatch agent or any log shipper). The emulator
 //! cannot take `aws-sdk-cloudwatch` calls (shared/recipes/aws-emulator.md), and EMF needs no
 //! extra API call on the hot path. Each line carries the counts since the previous line.
+//!
+//! Each [`Metrics`] has a recorder of its own rather than the process-wide one: a process may
+//! run several pipelines (the demo, the tests), and each line must carry one bridge's counts.
+//! Metric names are part of the bridge's interface (dashboards and alarms key on them), so
+//! they are all declared here, once.
 
+use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use serde_json::{Map, Value, json};
 
 use crate::config::{EmfTarget, MetricsConfig};
 
-/// Every counter, by its EMF metric name.
+/// Results stored in S3 for the first time.
+pub const PROCESSED: &str = "processed";
+/// Results received again (edge_seq already stored, or a repeated event_id).
+pub const DUPLICATES: &str = "duplicates";
+/// Times a batch started past the stored sequence.
+pub const GAPS: &str = "gaps";
+pub const REPLAYS_REQUESTED: &str = "replays_requested";
+/// Ranges given up on after the replay attempts (reported as MissedEvents).
+pub const MISSED_EVENTS: &str = "missed_events";
+pub const S3_OBJECTS: &str = "s3_objects";
+pub const EVENTBRIDGE_ENTRIES: &str = "eventbridge_entries";
+/// Entries PutEvents reported as failed (each retry counts again).
+pub const EVENTBRIDGE_FAILED_ENTRIES: &str = "eventbridge_failed_entries";
+/// Uplink messages that were not a valid batch (stored under `failures/`).
+pub const DECODE_ERRORS: &str = "decode_errors";
+/// AWS calls that failed after the SDK's retries (the batch stays unacknowledged).
+pub const AWS_ERRORS: &str = "aws_errors";
+/// Another bridge claimed or stored the range first.
+pub const CLAIM_CONFLICTS: &str = "claim_conflicts";
+/// Stale claims of a crashed or stuck bridge taken over.
+pub const CLAIM_TAKEOVERS: &str = "claim_takeovers";
+/// MQTT messages acknowledged to the broker.
+pub const ACKED_MESSAGES: &str = "acked_messages";
+/// Results recalculated and compared (`[verify]`).
+pub const VERIFIED: &str = "verified";
+/// Results not verifiable here (previous reading unknown to this bridge).
+pub const UNVERIFIED: &str = "unverified";
+/// Verified results found incorrectly processed (mismatch or outdated calc_version).
+pub const INCORRECT: &str = "incorrect";
+/// Corrections made (pipeline, DLQ processor, correction runs).
+pub const CORRECTED: &str = "corrected";
+/// Messages sent to the cloud DLQ.
+pub const DEAD_LETTERED: &str = "dead_lettered";
+/// DLQ messages stored under `failures/` for a person.
+pub const FAILURES_STORED: &str = "failures_stored";
+/// Results stored with status `anomaly`.
+pub const ANOMALIES: &str = "anomalies";
+/// Gateways' missed-event records announced as MissedEvents (kind `device`), each once.
+pub const MISSED_RECORDS_ANNOUNCED: &str = "missed_records_announced";
+/// Derived on each line: incorrect share of verified, what the monitor and an alarm watch.
+pub const DISCREPANCY_RATE: &str = "discrepancy_rate";
+
+/// A `metrics` recorder of counters: running totals by name, in the order they were first
+/// registered (the order of the EMF line). Gauges and histograms are not kept: every figure
+/// the bridge publishes is a count.
 #[derive(Debug, Default)]
+pub struct EmfRecorder {
+    totals: Mutex<Vec<(String, Arc<AtomicU64>)>>,
+}
+
+impl EmfRecorder {
+    /// Every counter's total.
+    pub fn totals(&self) -> Vec<(String, u64)> {
+        let totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
+        totals
+            .iter()
+            .map(|(n, c)| (n.clone(), c.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn total(&self, name: &str) -> u64 {
+        let totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
+        totals
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, c)| c.load(Ordering::Relaxed))
+    }
+}
+
+impl Recorder for EmfRecorder {
+    fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+    fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+
+    fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+        let mut totals = self.totals.lock().unwrap_or_else(PoisonError::into_inner);
+        let total = match totals.iter().find(|(n, _)| n == key.name()) {
+            Some((_, c)) => Arc::clone(c),
+            None => {
+                let c = Arc::new(AtomicU64::new(0));
+                totals.push((key.name().to_string(), Arc::clone(&c)));
+                c
+            }
+        };
+        Counter::from_arc(total)
+    }
+
+    fn register_gauge(&self, _: &Key, _: &Metadata<'_>) -> Gauge {
+        Gauge::noop()
+    }
+
+    fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+        Histogram::noop()
+    }
+}
+
+/// One bridge's counters, as `metrics` handles registered with its own [`EmfRecorder`].
 pub struct Metrics {
-    /// Results stored in S3 for the first time.
-    pub processed: AtomicU64,
-    /// Results received again (edge_seq already stored, or a repeated event_id).
-    pub duplicates: AtomicU64,
-    /// Times a batch started past the stored sequence.
-    pub gaps: AtomicU64,
-    pub replays_requested: AtomicU64,
-    /// Ranges given up on after the replay attempts (reported as MissedEvents).
-    pub missed_events: AtomicU64,
-    pub s3_objects: AtomicU64,
-    pub eventbridge_entries: AtomicU64,
-    /// Entries PutEvents reported as failed (each retry counts again).
-    pub eventbridge_failed_entries: AtomicU64,
-    /// Uplink messages that were not a valid batch (stored under `failures/`).
-    pub decode_errors: AtomicU64,
-    /// AWS calls that failed after the SDK's retries (the batch stays unacknowledged).
-    pub aws_errors: AtomicU64,
-    /// Another bridge claimed or stored the range first.
-    pub claim_conflicts: AtomicU64,
-    /// Stale claims of a crashed or stuck bridge taken over.
-    pub claim_takeovers: AtomicU64,
-    /// MQTT messages acknowledged to the broker.
-    pub acked_messages: AtomicU64,
-    /// Results recalculated and compared (`[verify]`).
-    pub verified: AtomicU64,
-    /// Results not verifiable here (previous reading unknown to this bridge).
-    pub unverified: AtomicU64,
-    /// Verified results found incorrectly processed (mismatch or outdated calc_version).
-    pub incorrect: AtomicU64,
-    /// Corrections made (pipeline, DLQ processor, correction runs).
-    pub corrected: AtomicU64,
-    /// Messages sent to the cloud DLQ.
-    pub dead_lettered: AtomicU64,
-    /// DLQ messages stored under `failures/` for a person.
-    pub failures_stored: AtomicU64,
-    /// Results stored with status `anomaly`.
-    pub anomalies: AtomicU64,
-    /// Gateways' missed-event records announced as MissedEvents (kind `device`), each once.
-    pub missed_records_announced: AtomicU64,
+    recorder: EmfRecorder,
+    pub processed: Counter,
+    pub duplicates: Counter,
+    pub gaps: Counter,
+    pub replays_requested: Counter,
+    pub missed_events: Counter,
+    pub s3_objects: Counter,
+    pub eventbridge_entries: Counter,
+    pub eventbridge_failed_entries: Counter,
+    pub decode_errors: Counter,
+    pub aws_errors: Counter,
+    pub claim_conflicts: Counter,
+    pub claim_takeovers: Counter,
+    pub acked_messages: Counter,
+    pub verified: Counter,
+    pub unverified: Counter,
+    pub incorrect: Counter,
+    pub corrected: Counter,
+    pub dead_lettered: Counter,
+    pub failures_stored: Counter,
+    pub anomalies: Counter,
+    pub missed_records_announced: Counter,
     /// The totals at the last EMF line: each line carries the difference, while the
     /// counters themselves only grow (the monitor reads them too).
-    emitted: std::sync::Mutex<Vec<u64>>,
+    emitted: Mutex<HashMap<String, u64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.snapshot()).finish()
+    }
 }
 
 impl Metrics {
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
+    pub fn new() -> Metrics {
+        let recorder = EmfRecorder::default();
+        let meta = Metadata::new(module_path!(), metrics::Level::INFO, Some(module_path!()));
+        let c = |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &meta);
+        Metrics {
+            processed: c(PROCESSED),
+            duplicates: c(DUPLICATES),
+            gaps: c(GAPS),
+            replays_requested: c(REPLAYS_REQUESTED),
+            missed_events: c(MISSED_EVENTS),
+            s3_objects: c(S3_OBJECTS),
+            eventbridge_entries: c(EVENTBRIDGE_ENTRIES),
+            eventbridge_failed_entries: c(EVENTBRIDGE_FAILED_ENTRIES),
+            decode_errors: c(DECODE_ERRORS),
+            aws_errors: c(AWS_ERRORS),
+            claim_conflicts: c(CLAIM_CONFLICTS),
+            claim_takeovers: c(CLAIM_TAKEOVERS),
+            acked_messages: c(ACKED_MESSAGES),
+            verified: c(VERIFIED),
+            unverified: c(UNVERIFIED),
+            incorrect: c(INCORRECT),
+            corrected: c(CORRECTED),
+            dead_lettered: c(DEAD_LETTERED),
+            failures_stored: c(FAILURES_STORED),
+            anomalies: c(ANOMALIES),
+            missed_records_announced: c(MISSED_RECORDS_ANNOUNCED),
+            recorder,
+            emitted: Mutex::default(),
+        }
     }
 
-    fn fields(&self) -> [(&'static str, &AtomicU64); 21] {
-        [
-            ("processed", &self.processed),
-            ("duplicates", &self.duplicates),
-            ("gaps", &self.gaps),
-            ("replays_requested", &self.replays_requested),
-            ("missed_events", &self.missed_events),
-            ("s3_objects", &self.s3_objects),
-            ("eventbridge_entries", &self.eventbridge_entries),
-            (
-                "eventbridge_failed_entries",
-                &self.eventbridge_failed_entries,
-            ),
-            ("decode_errors", &self.decode_errors),
-            ("aws_errors", &self.aws_errors),
-            ("claim_conflicts", &self.claim_conflicts),
-            ("claim_takeovers", &self.claim_takeovers),
-            ("acked_messages", &self.acked_messages),
-            ("verified", &self.verified),
-            ("unverified", &self.unverified),
-            ("incorrect", &self.incorrect),
-            ("corrected", &self.corrected),
-            ("dead_lettered", &self.dead_lettered),
-            ("failures_stored", &self.failures_stored),
-            ("anomalies", &self.anomalies),
-            ("missed_records_announced", &self.missed_records_announced),
-        ]
+    /// The total of the counter `name` (0 for a name that is not a counter).
+    pub fn get(&self, name: &str) -> u64 {
+        self.recorder.total(name)
     }
 
     /// Current totals (for tests, the bench and the shutdown log line).
-    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
-        self.fields()
-            .iter()
-            .map(|(n, c)| (*n, c.load(Ordering::Relaxed)))
-            .collect()
+    pub fn snapshot(&self) -> Vec<(String, u64)> {
+        self.recorder.totals()
     }
 
     /// One EMF document with the counts since the last call, or None if nothing was counted.
     pub fn take_emf(&self, namespace: &str, mode: &str, now_ms: i64) -> Option<Value> {
         let mut values = Map::new();
         let mut defs = Vec::new();
-        let mut emitted = self.emitted.lock().unwrap_or_else(|p| p.into_inner());
-        emitted.resize(self.fields().len(), 0);
-        for (i, (name, c)) in self.fields().into_iter().enumerate() {
-            let total = c.load(Ordering::Relaxed);
-            let v = total - emitted[i].min(total);
-            emitted[i] = total;
+        let mut emitted = self.emitted.lock().unwrap_or_else(PoisonError::into_inner);
+        for (name, total) in self.recorder.totals() {
+            let last = emitted.insert(name.clone(), total).unwrap_or(0);
             defs.push(json!({"Name": name, "Unit": "Count"}));
-            values.insert(name.into(), json!(v));
+            values.insert(name, json!(total - last.min(total)));
         }
         if values.values().all(|v| v == &json!(0)) {
             return None;
         }
-        // What the monitor (and a CloudWatch alarm) watches: incorrect share of verified.
-        let verified = values["verified"].as_u64().unwrap_or(0);
+        let verified = values[VERIFIED].as_u64().unwrap_or(0);
         if verified > 0 {
-            let rate = values["incorrect"].as_u64().unwrap_or(0) as f64 * 100.0 / verified as f64;
-            defs.push(json!({"Name": "discrepancy_rate", "Unit": "Percent"}));
-            values.insert("discrepancy_rate".into(), json!(rate));
+            let rate = values[INCORRECT].as_u64().unwrap_or(0) as f64 * 100.0 / verified as f64;
+            defs.push(json!({"Name": DISCREPANCY_RATE, "Unit": "Percent"}));
+            values.insert(DISCREPANCY_RATE.into(), json!(rate));
         }
         let mut doc = Map::new();
         doc.insert(
@@ -163,8 +258,8 @@ mod tests {
     fn emf_document_shape_and_reset() {
         let m = Metrics::default();
         assert!(m.take_emf("NS", "service", 1).is_none());
-        Metrics::add(&m.processed, 5);
-        Metrics::add(&m.duplicates, 2);
+        m.processed.increment(5);
+        m.duplicates.increment(2);
         let doc = m.take_emf("NS", "service", 1_000).unwrap();
         assert_eq!(doc["_aws"]["Timestamp"], 1_000);
         assert_eq!(doc["_aws"]["CloudWatchMetrics"][0]["Namespace"], "NS");
@@ -178,15 +273,29 @@ mod tests {
             .map(|m| m["Name"].as_str().unwrap().to_string())
             .collect();
         for n in [
-            "processed",
-            "duplicates",
-            "gaps",
-            "replays_requested",
-            "s3_objects",
-            "eventbridge_failed_entries",
+            PROCESSED,
+            DUPLICATES,
+            GAPS,
+            REPLAYS_REQUESTED,
+            S3_OBJECTS,
+            EVENTBRIDGE_FAILED_ENTRIES,
         ] {
             assert!(names.iter().any(|x| x == n), "{n}");
         }
         assert!(m.take_emf("NS", "service", 2).is_none(), "counts reset");
+        m.processed.increment(1);
+        let doc = m.take_emf("NS", "service", 3).unwrap();
+        assert_eq!(doc["processed"], 1, "each line carries the difference");
+        assert_eq!(m.get(PROCESSED), 6, "totals only grow");
+    }
+
+    #[test]
+    fn two_bridges_in_one_process_count_apart() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        a.verified.increment(3);
+        a.incorrect.increment(1);
+        assert_eq!((a.get(VERIFIED), b.get(VERIFIED)), (3, 0));
+        let doc = a.take_emf("NS", "lambda", 1).unwrap();
+        assert!((doc[DISCREPANCY_RATE].as_f64().unwrap() - 100.0 / 3.0).abs() < 1e-9);
     }
 }

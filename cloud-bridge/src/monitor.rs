@@ -10,7 +10,6 @@
 //! `discrepancy_rate` metric through the Lambda handler, or by `cloud-bridge correct`.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -52,8 +51,8 @@ impl Monitor {
     pub async fn tick(&self) -> anyhow::Result<Vec<(String, RunReport)>> {
         let m = &self.p.metrics;
         let (verified, incorrect) = (
-            m.verified.load(Ordering::Relaxed),
-            m.incorrect.load(Ordering::Relaxed),
+            m.get(crate::metrics::VERIFIED),
+            m.get(crate::metrics::INCORRECT),
         );
         let (dv, di) = {
             let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());

@@ -158,7 +158,7 @@ impl Pipeline {
             let stored = held.split_off(&(st.hwm + 1));
             let dups = held.len();
             *held = stored;
-            Metrics::add(&self.metrics.duplicates, dups as u64);
+            self.metrics.duplicates.increment(dups as u64);
             let Some(&first) = held.keys().next() else {
                 return Ok(Progress::Done { hwm: st.hwm });
             };
@@ -176,7 +176,7 @@ impl Pipeline {
                 if run_end >= c.to {
                     // Complete it: ours from a failed attempt, or a crashed bridge's.
                     if !self.state.refresh(gateway, c, now).await? {
-                        Metrics::add(&self.metrics.claim_conflicts, 1);
+                        self.metrics.claim_conflicts.increment(1);
                         continue;
                     }
                     let c = Claim {
@@ -193,7 +193,7 @@ impl Pipeline {
                 }
                 if now - c.at > claim_timeout {
                     if self.state.take_over(gateway, c).await? {
-                        Metrics::add(&self.metrics.claim_takeovers, 1);
+                        self.metrics.claim_takeovers.increment(1);
                         warn!(gateway, from = c.from, to = c.to, owner = %c.owner, key = %c.key,
                             "took over a stale claim; its object (if any) is deleted");
                     }
@@ -214,7 +214,7 @@ impl Pipeline {
                 owner: self.owner.clone(),
             };
             if !self.state.claim(gateway, &st, &claim).await? {
-                Metrics::add(&self.metrics.claim_conflicts, 1);
+                self.metrics.claim_conflicts.increment(1);
                 continue;
             }
             if self.store_claimed(gateway, &claim, held).await? {
@@ -288,14 +288,18 @@ impl Pipeline {
         entries.extend(crate::dlq::send(&*self.dlq, &dead_letters).await?);
         self.sink.put_events(entries).await?;
         if !self.state.commit(gateway, c).await? {
-            Metrics::add(&self.metrics.claim_conflicts, 1);
+            self.metrics.claim_conflicts.increment(1);
             return Ok(false);
         }
-        Metrics::add(&self.metrics.s3_objects, 1);
-        Metrics::add(&self.metrics.processed, c.to - c.from + 1 - repeated);
-        Metrics::add(&self.metrics.duplicates, repeated);
-        Metrics::add(&self.metrics.anomalies, anomalies);
-        Metrics::add(&self.metrics.dead_lettered, dead_letters.len() as u64);
+        self.metrics.s3_objects.increment(1);
+        self.metrics
+            .processed
+            .increment(c.to - c.from + 1 - repeated);
+        self.metrics.duplicates.increment(repeated);
+        self.metrics.anomalies.increment(anomalies);
+        self.metrics
+            .dead_lettered
+            .increment(dead_letters.len() as u64);
         Ok(true)
     }
 
@@ -338,7 +342,7 @@ impl Pipeline {
             return Ok(false);
         }
         let count = to - from + 1;
-        Metrics::add(&self.metrics.missed_events, count);
+        self.metrics.missed_events.increment(count);
         warn!(
             gateway,
             from,
@@ -387,7 +391,7 @@ impl Pipeline {
                 Progress::Done { .. } => return Ok(p),
                 Progress::Missing { .. } => {
                     if !counted {
-                        Metrics::add(&self.metrics.gaps, 1);
+                        self.metrics.gaps.increment(1);
                         counted = true;
                     }
                     if tokio::time::Instant::now() + recheck > deadline {

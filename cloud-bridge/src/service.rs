@@ -275,7 +275,7 @@ fn flush_acks(client: &AsyncClient, pending: &mut Vec<Publish>, metrics: &Metric
         sent += 1;
     }
     pending.drain(..sent);
-    Metrics::add(&metrics.acked_messages, sent as u64);
+    metrics.acked_messages.increment(sent as u64);
 }
 
 /// Decodes a message and hands it to its gateway's worker (started on first use), or
@@ -298,7 +298,7 @@ fn dispatch(
     let kind = match parsed {
         Ok(k) => k,
         Err(reason) => {
-            Metrics::add(&pipeline.metrics.decode_errors, 1);
+            pipeline.metrics.decode_errors.increment(1);
             warn!(%topic, %reason, "not a valid uplink batch: dead-lettered under failures/");
             let (p, tx, stop) = (pipeline.clone(), ack_tx.clone(), stop.clone());
             tasks.spawn(async move {
@@ -311,7 +311,7 @@ fn dispatch(
                             return;
                         }
                         Err(e) => {
-                            Metrics::add(&p.metrics.aws_errors, 1);
+                            p.metrics.aws_errors.increment(1);
                             error!(error = %format!("{e:#}"), "could not store a dead letter; retrying");
                         }
                     }
@@ -520,7 +520,7 @@ async fn worker(
         if !seen.reports.is_empty()
             && let Err(e) = crate::status::announce(&p, &gateway, &mut seen.reports).await
         {
-            Metrics::add(&p.metrics.aws_errors, 1);
+            p.metrics.aws_errors.increment(1);
             error!(%gateway, error = %format!("{e:#}"),
                 "announcing missed-event records failed; retrying in {err_backoff:?}");
             wake_at = Some(Instant::now() + err_backoff);
@@ -533,7 +533,7 @@ async fn worker(
                 pr
             }
             Err(e) => {
-                Metrics::add(&p.metrics.aws_errors, 1);
+                p.metrics.aws_errors.increment(1);
                 error!(%gateway, error = %format!("{e:#}"),
                     "storing failed; the batches stay unacked and are retried in {err_backoff:?}");
                 wake_at = Some(Instant::now() + err_backoff);
@@ -560,7 +560,7 @@ async fn worker(
         match &mut gap {
             Some(g) if g.from == from => g.to = to,
             _ => {
-                Metrics::add(&p.metrics.gaps, 1);
+                p.metrics.gaps.increment(1);
                 debug!(%gateway, from, to, "holding a batch until edge_seq {from}..={to} is stored");
                 gap = Some(Gap {
                     from,
@@ -581,7 +581,7 @@ async fn worker(
                 let body = serde_json::to_vec(&req).expect("a ReplayRequest encodes");
                 match client.try_publish(replay_topic(&gateway), QoS::AtLeastOnce, false, body) {
                     Ok(()) => {
-                        Metrics::add(&p.metrics.replays_requested, 1);
+                        p.metrics.replays_requested.increment(1);
                         info!(%gateway, from = g.from, to = g.to, attempt = g.attempts, "requested a replay");
                     }
                     Err(e) => warn!(%gateway, error = %e, "could not queue a replay request"),
@@ -592,7 +592,7 @@ async fn worker(
                 match p.skip_missing(&gateway, from, to).await {
                     Ok(_) => gap = None,
                     Err(e) => {
-                        Metrics::add(&p.metrics.aws_errors, 1);
+                        p.metrics.aws_errors.increment(1);
                         error!(%gateway, error = %format!("{e:#}"), "could not record missed events; retrying");
                     }
                 }

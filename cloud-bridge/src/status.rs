@@ -21,7 +21,6 @@ use tracing::{info, warn};
 
 use crate::backend::Announce;
 use crate::detail::DetailType;
-use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::pipeline::{Pipeline, Progress};
 
@@ -91,7 +90,7 @@ pub async fn announce(
                     .put_events(vec![(DetailType::MissedEvents, detail)])
                     .await?;
                 p.state.end_announce(gateway, id).await?;
-                Metrics::add(&p.metrics.missed_records_announced, 1);
+                p.metrics.missed_records_announced.increment(1);
                 warn!(gateway, id, device = %r.device, first_seq = r.first_seq,
                     last_seq = r.last_seq, count = r.count,
                     "the gateway gave up on a device's seqs: announced as MissedEvents");

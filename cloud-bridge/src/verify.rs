@@ -164,10 +164,10 @@ impl Verifier {
                     };
                     let v = verify(&self.corrector.engine, r, known, self.tolerance);
                     match &v {
-                        Verdict::Consistent => Metrics::add(&metrics.verified, 1),
-                        Verdict::Unverifiable => Metrics::add(&metrics.unverified, 1),
+                        Verdict::Consistent => metrics.verified.increment(1),
+                        Verdict::Unverifiable => metrics.unverified.increment(1),
                         _ => {
-                            Metrics::add(&metrics.verified, 1);
+                            metrics.verified.increment(1);
                             findings.push((i, v, known_reading(known)));
                         }
                     }
@@ -198,7 +198,7 @@ impl Verifier {
                 review.dead_letters.push(dead(Stage::Cloud, reason));
                 continue;
             }
-            Metrics::add(&metrics.incorrect, 1);
+            metrics.incorrect.increment(1);
             self.discrepant
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -218,7 +218,7 @@ impl Verifier {
             {
                 Applied::Corrected(fixed) => {
                     info!(gateway, event_id = %r.event_id, %reason, "corrected");
-                    Metrics::add(&metrics.corrected, 1);
+                    metrics.corrected.increment(1);
                     records[i] = *fixed;
                 }
                 Applied::Superseded(by) => {
@@ -278,7 +278,7 @@ impl Verifier {
             Restated::Refused { reason } => {
                 // Right as calculated across the gap, refused against the late reading: a
                 // person has to look at it.
-                Metrics::add(&metrics.incorrect, 1);
+                metrics.incorrect.increment(1);
                 review.dead_letters.push(DlqMessage::for_record(
                     Stage::Correction,
                     reason,
@@ -290,7 +290,7 @@ impl Verifier {
                 return Ok(());
             }
         };
-        Metrics::add(&metrics.incorrect, 1);
+        metrics.incorrect.increment(1);
         let request = format!("late:{gateway}:{}", st.edge_seq);
         match self
             .corrector
@@ -301,7 +301,7 @@ impl Verifier {
                 // Calculated against a reading that arrived after it: a verifier going in
                 // edge_seq order cannot know that reading.
                 fixed.flags.push(flags::PREVIOUS_ARRIVED_LATE.to_string());
-                Metrics::add(&metrics.corrected, 1);
+                metrics.corrected.increment(1);
                 info!(gateway, event_id = %fixed.event_id, %reason, "corrected");
                 match here {
                     Some(i) => records[i] = *fixed,

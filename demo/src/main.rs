@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use cloud_bridge::metrics::Metrics;
+use cloud_bridge::metrics::{self, Metrics};
 use tokio_util::sync::CancellationToken;
 
 use edge_agent::agent::{self, Hooks};
@@ -44,7 +44,7 @@ mod summary;
 use cloud::{bridge_config, inject_bad_uplink, start_cloud_broker};
 use out::prepare_out;
 use simulator::{SimConfig, SimStats};
-use summary::{Parts, finish, load};
+use summary::{Parts, finish};
 
 /// The example configuration, embedded: its event types, rules and calculations.
 const EXAMPLE_CONFIG: &str = include_str!("../../config/edge-agent.toml");
@@ -232,10 +232,10 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
             break;
         }
         let until = Instant::now() + Duration::from_millis(500);
-        while load(&bridge_metrics.acked_messages) == 0 && Instant::now() < until {
+        while bridge_metrics.get(metrics::ACKED_MESSAGES) == 0 && Instant::now() < until {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if load(&bridge_metrics.acked_messages) > 0 {
+        if bridge_metrics.get(metrics::ACKED_MESSAGES) > 0 {
             break;
         }
     }
@@ -360,7 +360,7 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     // The broken uplink message is dead-lettered on its own task; give it a moment.
     let wait_until = Instant::now() + Duration::from_secs(5);
-    while load(&bridge_metrics.decode_errors) > 0
+    while bridge_metrics.get(metrics::DECODE_ERRORS) > 0
         && backend.objects.list("failures/").await?.is_empty()
         && Instant::now() < wait_until
     {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::bail;
 use cloud_bridge::backend::Backend;
-use cloud_bridge::metrics::Metrics;
+use cloud_bridge::metrics::{self, Metrics};
 use edge_agent::agent::Handles;
 use serde_json::json;
 
@@ -66,8 +66,8 @@ impl Parts<'_> {
             load(&live.gaps),
             depth.entries,
             depth.acked_through.saturating_sub(self.acked_base),
-            load(&self.bridge.processed),
-            load(&self.bridge.s3_objects),
+            self.bridge.get(metrics::PROCESSED),
+            self.bridge.get(metrics::S3_OBJECTS),
         )
     }
 }
@@ -113,7 +113,7 @@ pub async fn finish(
     let (records, distinct) = if local {
         count_records(out, &new_objects)?
     } else {
-        (load(&b.processed), load(&b.processed))
+        (b.get(metrics::PROCESSED), b.get(metrics::PROCESSED))
     };
     let stages = |m: &BTreeMap<String, u64>| {
         m.iter()
@@ -181,11 +181,11 @@ pub async fn finish(
     );
     println!(
         "           re-verified {} ({} not verifiable), {} incorrect, {} corrected; {} anomalies stored",
-        load(&b.verified),
-        load(&b.unverified),
-        load(&b.incorrect),
-        load(&b.corrected),
-        load(&b.anomalies),
+        b.get(metrics::VERIFIED),
+        b.get(metrics::UNVERIFIED),
+        b.get(metrics::INCORRECT),
+        b.get(metrics::CORRECTED),
+        b.get(metrics::ANOMALIES),
     );
     if local {
         println!(
@@ -230,18 +230,18 @@ pub async fn finish(
             "uplinked": uplinked,
         },
         "cloud": {
-            "stored": load(&b.processed),
-            "objects": load(&b.s3_objects),
+            "stored": b.get(metrics::PROCESSED),
+            "objects": b.get(metrics::S3_OBJECTS),
             "new_objects": new_objects,
             "records": records,
             "distinct_event_ids": distinct,
             "failures": failures,
-            "decode_errors": load(&b.decode_errors),
-            "verified": load(&b.verified),
-            "unverified": load(&b.unverified),
-            "incorrect": load(&b.incorrect),
-            "corrected": load(&b.corrected),
-            "anomalies": load(&b.anomalies),
+            "decode_errors": b.get(metrics::DECODE_ERRORS),
+            "verified": b.get(metrics::VERIFIED),
+            "unverified": b.get(metrics::UNVERIFIED),
+            "incorrect": b.get(metrics::INCORRECT),
+            "corrected": b.get(metrics::CORRECTED),
+            "anomalies": b.get(metrics::ANOMALIES),
             "hwm": hwm,
         },
         "drained": drained,

@@ -103,7 +103,7 @@ impl CorrectionRun<'_> {
         }
         let events = crate::dlq::send(self.dlq, &dead).await?;
         self.sink.put_events(events).await?;
-        Metrics::add(&self.metrics.dead_lettered, dead.len() as u64);
+        self.metrics.dead_lettered.increment(dead.len() as u64);
         Ok(report)
     }
 
@@ -176,7 +176,7 @@ impl CorrectionRun<'_> {
             Applied::Corrected(fixed) => {
                 if rewrite_record(&*self.sink.objects, key, &fixed).await? {
                     report.corrected += 1;
-                    Metrics::add(&self.metrics.corrected, 1);
+                    self.metrics.corrected.increment(1);
                     self.sink
                         .put_events(vec![(
                             DetailType::EventCorrected,

@@ -24,7 +24,6 @@ use crate::backend::{DlqMessage, Received};
 use crate::correction::{Applied, rewrite_record};
 use crate::detail::DetailType;
 use crate::layout::{Object, ObjectKey, date_of};
-use crate::metrics::Metrics;
 use crate::now_ms;
 use crate::pipeline::Pipeline;
 
@@ -125,7 +124,7 @@ pub async fn handle(p: &Pipeline, body: &str) -> anyhow::Result<Handled> {
             serde_json::to_string(&*fixed)?,
         )])
         .await?;
-    Metrics::add(&p.metrics.corrected, 1);
+    p.metrics.corrected.increment(1);
     info!(event_id = %fixed.event_id, %key, "DLQ: recalculated and replaced the stored record");
     Ok(Handled::Corrected { key })
 }
@@ -157,7 +156,7 @@ async fn store_failure(
     p.sink
         .put_object(&key, serde_json::to_vec_pretty(&doc)?, "application/json")
         .await?;
-    Metrics::add(&p.metrics.failures_stored, 1);
+    p.metrics.failures_stored.increment(1);
     warn!(%key, %reason, "DLQ: stored for manual investigation");
     Ok(Handled::Failure { key, reason })
 }

@@ -99,10 +99,14 @@ impl EventBridge {
                 .with_context(|| format!("EventBridge PutEvents to bus {}", a.event_bus))?;
             let failed = out.failed_entry_count();
             if failed == 0 {
-                Metrics::add(&self.metrics.eventbridge_entries, chunk.len() as u64);
+                self.metrics
+                    .eventbridge_entries
+                    .increment(chunk.len() as u64);
                 return Ok(());
             }
-            Metrics::add(&self.metrics.eventbridge_failed_entries, failed as u64);
+            self.metrics
+                .eventbridge_failed_entries
+                .increment(failed as u64);
             // The result entries are in request order; keep only the failed ones.
             let results = out.entries();
             let mut codes = Vec::new();
@@ -110,7 +114,7 @@ impl EventBridge {
             for (i, e) in chunk.into_iter().enumerate() {
                 match results.get(i) {
                     Some(r) if r.error_code().is_none() && r.event_id().is_some() => {
-                        Metrics::add(&self.metrics.eventbridge_entries, 1);
+                        self.metrics.eventbridge_entries.increment(1);
                     }
                     r => {
                         codes.push(

@@ -45,6 +45,7 @@ pub mod metrics;
 pub mod monitor;
 pub mod pipeline;
 pub mod provision;
+pub mod render;
 pub mod service;
 pub mod sink;
 pub mod status;

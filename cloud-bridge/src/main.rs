@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use cloud_bridge::config::{Config, LogConfig};
+use cloud_bridge::render;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -212,24 +213,16 @@ fn main() -> ExitCode {
                 move |p, _| async move {
                     Ok(match command {
                         DlqCommand::List { limit, .. } => {
-                            let v = cloud_bridge::dlq::report::list(&p, limit).await?;
-                            (v.clone(), cloud_bridge::dlq::report::render_list(&v))
+                            let l = cloud_bridge::dlq::report::list(&p, limit).await?;
+                            (serde_json::to_value(&l)?, render::dlq_list(&l))
                         }
                         DlqCommand::Stats { .. } => {
-                            let v = cloud_bridge::dlq::report::stats(&p, 1000).await?;
-                            (v.clone(), cloud_bridge::dlq::report::render_stats(&v))
+                            let st = cloud_bridge::dlq::report::stats(&p, 1000).await?;
+                            (serde_json::to_value(&st)?, render::dlq_stats(&st))
                         }
                         DlqCommand::Process { .. } => {
                             let d = cloud_bridge::dlq::processor::drain(&p).await?;
-                            let v = serde_json::json!({
-                                "corrected": d.corrected, "failures": d.failures,
-                                "retried_later": d.retried_later,
-                            });
-                            let text = format!(
-                                "corrected {}, stored under failures/ {}, left for a later retry {}\n",
-                                d.corrected, d.failures, d.retried_later
-                            );
-                            (v, text)
+                            (serde_json::to_value(d)?, render::dlq_drained(&d))
                         }
                     })
                 },
@@ -250,17 +243,7 @@ fn main() -> ExitCode {
                     .correction_run()?
                     .days(&since, until.as_deref(), gateway.as_deref(), "cli")
                     .await?;
-                let text = format!(
-                    "{} objects, {} records: {} verified, {} unverifiable, {} incorrect → {} corrected, {} already corrected elsewhere, {} to the DLQ\n",
-                    r.objects,
-                    r.records,
-                    r.verified,
-                    r.unverifiable,
-                    r.incorrect,
-                    r.corrected,
-                    r.superseded,
-                    r.dead_lettered
-                );
+                let text = render::correction_run(&r);
                 Ok((serde_json::to_value(r)?, text))
             },
             json,
@@ -315,14 +298,14 @@ mod anomaly {
     use anyhow::{Context as _, bail};
     use cloud_bridge::anomaly::history::DateRange;
     use cloud_bridge::anomaly::progress::Progress;
-    use cloud_bridge::anomaly::scan::{ScanOptions, ScanReport};
-    use cloud_bridge::anomaly::train::{TrainOptions, TrainReport};
+    use cloud_bridge::anomaly::scan::ScanOptions;
+    use cloud_bridge::anomaly::train::TrainOptions;
     use cloud_bridge::anomaly::{self as an, AnomalyModels};
     use cloud_bridge::backend::{EventPublisher, ObjectStore};
     use cloud_bridge::config::Config;
     use serde_json::json;
 
-    use super::{AnomalyCommand, Store};
+    use super::{AnomalyCommand, Store, render};
 
     pub async fn run(cfg: Arc<Config>, command: AnomalyCommand) -> anyhow::Result<ExitCode> {
         match command {
@@ -372,18 +355,6 @@ mod anomaly {
         )?)
     }
 
-    fn range_text(r: &DateRange) -> String {
-        format!(
-            "dt {}..{}",
-            r.since.as_deref().unwrap_or(""),
-            r.until.as_deref().unwrap_or("")
-        )
-    }
-
-    fn num(x: Option<f64>) -> String {
-        x.map_or("-".into(), |x| format!("{x:.3}"))
-    }
-
     async fn train(cfg: Arc<Config>, store: Store) -> anyhow::Result<ExitCode> {
         let range = range(&store)?;
         let (objects, _) = backend(&cfg, &store).await?;
@@ -403,7 +374,7 @@ mod anomaly {
         if store.json {
             println!("{}", serde_json::to_string(&report)?);
         } else {
-            print_train(&report, &objects.location());
+            print!("{}", render::trained(&report, &objects.location()));
         }
         for t in report.types.iter().filter(|t| t.error.is_some()) {
             eprintln!(
@@ -420,43 +391,6 @@ mod anomaly {
         } else {
             ExitCode::SUCCESS
         })
-    }
-
-    fn print_train(r: &TrainReport, location: &str) {
-        println!(
-            "anomaly train: {location}, {}, {} objects, {} records ({} bad lines)",
-            range_text(&r.range),
-            r.read.objects,
-            r.read.records,
-            r.read.bad_lines
-        );
-        let w = r
-            .types
-            .iter()
-            .map(|t| t.event_type.len())
-            .max()
-            .unwrap_or(0)
-            .max(4);
-        println!(
-            "{:<w$}  {:>8}  {:>8}  {:>8}  {:>8}  {:>10}  {:>12}  model",
-            "type", "read", "skipped", "samples", "features", "components", "threshold"
-        );
-        for t in &r.types {
-            let last = match (&t.key, &t.error) {
-                (Some(k), _) => k.clone(),
-                (None, e) => format!("error: {}", e.as_deref().unwrap_or("")),
-            };
-            println!(
-                "{:<w$}  {:>8}  {:>8}  {:>8}  {:>8}  {:>10}  {:>12}  {last}",
-                t.event_type,
-                t.read,
-                t.skipped,
-                t.samples,
-                t.features.len(),
-                t.components,
-                num(t.threshold)
-            );
-        }
     }
 
     async fn scan(
@@ -517,67 +451,12 @@ mod anomaly {
             v["models"] = json!(models.types().collect::<Vec<_>>());
             println!("{v}");
         } else {
-            print_scan(&report, &objects.location(), limit, publish);
+            print!(
+                "{}",
+                render::scanned(&report, &objects.location(), limit, publish)
+            );
         }
         Ok(ExitCode::SUCCESS)
-    }
-
-    fn print_scan(r: &ScanReport, location: &str, limit: usize, publish: bool) {
-        println!(
-            "anomaly scan: {location}, {}, {} objects, {} records ({} bad lines)",
-            range_text(&r.range),
-            r.read.objects,
-            r.read.records,
-            r.read.bad_lines
-        );
-        let w = r.types.keys().map(String::len).max().unwrap_or(0).max(4);
-        println!(
-            "{:<w$}  {:>8}  {:>8}  {:>9}  {:>8}  {:>12}",
-            "type", "scanned", "scored", "anomalies", "no model", "threshold"
-        );
-        for (t, c) in &r.types {
-            println!(
-                "{t:<w$}  {:>8}  {:>8}  {:>9}  {:>8}  {:>12}",
-                c.scanned,
-                c.scored,
-                c.anomalies,
-                c.no_model,
-                num(c.threshold)
-            );
-        }
-        let top = &r.anomalies[..limit.min(r.anomalies.len())];
-        if !top.is_empty() {
-            println!("\ntop {} of {} anomalies:", top.len(), r.anomalies.len());
-            let wi = top
-                .iter()
-                .map(|f| f.event_id.len())
-                .max()
-                .unwrap_or(0)
-                .max(8);
-            let wt = top
-                .iter()
-                .map(|f| f.event_type.len())
-                .max()
-                .unwrap_or(0)
-                .max(4);
-            println!(
-                "{:<wi$}  {:<wt$}  {:>12}  {:>12}  most unusual field (z)",
-                "event_id", "type", "score", "threshold"
-            );
-            for f in top {
-                let why = match (&f.feature, f.z) {
-                    (Some(n), Some(z)) => format!("{n} ({z:+.1})"),
-                    _ => String::new(),
-                };
-                println!(
-                    "{:<wi$}  {:<wt$}  {:>12.3}  {:>12.3}  {why}",
-                    f.event_id, f.event_type, f.score, f.threshold
-                );
-            }
-        }
-        if publish {
-            println!("\npublished {} {} events", r.published, an::DETAIL_TYPE);
-        }
     }
 }
 

@@ -37,7 +37,7 @@ pub enum Handled {
 }
 
 /// Counts of one [`drain`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Drained {
     pub corrected: u64,
     pub failures: u64,

@@ -6,18 +6,65 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use serde_json::{Value, json};
+use proto::Stage;
+use serde::Serialize;
+use serde_json::Value;
 
 use super::DlqMessage;
+use crate::layout::{self, ObjectKey};
 use crate::pipeline::Pipeline;
 
+/// One queued message, as `dlq list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MessageBrief {
+    pub id: String,
+    pub stage: Stage,
+    pub event_id: Option<String>,
+    pub device: Option<String>,
+    pub reason: String,
+    pub first_seen: String,
+    pub object_key: Option<String>,
+}
+
+/// One object under `failures/`: an uplink message that was not a batch, or a DLQ message
+/// given up on.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailureBrief {
+    pub key: String,
+    pub reason: Option<String>,
+    pub event_id: Option<String>,
+    pub stored_at: Option<String>,
+}
+
+/// `dlq list`: queued messages and the newest `failures/` entries.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    pub queue: String,
+    pub messages: Vec<MessageBrief>,
+    pub failures: Vec<FailureBrief>,
+}
+
+/// `dlq stats`: depth, counts by stage and reason, and the failures by day.
+#[derive(Debug, Clone, Serialize)]
+pub struct DlqStats {
+    pub queue: String,
+    pub waiting: u64,
+    pub in_flight: u64,
+    pub sampled: usize,
+    pub by_stage: BTreeMap<String, u64>,
+    pub by_reason: BTreeMap<String, u64>,
+    pub oldest: Option<String>,
+    pub failures: usize,
+    pub failures_by_day: BTreeMap<String, u64>,
+}
+
 /// Up to `limit` queued messages (de-duplicated across receives) and `failures/` entries.
-pub async fn list(p: &Pipeline, limit: usize) -> anyhow::Result<Value> {
+pub async fn list(p: &Pipeline, limit: usize) -> anyhow::Result<Listing> {
     let queued = peek(p, limit).await?;
     let keys = p
         .sink
         .objects
-        .list(&format!("{}failures/", p.cfg.aws.prefix))
+        .list(&layout::failures(&p.cfg.aws.prefix))
         .await?;
     let mut failures = Vec::new();
     for key in keys.iter().rev().take(limit) {
@@ -25,25 +72,36 @@ pub async fn list(p: &Pipeline, limit: usize) -> anyhow::Result<Value> {
             Some((b, _)) => serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null),
             None => continue,
         };
-        failures.push(json!({
-            "key": key,
-            "reason": doc["reason"].as_str().or(doc["message"]["reason"].as_str()),
-            "event_id": doc["message"]["event_id"],
-            "stored_at": doc["stored_at"],
-        }));
+        let text = |v: &Value| v.as_str().map(String::from);
+        failures.push(FailureBrief {
+            key: key.clone(),
+            reason: text(&doc["reason"]).or_else(|| text(&doc["message"]["reason"])),
+            event_id: text(&doc["message"]["event_id"]).or_else(|| text(&doc["event_id"])),
+            // A given-up DLQ message says when it was stored; an uplink entry, when it came.
+            stored_at: text(&doc["stored_at"]).or_else(|| text(&doc["last_seen"])),
+        });
     }
-    Ok(json!({
-        "queue": p.dlq.location(),
-        "messages": queued.iter().map(|m| json!({
-            "id": m.id, "stage": m.stage, "event_id": m.event_id, "device": m.device,
-            "reason": m.reason, "first_seen": m.first_seen, "object_key": m.object_key,
-        })).collect::<Vec<_>>(),
-        "failures": failures,
-    }))
+    Ok(Listing {
+        queue: p.dlq.location(),
+        messages: queued
+            .into_iter()
+            .map(|m| MessageBrief {
+                id: m.id,
+                stage: m.stage,
+                event_id: m.event_id,
+                device: m.device,
+                reason: m.reason,
+                first_seen: m.first_seen,
+                object_key: m.object_key,
+            })
+            .collect(),
+        failures,
+    })
 }
 
-/// Depth, counts by stage and reason, and the failures by day.
-pub async fn stats(p: &Pipeline, sample: usize) -> anyhow::Result<Value> {
+/// Depth, counts by stage and reason (of up to `sample` queued messages), and the failures
+/// by day.
+pub async fn stats(p: &Pipeline, sample: usize) -> anyhow::Result<DlqStats> {
     let (waiting, in_flight) = p.dlq.depth().await?;
     let queued = peek(p, sample).await?;
     let mut by_stage: BTreeMap<String, u64> = BTreeMap::new();
@@ -53,30 +111,24 @@ pub async fn stats(p: &Pipeline, sample: usize) -> anyhow::Result<Value> {
         *by_reason.entry(reason_group(&m.reason)).or_default() += 1;
     }
     let oldest = queued.iter().map(|m| m.first_seen.clone()).min();
-    let keys = p
-        .sink
-        .objects
-        .list(&format!("{}failures/", p.cfg.aws.prefix))
-        .await?;
-    let mut by_day: BTreeMap<String, u64> = BTreeMap::new();
+    let prefix = &p.cfg.aws.prefix;
+    let keys = p.sink.objects.list(&layout::failures(prefix)).await?;
+    let mut failures_by_day: BTreeMap<String, u64> = BTreeMap::new();
     for k in &keys {
-        let day = k
-            .split('/')
-            .find_map(|s| s.strip_prefix("dt="))
-            .unwrap_or("?");
-        *by_day.entry(day.to_string()).or_default() += 1;
+        let day = ObjectKey::parse(prefix, k).map_or_else(|| "?".to_string(), |o| o.date);
+        *failures_by_day.entry(day).or_default() += 1;
     }
-    Ok(json!({
-        "queue": p.dlq.location(),
-        "waiting": waiting,
-        "in_flight": in_flight,
-        "sampled": queued.len(),
-        "by_stage": by_stage,
-        "by_reason": by_reason,
-        "oldest": oldest,
-        "failures": keys.len(),
-        "failures_by_day": by_day,
-    }))
+    Ok(DlqStats {
+        queue: p.dlq.location(),
+        waiting,
+        in_flight,
+        sampled: queued.len(),
+        by_stage,
+        by_reason,
+        oldest,
+        failures: keys.len(),
+        failures_by_day,
+    })
 }
 
 /// The first clause of a reason: what kind of problem, without the values.
@@ -107,70 +159,6 @@ async fn peek(p: &Pipeline, limit: usize) -> anyhow::Result<Vec<DlqMessage>> {
     Ok(out)
 }
 
-/// The human form of [`list`]: two aligned tables within 80 columns.
-pub fn render_list(v: &Value) -> String {
-    let mut s = format!(
-        "DLQ {}: {} message(s)\n",
-        v["queue"].as_str().unwrap_or(""),
-        v["messages"].as_array().map_or(0, Vec::len)
-    );
-    for m in v["messages"].as_array().into_iter().flatten() {
-        s.push_str(&format!(
-            "  {:<10} {:<28} {}\n",
-            m["stage"].as_str().unwrap_or(""),
-            clip(m["event_id"].as_str().unwrap_or("-"), 28),
-            clip(m["reason"].as_str().unwrap_or(""), 38)
-        ));
-    }
-    s.push_str(&format!(
-        "failures/: {} shown\n",
-        v["failures"].as_array().map_or(0, Vec::len)
-    ));
-    for f in v["failures"].as_array().into_iter().flatten() {
-        s.push_str(&format!(
-            "  {:<28} {}\n",
-            clip(f["event_id"].as_str().unwrap_or("-"), 28),
-            clip(f["reason"].as_str().unwrap_or(""), 49)
-        ));
-    }
-    s
-}
-
-/// The human form of [`stats`].
-pub fn render_stats(v: &Value) -> String {
-    let mut s = format!(
-        "DLQ {}: {} waiting, {} in flight; oldest {}\nfailures/: {}\n",
-        v["queue"].as_str().unwrap_or(""),
-        v["waiting"],
-        v["in_flight"],
-        v["oldest"].as_str().unwrap_or("-"),
-        v["failures"]
-    );
-    for (title, field) in [
-        ("by stage", "by_stage"),
-        ("by reason", "by_reason"),
-        ("failures by day", "failures_by_day"),
-    ] {
-        if let Some(m) = v[field].as_object().filter(|m| !m.is_empty()) {
-            s.push_str(&format!("{title}:\n"));
-            for (k, n) in m {
-                s.push_str(&format!("  {:>6}  {}\n", n, clip(k, 70)));
-            }
-        }
-    }
-    s
-}
-
-fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(n - 1).collect();
-        t.push('…');
-        t
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,6 +173,5 @@ mod tests {
             reason_group("already corrected once (by cloud: x); detected again: y"),
             "already corrected once"
         );
-        assert_eq!(clip("abcdef", 4), "abc…");
     }
 }

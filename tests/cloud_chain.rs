@@ -21,6 +21,9 @@
 //!   declares missed (`missed_after_s = 1`) travel in its status message and come out of the
 //!   EventBridge rule's queue as `MissedEvents` with `kind: device`, once per record id, also
 //!   when the status is delivered again.
+//! - `a_store_quarantine_reaches_eventbridge_and_failures_once`: a status carrying a store the
+//!   gateway moved aside comes out as one `MissedEvents` with `kind: quarantine` and one
+//!   object under `failures/`, also when it is delivered twice.
 //!
 //! Tests 1 and 3 use the shared emulator at `AWS_ENDPOINT_URL` (unique names per test); without
 //! it they print SKIPPED. Test 2 starts its own moto from the venv `tests/aws-emulator.sh` makes.
@@ -1053,4 +1056,71 @@ fn a_device_gap_declared_missed_reaches_eventbridge_once() {
     assert!(agent.stop().success());
     assert!(agent.dlq().is_empty(), "{:#?}", agent.dlq());
     eprintln!("device gaps: {:.1} s", started.elapsed().as_secs_f64());
+}
+
+// ---------------------------------------------------------------- 6. store quarantines
+
+#[test]
+fn a_store_quarantine_reaches_eventbridge_and_failures_once() {
+    let Some((cloud, side, mut bridge, queue)) = shared_chain("quarantine") else {
+        return;
+    };
+    let gw = "gw-quarantine";
+    // What an agent sends after it moved a damaged store aside (edge_damaged_store.rs shows
+    // the agent's side), delivered twice: a redelivery must not announce it again.
+    let status = json!({
+        "gateway": gw, "released": 0, "at": 1,
+        "missed": [],
+        "quarantines": [{
+            "at": 1_764_064_800_000_i64,
+            "moved_to": "/var/lib/edge-agent/quarantine/20251125T100000Z/store",
+            "reason": "store check exited 1: committed records are missing",
+        }],
+    });
+    let publish = || {
+        mosquitto_pub(
+            side.broker.port,
+            &format!("gateways/{gw}/status"),
+            status.to_string().as_bytes(),
+            1,
+        )
+    };
+    publish();
+    wait_for("the quarantine announced", Duration::from_secs(60), || {
+        bridge.log_text().contains("moved a damaged store aside")
+    });
+    publish();
+    let quarantines = |ev: &[Value]| -> Vec<Value> {
+        ev.iter()
+            .filter(|e| e["detail-type"] == "MissedEvents" && e["detail"]["kind"] == "quarantine")
+            .map(|e| e["detail"].clone())
+            .collect()
+    };
+    wait_for("the redelivery handled", Duration::from_secs(60), || {
+        bridge
+            .log_text()
+            .contains("store quarantine was announced before")
+    });
+    let events = cloud.block_on(cloud.read_events(&queue, Duration::from_secs(10), |ev| {
+        quarantines(ev).len() >= 2
+    }));
+    let found = quarantines(&events);
+    assert_eq!(found.len(), 1, "exactly once: {events:#?}");
+    let q = &found[0];
+    assert_eq!(q["gateway"], gw);
+    assert_eq!(q["at"], 1_764_064_800_000_i64);
+    assert!(
+        q["action"].as_str().unwrap().contains("store salvage"),
+        "{q}"
+    );
+    let key = q["object_key"].as_str().unwrap();
+    assert_eq!(
+        key,
+        format!("failures/dt=2025-11-25/gateway={gw}/quarantine-1764064800000.json")
+    );
+    let objects = cloud.block_on(cloud.objects(&side.names.bucket, "failures/"));
+    let stored: Value = serde_json::from_str(&objects[key]).unwrap();
+    assert_eq!(stored["moved_to"], q["moved_to"]);
+    bridge.stop();
+    assert_eq!(bridge.emf_sum("quarantines_announced"), 1);
 }

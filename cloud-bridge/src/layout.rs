@@ -6,6 +6,7 @@
 //! {prefix}events/dt=YYYY-MM-DD/gateway={g}/dlq-{edge_seq:020}.ndjson               recalculated by the DLQ processor, never stored before
 //! {prefix}failures/dt=YYYY-MM-DD/gateway={g}/uplink-{hash:016x}.json               an uplink message that is not a batch
 //! {prefix}failures/dt=YYYY-MM-DD/gateway={g}/dlq-{id in hex}.json                  a DLQ message given up on
+//! {prefix}failures/dt=YYYY-MM-DD/gateway={g}/quarantine-{at}.json                  a gateway's damaged store, moved aside
 //! {prefix}models/anomaly/{event type}.json                                          an anomaly model
 //! ```
 //!
@@ -24,6 +25,9 @@ pub enum Object {
     Uplink { hash: u64 },
     /// A DLQ message given up on, named by its id in hex (or a hash of an unreadable body).
     GivenUp { id: String },
+    /// A store the gateway found damaged and moved aside at `at` (epoch ms): the results it
+    /// had not sent are only in that copy, on the gateway.
+    Quarantine { at: i64 },
     /// A file name the bridge does not write (someone else's object in the bucket).
     Other { name: String },
 }
@@ -33,7 +37,7 @@ impl Object {
     fn area(&self) -> &'static str {
         match self {
             Object::Range { .. } | Object::Recalculated { .. } => EVENTS,
-            Object::Uplink { .. } | Object::GivenUp { .. } => FAILURES,
+            Object::Uplink { .. } | Object::GivenUp { .. } | Object::Quarantine { .. } => FAILURES,
             Object::Other { .. } => "",
         }
     }
@@ -44,6 +48,7 @@ impl Object {
             Object::Recalculated { edge_seq } => format!("dlq-{edge_seq:020}.ndjson"),
             Object::Uplink { hash } => format!("uplink-{hash:016x}.json"),
             Object::GivenUp { id } => format!("dlq-{id}.json"),
+            Object::Quarantine { at } => format!("quarantine-{at}.json"),
             Object::Other { name } => name.clone(),
         }
     }
@@ -83,6 +88,11 @@ fn parse_failure_name(name: &str) -> Option<Object> {
     if let Some(hash) = stem.strip_prefix("uplink-") {
         return Some(Object::Uplink {
             hash: u64::from_str_radix(hash, 16).ok()?,
+        });
+    }
+    if let Some(at) = stem.strip_prefix("quarantine-") {
+        return Some(Object::Quarantine {
+            at: at.parse().ok()?,
         });
     }
     Some(Object::GivenUp {
@@ -216,6 +226,9 @@ mod tests {
             Object::Uplink { hash: u64::MAX },
             Object::GivenUp {
                 id: "6d3a31".into(),
+            },
+            Object::Quarantine {
+                at: 1_764_064_800_000,
             },
         ] {
             let k = key(o);

@@ -60,6 +60,8 @@ pub const FAILURES_STORED: &str = "failures_stored";
 pub const ANOMALIES: &str = "anomalies";
 /// Gateways' missed-event records announced as MissedEvents (kind `device`), each once.
 pub const MISSED_RECORDS_ANNOUNCED: &str = "missed_records_announced";
+/// Gateways' store quarantines announced (MissedEvents `kind: quarantine`), each once.
+pub const QUARANTINES_ANNOUNCED: &str = "quarantines_announced";
 /// Derived on each line: incorrect share of verified, what the monitor and an alarm watch.
 pub const DISCREPANCY_RATE: &str = "discrepancy_rate";
 
@@ -141,6 +143,7 @@ pub struct Metrics {
     pub failures_stored: Counter,
     pub anomalies: Counter,
     pub missed_records_announced: Counter,
+    pub quarantines_announced: Counter,
     /// The totals at the last EMF line: each line carries the difference, while the
     /// counters themselves only grow (the monitor reads them too).
     emitted: Mutex<HashMap<String, u64>>,
@@ -185,6 +188,7 @@ impl Metrics {
             failures_stored: c(FAILURES_STORED),
             anomalies: c(ANOMALIES),
             missed_records_announced: c(MISSED_RECORDS_ANNOUNCED),
+            quarantines_announced: c(QUARANTINES_ANNOUNCED),
             recorder,
             emitted: Mutex::default(),
         }

@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use proto::uplink::{GatewayStatus, MissedReport, ReplayRequest, gateway_of, replay_topic};
+use proto::uplink::{
+    GatewayStatus, MissedReport, QuarantineReport, ReplayRequest, gateway_of, replay_topic,
+};
 use proto::{Batch, DlqEntry, Stage};
 use rumqttc::{
     AsyncClient, Event, MqttOptions, Packet, Publish, QoS, SubscribeReasonCode, TlsConfiguration,
@@ -440,6 +442,7 @@ struct Gap {
 struct StatusSeen {
     released: u64,
     reports: BTreeMap<u64, MissedReport>,
+    quarantines: BTreeMap<i64, QuarantineReport>,
 }
 
 /// Stores one gateway's messages in order; see the module doc.
@@ -474,6 +477,9 @@ async fn worker(
             seen.released = seen.released.max(s.released);
             for r in s.missed {
                 seen.reports.entry(r.id).or_insert(r);
+            }
+            for q in s.quarantines {
+                seen.quarantines.entry(q.at).or_insert(q);
             }
             // Acked once the hwm covers what it reports as released.
             waiting.push((s.released, m.delivery));
@@ -517,12 +523,17 @@ async fn worker(
         let tail = seen.released;
         wake_at = None;
         // Before anything is acked: a status is acked only after its records are announced.
-        if !seen.reports.is_empty()
-            && let Err(e) = crate::status::announce(&p, &gateway, &mut seen.reports).await
+        let reported = !seen.reports.is_empty() || !seen.quarantines.is_empty();
+        if reported
+            && let Err(e) = async {
+                crate::status::announce(&p, &gateway, &mut seen.reports).await?;
+                crate::status::announce_quarantines(&p, &gateway, &mut seen.quarantines).await
+            }
+            .await
         {
             p.metrics.aws_errors.increment(1);
             error!(%gateway, error = %format!("{e:#}"),
-                "announcing missed-event records failed; retrying in {err_backoff:?}");
+                "announcing missed-event records or store quarantines failed; retrying in {err_backoff:?}");
             wake_at = Some(Instant::now() + err_backoff);
             err_backoff = (err_backoff * 2).min(Duration::from_secs(30));
             continue;

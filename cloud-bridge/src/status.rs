@@ -15,12 +15,13 @@
 
 use std::collections::BTreeMap;
 
-use proto::uplink::{GatewayStatus, MissedReport, status_gateway_of};
+use proto::uplink::{GatewayStatus, MissedReport, QuarantineReport, status_gateway_of};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
-use crate::backend::Announce;
+use crate::backend::{Announce, Notice};
 use crate::detail::DetailType;
+use crate::layout::{Object, ObjectKey, date_of};
 use crate::now_ms;
 use crate::pipeline::{Pipeline, Progress};
 
@@ -81,7 +82,7 @@ pub async fn announce(
         let stale_before = now - p.cfg.pipeline.claim_timeout_ms as i64;
         match p
             .state
-            .begin_announce(gateway, id, p.owner(), now, stale_before)
+            .begin_announce(gateway, Notice::Missed(id), p.owner(), now, stale_before)
             .await?
         {
             Announce::Mine => {
@@ -89,7 +90,7 @@ pub async fn announce(
                 p.sink
                     .put_events(vec![(DetailType::MissedEvents, detail)])
                     .await?;
-                p.state.end_announce(gateway, id).await?;
+                p.state.end_announce(gateway, Notice::Missed(id)).await?;
                 p.metrics.missed_records_announced.increment(1);
                 warn!(gateway, id, device = %r.device, first_seq = r.first_seq,
                     last_seq = r.last_seq, count = r.count,
@@ -109,6 +110,78 @@ pub async fn announce(
             }
         }
         pending.remove(&id);
+    }
+    Ok(())
+}
+
+/// The MissedEvents detail of a gateway's store quarantine: the results the store held but
+/// had not sent are only in the copy at `moved_to`, on the gateway, until someone salvages it.
+pub fn quarantine_detail(gateway: &str, q: &QuarantineReport, object_key: &str) -> Value {
+    json!({
+        "kind": "quarantine",
+        "gateway": gateway,
+        "at": q.at,
+        "moved_to": q.moved_to,
+        "reason": q.reason,
+        "object_key": object_key,
+        "action": format!(
+            "results not yet sent are in {} on the gateway: `edge-agent store salvage` re-sends them",
+            q.moved_to
+        ),
+    })
+}
+
+/// Announces the gateway's store quarantines in `pending`, each once (like the missed-event
+/// records): stored under `failures/` for a person, then a MissedEvents event with
+/// `"kind": "quarantine"`. An error leaves the rest for a later call.
+pub async fn announce_quarantines(
+    p: &Pipeline,
+    gateway: &str,
+    pending: &mut BTreeMap<i64, QuarantineReport>,
+) -> anyhow::Result<()> {
+    while let Some((&at, q)) = pending.first_key_value() {
+        let notice = Notice::Quarantine(at);
+        let now = now_ms();
+        let stale_before = now - p.cfg.pipeline.claim_timeout_ms as i64;
+        match p
+            .state
+            .begin_announce(gateway, notice, p.owner(), now, stale_before)
+            .await?
+        {
+            Announce::Mine => {
+                let key = ObjectKey {
+                    date: date_of(at),
+                    gateway: gateway.to_string(),
+                    object: Object::Quarantine { at },
+                }
+                .to_key(&p.cfg.aws.prefix);
+                let detail = quarantine_detail(gateway, q, &key);
+                // The same key and body on a retry: in effect the object is written once.
+                p.sink
+                    .put_object(
+                        &key,
+                        serde_json::to_vec_pretty(&detail)?,
+                        "application/json",
+                    )
+                    .await?;
+                p.sink
+                    .put_events(vec![(DetailType::MissedEvents, detail.to_string())])
+                    .await?;
+                p.state.end_announce(gateway, notice).await?;
+                p.metrics.quarantines_announced.increment(1);
+                warn!(gateway, at, moved_to = %q.moved_to, reason = %q.reason, %key,
+                    "the gateway moved a damaged store aside: stored under failures/ and announced as MissedEvents");
+            }
+            Announce::Done => info!(
+                gateway,
+                at, "store quarantine was announced before: skipped"
+            ),
+            Announce::Busy => info!(
+                gateway,
+                at, "another bridge is announcing this store quarantine"
+            ),
+        }
+        pending.remove(&at);
     }
     Ok(())
 }
@@ -185,21 +258,29 @@ mod tests {
         let st = crate::backend::local::LocalState::open(dir.path()).unwrap();
         let st: &dyn crate::backend::StateStore = &st;
         assert_eq!(
-            st.begin_announce("g/1", 4, "b", 0, 0).await.unwrap(),
+            st.begin_announce("g/1", Notice::Missed(4), "b", 0, 0)
+                .await
+                .unwrap(),
             Announce::Mine
         );
         // Not finished (PutEvents failed, or a crash): the one process takes it again.
         assert_eq!(
-            st.begin_announce("g/1", 4, "b", 0, 0).await.unwrap(),
+            st.begin_announce("g/1", Notice::Missed(4), "b", 0, 0)
+                .await
+                .unwrap(),
             Announce::Mine
         );
-        st.end_announce("g/1", 4).await.unwrap();
+        st.end_announce("g/1", Notice::Missed(4)).await.unwrap();
         assert_eq!(
-            st.begin_announce("g/1", 4, "b", 0, 0).await.unwrap(),
+            st.begin_announce("g/1", Notice::Missed(4), "b", 0, 0)
+                .await
+                .unwrap(),
             Announce::Done
         );
         assert_eq!(
-            st.begin_announce("g/1", 5, "b", 0, 0).await.unwrap(),
+            st.begin_announce("g/1", Notice::Missed(5), "b", 0, 0)
+                .await
+                .unwrap(),
             Announce::Mine
         );
     }

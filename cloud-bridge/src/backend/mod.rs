@@ -61,7 +61,34 @@ pub struct GatewayState {
     pub garbage: Vec<String>,
 }
 
-/// Where an announcement of a gateway's missed-event record stands
+/// Something a gateway reported that the cloud announces exactly once, across
+/// redeliveries and bridges ([`StateStore::begin_announce`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notice {
+    /// A missed-event record, by its id on the gateway.
+    Missed(u64),
+    /// A store the gateway found damaged and moved aside, by when (epoch ms).
+    Quarantine(i64),
+}
+
+impl Notice {
+    /// The kind and number that name its state item: `{kind}#{gateway}#{number}`.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Notice::Missed(_) => "missed-dev",
+            Notice::Quarantine(_) => "quarantine",
+        }
+    }
+
+    pub fn number(self) -> i128 {
+        match self {
+            Notice::Missed(id) => i128::from(id),
+            Notice::Quarantine(at) => i128::from(at),
+        }
+    }
+}
+
+/// Where the announcement of a [`Notice`] stands
 /// ([`StateStore::begin_announce`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Announce {
@@ -133,20 +160,20 @@ pub trait StateStore: Send + Sync + Debug {
         to: u64,
         now: i64,
     ) -> BoxFuture<'a, bool>;
-    /// Starts announcing the gateway's missed-event record `id` (DynamoDB item
-    /// `missed-dev#{gateway}#{id}` written with `attribute_not_exists`): [`Announce::Mine`] if
-    /// there is no such item, or its announcement by `owner` (or one older than
-    /// `stale_before`, epoch ms) never finished.
+    /// Starts announcing the gateway's `notice` (DynamoDB item `{kind}#{gateway}#{number}`
+    /// written with `attribute_not_exists`): [`Announce::Mine`] if there is no such item, or
+    /// its announcement by `owner` (or one older than `stale_before`, epoch ms) never
+    /// finished.
     fn begin_announce<'a>(
         &'a self,
         gateway: &'a str,
-        id: u64,
+        notice: Notice,
         owner: &'a str,
         now: i64,
         stale_before: i64,
     ) -> BoxFuture<'a, Announce>;
-    /// The record's MissedEvents was accepted by EventBridge: never announce it again.
-    fn end_announce<'a>(&'a self, gateway: &'a str, id: u64) -> BoxFuture<'a, ()>;
+    /// The notice's event was accepted by EventBridge: never announce it again.
+    fn end_announce<'a>(&'a self, gateway: &'a str, notice: Notice) -> BoxFuture<'a, ()>;
 }
 
 /// Sends events (at least once). Errors if any entry could not be sent.

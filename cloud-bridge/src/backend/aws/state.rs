@@ -4,7 +4,7 @@ use anyhow::Context as _;
 use aws_sdk_dynamodb::types::AttributeValue;
 
 use super::client::{conditional, err, get_u64, n, s};
-use crate::backend::{Announce, BoxFuture, Claim, GatewayState, StateStore};
+use crate::backend::{Announce, BoxFuture, Claim, GatewayState, Notice, StateStore};
 
 /// The DynamoDB side: conditional writes on the gateway's item. Every method returns
 /// `Ok(false)` when its condition did not hold (someone else changed the state first).
@@ -226,15 +226,15 @@ impl StateTable {
 }
 
 impl StateTable {
-    fn announce_key(gateway: &str, id: u64) -> AttributeValue {
-        s(format!("missed-dev#{gateway}#{id}"))
+    fn announce_name(gateway: &str, notice: Notice) -> String {
+        format!("{}#{gateway}#{}", notice.kind(), notice.number())
     }
 
     /// See [`StateStore::begin_announce`].
     pub async fn begin_announce(
         &self,
         gateway: &str,
-        id: u64,
+        notice: Notice,
         owner: &str,
         now: i64,
         stale_before: i64,
@@ -243,9 +243,9 @@ impl StateTable {
             .client
             .put_item()
             .table_name(&self.table)
-            .item("pk", Self::announce_key(gateway, id))
+            .item("pk", s(Self::announce_name(gateway, notice)))
             .item("gateway", s(gateway))
-            .item("record", n(id))
+            .item("record", n(notice.number()))
             .item("state", s("pending"))
             .item("owner", s(owner))
             .item("at", n(now))
@@ -261,7 +261,7 @@ impl StateTable {
             .send()
             .await;
         if conditional(put)
-            .with_context(|| format!("DynamoDB PutItem missed-dev#{gateway}#{id}"))?
+            .with_context(|| format!("DynamoDB PutItem {}", Self::announce_name(gateway, notice)))?
         {
             return Ok(Announce::Mine);
         }
@@ -269,12 +269,14 @@ impl StateTable {
             .client
             .get_item()
             .table_name(&self.table)
-            .key("pk", Self::announce_key(gateway, id))
+            .key("pk", s(Self::announce_name(gateway, notice)))
             .consistent_read(true)
             .send()
             .await
             .map_err(err)
-            .with_context(|| format!("DynamoDB GetItem missed-dev#{gateway}#{id}"))?;
+            .with_context(|| {
+                format!("DynamoDB GetItem {}", Self::announce_name(gateway, notice))
+            })?;
         Ok(match out.item.as_ref().and_then(|i| i.get("state")) {
             Some(AttributeValue::S(v)) if v == "sent" => Announce::Done,
             // Gone in between (nobody deletes them) or pending elsewhere.
@@ -283,18 +285,23 @@ impl StateTable {
     }
 
     /// See [`StateStore::end_announce`].
-    pub async fn end_announce(&self, gateway: &str, id: u64) -> anyhow::Result<()> {
+    pub async fn end_announce(&self, gateway: &str, notice: Notice) -> anyhow::Result<()> {
         self.client
             .update_item()
             .table_name(&self.table)
-            .key("pk", Self::announce_key(gateway, id))
+            .key("pk", s(Self::announce_name(gateway, notice)))
             .update_expression("SET #s = :sent")
             .expression_attribute_names("#s", "state")
             .expression_attribute_values(":sent", s("sent"))
             .send()
             .await
             .map_err(err)
-            .with_context(|| format!("DynamoDB UpdateItem missed-dev#{gateway}#{id}"))?;
+            .with_context(|| {
+                format!(
+                    "DynamoDB UpdateItem {}",
+                    Self::announce_name(gateway, notice)
+                )
+            })?;
         Ok(())
     }
 }
@@ -303,7 +310,7 @@ impl StateStore for StateTable {
     fn begin_announce<'a>(
         &'a self,
         gateway: &'a str,
-        id: u64,
+        notice: Notice,
         owner: &'a str,
         now: i64,
         stale_before: i64,
@@ -311,14 +318,14 @@ impl StateStore for StateTable {
         Box::pin(StateTable::begin_announce(
             self,
             gateway,
-            id,
+            notice,
             owner,
             now,
             stale_before,
         ))
     }
-    fn end_announce<'a>(&'a self, gateway: &'a str, id: u64) -> BoxFuture<'a, ()> {
-        Box::pin(StateTable::end_announce(self, gateway, id))
+    fn end_announce<'a>(&'a self, gateway: &'a str, notice: Notice) -> BoxFuture<'a, ()> {
+        Box::pin(StateTable::end_announce(self, gateway, notice))
     }
     fn read<'a>(&'a self, gateway: &'a str) -> BoxFuture<'a, GatewayState> {
         Box::pin(StateTable::read(self, gateway))

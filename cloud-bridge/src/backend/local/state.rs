@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Announce, BoxFuture, Claim, GatewayState, StateStore};
+use crate::backend::{Announce, BoxFuture, Claim, GatewayState, Notice, StateStore};
 
 /// One gateway's item, as in the DynamoDB table.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -224,13 +224,13 @@ impl StateStore for LocalState {
     fn begin_announce<'a>(
         &'a self,
         gateway: &'a str,
-        id: u64,
+        notice: Notice,
         _owner: &'a str,
         _now: i64,
         _stale_before: i64,
     ) -> BoxFuture<'a, Announce> {
         Box::pin(async move {
-            let path = self.announce_path(gateway, id)?;
+            let path = self.announce_path(gateway, notice)?;
             match std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -256,9 +256,9 @@ impl StateStore for LocalState {
         })
     }
 
-    fn end_announce<'a>(&'a self, gateway: &'a str, id: u64) -> BoxFuture<'a, ()> {
+    fn end_announce<'a>(&'a self, gateway: &'a str, notice: Notice) -> BoxFuture<'a, ()> {
         Box::pin(async move {
-            let path = self.announce_path(gateway, id)?;
+            let path = self.announce_path(gateway, notice)?;
             let tmp = path.with_extension("tmp");
             let write = || -> std::io::Result<()> {
                 let mut f = std::fs::File::create(&tmp)?;
@@ -272,13 +272,15 @@ impl StateStore for LocalState {
 }
 
 impl LocalState {
-    /// `missed-devices/{hex of the gateway id}-{id}`: any gateway id is one safe file name.
-    fn announce_path(&self, gateway: &str, id: u64) -> anyhow::Result<PathBuf> {
-        let dir = self
-            .path
-            .parent()
-            .unwrap_or(Path::new("."))
-            .join("missed-devices");
+    /// `missed-devices/{hex of the gateway id}-{id}` (a missed-event record) or
+    /// `quarantines/{hex}-{at}`: any gateway id is one safe file name.
+    fn announce_path(&self, gateway: &str, notice: Notice) -> anyhow::Result<PathBuf> {
+        let folder = match notice {
+            Notice::Missed(_) => "missed-devices",
+            Notice::Quarantine(_) => "quarantines",
+        };
+        let dir = self.path.parent().unwrap_or(Path::new(".")).join(folder);
+        let id = notice.number();
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(dir.join(format!("{}-{id}", crate::hex_name(gateway))))
     }

@@ -512,5 +512,4 @@ impl Detectors {
 }
 
 #[cfg(test)]
-#[path = "anomaly_tests.rs"]
 mod tests;

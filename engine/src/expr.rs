@@ -734,27 +734,10 @@ fn closest<'c>(name: &str, candidates: impl Iterator<Item = &'c str>) -> Option<
     let limit = (name.chars().count() / 3).clamp(1, 3);
     candidates
         .filter(|c| *c != name)
-        .map(|c| (edit_distance(name, c), c))
+        .map(|c| (strsim::levenshtein(name, c), c))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diag = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = (above + 1)
-                .min(row[j] + 1)
-                .min(diag + usize::from(ca != *cb));
-            diag = above;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]
@@ -1073,13 +1056,19 @@ mod tests {
     }
 
     #[test]
-    fn edit_distance_works() {
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("", "ab"), 2);
+    fn closest_within_a_third_of_the_length() {
         assert_eq!(closest("volts", ["voltage"].into_iter()), None);
         assert_eq!(
             closest("voltge", ["voltage", "kwh"].into_iter()),
             Some("voltage")
         );
+        // Characters, not bytes, are counted; the name itself is no suggestion; the nearest
+        // wins, the first of equals.
+        assert_eq!(
+            closest("tempé", ["temp", "tempo"].into_iter()),
+            Some("temp")
+        );
+        assert_eq!(closest("ab", ["abc", "ab"].into_iter()), Some("abc"));
+        assert_eq!(closest("kwhh", ["kw", "kwh"].into_iter()), Some("kwh"));
     }
 }

@@ -17,10 +17,12 @@
 use proto::Fields;
 use sha2::{Digest, Sha256};
 
-use crate::expr::{self, EvalValue, Expr, Frame, Phase, Scope, Slots, show};
+use crate::expr::{Expr, Frame, Phase, Scope, Slots};
+use crate::names;
 use crate::schema::Schema;
 use crate::spec::{EventTypeSpec, SpecError};
 use crate::state::ScalarRef;
+use crate::value::{EvalValue, show};
 
 /// Bumped whenever the engine's evaluation semantics change (so old versions never match).
 const SEMANTICS: &str = "edge-engine calc v1";
@@ -50,11 +52,11 @@ pub(crate) fn derived_names(
     for (i, c) in spec.calc.iter().enumerate() {
         let at = || format!("{path}.calc[{i}].name");
         let name = c.name.as_str();
-        let problem = if !expr::is_identifier(name) {
+        let problem = if !names::is_identifier(name) {
             Some(format!(
                 "'{name}' is not an identifier (letters, digits and '_', not starting with a digit)"
             ))
-        } else if expr::is_reserved(name) {
+        } else if names::is_reserved(name) {
             Some(format!("'{name}' is a built-in variable"))
         } else if schema.index_of(name).is_some() {
             Some(format!("'{name}' is also a data field"))

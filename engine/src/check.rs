@@ -6,9 +6,10 @@
 //! message and the values it read: `check delta_non_negative: consumption must not be
 //! negative (consumption_kwh=-2)`.
 
-use crate::expr::{EvalValue, Frame, Phase, Scope, Slots};
+use crate::expr::{Frame, Phase, Scope, Slots};
 use crate::rules::{Assertion, compile_assertions, eval_assertions};
 use crate::spec::{RuleSpec, SpecError};
+use crate::value::EvalValue;
 
 /// The checks of one event type.
 #[derive(Debug, Clone)]

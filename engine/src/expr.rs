@@ -52,133 +52,16 @@
 
 use std::collections::BTreeMap;
 
+use crate::fnv::FnvMap;
+use crate::functions::{self, Arity};
+use crate::names::{BUILTIN_VARIABLES, STATEFUL_FUNCTIONS};
+use crate::schema::Schema;
+use crate::state::Reading;
+use crate::value::{EvalValue, Scalar, json_to_eval, show};
 use evalexpr::{
     Context, DefaultNumericTypes, EvalexprError, EvalexprResult, Node, Operator,
     build_operator_tree,
 };
-use serde::{Deserialize, Serialize};
-
-use crate::fnv::FnvMap;
-use crate::functions::{self, Arity};
-use crate::schema::{self, Schema};
-use crate::spec::FieldType;
-use crate::state::Reading;
-
-/// evalexpr's value with the engine's numeric types.
-pub(crate) type EvalValue = evalexpr::Value<DefaultNumericTypes>;
-
-/// Variables every event type has; a field or constant may not use these names.
-pub const BUILTIN_VARIABLES: &[&str] = &[
-    "ts",
-    "seq",
-    "received_at",
-    "device",
-    "has_prev",
-    "seq_reset",
-    "late",
-    "prev",
-    "math::pi",
-    "math::e",
-];
-
-/// Functions resolved at compile time into per-event values.
-pub const STATEFUL_FUNCTIONS: &[&str] = &["prev", "delta", "rate", "dt", "has"];
-
-pub(crate) fn is_reserved(name: &str) -> bool {
-    BUILTIN_VARIABLES.contains(&name)
-        || name.starts_with("prev.")
-        || name == "true"
-        || name == "false"
-}
-
-/// `[A-Za-z_][A-Za-z0-9_]*`: a name usable as a variable in every expression.
-pub(crate) fn is_identifier(s: &str) -> bool {
-    let mut chars = s.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-}
-
-/// A scalar field value: what a previous reading stores, what `enum` lists.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Scalar {
-    Number(f64),
-    Text(String),
-    Bool(bool),
-}
-
-impl Scalar {
-    /// Numbers, strings and booleans; `None` for null, arrays and objects.
-    pub fn from_json(v: &serde_json::Value) -> Option<Scalar> {
-        match v {
-            serde_json::Value::Number(n) => n.as_f64().map(Scalar::Number),
-            serde_json::Value::String(s) => Some(Scalar::Text(s.clone())),
-            serde_json::Value::Bool(b) => Some(Scalar::Bool(*b)),
-            _ => None,
-        }
-    }
-
-    /// Non-finite numbers become `null` (JSON has no NaN).
-    pub fn to_json(&self) -> serde_json::Value {
-        match self {
-            Scalar::Number(x) => serde_json::Number::from_f64(*x)
-                .map(serde_json::Value::Number)
-                .unwrap_or(serde_json::Value::Null),
-            Scalar::Text(s) => serde_json::Value::String(s.clone()),
-            Scalar::Bool(b) => serde_json::Value::Bool(*b),
-        }
-    }
-
-    pub(crate) fn to_eval(&self) -> EvalValue {
-        match self {
-            Scalar::Number(x) => EvalValue::Float(*x),
-            Scalar::Text(s) => EvalValue::String(s.clone()),
-            Scalar::Bool(b) => EvalValue::Boolean(*b),
-        }
-    }
-}
-
-impl std::fmt::Display for Scalar {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Scalar::Number(x) => write!(f, "{x}"),
-            Scalar::Text(s) => write!(f, "\"{}\"", schema::truncate(s)),
-            Scalar::Bool(b) => write!(f, "{b}"),
-        }
-    }
-}
-
-/// A JSON value as expressions see it: numbers as floats; arrays, objects, null as empty.
-pub(crate) fn json_to_eval(v: &serde_json::Value) -> EvalValue {
-    match v {
-        serde_json::Value::Number(n) => EvalValue::Float(n.as_f64().unwrap_or(f64::NAN)),
-        serde_json::Value::String(s) => EvalValue::String(s.clone()),
-        serde_json::Value::Bool(b) => EvalValue::Boolean(*b),
-        _ => EvalValue::Empty,
-    }
-}
-
-/// What an absent optional field without a default evaluates to.
-pub(crate) fn absent_value(ty: FieldType) -> EvalValue {
-    match ty {
-        FieldType::Number | FieldType::Integer => EvalValue::Float(f64::NAN),
-        FieldType::String => EvalValue::String(String::new()),
-        FieldType::Boolean => EvalValue::Boolean(false),
-        FieldType::Object | FieldType::Array => EvalValue::Empty,
-    }
-}
-
-/// Formats a value for a rejection reason.
-pub(crate) fn show(v: &EvalValue) -> String {
-    match v {
-        EvalValue::Float(x) => format!("{x}"),
-        EvalValue::Int(i) => format!("{i}"),
-        EvalValue::String(s) => format!("\"{}\"", schema::truncate(s)),
-        EvalValue::Boolean(b) => format!("{b}"),
-        EvalValue::Tuple(t) => format!("({})", t.iter().map(show).collect::<Vec<_>>().join(", ")),
-        EvalValue::Empty => "()".to_string(),
-    }
-}
 
 /// A data or derived field, as the target of `prev`/`delta`/`rate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -851,27 +734,10 @@ fn closest<'c>(name: &str, candidates: impl Iterator<Item = &'c str>) -> Option<
     let limit = (name.chars().count() / 3).clamp(1, 3);
     candidates
         .filter(|c| *c != name)
-        .map(|c| (edit_distance(name, c), c))
+        .map(|c| (strsim::levenshtein(name, c), c))
         .filter(|(d, _)| *d <= limit)
         .min_by_key(|(d, _)| *d)
         .map(|(_, c)| c)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut diag = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = (above + 1)
-                .min(row[j] + 1)
-                .min(diag + usize::from(ca != *cb));
-            diag = above;
-        }
-    }
-    row[b.len()]
 }
 
 #[cfg(test)]
@@ -1190,13 +1056,19 @@ mod tests {
     }
 
     #[test]
-    fn edit_distance_works() {
-        assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("", "ab"), 2);
+    fn closest_within_a_third_of_the_length() {
         assert_eq!(closest("volts", ["voltage"].into_iter()), None);
         assert_eq!(
             closest("voltge", ["voltage", "kwh"].into_iter()),
             Some("voltage")
         );
+        // Characters, not bytes, are counted; the name itself is no suggestion; the nearest
+        // wins, the first of equals.
+        assert_eq!(
+            closest("tempé", ["temp", "tempo"].into_iter()),
+            Some("temp")
+        );
+        assert_eq!(closest("ab", ["abc", "ab"].into_iter()), Some("abc"));
+        assert_eq!(closest("kwhh", ["kw", "kwh"].into_iter()), Some("kwh"));
     }
 }

@@ -48,17 +48,18 @@ mod engine;
 pub mod expr;
 mod fnv;
 pub mod functions;
+pub mod names;
 pub mod rules;
 pub mod schema;
 pub mod seq;
 pub mod spec;
 pub mod state;
 pub mod topic;
+mod value;
 pub mod verify;
 
 pub use calc::calc_version;
 pub use engine::{Engine, Input, Outcome, Rejection, flags};
-pub use expr::Scalar;
 pub use functions::haversine_m;
 pub use seq::{SeqClass, SeqRange, SeqTracker};
 pub use spec::{
@@ -66,3 +67,4 @@ pub use spec::{
 };
 pub use state::{DeviceState, Reading, State};
 pub use topic::TopicPattern;
+pub use value::Scalar;

@@ -10,10 +10,10 @@
 //! Rules see the data, the built-in variables and the previous reading, not derived fields
 //! (those are computed after the rules; assertions over them are [checks](crate::check)).
 
-use crate::expr::{EvalValue, Expr, Frame, Phase, Scope, Slots, show};
-use crate::schema::truncate;
+use crate::expr::{Expr, Frame, Phase, Scope, Slots};
 use crate::spec::{EventTypeSpec, RuleSpec, SpecError};
 use crate::topic::is_topic_level;
+use crate::value::{EvalValue, show, truncate};
 
 /// A named boolean expression: a rule or a check.
 #[derive(Debug, Clone)]

@@ -7,16 +7,13 @@
 
 use std::collections::BTreeMap;
 
-use evalexpr::Value as EvalValue;
 use proto::Fields;
 use serde_json::Value;
 
-use crate::expr::{self, Scalar};
 use crate::fnv::FnvMap;
+use crate::names::{self, BUILTIN_VARIABLES};
 use crate::spec::{FieldSpec, FieldType, SpecError};
-
-/// Longest piece of input echoed in a rejection reason.
-const ECHO_MAX: usize = 40;
+use crate::value::{self, EvalValue, Scalar, truncate, truncate_json};
 
 /// One compiled field.
 #[derive(Debug, Clone)]
@@ -201,10 +198,10 @@ fn compile_field(name: &str, spec: &FieldSpec) -> Result<Field, String> {
                 .to_string(),
         );
     }
-    if expr::is_reserved(name) {
+    if names::is_reserved(name) {
         return Err(format!(
             "'{name}' is a built-in variable; rename the field (built-ins: {})",
-            expr::BUILTIN_VARIABLES.join(", ")
+            BUILTIN_VARIABLES.join(", ")
         ));
     }
     let ty = spec.ty;
@@ -282,9 +279,9 @@ fn compile_field(name: &str, spec: &FieldSpec) -> Result<Field, String> {
                 return Err(format!("default applies to scalar fields, not {ty}"));
             }
             probe.check(d).map_err(|e| format!("default: {e}"))?;
-            expr::json_to_eval(d)
+            value::json_to_eval(d)
         }
-        None => expr::absent_value(ty),
+        None => value::absent_value(ty),
     };
     Ok(Field {
         name: name.to_string(),
@@ -330,19 +327,6 @@ fn list(allowed: &[Scalar]) -> String {
 /// Formats a config number without a spurious `.0`.
 pub(crate) fn num(x: f64) -> String {
     format!("{x}")
-}
-
-/// At most [`ECHO_MAX`] characters of `s`, with `…` when cut.
-pub(crate) fn truncate(s: &str) -> String {
-    match s.char_indices().nth(ECHO_MAX) {
-        None => s.to_string(),
-        Some((i, _)) => format!("{}…", &s[..i]),
-    }
-}
-
-/// Compact JSON of `v`, cut to [`ECHO_MAX`] characters.
-pub(crate) fn truncate_json(v: &Value) -> String {
-    truncate(&v.to_string())
 }
 
 #[cfg(test)]

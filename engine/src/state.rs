@@ -13,8 +13,8 @@ use proto::{EventResult, Fields};
 use serde::{Deserialize, Serialize};
 
 use crate::anomaly::TypeDetectors;
-use crate::expr::Scalar;
 use crate::seq::{SeqRange, SeqTracker};
+use crate::value::Scalar;
 
 /// The previous accepted reading of one device and event type: its time, seq and scalar data
 /// and derived fields (intermediate calc fields included).

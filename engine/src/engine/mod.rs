@@ -7,14 +7,16 @@ use proto::{EventResult, Fields, Limits, Stage, Status};
 use crate::anomaly::Detectors;
 use crate::calc::{self, Calc};
 use crate::check::Checks;
-use crate::expr::{self, EvalValue, Frame, Scope, Slots};
+use crate::expr::{Frame, Scope, Slots};
 use crate::fnv::FnvMap;
+use crate::names;
 use crate::rules::Rules;
-use crate::schema::{Schema, truncate};
+use crate::schema::Schema;
 use crate::seq::{DuplicateKind, SeqClass, SeqRange};
 use crate::spec::{EngineSpec, EventTypeSpec, SpecError};
 use crate::state::{Reading, ScalarRef, State};
 use crate::topic::{TopicPattern, is_topic_level};
+use crate::value::{EvalValue, truncate};
 
 /// Result flags (in `EventResult::flags`), in this order when several apply.
 pub mod flags {
@@ -130,7 +132,7 @@ impl TypeEngine {
         let mut constants = BTreeMap::new();
         for (k, v) in &spec.constants {
             let at = || format!("{path}.constants.{k}");
-            if !expr::is_identifier(k) || expr::is_reserved(k) {
+            if !names::is_identifier(k) || names::is_reserved(k) {
                 return Err(SpecError::new(
                     at(),
                     "a constant's name must be an identifier and not a built-in variable",
@@ -550,5 +552,4 @@ impl Engine {
 }
 
 #[cfg(test)]
-#[path = "engine_tests.rs"]
 mod tests;

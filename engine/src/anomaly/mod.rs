@@ -42,9 +42,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::expr::EvalValue;
 use crate::schema::Schema;
 use crate::spec::{AnomalySpec, SpecError};
+use crate::value::EvalValue;
 
 /// Residuals are clipped to this many σ when they update a baseline or enter the CUSUM.
 pub const CLIP: f64 = 4.0;
@@ -512,5 +512,4 @@ impl Detectors {
 }
 
 #[cfg(test)]
-#[path = "anomaly_tests.rs"]
 mod tests;

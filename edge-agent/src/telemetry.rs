@@ -48,6 +48,26 @@ pub const MISSED_REPORTED: &str = "edge_missed_reported_total";
 pub const REPLAY_UNAVAILABLE: &str = "edge_replay_unavailable_total";
 pub const BATCH_SIZE: &str = "edge_batch_size";
 pub const STAGE_SECONDS: &str = "edge_stage_seconds";
+// The ingest endpoint and the external-broker client (`ingest/`).
+pub const INGEST_ACKS_DROPPED_TOTAL: &str = "ingest_acks_dropped_total";
+pub const INGEST_ACKS_RELEASED_TOTAL: &str = "ingest_acks_released_total";
+pub const INGEST_ACKS_STALE_TOTAL: &str = "ingest_acks_stale_total";
+pub const INGEST_AUTH_REFUSED_TOTAL: &str = "ingest_auth_refused_total";
+pub const INGEST_CONNECT_REFUSED_TOTAL: &str = "ingest_connect_refused_total";
+pub const INGEST_CONNECTIONS: &str = "ingest_connections";
+pub const INGEST_CONNECTIONS_REFUSED_TOTAL: &str = "ingest_connections_refused_total";
+pub const INGEST_CONNECTIONS_TOTAL: &str = "ingest_connections_total";
+pub const INGEST_EXTERNAL_CONNECTED: &str = "ingest_external_connected";
+pub const INGEST_EXTERNAL_CONNECTION_ERRORS_TOTAL: &str = "ingest_external_connection_errors_total";
+pub const INGEST_EXTERNAL_UNHANDED_TOTAL: &str = "ingest_external_unhanded_total";
+pub const INGEST_KEEPALIVE_TIMEOUTS_TOTAL: &str = "ingest_keepalive_timeouts_total";
+pub const INGEST_MESSAGES_TOTAL: &str = "ingest_messages_total";
+pub const INGEST_OVERSIZED_PACKETS_TOTAL: &str = "ingest_oversized_packets_total";
+pub const INGEST_PAYLOAD_BYTES_TOTAL: &str = "ingest_payload_bytes_total";
+pub const INGEST_PROTOCOL_ERRORS_TOTAL: &str = "ingest_protocol_errors_total";
+pub const INGEST_PUBLISH_REFUSED_TOTAL: &str = "ingest_publish_refused_total";
+pub const INGEST_SUBSCRIBE_REFUSED_TOTAL: &str = "ingest_subscribe_refused_total";
+pub const INGEST_TAKEOVERS_TOTAL: &str = "ingest_takeovers_total";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -62,6 +62,7 @@ use limits::{Slot, Slots};
 
 use super::config::{Auth, EmbeddedConfig};
 use super::{Ack, AckKind, Inbound, now_ms};
+use crate::telemetry;
 
 /// Spare capacity ensured before each socket read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -155,7 +156,7 @@ impl EmbeddedServer {
                         let slot = match ctx.slots.take(peer.ip()) {
                             Ok(slot) => slot,
                             Err(full) => {
-                                metrics::counter!("ingest_connections_refused_total", "reason" => full.as_str())
+                                metrics::counter!(telemetry::INGEST_CONNECTIONS_REFUSED_TOTAL, "reason" => full.as_str())
                                     .increment(1);
                                 if ctx.refusals.should_log(&peer.ip().to_string(), std::time::Instant::now()) {
                                     warn!(%peer, cap = full.as_str(), "connection refused: too many open (logged once a minute per address)");
@@ -221,62 +222,65 @@ struct Metrics {
 impl Metrics {
     fn new() -> Self {
         Self {
-            connections_total: metrics::counter!("ingest_connections_total"),
-            connections: metrics::gauge!("ingest_connections"),
-            messages: metrics::counter!("ingest_messages_total"),
-            bytes: metrics::counter!("ingest_payload_bytes_total"),
-            connect_refused: metrics::counter!("ingest_connect_refused_total"),
-            protocol_errors: metrics::counter!("ingest_protocol_errors_total"),
-            oversized: metrics::counter!("ingest_oversized_packets_total"),
-            keepalive_timeouts: metrics::counter!("ingest_keepalive_timeouts_total"),
-            takeovers: metrics::counter!("ingest_takeovers_total"),
-            subscribe_refused: metrics::counter!("ingest_subscribe_refused_total"),
+            connections_total: metrics::counter!(telemetry::INGEST_CONNECTIONS_TOTAL),
+            connections: metrics::gauge!(telemetry::INGEST_CONNECTIONS),
+            messages: metrics::counter!(telemetry::INGEST_MESSAGES_TOTAL),
+            bytes: metrics::counter!(telemetry::INGEST_PAYLOAD_BYTES_TOTAL),
+            connect_refused: metrics::counter!(telemetry::INGEST_CONNECT_REFUSED_TOTAL),
+            protocol_errors: metrics::counter!(telemetry::INGEST_PROTOCOL_ERRORS_TOTAL),
+            oversized: metrics::counter!(telemetry::INGEST_OVERSIZED_PACKETS_TOTAL),
+            keepalive_timeouts: metrics::counter!(telemetry::INGEST_KEEPALIVE_TIMEOUTS_TOTAL),
+            takeovers: metrics::counter!(telemetry::INGEST_TAKEOVERS_TOTAL),
+            subscribe_refused: metrics::counter!(telemetry::INGEST_SUBSCRIBE_REFUSED_TOTAL),
         }
     }
 }
 
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge};
-    describe_counter!("ingest_connections_total", "MQTT connections accepted");
-    describe_gauge!("ingest_connections", "MQTT connections open now");
     describe_counter!(
-        "ingest_messages_total",
+        telemetry::INGEST_CONNECTIONS_TOTAL,
+        "MQTT connections accepted"
+    );
+    describe_gauge!(telemetry::INGEST_CONNECTIONS, "MQTT connections open now");
+    describe_counter!(
+        telemetry::INGEST_MESSAGES_TOTAL,
         "PUBLISH packets handed to the pipeline"
     );
     describe_counter!(
-        "ingest_payload_bytes_total",
+        telemetry::INGEST_PAYLOAD_BYTES_TOTAL,
         "payload bytes handed to the pipeline"
     );
     describe_counter!(
-        "ingest_connect_refused_total",
+        telemetry::INGEST_CONNECT_REFUSED_TOTAL,
         "CONNECTs refused or timed out"
     );
     describe_counter!(
-        "ingest_protocol_errors_total",
+        telemetry::INGEST_PROTOCOL_ERRORS_TOTAL,
         "connections closed for a protocol error"
     );
     describe_counter!(
-        "ingest_oversized_packets_total",
+        telemetry::INGEST_OVERSIZED_PACKETS_TOTAL,
         "connections closed for a packet over max_packet_bytes"
     );
     describe_counter!(
-        "ingest_keepalive_timeouts_total",
+        telemetry::INGEST_KEEPALIVE_TIMEOUTS_TOTAL,
         "connections closed for keep-alive"
     );
     describe_counter!(
-        "ingest_takeovers_total",
+        telemetry::INGEST_TAKEOVERS_TOTAL,
         "connections closed by a CONNECT with their client id"
     );
     describe_counter!(
-        "ingest_subscribe_refused_total",
+        telemetry::INGEST_SUBSCRIBE_REFUSED_TOTAL,
         "SUBSCRIBE filters refused (ingest-only endpoint)"
     );
     describe_counter!(
-        "ingest_acks_released_total",
+        telemetry::INGEST_ACKS_RELEASED_TOTAL,
         "acks sent after a durable commit"
     );
     describe_counter!(
-        "ingest_acks_dropped_total",
+        telemetry::INGEST_ACKS_DROPPED_TOTAL,
         "acks dropped because their connection had closed"
     );
 }
@@ -451,7 +455,7 @@ async fn connection(
         }
         End::PipelineGone => debug!(%peer, %client_id, "pipeline gone, closing"),
         End::Refused(why, topic) => {
-            metrics::counter!("ingest_publish_refused_total", "reason" => why.as_str())
+            metrics::counter!(telemetry::INGEST_PUBLISH_REFUSED_TOTAL, "reason" => why.as_str())
                 .increment(1);
             let device = device.as_deref().unwrap_or_default();
             if ctx.refusals.should_log(device, std::time::Instant::now()) {
@@ -577,7 +581,7 @@ async fn handshake(
                 Some(id)
             }
             Err(why) => {
-                metrics::counter!("ingest_auth_refused_total", "reason" => why.as_str())
+                metrics::counter!(telemetry::INGEST_AUTH_REFUSED_TOTAL, "reason" => why.as_str())
                     .increment(1);
                 let now = std::time::Instant::now();
                 if let Some(ip) = peer.map(|p| p.ip()) {

@@ -39,6 +39,7 @@ use tracing::{debug, error, info, warn};
 
 use super::config::ExternalConfig;
 use super::{Ack, AckKind, Inbound, now_ms};
+use crate::telemetry;
 
 /// Capacity of rumqttc's request channel (acks, the subscribe, the disconnect).
 const REQUEST_CAP: usize = 4096;
@@ -137,11 +138,11 @@ async fn run(
     let mut target = Some(Arc::new(AckTarget { tx: ack_tx }));
     let mut tx = Some(tx);
 
-    let m_connected = metrics::gauge!("ingest_external_connected");
-    let m_reconnects = metrics::counter!("ingest_external_connection_errors_total");
-    let m_messages = metrics::counter!("ingest_messages_total");
-    let m_bytes = metrics::counter!("ingest_payload_bytes_total");
-    let m_unhanded = metrics::counter!("ingest_external_unhanded_total");
+    let m_connected = metrics::gauge!(telemetry::INGEST_EXTERNAL_CONNECTED);
+    let m_reconnects = metrics::counter!(telemetry::INGEST_EXTERNAL_CONNECTION_ERRORS_TOTAL);
+    let m_messages = metrics::counter!(telemetry::INGEST_MESSAGES_TOTAL);
+    let m_bytes = metrics::counter!(telemetry::INGEST_PAYLOAD_BYTES_TOTAL);
+    let m_unhanded = metrics::counter!(telemetry::INGEST_EXTERNAL_UNHANDED_TOTAL);
 
     let backoff_min = Duration::from_millis(cfg.reconnect_min_ms);
     let backoff_max = Duration::from_millis(cfg.reconnect_max_ms);
@@ -310,7 +311,7 @@ async fn ack_loop(
     generation: Arc<Mutex<u64>>,
     mut rx: mpsc::UnboundedReceiver<Vec<PendingAck>>,
 ) {
-    let m_stale = metrics::counter!("ingest_acks_stale_total");
+    let m_stale = metrics::counter!(telemetry::INGEST_ACKS_STALE_TOTAL);
     while let Some(batch) = rx.recv().await {
         let mut rest = &batch[..];
         while !rest.is_empty() {

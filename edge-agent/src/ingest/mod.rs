@@ -206,9 +206,9 @@ impl AckSet {
         self.index.clear();
         self.last = 0;
         self.count = 0;
-        metrics::counter!("ingest_acks_released_total").increment(sent);
+        metrics::counter!(crate::telemetry::INGEST_ACKS_RELEASED_TOTAL).increment(sent);
         if dropped > 0 {
-            metrics::counter!("ingest_acks_dropped_total").increment(dropped);
+            metrics::counter!(crate::telemetry::INGEST_ACKS_DROPPED_TOTAL).increment(dropped);
         }
     }
 }

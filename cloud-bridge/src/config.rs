@@ -416,7 +416,7 @@ impl Config {
 
     /// Parses and validates; the error names the field (`aws.detail_types[1]: ...`).
     pub fn parse(text: &str) -> Result<Config, String> {
-        let cfg: Config = settings::from_toml(text)?;
+        let cfg: Config = settings::from_toml(text).map_err(|e| e.to_string())?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -56,7 +56,7 @@ impl AgentConfig {
 
     /// Parses and validates; the error names the field (`broker.embedded.listen: ...`).
     pub fn parse(text: &str) -> Result<AgentConfig, String> {
-        let cfg: AgentConfig = settings::from_toml(text)?;
+        let cfg: AgentConfig = settings::from_toml(text).map_err(|e| e.to_string())?;
         cfg.validate()?;
         Ok(cfg)
     }

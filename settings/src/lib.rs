@@ -21,40 +21,97 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// TOML that does not make the config, saying where: the line of a syntax error, the field of
+/// a value that does not fit. Its text is what a person reads at start-up
+/// (`mqtt.port: invalid type: string "x", expected u16`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TomlError {
+    /// Not TOML at all; the parser's own message, which names the line and column.
+    #[error("{message}")]
+    Syntax {
+        /// 1-based, when the parser says where.
+        line: Option<usize>,
+        message: String,
+    },
+    /// Well-formed TOML whose value at `field` does not fit the config.
+    #[error("{}", at_field(field.as_deref(), message))]
+    Field {
+        /// The path (`aws.detail_types[1]`); `None` for the top level.
+        field: Option<String>,
+        /// 1-based, when the value came from a text and the parser says where.
+        line: Option<usize>,
+        message: String,
+    },
+}
+
+impl TomlError {
+    /// The path of the field at fault, if it is one field's.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            TomlError::Field { field, .. } => field.as_deref(),
+            TomlError::Syntax { .. } => None,
+        }
+    }
+
+    /// The 1-based line at fault, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            TomlError::Syntax { line, .. } | TomlError::Field { line, .. } => *line,
+        }
+    }
+}
+
+fn at_field(field: Option<&str>, message: &str) -> String {
+    match field {
+        Some(f) => format!("{f}: {message}"),
+        None => message.to_string(),
+    }
+}
+
 /// Reads `path` and hands its text to `parse` (which names the field of any problem).
-pub fn load<T>(
+pub fn load<T, E: std::fmt::Display>(
     path: &Path,
-    parse: impl FnOnce(&str) -> Result<T, String>,
+    parse: impl FnOnce(&str) -> Result<T, E>,
 ) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&text).map_err(|message| ConfigError::Invalid {
+    parse(&text).map_err(|e| ConfigError::Invalid {
         path: path.to_path_buf(),
-        message,
+        message: e.to_string(),
     })
 }
 
-/// Deserializes TOML text; an error names the field (`aws.detail_types[1]: ...`).
-pub fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, String> {
-    let de = toml::Deserializer::parse(text).map_err(|e| e.to_string())?;
-    named(serde_path_to_error::deserialize(de))
+/// Deserializes TOML text; an error names the field (`aws.detail_types[1]: ...`) or the line.
+pub fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, TomlError> {
+    let line = |e: &toml::de::Error| {
+        e.span()
+            .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
+    };
+    let de = toml::Deserializer::parse(text).map_err(|e| TomlError::Syntax {
+        line: line(&e),
+        message: e.to_string(),
+    })?;
+    named(serde_path_to_error::deserialize(de), line)
 }
 
 /// Deserializes a TOML value (a part of a file); an error names the field.
-pub fn from_toml_value<T: DeserializeOwned>(value: toml::Value) -> Result<T, String> {
-    named(serde_path_to_error::deserialize(value))
+pub fn from_toml_value<T: DeserializeOwned>(value: toml::Value) -> Result<T, TomlError> {
+    named(serde_path_to_error::deserialize(value), |_| None)
 }
 
-fn named<T>(r: Result<T, serde_path_to_error::Error<toml::de::Error>>) -> Result<T, String> {
+fn named<T>(
+    r: Result<T, serde_path_to_error::Error<toml::de::Error>>,
+    line: impl Fn(&toml::de::Error) -> Option<usize>,
+) -> Result<T, TomlError> {
     r.map_err(|e| {
         let path = e.path().to_string();
-        let inner = e.into_inner().message().to_string();
-        if path == "." || path.is_empty() {
-            inner
-        } else {
-            format!("{path}: {inner}")
+        let inner = e.into_inner();
+        TomlError::Field {
+            field: (path != "." && !path.is_empty()).then_some(path),
+            line: line(&inner),
+            message: inner.message().to_string(),
         }
     })
 }
@@ -101,20 +158,48 @@ mod tests {
     #[test]
     fn errors_name_the_field_and_the_file() {
         let e = from_toml::<Cfg>("port = \"x\"").unwrap_err();
-        assert!(e.starts_with("port: invalid type"), "{e}");
+        assert!(e.to_string().starts_with("port: invalid type"), "{e}");
+        assert_eq!((e.field(), e.line()), (Some("port"), Some(1)));
         let e = from_toml::<Cfg>("port = 1\n[log]\nformat = \"xml\"").unwrap_err();
-        assert!(e.starts_with("log.format: unknown variant"), "{e}");
+        assert!(
+            e.to_string().starts_with("log.format: unknown variant"),
+            "{e}"
+        );
+        assert_eq!((e.field(), e.line()), (Some("log.format"), Some(3)));
         let c: Cfg = from_toml("port = 1").unwrap();
         assert_eq!(c.log.format, LogFormat::Text);
-        let e = load::<Cfg>(Path::new("/nonexistent.toml"), from_toml).unwrap_err();
+        let e = load(Path::new("/nonexistent.toml"), from_toml::<Cfg>).unwrap_err();
         assert!(
             e.to_string().starts_with("cannot read /nonexistent.toml"),
             "{e}"
         );
         let dir = std::env::temp_dir().join(format!("settings-test-{}", std::process::id()));
         std::fs::write(&dir, "port = 70000").unwrap();
-        let e = load::<Cfg>(&dir, from_toml).unwrap_err();
+        let e = load(&dir, from_toml::<Cfg>).unwrap_err();
         assert!(e.to_string().contains(": port: invalid value"), "{e}");
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let e = from_toml::<Cfg>("port = 1\n[log\n").unwrap_err();
+        assert!(matches!(e, TomlError::Syntax { .. }), "{e:?}");
+        assert_eq!(e.line(), Some(2));
+        assert!(e.to_string().contains("line 2"), "{e}");
+        assert_eq!(e.field(), None);
+    }
+
+    #[test]
+    fn values_name_the_field_without_a_line() {
+        let v: toml::Value = toml::from_str("port = -1").unwrap();
+        let e = from_toml_value::<Cfg>(v).unwrap_err();
+        assert_eq!(e.field(), Some("port"));
+        assert_eq!(e.line(), None);
+        assert!(e.to_string().starts_with("port: invalid value"), "{e}");
+        // A problem of the whole document names no field and reads as the bare message.
+        let v: toml::Value = toml::from_str("log = {}").unwrap();
+        let e = from_toml_value::<Cfg>(v).unwrap_err();
+        assert_eq!(e.field(), None);
+        assert_eq!(e.to_string(), "missing field `port`");
     }
 }

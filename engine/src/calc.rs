@@ -17,7 +17,7 @@
 use proto::Fields;
 use sha2::{Digest, Sha256};
 
-use crate::expr::{Expr, Frame, Phase, Scope, Slots};
+use crate::expr::{EvalError, Expr, Frame, Phase, ReadValues, Scope, Slots};
 use crate::names;
 use crate::schema::Schema;
 use crate::spec::{EventTypeSpec, SpecError};
@@ -26,6 +26,30 @@ use crate::value::{EvalValue, show};
 
 /// Bumped whenever the engine's evaluation semantics change (so old versions never match).
 const SEMANTICS: &str = "edge-engine calc v1";
+
+/// A derived field that could not be computed (stage `calc`), with the values it read:
+/// `calc power_w: result is NaN (voltage=absent, current=2)`.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("calc {field}: {problem}{values}")]
+pub struct CalcError {
+    /// The calc entry's name.
+    pub field: String,
+    pub problem: CalcProblem,
+    pub values: ReadValues,
+}
+
+/// What went wrong computing a derived field.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum CalcProblem {
+    #[error("evaluation failed: {0}")]
+    Eval(EvalError),
+    /// NaN or ±inf.
+    #[error("result is {0}")]
+    NotFinite(f64),
+    /// A tuple or empty value (shown).
+    #[error("result {0} is not a number, string or boolean")]
+    NotScalar(String),
+}
 
 #[derive(Debug, Clone)]
 struct Entry {
@@ -87,7 +111,7 @@ impl Calc {
         let mut entries = Vec::with_capacity(spec.calc.len());
         for (i, c) in spec.calc.iter().enumerate() {
             let expr = Expr::compile(&c.expr, Phase::Calc(i), scope, slots)
-                .map_err(|m| SpecError::new(format!("{path}.calc[{i}].expr"), m))?;
+                .map_err(|e| SpecError::new(format!("{path}.calc[{i}].expr"), e.to_string()))?;
             entries.push(Entry {
                 name: c.name.clone(),
                 output: c.output,
@@ -115,45 +139,26 @@ impl Calc {
         values: &mut [EvalValue],
         frame: &Frame<'_>,
         derived: &mut Vec<EvalValue>,
-    ) -> Result<(), String> {
+    ) -> Result<(), CalcError> {
         derived.clear();
         for (i, e) in self.entries.iter().enumerate() {
-            let v = e.expr.eval(slots, values).map_err(|m| {
-                self.fail(e, &format!("evaluation failed: {m}"), slots, values, frame)
-            })?;
-            let v = match v {
-                EvalValue::Float(x) if x.is_finite() => EvalValue::Float(x),
-                EvalValue::Float(x) => {
-                    return Err(self.fail(e, &format!("result is {x}"), slots, values, frame));
-                }
-                EvalValue::Int(n) => EvalValue::Float(n as f64),
-                v @ (EvalValue::String(_) | EvalValue::Boolean(_)) => v,
-                other => {
-                    let what =
-                        format!("result {} is not a number, string or boolean", show(&other));
-                    return Err(self.fail(e, &what, slots, values, frame));
-                }
+            let fail = |problem| CalcError {
+                field: e.name.clone(),
+                problem,
+                values: e.expr.describe(slots, values, frame),
+            };
+            let v = match e.expr.eval(slots, values) {
+                Ok(EvalValue::Float(x)) if x.is_finite() => EvalValue::Float(x),
+                Ok(EvalValue::Float(x)) => return Err(fail(CalcProblem::NotFinite(x))),
+                Ok(EvalValue::Int(n)) => EvalValue::Float(n as f64),
+                Ok(v @ (EvalValue::String(_) | EvalValue::Boolean(_))) => v,
+                Ok(other) => return Err(fail(CalcProblem::NotScalar(show(&other)))),
+                Err(m) => return Err(fail(CalcProblem::Eval(m))),
             };
             derived.push(v);
             slots.derived_known(i, frame, derived, values);
         }
         Ok(())
-    }
-
-    fn fail(
-        &self,
-        e: &Entry,
-        what: &str,
-        slots: &Slots,
-        values: &[EvalValue],
-        frame: &Frame<'_>,
-    ) -> String {
-        let vars = e.expr.describe(slots, values, frame);
-        if vars.is_empty() {
-            format!("calc {}: {what}", e.name)
-        } else {
-            format!("calc {}: {what} ({vars})", e.name)
-        }
     }
 
     /// The result's fields: the derived fields with `output = true`.

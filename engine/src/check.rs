@@ -7,7 +7,9 @@
 //! negative (consumption_kwh=-2)`.
 
 use crate::expr::{Frame, Phase, Scope, Slots};
-use crate::rules::{Assertion, compile_assertions, eval_assertions};
+use crate::rules::{
+    Assertion, AssertionFailed, AssertionKind, compile_assertions, eval_assertions,
+};
 use crate::spec::{RuleSpec, SpecError};
 use crate::value::EvalValue;
 
@@ -35,7 +37,7 @@ impl Checks {
         slots: &Slots,
         values: &[EvalValue],
         frame: &Frame<'_>,
-    ) -> Result<(), String> {
-        eval_assertions("check", &self.list, slots, values, frame)
+    ) -> Result<(), AssertionFailed> {
+        eval_assertions(AssertionKind::Check, &self.list, slots, values, frame)
     }
 }

@@ -56,12 +56,153 @@ use crate::fnv::FnvMap;
 use crate::functions::{self, Arity};
 use crate::names::{BUILTIN_VARIABLES, STATEFUL_FUNCTIONS};
 use crate::schema::Schema;
+use crate::spec::FieldType;
 use crate::state::Reading;
 use crate::value::{EvalValue, Scalar, json_to_eval, show};
 use evalexpr::{
     Context, DefaultNumericTypes, EvalexprError, EvalexprResult, Node, Operator,
     build_operator_tree,
 };
+
+/// Why an expression does not compile. The text is what a config error shows after the path
+/// (`event_types.meter.calc[1].expr: unknown variable 'volts' (did you mean 'voltage'?)`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CompileError {
+    #[error("empty expression")]
+    Empty,
+    /// evalexpr's parser refused it (its message).
+    #[error("syntax error: {0}")]
+    Syntax(String),
+    #[error("assignment to '{0}' is not allowed: an expression only computes a value")]
+    Assignment(String),
+    #[error("';' is not allowed: an expression is a single value")]
+    Chain,
+    #[error("too many variables in one event type")]
+    TooManyVariables,
+    #[error("unknown variable '{name}'{hint}")]
+    UnknownVariable { name: String, hint: Hint },
+    /// `prev.x` where `x` has no previous value.
+    #[error("unknown variable '{name}': '{field}' is not a scalar data or derived field{hint}")]
+    NoPrevious {
+        name: String,
+        field: String,
+        hint: Hint,
+    },
+    #[error(
+        "field '{0}' is an {1}: only number, integer, string and boolean fields can be used in \
+         expressions (has(\"{0}\") tests presence)"
+    )]
+    NotScalar(String, FieldType),
+    /// A derived field this phase cannot see yet.
+    #[error("{0}")]
+    Unavailable(Unavailable),
+    #[error("unknown function '{name}'{hint}")]
+    UnknownFunction { name: String, hint: Hint },
+    #[error("{function}() takes {expected} argument{}, got {got}", if *.expected == 1 { "" } else { "s" })]
+    Arity {
+        function: String,
+        expected: usize,
+        got: usize,
+    },
+    #[error("{function}() takes at least {min} argument(s), got {got}")]
+    TooFewArguments {
+        function: String,
+        min: usize,
+        got: usize,
+    },
+    #[error("dt() takes no arguments")]
+    DtArguments,
+    /// A stateful function called without one quoted field name.
+    #[error("{0}() takes one field name in double quotes, e.g. {0}(\"kwh\")")]
+    FieldArgument(String),
+    #[error("has(\"{field}\"): '{field}' is not a data field{hint}")]
+    NotDataField { field: String, hint: Hint },
+    #[error("{function}(\"{field}\"): unknown field '{field}'{hint}")]
+    UnknownField {
+        function: String,
+        field: String,
+        hint: Hint,
+    },
+    #[error("{function}(\"{field}\"): '{field}' is a {ty} field; {function} needs a number")]
+    NotNumeric {
+        function: String,
+        field: String,
+        ty: FieldType,
+    },
+    #[error(
+        "{function}(\"{field}\"): '{field}' is an {ty} field; only number, integer, string and \
+         boolean fields have previous values"
+    )]
+    NoPreviousValues {
+        function: String,
+        field: String,
+        ty: FieldType,
+    },
+    #[error("{function}(\"{field}\"): {reason}")]
+    ArgumentUnavailable {
+        function: String,
+        field: String,
+        reason: Unavailable,
+    },
+}
+
+/// Why a derived field cannot be read where an expression reads it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unavailable {
+    #[error("derived field '{0}' is not available in rules (rules run before calc; use a check)")]
+    InRules(String),
+    #[error("'{0}' cannot use its own value (prev.{0} is its previous value)")]
+    Own(String),
+    #[error(
+        "derived field '{name}' is defined later (calc[{index}]); a calc entry can only use the \
+         ones above it"
+    )]
+    Later { name: String, index: usize },
+}
+
+/// What a compile error suggests instead of an unknown name; displays as its tail.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Hint {
+    #[default]
+    None,
+    /// ` (did you mean 'voltage'?)`
+    DidYouMean(String),
+    /// A function named like a variable: ` ('dt' is a function: write it like dt())`.
+    Function { name: String, example: String },
+}
+
+impl std::fmt::Display for Hint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Hint::None => Ok(()),
+            Hint::DidYouMean(c) => write!(f, " (did you mean '{c}'?)"),
+            Hint::Function { name, example } => {
+                write!(f, " ('{name}' is a function: write it like {example})")
+            }
+        }
+    }
+}
+
+/// An expression failed while evaluated (a function refused its arguments, a type mismatch):
+/// evalexpr's message, or the engine function's own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EvalError(String);
+
+/// The variables an expression read and their values (`kwh=10, prev.kwh=12`), for a reason;
+/// displays as ` (kwh=10, prev.kwh=12)`, or as nothing when it read none.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReadValues(String);
+
+impl std::fmt::Display for ReadValues {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            write!(f, " ({})", self.0)
+        }
+    }
+}
 
 /// A data or derived field, as the target of `prev`/`delta`/`rate`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -193,7 +334,7 @@ impl Slots {
         })
     }
 
-    fn intern(&mut self, name: &str, src: Source) -> Result<u16, String> {
+    fn intern(&mut self, name: &str, src: Source) -> Result<u16, CompileError> {
         if let Some(&i) = self.index.get(name) {
             return Ok(i);
         }
@@ -202,7 +343,7 @@ impl Slots {
             None => {
                 let i = self.sources.len();
                 if i >= usize::from(u16::MAX) {
-                    return Err("too many variables in one event type".to_string());
+                    return Err(CompileError::TooManyVariables);
                 }
                 self.sources.push(src);
                 self.names.push(name.to_string());
@@ -219,7 +360,7 @@ impl Slots {
         Ok(slot as u16)
     }
 
-    fn add_const(&mut self, name: &str, value: EvalValue) -> Result<u16, String> {
+    fn add_const(&mut self, name: &str, value: EvalValue) -> Result<u16, CompileError> {
         if let Some(&i) = self.index.get(name) {
             return Ok(i);
         }
@@ -375,16 +516,14 @@ impl Expr {
         phase: Phase,
         scope: &Scope<'_>,
         slots: &mut Slots,
-    ) -> Result<Expr, String> {
+    ) -> Result<Expr, CompileError> {
         if text.trim().is_empty() {
-            return Err("empty expression".to_string());
+            return Err(CompileError::Empty);
         }
         let mut tree = build_operator_tree::<DefaultNumericTypes>(text)
-            .map_err(|e| format!("syntax error: {e}"))?;
+            .map_err(|e| CompileError::Syntax(e.to_string()))?;
         if let Some(w) = tree.iter_write_variable_identifiers().next() {
-            return Err(format!(
-                "assignment to '{w}' is not allowed: an expression only computes a value"
-            ));
+            return Err(CompileError::Assignment(w.to_string()));
         }
         let mut c = Compiler {
             phase,
@@ -408,17 +547,19 @@ impl Expr {
         Ok(Expr { tree, reads })
     }
 
-    pub fn eval(&self, slots: &Slots, values: &[EvalValue]) -> Result<EvalValue, String> {
+    pub fn eval(&self, slots: &Slots, values: &[EvalValue]) -> Result<EvalValue, EvalError> {
         self.tree
             .eval_with_context(&Ctx { slots, values })
-            .map_err(|e| match e {
-                EvalexprError::CustomMessage(m) => m,
-                other => other.to_string(),
+            .map_err(|e| {
+                EvalError(match e {
+                    EvalexprError::CustomMessage(m) => m,
+                    other => other.to_string(),
+                })
             })
     }
 
     /// `name=value` for every variable read (constants left out), for a reason.
-    pub fn describe(&self, slots: &Slots, values: &[EvalValue], f: &Frame<'_>) -> String {
+    pub fn describe(&self, slots: &Slots, values: &[EvalValue], f: &Frame<'_>) -> ReadValues {
         let mut parts = Vec::new();
         for &s in &self.reads {
             let s = usize::from(s);
@@ -437,7 +578,7 @@ impl Expr {
             };
             parts.push(format!("{name}={shown}"));
         }
-        parts.join(", ")
+        ReadValues(parts.join(", "))
     }
 }
 
@@ -483,7 +624,7 @@ fn string_literal(n: &Node<DefaultNumericTypes>) -> Option<&str> {
 impl Compiler<'_, '_> {
     /// Integer literals → floats; stateful calls → variables; function names and arities
     /// checked; `;` refused.
-    fn rewrite(&mut self, node: &mut Node<DefaultNumericTypes>) -> Result<(), String> {
+    fn rewrite(&mut self, node: &mut Node<DefaultNumericTypes>) -> Result<(), CompileError> {
         let mut replace_with = None;
         match node.operator() {
             Operator::Const {
@@ -495,7 +636,7 @@ impl Compiler<'_, '_> {
                 };
             }
             Operator::Chain => {
-                return Err("';' is not allowed: an expression is a single value".to_string());
+                return Err(CompileError::Chain);
             }
             Operator::FunctionIdentifier { identifier } => {
                 let f = identifier.clone();
@@ -520,10 +661,14 @@ impl Compiler<'_, '_> {
 
     /// Resolves `prev("x")`, `delta("x")`, `rate("x")`, `has("x")`, `dt()` to a slot and
     /// returns the identifier that now stands for it.
-    fn stateful(&mut self, f: &str, args: &[Node<DefaultNumericTypes>]) -> Result<String, String> {
+    fn stateful(
+        &mut self,
+        f: &str,
+        args: &[Node<DefaultNumericTypes>],
+    ) -> Result<String, CompileError> {
         if f == "dt" {
             if !args.is_empty() {
-                return Err("dt() takes no arguments".to_string());
+                return Err(CompileError::DtArguments);
             }
             self.slots.intern("dt()", Source::Dt)?;
             return Ok("dt()".to_string());
@@ -533,18 +678,16 @@ impl Compiler<'_, '_> {
             _ => None,
         };
         let Some(field) = field else {
-            return Err(format!(
-                "{f}() takes one field name in double quotes, e.g. {f}(\"kwh\")"
-            ));
+            return Err(CompileError::FieldArgument(f.to_string()));
         };
         let schema = self.scope.schema;
         let (name, src) = match f {
             "has" => {
                 let Some(i) = schema.index_of(field) else {
-                    return Err(format!(
-                        "has(\"{field}\"): '{field}' is not a data field{}",
-                        self.suggest(field, false)
-                    ));
+                    return Err(CompileError::NotDataField {
+                        field: field.to_string(),
+                        hint: self.suggest(field, false),
+                    });
                 };
                 (format!("has(\"{field}\")"), Source::Has(i))
             }
@@ -567,19 +710,23 @@ impl Compiler<'_, '_> {
     }
 
     /// The field `prev`/`delta`/`rate` refers to.
-    fn target(&self, f: &str, field: &str, numeric: bool) -> Result<Target, String> {
+    fn target(&self, f: &str, field: &str, numeric: bool) -> Result<Target, CompileError> {
+        let (function, field_name) = (f.to_string(), field.to_string());
         if let Some(i) = self.scope.schema.index_of(field) {
             let ty = self.scope.schema.fields[i].ty;
             if numeric && !ty.is_numeric() {
-                return Err(format!(
-                    "{f}(\"{field}\"): '{field}' is a {ty} field; {f} needs a number"
-                ));
+                return Err(CompileError::NotNumeric {
+                    function,
+                    field: field_name,
+                    ty,
+                });
             }
             if !ty.is_scalar() {
-                return Err(format!(
-                    "{f}(\"{field}\"): '{field}' is an {ty} field; only number, integer, \
-                     string and boolean fields have previous values"
-                ));
+                return Err(CompileError::NoPreviousValues {
+                    function,
+                    field: field_name,
+                    ty,
+                });
             }
             return Ok(Target::Data(i));
         }
@@ -587,37 +734,32 @@ impl Compiler<'_, '_> {
             // prev of a derived field is stored, so always known; delta/rate also need its
             // current value.
             if numeric && !self.phase.derived_available(j) {
-                return Err(format!(
-                    "{f}(\"{field}\"): {}",
-                    self.unavailable_reason(field, j)
-                ));
+                return Err(CompileError::ArgumentUnavailable {
+                    function,
+                    field: field_name,
+                    reason: self.unavailable(field, j),
+                });
             }
             return Ok(Target::Derived(j));
         }
-        Err(format!(
-            "{f}(\"{field}\"): unknown field '{field}'{}",
-            self.suggest(field, false)
-        ))
+        Err(CompileError::UnknownField {
+            function,
+            field: field_name,
+            hint: self.suggest(field, false),
+        })
     }
 
-    fn unavailable_reason(&self, name: &str, j: usize) -> String {
+    fn unavailable(&self, name: &str, j: usize) -> Unavailable {
+        let name = name.to_string();
         match self.phase {
-            Phase::Rule => format!(
-                "derived field '{name}' is not available in rules (rules run before calc; \
-                 use a check)"
-            ),
-            Phase::Calc(i) if i == j => {
-                format!("'{name}' cannot use its own value (prev.{name} is its previous value)")
-            }
-            _ => format!(
-                "derived field '{name}' is defined later (calc[{j}]); a calc entry can only \
-                 use the ones above it"
-            ),
+            Phase::Rule => Unavailable::InRules(name),
+            Phase::Calc(i) if i == j => Unavailable::Own(name),
+            _ => Unavailable::Later { name, index: j },
         }
     }
 
     /// Resolves a variable name to a slot.
-    fn resolve(&mut self, name: &str) -> Result<u16, String> {
+    fn resolve(&mut self, name: &str) -> Result<u16, CompileError> {
         let src = match name {
             "ts" => Source::Ts,
             "seq" => Source::Seq,
@@ -640,41 +782,38 @@ impl Compiler<'_, '_> {
             _ => {
                 if let Some(field) = name.strip_prefix("prev.") {
                     Source::Prev(self.target("prev", field, false).map_err(|_| {
-                        format!(
-                            "unknown variable '{name}': '{field}' is not a scalar data or \
-                             derived field{}",
-                            self.suggest(name, true)
-                        )
+                        CompileError::NoPrevious {
+                            name: name.to_string(),
+                            field: field.to_string(),
+                            hint: self.suggest(name, true),
+                        }
                     })?)
                 } else if let Some(v) = self.scope.constants.get(name) {
                     return self.slots.add_const(name, v.clone());
                 } else if let Some(i) = self.scope.schema.index_of(name) {
                     let ty = self.scope.schema.fields[i].ty;
                     if !ty.is_scalar() {
-                        return Err(format!(
-                            "field '{name}' is an {ty}: only number, integer, string and boolean \
-                             fields can be used in expressions (has(\"{name}\") tests presence)"
-                        ));
+                        return Err(CompileError::NotScalar(name.to_string(), ty));
                     }
                     Source::Data(i)
                 } else if let Some(j) = self.scope.derived.iter().position(|d| d == name) {
                     if !self.phase.derived_available(j) {
-                        return Err(self.unavailable_reason(name, j));
+                        return Err(CompileError::Unavailable(self.unavailable(name, j)));
                     }
                     Source::Derived(j)
                 } else {
-                    return Err(format!(
-                        "unknown variable '{name}'{}",
-                        self.suggest(name, true)
-                    ));
+                    return Err(CompileError::UnknownVariable {
+                        name: name.to_string(),
+                        hint: self.suggest(name, true),
+                    });
                 }
             }
         };
         self.slots.intern(name, src)
     }
 
-    /// ` (did you mean 'x'?)` for the closest known name, or nothing.
-    fn suggest(&self, name: &str, variables: bool) -> String {
+    /// The closest known name (` (did you mean 'x'?)`), or nothing.
+    fn suggest(&self, name: &str, variables: bool) -> Hint {
         let mut candidates: Vec<String> = self.scope.schema.names().map(String::from).collect();
         candidates.extend(self.scope.derived.iter().cloned());
         if variables {
@@ -693,17 +832,20 @@ impl Compiler<'_, '_> {
                 } else {
                     format!("{name}(\"field\")")
                 };
-                return format!(" ('{name}' is a function: write it like {example})");
+                return Hint::Function {
+                    name: name.to_string(),
+                    example,
+                };
             }
         }
         closest(name, candidates.iter().map(String::as_str))
-            .map(|c| format!(" (did you mean '{c}'?)"))
+            .map(|c| Hint::DidYouMean(c.to_string()))
             .unwrap_or_default()
     }
 }
 
 /// Checks a call of a pure function: known name, right number of arguments.
-fn check_call(f: &str, n: usize) -> Result<(), String> {
+fn check_call(f: &str, n: usize) -> Result<(), CompileError> {
     let Some(arity) = functions::arity(f) else {
         let names = functions::FUNCTIONS
             .iter()
@@ -715,16 +857,24 @@ fn check_call(f: &str, n: usize) -> Result<(), String> {
             .map(|(n, _, _)| *n)
             .find(|n| n.rsplit("::").next() == Some(f))
             .or_else(|| closest(f, names))
-            .map(|c| format!(" (did you mean '{c}'?)"))
+            .map(|c| Hint::DidYouMean(c.to_string()))
             .unwrap_or_default();
-        return Err(format!("unknown function '{f}'{hint}"));
+        return Err(CompileError::UnknownFunction {
+            name: f.to_string(),
+            hint,
+        });
     };
     match arity {
-        Arity::Exactly(k) if n != k => Err(format!(
-            "{f}() takes {k} argument{}, got {n}",
-            if k == 1 { "" } else { "s" }
-        )),
-        Arity::AtLeast(k) if n < k => Err(format!("{f}() takes at least {k} argument(s), got {n}")),
+        Arity::Exactly(k) if n != k => Err(CompileError::Arity {
+            function: f.to_string(),
+            expected: k,
+            got: n,
+        }),
+        Arity::AtLeast(k) if n < k => Err(CompileError::TooFewArguments {
+            function: f.to_string(),
+            min: k,
+            got: n,
+        }),
         _ => Ok(()),
     }
 }
@@ -769,7 +919,7 @@ mod tests {
         }
     }
 
-    fn compile(fx: &Fixture, text: &str, phase: Phase) -> Result<(Expr, Slots), String> {
+    fn compile(fx: &Fixture, text: &str, phase: Phase) -> Result<(Expr, Slots), CompileError> {
         let scope = Scope {
             schema: &fx.schema,
             derived: &fx.derived,
@@ -807,7 +957,7 @@ mod tests {
     }
 
     fn err(fx: &Fixture, text: &str, phase: Phase) -> String {
-        compile(fx, text, phase).err().unwrap()
+        compile(fx, text, phase).err().unwrap().to_string()
     }
 
     #[test]
@@ -1000,6 +1150,48 @@ mod tests {
     }
 
     #[test]
+    fn compile_errors_are_typed() {
+        let fx = fixture();
+        let e = compile(&fx, "voltag * 2", Phase::Check).err().unwrap();
+        assert_eq!(
+            e,
+            CompileError::UnknownVariable {
+                name: "voltag".into(),
+                hint: Hint::DidYouMean("voltage".into()),
+            }
+        );
+        let e = compile(&fx, "a > 0", Phase::Rule).err().unwrap();
+        assert_eq!(
+            e,
+            CompileError::Unavailable(Unavailable::InRules("a".into()))
+        );
+        let e = compile(&fx, "delta(\"b\")", Phase::Calc(0)).err().unwrap();
+        assert_eq!(
+            e,
+            CompileError::ArgumentUnavailable {
+                function: "delta".into(),
+                field: "b".into(),
+                reason: Unavailable::Later {
+                    name: "b".into(),
+                    index: 1
+                },
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "delta(\"b\"): derived field 'b' is defined later (calc[1]); a calc entry can only \
+             use the ones above it"
+        );
+        let e = compile(&fx, "dt", Phase::Check).err().unwrap();
+        assert_eq!(
+            e.to_string(),
+            "unknown variable 'dt' ('dt' is a function: write it like dt())"
+        );
+        let e = compile(&fx, "max()", Phase::Check).err().unwrap();
+        assert_eq!(e.to_string(), "max() takes at least 1 argument(s), got 0");
+    }
+
+    #[test]
     fn derived_visibility_by_phase() {
         let fx = fixture();
         let e = err(&fx, "a > 0", Phase::Rule);
@@ -1050,8 +1242,8 @@ mod tests {
         let mut values = Vec::new();
         slots.materialize(&f, &mut values);
         assert_eq!(
-            e.describe(&slots, &values, &f),
-            "kwh=10, prev.kwh=12, voltage=absent"
+            e.describe(&slots, &values, &f).to_string(),
+            " (kwh=10, prev.kwh=12, voltage=absent)"
         );
     }
 

@@ -66,5 +66,5 @@ pub use spec::{
     AnomalySpec, CalcSpec, EngineSpec, EventTypeSpec, FieldSpec, FieldType, RuleSpec, SpecError,
 };
 pub use state::{DeviceState, Reading, State};
-pub use topic::TopicPattern;
+pub use topic::{TopicError, TopicPattern};
 pub use value::Scalar;

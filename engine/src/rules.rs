@@ -10,10 +10,79 @@
 //! Rules see the data, the built-in variables and the previous reading, not derived fields
 //! (those are computed after the rules; assertions over them are [checks](crate::check)).
 
-use crate::expr::{Expr, Frame, Phase, Scope, Slots};
+use crate::expr::{EvalError, Expr, Frame, Phase, ReadValues, Scope, Slots};
 use crate::spec::{EventTypeSpec, RuleSpec, SpecError};
 use crate::topic::is_topic_level;
 use crate::value::{EvalValue, show, truncate};
+
+/// A rule or a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssertionKind {
+    Rule,
+    Check,
+}
+
+impl std::fmt::Display for AssertionKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AssertionKind::Rule => "rule",
+            AssertionKind::Check => "check",
+        })
+    }
+}
+
+/// What a failing rule or check gave.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AssertionProblem {
+    /// `false`; the configured message, if any.
+    #[error("{}", .0.as_deref().unwrap_or("is false"))]
+    False(Option<String>),
+    /// Something other than a boolean (the value, shown).
+    #[error("gave {0}, not true or false")]
+    NotBoolean(String),
+    #[error("evaluation failed: {0}")]
+    Eval(EvalError),
+}
+
+/// A configured rule or check that did not hold, with the values it read:
+/// `rule counter_monotonic: cumulative kWh must not decrease (kwh=10, prev.kwh=12)`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {name}: {problem}{values}")]
+pub struct AssertionFailed {
+    pub kind: AssertionKind,
+    pub name: String,
+    pub problem: AssertionProblem,
+    pub values: ReadValues,
+}
+
+/// An event that breaks one of its type's rules (stage `rule`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error(
+        "rule allowed_devices: device '{}' may not send '{event_type}' events (allowed: {allowed})",
+        truncate(.device)
+    )]
+    Device {
+        device: String,
+        event_type: String,
+        /// The configured list, as written.
+        allowed: String,
+    },
+    #[error(
+        "rule max_clock_skew_s: ts is {} s ahead of received_at (max {} s)",
+        *.ahead_ms as f64 / 1000.0,
+        .max_ms / 1000
+    )]
+    ClockSkew { ahead_ms: i128, max_ms: i64 },
+    #[error(
+        "rule max_age_s: ts is {} s behind received_at (max {} s)",
+        *.behind_ms as f64 / 1000.0,
+        .max_ms / 1000
+    )]
+    TooOld { behind_ms: i128, max_ms: i64 },
+    #[error(transparent)]
+    Failed(AssertionFailed),
+}
 
 /// A named boolean expression: a rule or a check.
 #[derive(Debug, Clone)]
@@ -47,7 +116,7 @@ pub(crate) fn compile_assertions(
             ));
         }
         let expr = Expr::compile(&spec.expr, phase, scope, slots)
-            .map_err(|m| SpecError::new(format!("{path}[{i}].expr"), m))?;
+            .map_err(|e| SpecError::new(format!("{path}[{i}].expr"), e.to_string()))?;
         out.push(Assertion {
             name: name.to_string(),
             message: spec.message.clone().filter(|m| !m.trim().is_empty()),
@@ -57,30 +126,26 @@ pub(crate) fn compile_assertions(
     Ok(out)
 }
 
-/// Evaluates `list` in order; the first one not true is the error (`kind` is `rule` or
-/// `check`).
+/// Evaluates `list` in order; the first one not true is the error.
 pub(crate) fn eval_assertions(
-    kind: &str,
+    kind: AssertionKind,
     list: &[Assertion],
     slots: &Slots,
     values: &[EvalValue],
     frame: &Frame<'_>,
-) -> Result<(), String> {
+) -> Result<(), AssertionFailed> {
     for a in list {
-        let what = match a.expr.eval(slots, values) {
+        let problem = match a.expr.eval(slots, values) {
             Ok(EvalValue::Boolean(true)) => continue,
-            Ok(EvalValue::Boolean(false)) => match &a.message {
-                Some(m) => m.clone(),
-                None => "is false".to_string(),
-            },
-            Ok(other) => format!("gave {}, not true or false", show(&other)),
-            Err(e) => format!("evaluation failed: {e}"),
+            Ok(EvalValue::Boolean(false)) => AssertionProblem::False(a.message.clone()),
+            Ok(other) => AssertionProblem::NotBoolean(show(&other)),
+            Err(e) => AssertionProblem::Eval(e),
         };
-        let vars = a.expr.describe(slots, values, frame);
-        return Err(if vars.is_empty() {
-            format!("{kind} {}: {what}", a.name)
-        } else {
-            format!("{kind} {}: {what} ({vars})", a.name)
+        return Err(AssertionFailed {
+            kind,
+            name: a.name.clone(),
+            problem,
+            values: a.expr.describe(slots, values, frame),
         });
     }
     Ok(())
@@ -187,33 +252,31 @@ impl Rules {
     }
 
     /// The `allowed_devices` rule.
-    pub fn check_device(&self, device: &str, event_type: &str) -> Result<(), String> {
+    pub fn check_device(&self, device: &str, event_type: &str) -> Result<(), RuleError> {
         match &self.allowed {
-            Some(list) if !list.iter().any(|p| p.matches(device)) => Err(format!(
-                "rule allowed_devices: device '{}' may not send '{event_type}' events \
-                 (allowed: {})",
-                truncate(device),
-                self.allowed_text
-            )),
+            Some(list) if !list.iter().any(|p| p.matches(device)) => Err(RuleError::Device {
+                device: device.to_string(),
+                event_type: event_type.to_string(),
+                allowed: self.allowed_text.clone(),
+            }),
             _ => Ok(()),
         }
     }
 
     /// The `max_clock_skew_s` (ts ahead) and `max_age_s` (ts behind) rules.
-    pub fn check_clock(&self, ts: i64, received_at: i64) -> Result<(), String> {
+    pub fn check_clock(&self, ts: i64, received_at: i64) -> Result<(), RuleError> {
         let behind = i128::from(received_at) - i128::from(ts);
-        let (rule, secs, dir, max) = match (self.max_skew_ms, self.max_age_ms) {
-            (Some(max), _) if -behind > i128::from(max) => {
-                ("max_clock_skew_s", -behind, "ahead of", max)
-            }
-            (_, Some(max)) if behind > i128::from(max) => ("max_age_s", behind, "behind", max),
-            _ => return Ok(()),
-        };
-        Err(format!(
-            "rule {rule}: ts is {} s {dir} received_at (max {} s)",
-            secs as f64 / 1000.0,
-            max / 1000
-        ))
+        match (self.max_skew_ms, self.max_age_ms) {
+            (Some(max_ms), _) if -behind > i128::from(max_ms) => Err(RuleError::ClockSkew {
+                ahead_ms: -behind,
+                max_ms,
+            }),
+            (_, Some(max_ms)) if behind > i128::from(max_ms) => Err(RuleError::TooOld {
+                behind_ms: behind,
+                max_ms,
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The configured rules.
@@ -222,8 +285,9 @@ impl Rules {
         slots: &Slots,
         values: &[EvalValue],
         frame: &Frame<'_>,
-    ) -> Result<(), String> {
-        eval_assertions("rule", &self.rules, slots, values, frame)
+    ) -> Result<(), RuleError> {
+        eval_assertions(AssertionKind::Rule, &self.rules, slots, values, frame)
+            .map_err(RuleError::Failed)
     }
 }
 
@@ -260,6 +324,14 @@ mod tests {
         let e = r.check_device("specialist", "meter").unwrap_err();
         assert_eq!(
             e,
+            RuleError::Device {
+                device: "specialist".into(),
+                event_type: "meter".into(),
+                allowed: "meter-*, special".into()
+            }
+        );
+        assert_eq!(
+            e.to_string(),
             "rule allowed_devices: device 'specialist' may not send 'meter' events \
              (allowed: meter-*, special)"
         );
@@ -295,6 +367,13 @@ mod tests {
         r.check_clock(1_000_000, 90_000_000).unwrap();
         assert_eq!(
             r.check_clock(1_412_000, 1_000_000).unwrap_err(),
+            RuleError::ClockSkew {
+                ahead_ms: 412_000,
+                max_ms: 300_000
+            }
+        );
+        assert_eq!(
+            r.check_clock(1_412_000, 1_000_000).unwrap_err().to_string(),
             "rule max_clock_skew_s: ts is 412 s ahead of received_at (max 300 s)"
         );
         // No overflow at the extremes.
@@ -317,7 +396,9 @@ mod tests {
         r.check_clock(1_000_000, 1_000_000 + 3_600_000).unwrap();
         r.check_clock(9_000_000_000, 1_000_000).unwrap();
         assert_eq!(
-            r.check_clock(1_000_000, 1_000_000 + 3_612_500).unwrap_err(),
+            r.check_clock(1_000_000, 1_000_000 + 3_612_500)
+                .unwrap_err()
+                .to_string(),
             "rule max_age_s: ts is 3612.5 s behind received_at (max 3600 s)"
         );
         assert!(r.check_clock(i64::MIN, i64::MAX).is_err());

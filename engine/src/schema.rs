@@ -15,6 +15,53 @@ use crate::names::{self, BUILTIN_VARIABLES};
 use crate::spec::{FieldSpec, FieldType, SpecError};
 use crate::value::{self, EvalValue, Scalar, truncate, truncate_json};
 
+/// `data` that does not fit its event type's schema (stage `schema`): every problem of the
+/// message, in schema order, the undeclared fields last; shown joined with `; `.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", join(.problems))]
+pub struct SchemaError {
+    pub problems: Vec<FieldProblem>,
+}
+
+/// One problem of `data`, naming its field (`data.voltage: 612 is above max 500`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldProblem {
+    #[error("data.{0}: required field is missing")]
+    Missing(String),
+    #[error("data.{0}: required field is null")]
+    Null(String),
+    /// The value breaks the field's type, range, enum or length (`detail` says how).
+    #[error("data.{field}: {detail}")]
+    Invalid { field: String, detail: String },
+    /// Fields the schema does not declare (sorted), and those it does.
+    #[error(
+        "data: undeclared field{} {} (declared: {})",
+        if .fields.len() == 1 { "" } else { "s" },
+        quoted(.fields),
+        if .declared.is_empty() { "none".to_string() } else { .declared.join(", ") }
+    )]
+    Undeclared {
+        fields: Vec<String>,
+        declared: Vec<String>,
+    },
+}
+
+fn join(problems: &[FieldProblem]) -> String {
+    problems
+        .iter()
+        .map(FieldProblem::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|k| format!("'{}'", truncate(k)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// One compiled field.
 #[derive(Debug, Clone)]
 pub(crate) struct Field {
@@ -59,62 +106,55 @@ impl Schema {
     }
 
     /// Validates `data`; on success `present[i]` is field `i`'s value (`None`: absent or
-    /// `null`). On failure, every problem, joined with `; `.
+    /// `null`). On failure, every problem.
     pub fn validate<'d>(
         &self,
         data: &'d Fields,
         present: &mut Vec<Option<&'d Value>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SchemaError> {
         present.clear();
-        let mut errors: Vec<String> = Vec::new();
+        let mut errors: Vec<FieldProblem> = Vec::new();
         for field in &self.fields {
             let value = data.get(&field.name).filter(|v| !v.is_null());
             match value {
                 None => {
                     if field.required {
-                        let what = if data.contains_key(&field.name) {
-                            "required field is null"
+                        let name = field.name.clone();
+                        errors.push(if data.contains_key(&field.name) {
+                            FieldProblem::Null(name)
                         } else {
-                            "required field is missing"
-                        };
-                        errors.push(format!("data.{}: {what}", field.name));
+                            FieldProblem::Missing(name)
+                        });
                     }
                 }
                 Some(v) => {
-                    if let Err(e) = field.check(v) {
-                        errors.push(format!("data.{}: {e}", field.name));
+                    if let Err(detail) = field.check(v) {
+                        errors.push(FieldProblem::Invalid {
+                            field: field.name.clone(),
+                            detail,
+                        });
                     }
                 }
             }
             present.push(value);
         }
         if data.len() > present.iter().filter(|p| p.is_some()).count() {
-            let undeclared: Vec<&str> = data
+            let undeclared: Vec<String> = data
                 .keys()
                 .filter(|k| !self.index.contains_key(k.as_str()))
-                .map(|k| k.as_str())
+                .cloned()
                 .collect();
             if !undeclared.is_empty() {
-                let list = undeclared
-                    .iter()
-                    .map(|k| format!("'{}'", truncate(k)))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let declared = if self.fields.is_empty() {
-                    "none".to_string()
-                } else {
-                    self.names().collect::<Vec<_>>().join(", ")
-                };
-                errors.push(format!(
-                    "data: undeclared field{} {list} (declared: {declared})",
-                    if undeclared.len() == 1 { "" } else { "s" }
-                ));
+                errors.push(FieldProblem::Undeclared {
+                    fields: undeclared,
+                    declared: self.names().map(String::from).collect(),
+                });
             }
         }
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(errors.join("; "))
+            Err(SchemaError { problems: errors })
         }
     }
 }
@@ -342,7 +382,7 @@ mod tests {
     fn check(s: &Schema, data: Value) -> Result<(), String> {
         let Value::Object(m) = data else { panic!() };
         let mut present = Vec::new();
-        s.validate(&m, &mut present)
+        s.validate(&m, &mut present).map_err(|e| e.to_string())
     }
 
     fn meter() -> Schema {
@@ -455,6 +495,38 @@ mod tests {
         assert!(e.contains("data.kwh: required field is missing"), "{e}");
         assert!(e.contains("data.voltage: 900 is above max 500"), "{e}");
         assert!(e.contains("undeclared field 'x'"), "{e}");
+    }
+
+    #[test]
+    fn problems_are_typed_in_schema_order() {
+        let s = meter();
+        let Value::Object(m) = json!({"kwh": null, "voltage": 900, "x": 1}) else {
+            panic!()
+        };
+        let e = s.validate(&m, &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            e.problems,
+            [
+                FieldProblem::Null("kwh".into()),
+                FieldProblem::Invalid {
+                    field: "voltage".into(),
+                    detail: "900 is above max 500".into()
+                },
+                FieldProblem::Undeclared {
+                    fields: vec!["x".into()],
+                    declared: s.names().map(String::from).collect()
+                },
+            ]
+        );
+        let empty = schema(json!({})).unwrap();
+        let Value::Object(m) = json!({"a": 1, "b": 2}) else {
+            panic!()
+        };
+        let e = empty.validate(&m, &mut Vec::new()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "data: undeclared fields 'a', 'b' (declared: none)"
+        );
     }
 
     #[test]

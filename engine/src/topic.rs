@@ -1,5 +1,21 @@
 //! The topic pattern: which MQTT topic levels carry the device id and the event type.
 
+/// Why a topic pattern is refused (config path `topic`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TopicError {
+    #[error("the topic pattern is empty")]
+    Empty,
+    /// A level with `+` or `#`.
+    #[error("level '{0}' contains an MQTT wildcard; use {{device}} and {{type}}")]
+    Wildcard(String),
+    /// A level with a brace that is not exactly `{device}` or `{type}`.
+    #[error("level '{0}': a placeholder must be a whole level, {{device}} or {{type}}")]
+    PartialPlaceholder(String),
+    /// The whole pattern, which lacks or repeats a placeholder.
+    #[error("'{0}' must contain {{device}} and {{type}} exactly once each")]
+    Placeholders(String),
+}
+
 /// One level of a pattern.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Level {
@@ -20,9 +36,9 @@ pub struct TopicPattern {
 
 impl TopicPattern {
     /// Parses and checks a pattern; the error says what is wrong with it.
-    pub fn parse(pattern: &str) -> Result<TopicPattern, String> {
+    pub fn parse(pattern: &str) -> Result<TopicPattern, TopicError> {
         if pattern.is_empty() {
-            return Err("the topic pattern is empty".to_string());
+            return Err(TopicError::Empty);
         }
         let mut levels = Vec::new();
         let (mut devices, mut types) = (0, 0);
@@ -38,24 +54,17 @@ impl TopicPattern {
                 }
                 _ => {
                     if level.contains(['+', '#']) {
-                        return Err(format!(
-                            "level '{level}' contains an MQTT wildcard; use {{device}} and {{type}}"
-                        ));
+                        return Err(TopicError::Wildcard(level.to_string()));
                     }
                     if level.contains(['{', '}']) {
-                        return Err(format!(
-                            "level '{level}': a placeholder must be a whole level, \
-                             {{device}} or {{type}}"
-                        ));
+                        return Err(TopicError::PartialPlaceholder(level.to_string()));
                     }
                     levels.push(Level::Literal(level.to_string()));
                 }
             }
         }
         if devices != 1 || types != 1 {
-            return Err(format!(
-                "'{pattern}' must contain {{device}} and {{type}} exactly once each"
-            ));
+            return Err(TopicError::Placeholders(pattern.to_string()));
         }
         Ok(TopicPattern {
             pattern: pattern.to_string(),
@@ -183,8 +192,18 @@ mod tests {
             ("devices/{device}/#/{type}", "wildcard"),
             ("devices/d-{device}/{type}", "whole level"),
         ] {
-            let err = TopicPattern::parse(p).unwrap_err();
+            let err = TopicPattern::parse(p).unwrap_err().to_string();
             assert!(err.contains(needle), "{p}: {err}");
         }
+        assert_eq!(
+            TopicPattern::parse("a/{device}/{type}x").unwrap_err(),
+            TopicError::PartialPlaceholder("{type}x".into())
+        );
+        assert_eq!(
+            TopicPattern::parse("a/+/{device}/{type}")
+                .unwrap_err()
+                .to_string(),
+            "level '+' contains an MQTT wildcard; use {device} and {type}"
+        );
     }
 }

@@ -861,16 +861,23 @@ fn cbor_value(ctx: &Ctx, v: Cbor, path: &Path, depth: usize) -> Result<Value, De
 // ------------------------------------------------------------------------------------------
 // Envelope
 
-fn valid_id(id: &str) -> Result<(), String> {
+/// Why a message `id` is refused (the reason of [`DecodeErrorKind::InvalidValue`] for `id`).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+enum IdError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("{chars} characters is over the {MAX_ID_CHARS}-character limit")]
+    TooLong { chars: usize },
+}
+
+fn valid_id(id: &str) -> Result<(), IdError> {
     if id.is_empty() {
-        return Err("must not be empty".to_string());
+        return Err(IdError::Empty);
     }
     if id.len() > MAX_ID_CHARS {
         let chars = id.chars().count();
         if chars > MAX_ID_CHARS {
-            return Err(format!(
-                "{chars} characters is over the {MAX_ID_CHARS}-character limit"
-            ));
+            return Err(IdError::TooLong { chars });
         }
     }
     Ok(())
@@ -892,10 +899,10 @@ fn envelope(mut root: Map<String, Value>) -> Result<DeviceMessage, DecodeError> 
         None => return Err(Missing { field: "id" }.into()),
         Some(Value::String(s)) => match valid_id(&s) {
             Ok(()) => s,
-            Err(reason) => {
+            Err(e) => {
                 return Err(InvalidValue {
                     field: "id",
-                    reason,
+                    reason: e.to_string(),
                 }
                 .into());
             }

@@ -16,7 +16,7 @@ pub mod wire;
 
 pub use decode::{DecodeError, DecodeErrorKind, decode_message};
 pub use dlq::{DlqEntry, Stage};
-pub use limits::Limits;
+pub use limits::{LimitProblem, Limits, LimitsError};
 pub use message::{DeviceMessage, Fields};
 pub use result::{CorrectedBy, Correction, EventResult, Status};
 pub use wire::{Batch, WireError};

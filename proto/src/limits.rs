@@ -11,6 +11,33 @@ use serde::{Deserialize, Serialize};
 /// decoder, not the parser, reports the error (with the field path).
 pub const MAX_CONFIGURABLE_DEPTH: usize = 64;
 
+/// A limit that makes no sense, naming it: `max_depth: 1000 is out of range (2..=64)`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct LimitsError {
+    /// The [`Limits`] field, e.g. `max_depth`.
+    pub field: &'static str,
+    pub problem: LimitProblem,
+}
+
+/// What is wrong with one limit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitProblem {
+    #[error("{value} is too small (at least {min})")]
+    TooSmall { value: usize, min: usize },
+    #[error("{value} is out of range ({min}..={max})")]
+    OutOfRange {
+        value: usize,
+        min: usize,
+        max: usize,
+    },
+    #[error("must be at least 1")]
+    Zero,
+    /// Fewer keys than the envelope itself may have.
+    #[error("{0} is too small (the envelope alone has up to 6 keys)")]
+    BelowEnvelope(usize),
+}
+
 /// Input limits for [`decode_message`](crate::decode_message).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -40,29 +67,34 @@ impl Limits {
     /// Checks that the limits make sense, naming the offending field, so `check-config` can
     /// refuse a config that would reject every message (a zero) or let the parser's own
     /// recursion guard fire before ours.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), LimitsError> {
+        let err = |field, problem| Err(LimitsError { field, problem });
         // The envelope alone (`{"id":..,"seq":..,"ts":..,"data":{}}`) needs a few dozen bytes,
         // two levels and four keys.
         if self.max_payload_bytes < 64 {
-            return Err(format!(
-                "max_payload_bytes: {} is too small (at least 64)",
-                self.max_payload_bytes
-            ));
+            return err(
+                "max_payload_bytes",
+                LimitProblem::TooSmall {
+                    value: self.max_payload_bytes,
+                    min: 64,
+                },
+            );
         }
         if !(2..=MAX_CONFIGURABLE_DEPTH).contains(&self.max_depth) {
-            return Err(format!(
-                "max_depth: {} is out of range (2..={MAX_CONFIGURABLE_DEPTH})",
-                self.max_depth
-            ));
+            return err(
+                "max_depth",
+                LimitProblem::OutOfRange {
+                    value: self.max_depth,
+                    min: 2,
+                    max: MAX_CONFIGURABLE_DEPTH,
+                },
+            );
         }
         if self.max_string_len == 0 {
-            return Err("max_string_len: must be at least 1".to_string());
+            return err("max_string_len", LimitProblem::Zero);
         }
         if self.max_fields < 6 {
-            return Err(format!(
-                "max_fields: {} is too small (the envelope alone has up to 6 keys)",
-                self.max_fields
-            ));
+            return err("max_fields", LimitProblem::BelowEnvelope(self.max_fields));
         }
         Ok(())
     }
@@ -101,25 +133,36 @@ mod tests {
             max_depth: 1000,
             ..Limits::default()
         };
-        assert!(bad.validate().unwrap_err().starts_with("max_depth:"));
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "max_depth: 1000 is out of range (2..=64)"
+        );
         let bad = Limits {
             max_string_len: 0,
             ..Limits::default()
         };
-        assert!(bad.validate().unwrap_err().starts_with("max_string_len:"));
+        assert_eq!(
+            bad.validate().unwrap_err(),
+            LimitsError {
+                field: "max_string_len",
+                problem: LimitProblem::Zero
+            }
+        );
         let bad = Limits {
             max_fields: 1,
             ..Limits::default()
         };
-        assert!(bad.validate().unwrap_err().starts_with("max_fields:"));
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "max_fields: 1 is too small (the envelope alone has up to 6 keys)"
+        );
         let bad = Limits {
             max_payload_bytes: 0,
             ..Limits::default()
         };
-        assert!(
-            bad.validate()
-                .unwrap_err()
-                .starts_with("max_payload_bytes:")
+        assert_eq!(
+            bad.validate().unwrap_err().to_string(),
+            "max_payload_bytes: 0 is too small (at least 64)"
         );
     }
 }

@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 use proto::{EventResult, Fields, Limits, Stage, Status};
 
 use crate::anomaly::Detectors;
-use crate::calc::{self, Calc};
+use crate::calc::{self, Calc, CalcError};
 use crate::check::Checks;
 use crate::expr::{Frame, Scope, Slots};
 use crate::fnv::FnvMap;
 use crate::names;
-use crate::rules::Rules;
-use crate::schema::Schema;
+use crate::rules::{AssertionFailed, RuleError, Rules};
+use crate::schema::{Schema, SchemaError};
 use crate::seq::{DuplicateKind, SeqClass, SeqRange};
 use crate::spec::{EngineSpec, EventTypeSpec, SpecError};
 use crate::state::{Reading, ScalarRef, State};
@@ -92,6 +92,30 @@ pub struct Rejection {
     /// earlier reading that arrives late (a device catching up after an outage) supplies
     /// it. Every other rejection is permanent: the same input and config fail the same way.
     pub transient: bool,
+}
+
+/// Why a type's evaluation refused an event: the error of the stage that refused it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+enum Failure {
+    #[error(transparent)]
+    Schema(SchemaError),
+    #[error(transparent)]
+    Rule(RuleError),
+    #[error(transparent)]
+    Calc(CalcError),
+    #[error(transparent)]
+    Check(AssertionFailed),
+}
+
+impl Failure {
+    fn stage(&self) -> Stage {
+        match self {
+            Failure::Schema(_) => Stage::Schema,
+            Failure::Rule(_) => Stage::Rule,
+            Failure::Calc(_) => Stage::Calc,
+            Failure::Check(_) => Stage::Check,
+        }
+    }
 }
 
 /// One compiled event type.
@@ -184,18 +208,17 @@ impl TypeEngine {
     }
 
     /// Schema → allow-list → clock skew → rules → calc → checks. The derived values.
-    fn evaluate(&self, ev: &Event<'_>) -> Result<Vec<EvalValue>, (Stage, String)> {
+    fn evaluate(&self, ev: &Event<'_>) -> Result<Vec<EvalValue>, Failure> {
         let mut present = Vec::with_capacity(self.schema.fields.len());
         self.schema
             .validate(ev.data, &mut present)
-            .map_err(|e| (Stage::Schema, e))?;
-        let rule = |e| (Stage::Rule, e);
+            .map_err(Failure::Schema)?;
         self.rules
             .check_device(ev.device, &self.name)
-            .map_err(rule)?;
+            .map_err(Failure::Rule)?;
         self.rules
             .check_clock(ev.ts, ev.received_at)
-            .map_err(rule)?;
+            .map_err(Failure::Rule)?;
         let frame = Frame {
             data: &present,
             ts: ev.ts,
@@ -210,14 +233,14 @@ impl TypeEngine {
         self.slots.materialize(&frame, &mut values);
         self.rules
             .eval(&self.slots, &values, &frame)
-            .map_err(rule)?;
+            .map_err(Failure::Rule)?;
         let mut derived = Vec::with_capacity(self.calc.len());
         self.calc
             .run(&self.slots, &mut values, &frame, &mut derived)
-            .map_err(|e| (Stage::Calc, e))?;
+            .map_err(Failure::Calc)?;
         self.checks
             .eval(&self.slots, &values, &frame)
-            .map_err(|e| (Stage::Check, e))?;
+            .map_err(Failure::Check)?;
         Ok(derived)
     }
 
@@ -251,13 +274,11 @@ pub struct Engine {
 impl Engine {
     /// Compiles and validates the whole spec; the error names the offending path.
     pub fn new(spec: &EngineSpec) -> Result<Engine, SpecError> {
-        let topic = TopicPattern::parse(&spec.topic).map_err(|m| SpecError::new("topic", m))?;
+        let topic =
+            TopicPattern::parse(&spec.topic).map_err(|e| SpecError::new("topic", e.to_string()))?;
         spec.limits
             .validate()
-            .map_err(|m| match m.split_once(": ") {
-                Some((field, msg)) => SpecError::new(format!("limits.{field}"), msg),
-                None => SpecError::new("limits", m),
-            })?;
+            .map_err(|e| SpecError::new(format!("limits.{}", e.field), e.problem.to_string()))?;
         if spec.event_types.is_empty() {
             return Err(SpecError::new(
                 "event_types",
@@ -394,8 +415,9 @@ impl Engine {
         };
         let derived = match t.evaluate(&ev) {
             Ok(d) => d,
-            Err((stage, reason)) => {
-                let mut out = reject(stage, reason, Some(event_id), gap);
+            Err(failure) => {
+                let stage = failure.stage();
+                let mut out = reject(stage, failure.to_string(), Some(event_id), gap);
                 if let Outcome::Rejected(r) = &mut out {
                     r.transient = matches!(stage, Stage::Calc | Stage::Check)
                         && ev.prev.is_none()
@@ -521,7 +543,7 @@ impl Engine {
         };
         match t.evaluate(&ev) {
             Ok(derived) => Ok(t.calc.result_fields(&derived)),
-            Err((stage, reason)) => Err(reject(stage, reason)),
+            Err(failure) => Err(reject(failure.stage(), failure.to_string())),
         }
     }
 

@@ -408,6 +408,7 @@ async fn dead_letter(
         topic: topic.to_string(),
         stage: Stage::Cloud,
         reason: reason.to_string(),
+        subject: None,
         attempts: 1,
         first_seen: now,
         last_seen: now,

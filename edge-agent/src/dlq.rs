@@ -360,11 +360,23 @@ pub struct PurgeReport {
     pub not_found: Vec<u64>,
 }
 
-/// A reason's group for `dlq stats`: the field or rule it names, without the values — the text
-/// before the first `": "` or `" ("`, with standalone numbers replaced by `N`
+/// An entry's group for `dlq stats`: the field or rule it is about. An entry that carries the
+/// engine's [`Subject`](proto::Subject) is grouped by it (`data.voltage_v`, `rule
+/// counter_monotonic`, `calc per_min`: [`Subject::group`](proto::Subject::group)); one about
+/// the whole document, or stored before entries carried a subject, by its reason text
+/// ([`reason_text_key`]), which gives the same groups for the engine's reasons.
+pub fn reason_key(e: &DlqEntry) -> String {
+    e.subject
+        .as_ref()
+        .and_then(|s| s.group(e.stage))
+        .unwrap_or_else(|| reason_text_key(&e.reason))
+}
+
+/// A reason's group read out of its text: the field or rule it names, without the values —
+/// the text before the first `": "` or `" ("`, with standalone numbers replaced by `N`
 /// (`data.voltage_v: 612 is above max 500` → `data.voltage_v`;
 /// `syntax error at byte 17: …` → `syntax error at byte N`).
-pub fn reason_key(reason: &str) -> String {
+pub fn reason_text_key(reason: &str) -> String {
     let cut = [": ", " ("]
         .iter()
         .filter_map(|sep| reason.find(sep))
@@ -506,7 +518,7 @@ pub fn stats(reader: &StoreReader, cap: Option<&DlqConfig>) -> Result<DlqStats, 
         entries += 1;
         for (map, key) in [
             (&mut by_stage, e.stage.as_str().to_string()),
-            (&mut by_reason, reason_key(&e.reason)),
+            (&mut by_reason, reason_key(&e)),
             (
                 &mut by_device,
                 e.device.clone().unwrap_or_else(|| "-".into()),
@@ -572,6 +584,7 @@ fn ranked(map: HashMap<String, (u64, i64)>, top: usize) -> Vec<Count> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::Subject;
 
     fn entry(id: u64, device: Option<&str>, reason: &str, last_seen: i64) -> DlqEntry {
         DlqEntry {
@@ -581,6 +594,7 @@ mod tests {
             topic: "devices/x/events/meter".into(),
             stage: Stage::Schema,
             reason: reason.into(),
+            subject: None,
             attempts: 1,
             first_seen: last_seen,
             last_seen,
@@ -611,8 +625,132 @@ mod tests {
                 "payload is N bytes, over the 16384-byte limit",
             ),
         ] {
-            assert_eq!(reason_key(reason), key, "{reason}");
+            assert_eq!(reason_text_key(reason), key, "{reason}");
+            // An entry stored before entries carried a subject is grouped by its text.
+            assert_eq!(reason_key(&entry(1, None, reason, 0)), key, "{reason}");
         }
+    }
+
+    #[test]
+    fn entries_with_a_subject_group_by_it() {
+        let with = |stage, subject, reason: &str| DlqEntry {
+            stage,
+            subject: Some(subject),
+            ..entry(1, None, reason, 0)
+        };
+        // A data key with ": " in it: the text would be cut inside the path.
+        let e = with(
+            Stage::Schema,
+            Subject::Field("data[\"a: b\"]".into()),
+            "data[\"a: b\"]: string of 5000 characters is over the 4096-character limit",
+        );
+        assert_eq!(reason_text_key(&e.reason), "data[\"a");
+        assert_eq!(reason_key(&e), "data[\"a: b\"]");
+        let e = with(
+            Stage::Calc,
+            Subject::Field("per_min".into()),
+            "calc per_min: result is NaN (count=3)",
+        );
+        assert_eq!(reason_key(&e), "calc per_min");
+        let e = with(
+            Stage::Check,
+            Subject::Rule("cost_bounded".into()),
+            "check cost_bounded: cost is implausibly high (cost=250)",
+        );
+        assert_eq!(reason_key(&e), "check cost_bounded");
+        // About the whole document: the text says what kind of problem.
+        let e = with(
+            Stage::Decode,
+            Subject::Document,
+            "syntax error at byte 17: expected value",
+        );
+        assert_eq!(reason_key(&e), "syntax error at byte N");
+    }
+
+    /// The engine's own rejections group the same way by subject as by text, so `dlq stats`
+    /// over a store holding entries from before and after subjects existed has one group each.
+    #[test]
+    fn engine_subjects_group_as_their_reasons_read() {
+        use serde_json::{Value, json};
+        let spec: engine::EngineSpec = toml::from_str(
+            r#"
+            [event_types.meter]
+            allowed_devices = ["meter-*"]
+            max_clock_skew_s = 300
+            [event_types.meter.fields]
+            kwh = { type = "number", required = true, min = 0 }
+            [[event_types.meter.rules]]
+            name = "counter_monotonic"
+            expr = "!has_prev || kwh >= prev.kwh"
+            [[event_types.meter.calc]]
+            name = "inv"
+            expr = "1 / (kwh - 100)"
+            [[event_types.meter.checks]]
+            name = "small"
+            expr = "inv < 100"
+            "#,
+        )
+        .unwrap();
+        let engine = engine::Engine::new(&spec).unwrap();
+        let mut state = engine::State::new();
+        let mut seq = 0;
+        // Each message one second after the last, `ahead_ms` ahead of its arrival.
+        let mut run = |device: &str, body: Value, ahead_ms: i64| {
+            seq += 1;
+            let at = 1_764_000_000_000 + 1000 * seq;
+            let mut msg = json!({"id": format!("e{seq}"), "seq": seq, "ts": at + ahead_ms});
+            if let (Value::Object(m), Value::Object(b)) = (&mut msg, body) {
+                m.extend(b);
+            }
+            let topic = format!("devices/{device}/events/meter");
+            let payload = msg.to_string();
+            let input = engine::Input {
+                topic: &topic,
+                payload: payload.as_bytes(),
+                received_at: at,
+                gateway: "gw",
+                replay: false,
+            };
+            match engine.process(&mut state, &input) {
+                engine::Outcome::Rejected(r) => Some(r),
+                _ => None,
+            }
+        };
+        assert!(run("meter-1", json!({"data": {"kwh": 5}}), 0).is_none());
+        let rejections = [
+            run("meter-1", json!({"data": {}}), 0),
+            run("meter-1", json!({"data": {"kwh": -1, "x": 1}}), 0),
+            run("meter-1", json!({"data": {"kwh": 6, "x": 1}}), 0),
+            run("meter-1", json!({"ts": "x", "data": {}}), 0),
+            run("meter-1", json!({"device": "m", "data": {"kwh": 6}}), 0),
+            run("other-1", json!({"data": {"kwh": 6}}), 0),
+            run("meter-1", json!({"data": {"kwh": 6}}), 400_000),
+            run("meter-1", json!({"data": {"kwh": 4}}), 0),
+            run("meter-1", json!({"data": {"kwh": 100}}), 0),
+            run("meter-1", json!({"data": {"kwh": 100.001}}), 0),
+        ];
+        let mut stages = HashSet::new();
+        for r in rejections {
+            let r = r.expect("rejected");
+            stages.insert(r.stage);
+            assert_ne!(r.subject, Subject::Document, "{}", r.reason);
+            let e = DlqEntry {
+                stage: r.stage,
+                subject: Some(r.subject.clone()),
+                ..entry(1, None, &r.reason, 0)
+            };
+            assert_eq!(
+                reason_key(&e),
+                reason_text_key(&r.reason),
+                "{:?} {}",
+                r.subject,
+                r.reason
+            );
+        }
+        assert_eq!(
+            stages,
+            HashSet::from([Stage::Schema, Stage::Rule, Stage::Calc, Stage::Check])
+        );
     }
 
     #[test]

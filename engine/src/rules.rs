@@ -84,6 +84,19 @@ pub enum RuleError {
     Failed(AssertionFailed),
 }
 
+impl RuleError {
+    /// The rule that did not hold: a built-in (`allowed_devices`, `max_clock_skew_s`,
+    /// `max_age_s`) or a configured one.
+    pub fn rule(&self) -> &str {
+        match self {
+            RuleError::Device { .. } => "allowed_devices",
+            RuleError::ClockSkew { .. } => "max_clock_skew_s",
+            RuleError::TooOld { .. } => "max_age_s",
+            RuleError::Failed(a) => &a.name,
+        }
+    }
+}
+
 /// A named boolean expression: a rule or a check.
 #[derive(Debug, Clone)]
 pub(crate) struct Assertion {

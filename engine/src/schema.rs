@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use proto::Fields;
+use proto::{Fields, Subject};
 use serde_json::Value;
 
 use crate::fnv::FnvMap;
@@ -44,6 +44,30 @@ pub enum FieldProblem {
         fields: Vec<String>,
         declared: Vec<String>,
     },
+}
+
+impl FieldProblem {
+    /// The path of the field it names: `data.voltage`, or `data` for undeclared fields.
+    pub fn path(&self) -> String {
+        match self {
+            FieldProblem::Missing(f)
+            | FieldProblem::Null(f)
+            | FieldProblem::Invalid { field: f, .. } => {
+                format!("data.{f}")
+            }
+            FieldProblem::Undeclared { .. } => "data".to_string(),
+        }
+    }
+}
+
+impl SchemaError {
+    /// The field of the first problem (the one the reason starts with).
+    pub fn subject(&self) -> Subject {
+        match self.problems.first() {
+            Some(p) => Subject::Field(p.path()),
+            None => Subject::Document,
+        }
+    }
 }
 
 fn join(problems: &[FieldProblem]) -> String {

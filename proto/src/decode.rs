@@ -29,7 +29,7 @@ use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Number, Value};
 use thiserror::Error;
 
-use crate::dlq::Stage;
+use crate::dlq::{Stage, Subject};
 use crate::limits::Limits;
 use crate::message::DeviceMessage;
 use crate::timestamp::{self, TimestampError};
@@ -165,6 +165,29 @@ impl DecodeErrorKind {
                 | DecodeErrorKind::InvalidValue { .. }
                 | DecodeErrorKind::UnknownFields { .. }
         )
+    }
+
+    /// What the failure is about: the field path it names (`seq`, `data.list[3]`), or the
+    /// document as a whole (its bytes, its top level).
+    pub fn subject(&self) -> Subject {
+        use DecodeErrorKind::*;
+        let path = match self {
+            NonFinite { path, .. }
+            | StringTooLong { path, .. }
+            | TooManyFields { path, .. }
+            | DuplicateKey { path }
+            | Unsupported { path, .. }
+            | TooDeep {
+                path: Some(path), ..
+            } => path.as_str(),
+            Missing { field } | WrongType { field, .. } | InvalidValue { field, .. } => field,
+            _ => "",
+        };
+        if path.is_empty() {
+            Subject::Document
+        } else {
+            Subject::Field(path.to_string())
+        }
     }
 
     /// A stable, low-cardinality name, e.g. for a metrics label.
@@ -1582,5 +1605,23 @@ mod tests {
             "unknown_fields",
             r#"unknown top-level field "temp" (allowed"#,
         );
+    }
+
+    #[test]
+    fn subjects_name_the_field_path_or_the_document() {
+        let field = |p: &str| Subject::Field(p.into());
+        let e = json_err(r#"{"id":"","seq":1,"ts":0,"data":{}}"#);
+        assert_eq!(e.kind.subject(), field("id"));
+        let e = json_err(r#"{"id":"a","ts":0,"data":{}}"#);
+        assert_eq!(e.kind.subject(), field("seq"));
+        let long = "x".repeat(4097);
+        let e = json_err(&format!(
+            r#"{{"id":"e-1","seq":1,"ts":0,"data":{{"s":"{long}"}}}}"#
+        ));
+        assert_eq!(e.kind.subject(), field("data.s"));
+        let e = json_err(r#"{"id":"a","seq":1,"ts":0,"data":{},"temp":3}"#);
+        assert_eq!(e.kind.subject(), Subject::Document);
+        let e = json_err(r#"{"id":"a","#);
+        assert_eq!(e.kind.subject(), Subject::Document);
     }
 }

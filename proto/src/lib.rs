@@ -15,7 +15,7 @@ pub mod uplink;
 pub mod wire;
 
 pub use decode::{DecodeError, DecodeErrorKind, decode_message};
-pub use dlq::{DlqEntry, Stage};
+pub use dlq::{DlqEntry, Stage, Subject};
 pub use limits::{LimitProblem, Limits, LimitsError};
 pub use message::{DeviceMessage, Fields};
 pub use result::{CorrectedBy, Correction, EventResult, Status};

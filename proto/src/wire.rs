@@ -189,6 +189,7 @@ mod tests {
             topic: "devices/dev-1/events/reading".into(),
             stage: Stage::Decode,
             reason: "invalid UTF-8 at byte 3".into(),
+            subject: Some(crate::dlq::Subject::Document),
             attempts: 2,
             first_seen: 1,
             last_seen: 2,

@@ -6,8 +6,8 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use proto::Stage;
-use serde::Serialize;
+use proto::{Stage, Subject};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::DlqMessage;
@@ -60,7 +60,7 @@ pub struct DlqStats {
 
 /// Up to `limit` queued messages (de-duplicated across receives) and `failures/` entries.
 pub async fn list(p: &Pipeline, limit: usize) -> anyhow::Result<Listing> {
-    let queued = peek(p, limit).await?;
+    let queued = peek(p, limit).await?.into_iter().map(|q| q.message);
     let keys = p
         .sink
         .objects
@@ -84,7 +84,6 @@ pub async fn list(p: &Pipeline, limit: usize) -> anyhow::Result<Listing> {
     Ok(Listing {
         queue: p.dlq.location(),
         messages: queued
-            .into_iter()
             .map(|m| MessageBrief {
                 id: m.id,
                 stage: m.stage,
@@ -106,11 +105,11 @@ pub async fn stats(p: &Pipeline, sample: usize) -> anyhow::Result<DlqStats> {
     let queued = peek(p, sample).await?;
     let mut by_stage: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
-    for m in &queued {
-        *by_stage.entry(m.stage.to_string()).or_default() += 1;
-        *by_reason.entry(reason_group(&m.reason)).or_default() += 1;
+    for q in &queued {
+        *by_stage.entry(q.message.stage.to_string()).or_default() += 1;
+        *by_reason.entry(q.group()).or_default() += 1;
     }
-    let oldest = queued.iter().map(|m| m.first_seen.clone()).min();
+    let oldest = queued.iter().map(|q| q.message.first_seen.clone()).min();
     let prefix = &p.cfg.aws.prefix;
     let keys = p.sink.objects.list(&layout::failures(prefix)).await?;
     let mut failures_by_day: BTreeMap<String, u64> = BTreeMap::new();
@@ -131,6 +130,28 @@ pub async fn stats(p: &Pipeline, sample: usize) -> anyhow::Result<DlqStats> {
     })
 }
 
+/// A queued message as the report reads it: the message and, when its sender recorded one,
+/// the subject of the rejection (the DLQ entry's optional `subject`, [`Subject`]); messages
+/// from before it existed, and senders that do not set it, have none.
+#[derive(Debug, Deserialize)]
+struct Queued {
+    #[serde(flatten)]
+    message: DlqMessage,
+    #[serde(default)]
+    subject: Option<Subject>,
+}
+
+impl Queued {
+    /// Its group in `dlq stats`: the field or rule its subject names
+    /// ([`Subject::group`]), else the first clause of its reason.
+    fn group(&self) -> String {
+        self.subject
+            .as_ref()
+            .and_then(|s| s.group(self.message.stage))
+            .unwrap_or_else(|| reason_group(&self.message.reason))
+    }
+}
+
 /// The first clause of a reason: what kind of problem, without the values.
 fn reason_group(reason: &str) -> String {
     let head = reason.split([';', '(']).next().unwrap_or(reason).trim();
@@ -138,7 +159,7 @@ fn reason_group(reason: &str) -> String {
 }
 
 /// Receives without hiding (visibility 0) until `limit` distinct messages or nothing new.
-async fn peek(p: &Pipeline, limit: usize) -> anyhow::Result<Vec<DlqMessage>> {
+async fn peek(p: &Pipeline, limit: usize) -> anyhow::Result<Vec<Queued>> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut idle = 0;
@@ -147,7 +168,7 @@ async fn peek(p: &Pipeline, limit: usize) -> anyhow::Result<Vec<DlqMessage>> {
         let mut new = false;
         for m in got {
             if seen.insert(m.message_id.clone())
-                && let Ok(msg) = serde_json::from_str::<DlqMessage>(&m.body)
+                && let Ok(msg) = serde_json::from_str::<Queued>(&m.body)
             {
                 out.push(msg);
                 new = true;
@@ -173,5 +194,37 @@ mod tests {
             reason_group("already corrected once (by cloud: x); detected again: y"),
             "already corrected once"
         );
+    }
+
+    fn queued(subject: Option<serde_json::Value>) -> Queued {
+        let mut body = serde_json::json!({
+            "id": "cloud:gw-1:7", "event_id": "m-1/e-7", "device": "m-1", "stage": "cloud",
+            "reason": "rule counter_monotonic: cumulative kWh must not decrease (kwh=1)",
+            "attempts": 1, "first_seen": "2026-12-01T00:00:00.000Z",
+            "last_seen": "2026-12-01T00:00:00.000Z", "payload": "{}", "gateway": "gw-1",
+            "edge_seq": 7, "object_key": null,
+        });
+        if let Some(s) = subject {
+            body["subject"] = s;
+        }
+        serde_json::from_str(&body.to_string()).unwrap()
+    }
+
+    #[test]
+    fn messages_group_by_their_subject_when_they_carry_one() {
+        // From before the subject existed: the first clause of the reason.
+        let old = queued(None);
+        assert_eq!(old.subject, None);
+        assert_eq!(old.message.edge_seq, Some(7));
+        assert_eq!(old.group(), "rule counter_monotonic");
+        // With one: the rule it names, whatever the text says.
+        let new = queued(Some(serde_json::json!({"rule": "counter_monotonic"})));
+        assert_eq!(new.subject, Some(Subject::Rule("counter_monotonic".into())));
+        assert_eq!(new.group(), "rule counter_monotonic");
+        let field = queued(Some(serde_json::json!({"field": "data.kwh"})));
+        assert_eq!(field.group(), "data.kwh");
+        // About the whole document: the reason says what kind of problem.
+        let doc = queued(Some(serde_json::json!("document")));
+        assert_eq!(doc.group(), "rule counter_monotonic");
     }
 }

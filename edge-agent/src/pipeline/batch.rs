@@ -74,6 +74,7 @@ impl Pipeline {
                         topic: inbound.topic,
                         stage: r.stage,
                         reason: r.reason,
+                        subject: Some(r.subject),
                         attempts: 1,
                         first_seen: inbound.received_at,
                         last_seen: inbound.received_at,

@@ -228,6 +228,7 @@ impl Pipeline {
                     device: r.device.or(e.device),
                     stage: r.stage,
                     reason: r.reason,
+                    subject: Some(r.subject),
                     attempts,
                     last_seen: now,
                     ..e

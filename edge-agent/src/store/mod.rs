@@ -713,6 +713,7 @@ mod tests {
             topic: "devices/m1/events/meter".into(),
             stage: Stage::Schema,
             reason: reason.into(),
+            subject: None,
             attempts: 1,
             first_seen: 1,
             last_seen: 1,

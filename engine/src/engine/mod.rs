@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use proto::{EventResult, Fields, Limits, Stage, Status};
+use proto::{EventResult, Fields, Limits, Stage, Status, Subject};
 
 use crate::anomaly::Detectors;
 use crate::calc::{self, Calc, CalcError};
@@ -80,6 +80,9 @@ pub struct Rejection {
     pub stage: Stage,
     /// Names the field or rule.
     pub reason: String,
+    /// The field or rule the reason names, or the message as a whole, so that nobody has to
+    /// read it back out of the text.
+    pub subject: Subject,
     pub device: Option<String>,
     pub event_id: Option<String>,
     pub event_type: Option<String>,
@@ -114,6 +117,15 @@ impl Failure {
             Failure::Rule(_) => Stage::Rule,
             Failure::Calc(_) => Stage::Calc,
             Failure::Check(_) => Stage::Check,
+        }
+    }
+
+    fn subject(&self) -> Subject {
+        match self {
+            Failure::Schema(e) => e.subject(),
+            Failure::Rule(e) => Subject::Rule(e.rule().to_string()),
+            Failure::Calc(e) => Subject::Field(e.field.clone()),
+            Failure::Check(e) => Subject::Rule(e.name.clone()),
         }
     }
 }
@@ -312,6 +324,7 @@ impl Engine {
                     truncate(input.topic),
                     self.topic
                 ),
+                subject: Subject::Document,
                 device: None,
                 event_id: None,
                 event_type: None,
@@ -319,10 +332,11 @@ impl Engine {
                 transient: false,
             });
         };
-        let reject = |stage, reason, event_id, gap| {
+        let reject = |stage, reason, subject, event_id, gap| {
             Outcome::Rejected(Rejection {
                 stage,
                 reason,
+                subject,
                 device: Some(device.to_string()),
                 event_id,
                 event_type: Some(etype.to_string()),
@@ -334,12 +348,7 @@ impl Engine {
             Ok(m) => m,
             Err(e) => {
                 let event_id = e.id.as_deref().map(|id| EventResult::event_id(device, id));
-                let stage = if e.is_envelope() {
-                    Stage::Schema
-                } else {
-                    Stage::Decode
-                };
-                return reject(stage, e.to_string(), event_id, None);
+                return reject(e.stage(), e.to_string(), e.kind.subject(), event_id, None);
             }
         };
         let event_id = EventResult::event_id(device, &msg.id);
@@ -352,7 +361,8 @@ impl Engine {
                     "{field}: the payload says '{}' but the topic says '{topic}'",
                     truncate(said)
                 );
-                return reject(Stage::Schema, reason, Some(event_id), None);
+                let subject = Subject::Field(field.to_string());
+                return reject(Stage::Schema, reason, subject, Some(event_id), None);
             }
         }
 
@@ -387,7 +397,13 @@ impl Engine {
                 truncate(etype),
                 self.type_names.join(", ")
             );
-            return reject(Stage::Schema, reason, Some(event_id), gap);
+            return reject(
+                Stage::Schema,
+                reason,
+                Subject::Document,
+                Some(event_id),
+                gap,
+            );
         };
 
         let stored = entry.state.previous(etype);
@@ -417,7 +433,8 @@ impl Engine {
             Ok(d) => d,
             Err(failure) => {
                 let stage = failure.stage();
-                let mut out = reject(stage, failure.to_string(), Some(event_id), gap);
+                let reason = failure.to_string();
+                let mut out = reject(stage, reason, failure.subject(), Some(event_id), gap);
                 if let Outcome::Rejected(r) = &mut out {
                     r.transient = matches!(stage, Stage::Calc | Stage::Check)
                         && ev.prev.is_none()
@@ -515,9 +532,10 @@ impl Engine {
         previous: Option<&Reading>,
     ) -> Result<Fields, Rejection> {
         let has_flag = |f: &str| result.flags.iter().any(|x| x == f);
-        let reject = |stage, reason| Rejection {
+        let reject = |stage, reason, subject| Rejection {
             stage,
             reason,
+            subject,
             device: Some(result.device.clone()),
             event_id: Some(result.event_id.clone()),
             event_type: Some(result.event_type.clone()),
@@ -528,6 +546,7 @@ impl Engine {
             return Err(reject(
                 Stage::Schema,
                 format!("unknown event type '{}'", truncate(&result.event_type)),
+                Subject::Document,
             ));
         };
         let no_prev = has_flag(flags::FIRST_READING) || has_flag(flags::OUT_OF_ORDER);
@@ -543,7 +562,11 @@ impl Engine {
         };
         match t.evaluate(&ev) {
             Ok(derived) => Ok(t.calc.result_fields(&derived)),
-            Err(failure) => Err(reject(failure.stage(), failure.to_string())),
+            Err(failure) => Err(reject(
+                failure.stage(),
+                failure.to_string(),
+                failure.subject(),
+            )),
         }
     }
 

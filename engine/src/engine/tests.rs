@@ -179,6 +179,7 @@ fn topic_mismatch_is_a_decode_rejection() {
         "topic 'devices/meter-1/status' does not match the pattern \
          'devices/{device}/events/{type}'"
     );
+    assert_eq!(r.subject, Subject::Document);
     assert_eq!((r.device, r.event_id, r.event_type), (None, None, None));
     assert!(run.state.is_empty());
 }
@@ -188,6 +189,7 @@ fn decode_and_envelope_errors() {
     let mut run = Run::new();
     let r = rejected(run.raw("devices/meter-1/events/meter", b"{not json", T0, false));
     assert_eq!(r.stage, Stage::Decode);
+    assert_eq!(r.subject, Subject::Document);
     assert_eq!(r.device.as_deref(), Some("meter-1"));
     assert_eq!(r.event_type.as_deref(), Some("meter"));
 
@@ -195,6 +197,7 @@ fn decode_and_envelope_errors() {
     let r = rejected(run.raw("devices/meter-1/events/meter", p.as_bytes(), T0, false));
     assert_eq!(r.stage, Stage::Schema);
     assert!(r.reason.contains("seq"), "{}", r.reason);
+    assert_eq!(r.subject, Subject::Field("seq".into()));
     assert_eq!(r.event_id.as_deref(), Some("meter-1/x1"));
     // Neither touched the device's sequence.
     assert!(run.state.device("meter-1").is_none());
@@ -215,6 +218,7 @@ fn payload_must_agree_with_topic() {
         r.reason,
         "device: the payload says 'meter-2' but the topic says 'meter-1'"
     );
+    assert_eq!(r.subject, Subject::Field("device".into()));
     assert_eq!(r.event_id.as_deref(), Some("meter-1/a"));
     let p = json!({"id": "a", "seq": 1, "ts": T0, "type": "gps", "data": {"kwh": 1}});
     let r = rejected(run.raw(
@@ -227,6 +231,7 @@ fn payload_must_agree_with_topic() {
         r.reason,
         "type: the payload says 'gps' but the topic says 'meter'"
     );
+    assert_eq!(r.subject, Subject::Field("type".into()));
     // Agreeing values are fine.
     let p = json!({"id": "a", "seq": 1, "ts": T0, "device": "meter-1", "type": "meter",
                    "data": {"kwh": 1}});
@@ -248,6 +253,7 @@ fn unknown_event_type_still_takes_its_seq() {
         r.reason,
         "unknown event type 'toaster' (known: calcfail, meter)"
     );
+    assert_eq!(r.subject, Subject::Document);
     assert_eq!(r.event_type.as_deref(), Some("toaster"));
     // seq 1 is taken: the next one is in order, no gap.
     let (_, gap, _) = accepted(run.meter(2, T0, json!({"kwh": 1})));
@@ -259,6 +265,11 @@ fn schema_reason(data: Value) -> String {
     let r = rejected(run.meter(1, T0, data));
     assert_eq!(r.stage, Stage::Schema, "{}", r.reason);
     assert_eq!(r.event_id.as_deref(), Some("meter-1/m1"));
+    // The subject is the field the reason starts with.
+    let Subject::Field(f) = &r.subject else {
+        panic!("{:?}", r.subject)
+    };
+    assert!(r.reason.starts_with(&format!("{f}: ")), "{f}: {}", r.reason);
     r.reason
 }
 
@@ -292,6 +303,15 @@ fn schema_rejections_name_the_field() {
         schema_reason(json!({"kwh": 1, "volts": 3})),
         "data: undeclared field 'volts' (declared: current, kwh, note, state, voltage)"
     );
+}
+
+#[test]
+fn several_schema_problems_have_the_first_one_as_subject() {
+    let mut run = Run::new();
+    let r = rejected(run.meter(1, T0, json!({"voltage": 900, "volts": 3})));
+    assert_eq!(r.subject, Subject::Field("data.kwh".into()));
+    let r = rejected(run.meter(2, T0, json!({"kwh": 1, "volts": 3})));
+    assert_eq!(r.subject, Subject::Field("data".into()));
 }
 
 #[test]
@@ -337,6 +357,7 @@ fn rule_failure_names_rule_and_values() {
         "rule counter_monotonic: cumulative kWh must not decrease \
          (has_prev=true, kwh=10, prev.kwh=12)"
     );
+    assert_eq!(r.subject, Subject::Rule("counter_monotonic".into()));
     // The rejected reading did not become the previous one.
     let (res, _, _) = accepted(run.meter(3, T0 + 2000, json!({"kwh": 13})));
     assert_eq!(num(&res, "delta_kwh"), 1.0);
@@ -352,6 +373,7 @@ fn allow_list_rejects_other_devices() {
         r.reason,
         "rule allowed_devices: device 'sensor-9' may not send 'meter' events (allowed: meter-*)"
     );
+    assert_eq!(r.subject, Subject::Rule("allowed_devices".into()));
 }
 
 #[test]
@@ -364,6 +386,7 @@ fn clock_skew_rejects() {
         r.reason,
         "rule max_clock_skew_s: ts is 301 s ahead of received_at (max 300 s)"
     );
+    assert_eq!(r.subject, Subject::Rule("max_clock_skew_s".into()));
     accepted(run.raw(
         "devices/meter-1/events/meter",
         &payload("b", 2, T0, json!({"kwh": 1})),
@@ -383,6 +406,7 @@ fn non_finite_calc_results_are_rejected() {
     let r = rejected(calcfail(0.0));
     assert_eq!(r.stage, Stage::Calc);
     assert_eq!(r.reason, "calc inv: result is inf (x=0)");
+    assert_eq!(r.subject, Subject::Field("inv".into()));
     let r = rejected(calcfail(-4.0));
     assert_eq!(r.reason, "calc root: result is NaN (x=-4)");
     let (res, _, _) = accepted(calcfail(16.0));
@@ -401,6 +425,7 @@ fn check_failure_is_rejected() {
         r.reason,
         "check cost_bounded: cost is implausibly high (cost=250)"
     );
+    assert_eq!(r.subject, Subject::Rule("cost_bounded".into()));
 }
 
 #[test]
@@ -556,10 +581,9 @@ fn recompute_reproduces_results() {
     assert_ne!(run.engine.recompute(&bad, Some(&prev)).unwrap(), bad.result);
     // An invalid one is rejected with the stage.
     bad.input.insert("kwh".into(), json!(-5.0));
-    assert_eq!(
-        run.engine.recompute(&bad, Some(&prev)).unwrap_err().stage,
-        Stage::Schema
-    );
+    let r = run.engine.recompute(&bad, Some(&prev)).unwrap_err();
+    assert_eq!(r.stage, Stage::Schema);
+    assert_eq!(r.subject, Subject::Field("data.kwh".into()));
 }
 
 #[test]

@@ -184,6 +184,12 @@ fn permanent_failures_are_not_retried_automatically() {
     let mut f = fixture(fast_retry(5));
     f.feed(vec![bad_meter(1)]);
     assert_eq!(f.dlq().len(), 1);
+    // The entry keeps what the engine said the rejection is about.
+    let e = &f.dlq()[0];
+    assert!(
+        matches!(&e.subject, Some(proto::Subject::Field(p)) if e.reason.starts_with(p.as_str())),
+        "{e:?}"
+    );
     assert!(f.schedule().is_empty());
     assert_eq!(f.p.retries.due(), None);
 }

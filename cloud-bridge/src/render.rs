@@ -295,6 +295,7 @@ mod tests {
                 reason: "result mismatch: ".repeat(20),
                 first_seen: "2026-12-07T00:00:00Z".into(),
                 object_key: None,
+                subject: None,
             }],
             failures: vec![FailureBrief {
                 key: "failures/x".into(),

@@ -194,8 +194,10 @@ impl Verifier {
             let dead = |stage, reason: String| {
                 DlqMessage::for_record(stage, reason, r, Some(key), prev, now)
             };
-            if let Verdict::Rejected(_) = verdict {
-                review.dead_letters.push(dead(Stage::Cloud, reason));
+            if let Verdict::Rejected(rej) = &verdict {
+                review
+                    .dead_letters
+                    .push(dead(Stage::Cloud, reason).about(&rej.subject));
                 continue;
             }
             metrics.incorrect.increment(1);
@@ -228,10 +230,13 @@ impl Verifier {
                 Applied::DeadLetter(reason) => {
                     review.dead_letters.push(dead(Stage::Correction, reason))
                 }
-                Applied::Failed(rej) => review.dead_letters.push(dead(
-                    Stage::Cloud,
-                    format!("{reason}; recalculation failed: {}", rej.reason),
-                )),
+                Applied::Failed(rej) => review.dead_letters.push(
+                    dead(
+                        Stage::Cloud,
+                        format!("{reason}; recalculation failed: {}", rej.reason),
+                    )
+                    .about(&rej.subject),
+                ),
             }
         }
         for st in stale {

@@ -617,6 +617,17 @@ async fn labelled_faults_are_detected_and_corrected_once() {
     // correction). The operator aligns the cloud's config with the gateways' and the DLQ
     // processor runs: the refused ones are recalculated into events/, the others go to
     // failures/.
+    // The engine's refusals name what they refused (the DLQ entry's `subject`), so `dlq
+    // stats` groups them by it; a second detection is about no field or rule.
+    let listing = cloud_bridge::dlq::report::list(&p, 1000).await.unwrap();
+    assert_eq!(listing.messages.len(), refused.len() + 3, "{listing:#?}");
+    for m in &listing.messages {
+        assert_eq!(
+            m.subject.is_some(),
+            m.stage == proto::Stage::Cloud,
+            "{m:#?}"
+        );
+    }
     std::fs::write(dir.path().join("engine.toml"), relaxed(&example_config())).unwrap();
     let fixed = pipeline_for(&cfg, "bridge-1").await;
     let d = cloud_bridge::dlq::processor::drain(&fixed).await.unwrap();

@@ -24,7 +24,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use engine::Reading;
-use proto::{EventResult, Stage};
+use proto::{EventResult, Stage, Subject};
 
 use crate::detail::DetailType;
 
@@ -259,6 +259,10 @@ pub struct DlqMessage {
     /// The previous reading the record was computed against, when the bridge knew it.
     #[serde(default)]
     pub previous: Option<Reading>,
+    /// The field or rule the engine refused, when it did (the DLQ entry's optional
+    /// `subject`, see `proto::dlq`): reports group by it without reading the reason text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Subject>,
 }
 
 impl DlqMessage {
@@ -286,7 +290,14 @@ impl DlqMessage {
             edge_seq: Some(record.edge_seq),
             object_key: object_key.map(String::from),
             previous: previous.cloned(),
+            subject: None,
         }
+    }
+
+    /// The same message, naming what the engine refused.
+    pub fn about(mut self, subject: &Subject) -> DlqMessage {
+        self.subject = Some(subject.clone());
+        self
     }
 }
 

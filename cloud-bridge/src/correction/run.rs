@@ -192,10 +192,13 @@ impl CorrectionRun<'_> {
             }
             Applied::Failed(rej) => {
                 report.dead_lettered += 1;
-                dead.push(dead_letter(
-                    Stage::Cloud,
-                    format!("{reason}; recalculation failed: {}", rej.reason),
-                ));
+                dead.push(
+                    dead_letter(
+                        Stage::Cloud,
+                        format!("{reason}; recalculation failed: {}", rej.reason),
+                    )
+                    .about(&rej.subject),
+                );
             }
         }
         Ok(())

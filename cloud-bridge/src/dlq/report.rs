@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashSet};
 
 use proto::{Stage, Subject};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 use super::DlqMessage;
@@ -24,6 +24,9 @@ pub struct MessageBrief {
     pub reason: String,
     pub first_seen: String,
     pub object_key: Option<String>,
+    /// The field or rule the engine refused, when the sender recorded it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Subject>,
 }
 
 /// One object under `failures/`: an uplink message that was not a batch, or a DLQ message
@@ -60,7 +63,7 @@ pub struct DlqStats {
 
 /// Up to `limit` queued messages (de-duplicated across receives) and `failures/` entries.
 pub async fn list(p: &Pipeline, limit: usize) -> anyhow::Result<Listing> {
-    let queued = peek(p, limit).await?.into_iter().map(|q| q.message);
+    let queued = peek(p, limit).await?;
     let keys = p
         .sink
         .objects
@@ -84,6 +87,7 @@ pub async fn list(p: &Pipeline, limit: usize) -> anyhow::Result<Listing> {
     Ok(Listing {
         queue: p.dlq.location(),
         messages: queued
+            .into_iter()
             .map(|m| MessageBrief {
                 id: m.id,
                 stage: m.stage,
@@ -92,6 +96,7 @@ pub async fn list(p: &Pipeline, limit: usize) -> anyhow::Result<Listing> {
                 reason: m.reason,
                 first_seen: m.first_seen,
                 object_key: m.object_key,
+                subject: m.subject,
             })
             .collect(),
         failures,
@@ -105,11 +110,11 @@ pub async fn stats(p: &Pipeline, sample: usize) -> anyhow::Result<DlqStats> {
     let queued = peek(p, sample).await?;
     let mut by_stage: BTreeMap<String, u64> = BTreeMap::new();
     let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
-    for q in &queued {
-        *by_stage.entry(q.message.stage.to_string()).or_default() += 1;
-        *by_reason.entry(q.group()).or_default() += 1;
+    for m in &queued {
+        *by_stage.entry(m.stage.to_string()).or_default() += 1;
+        *by_reason.entry(group(m)).or_default() += 1;
     }
-    let oldest = queued.iter().map(|q| q.message.first_seen.clone()).min();
+    let oldest = queued.iter().map(|m| m.first_seen.clone()).min();
     let prefix = &p.cfg.aws.prefix;
     let keys = p.sink.objects.list(&layout::failures(prefix)).await?;
     let mut failures_by_day: BTreeMap<String, u64> = BTreeMap::new();
@@ -130,26 +135,14 @@ pub async fn stats(p: &Pipeline, sample: usize) -> anyhow::Result<DlqStats> {
     })
 }
 
-/// A queued message as the report reads it: the message and, when its sender recorded one,
-/// the subject of the rejection (the DLQ entry's optional `subject`, [`Subject`]); messages
-/// from before it existed, and senders that do not set it, have none.
-#[derive(Debug, Deserialize)]
-struct Queued {
-    #[serde(flatten)]
-    message: DlqMessage,
-    #[serde(default)]
-    subject: Option<Subject>,
-}
-
-impl Queued {
-    /// Its group in `dlq stats`: the field or rule its subject names
-    /// ([`Subject::group`]), else the first clause of its reason.
-    fn group(&self) -> String {
-        self.subject
-            .as_ref()
-            .and_then(|s| s.group(self.message.stage))
-            .unwrap_or_else(|| reason_group(&self.message.reason))
-    }
+/// A queued message's group in `dlq stats`: the field or rule its subject names
+/// ([`Subject::group`]), else (messages from before the subject existed, or about no field or
+/// rule) the first clause of its reason.
+fn group(m: &DlqMessage) -> String {
+    m.subject
+        .as_ref()
+        .and_then(|s| s.group(m.stage))
+        .unwrap_or_else(|| reason_group(&m.reason))
 }
 
 /// The first clause of a reason: what kind of problem, without the values.
@@ -159,7 +152,7 @@ fn reason_group(reason: &str) -> String {
 }
 
 /// Receives without hiding (visibility 0) until `limit` distinct messages or nothing new.
-async fn peek(p: &Pipeline, limit: usize) -> anyhow::Result<Vec<Queued>> {
+async fn peek(p: &Pipeline, limit: usize) -> anyhow::Result<Vec<DlqMessage>> {
     let mut seen = HashSet::new();
     let mut out = Vec::new();
     let mut idle = 0;
@@ -168,7 +161,7 @@ async fn peek(p: &Pipeline, limit: usize) -> anyhow::Result<Vec<Queued>> {
         let mut new = false;
         for m in got {
             if seen.insert(m.message_id.clone())
-                && let Ok(msg) = serde_json::from_str::<Queued>(&m.body)
+                && let Ok(msg) = serde_json::from_str::<DlqMessage>(&m.body)
             {
                 out.push(msg);
                 new = true;
@@ -196,7 +189,7 @@ mod tests {
         );
     }
 
-    fn queued(subject: Option<serde_json::Value>) -> Queued {
+    fn queued(subject: Option<serde_json::Value>) -> DlqMessage {
         let mut body = serde_json::json!({
             "id": "cloud:gw-1:7", "event_id": "m-1/e-7", "device": "m-1", "stage": "cloud",
             "reason": "rule counter_monotonic: cumulative kWh must not decrease (kwh=1)",
@@ -215,16 +208,16 @@ mod tests {
         // From before the subject existed: the first clause of the reason.
         let old = queued(None);
         assert_eq!(old.subject, None);
-        assert_eq!(old.message.edge_seq, Some(7));
-        assert_eq!(old.group(), "rule counter_monotonic");
+        assert_eq!(old.edge_seq, Some(7));
+        assert_eq!(group(&old), "rule counter_monotonic");
         // With one: the rule it names, whatever the text says.
         let new = queued(Some(serde_json::json!({"rule": "counter_monotonic"})));
         assert_eq!(new.subject, Some(Subject::Rule("counter_monotonic".into())));
-        assert_eq!(new.group(), "rule counter_monotonic");
+        assert_eq!(group(&new), "rule counter_monotonic");
         let field = queued(Some(serde_json::json!({"field": "data.kwh"})));
-        assert_eq!(field.group(), "data.kwh");
+        assert_eq!(group(&field), "data.kwh");
         // About the whole document: the reason says what kind of problem.
         let doc = queued(Some(serde_json::json!("document")));
-        assert_eq!(doc.group(), "rule counter_monotonic");
+        assert_eq!(group(&doc), "rule counter_monotonic");
     }
 }

@@ -132,7 +132,7 @@ pub async fn handle(p: &Pipeline, payload: Value) -> anyhow::Result<Value> {
             time,
         } => return handle_trigger(p, &detail_type, &detail, time.as_deref()).await,
     };
-    check_batch(&batch).map_err(|e| anyhow!("{e}"))?;
+    check_batch(&batch)?;
     let gateway = batch.gateway.clone();
     let n = batch.results.len();
     let mut held: Held = Held::new();

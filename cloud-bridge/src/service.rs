@@ -47,6 +47,7 @@ use crate::backend::Backend;
 use crate::backend::aws::Aws;
 use crate::config::{Config, MqttConfig};
 use crate::detail::DetailType;
+use crate::invalid::InvalidUplink;
 use crate::layout::{Object, ObjectKey, date_of};
 use crate::metrics::Metrics;
 use crate::now_ms;
@@ -307,7 +308,7 @@ fn dispatch(
                 let payload = d.publish.payload.clone();
                 let mut backoff = Duration::from_millis(200);
                 loop {
-                    match dead_letter(&p, &topic, &payload, &reason).await {
+                    match dead_letter(&p, &topic, &payload, &reason.to_string()).await {
                         Ok(()) => {
                             let _ = tx.send(vec![d]);
                             return;
@@ -353,38 +354,37 @@ fn dispatch(
 }
 
 /// The batch in a message on `gateways/{g}/results`, or why it is not one.
-pub fn validate(topic: &str, payload: &[u8]) -> Result<Batch, String> {
+pub fn validate(topic: &str, payload: &[u8]) -> Result<Batch, InvalidUplink> {
     let Some(gw) = gateway_of(topic) else {
-        return Err(format!(
-            "topic '{topic}' is not gateways/{{gateway}}/results"
-        ));
+        return Err(InvalidUplink::ResultsTopic(topic.to_string()));
     };
-    let batch: Batch =
-        proto::wire::decode(payload).map_err(|e| format!("undecodable CBOR batch: {e}"))?;
+    let batch: Batch = proto::wire::decode(payload)?;
     check_batch(&batch)?;
     if batch.gateway != gw {
-        return Err(format!(
-            "batch names gateway '{}' but arrived on the topic of '{gw}'",
-            batch.gateway
-        ));
+        return Err(InvalidUplink::WrongGateway {
+            what: "batch",
+            named: batch.gateway,
+            topic: gw.to_string(),
+        });
     }
     Ok(batch)
 }
 
 /// Every result must belong to the batch's gateway.
-pub fn check_batch(batch: &Batch) -> Result<(), String> {
+pub fn check_batch(batch: &Batch) -> Result<(), InvalidUplink> {
     if batch.gateway.is_empty() {
-        return Err("batch.gateway: must not be empty".into());
+        return Err(InvalidUplink::NoGateway);
     }
-    for (i, r) in batch.results.iter().enumerate() {
+    for (index, r) in batch.results.iter().enumerate() {
         if r.gateway != batch.gateway {
-            return Err(format!(
-                "results[{i}].gateway: '{}' differs from the batch's '{}'",
-                r.gateway, batch.gateway
-            ));
+            return Err(InvalidUplink::ForeignResult {
+                index,
+                found: r.gateway.clone(),
+                batch: batch.gateway.clone(),
+            });
         }
         if r.edge_seq == 0 {
-            return Err(format!("results[{i}].edge_seq: must be at least 1"));
+            return Err(InvalidUplink::ZeroSeq(index));
         }
     }
     Ok(())

@@ -21,21 +21,22 @@ use tracing::{info, warn};
 
 use crate::backend::{Announce, Notice};
 use crate::detail::DetailType;
+use crate::invalid::InvalidUplink;
 use crate::layout::{Object, ObjectKey, date_of};
 use crate::now_ms;
 use crate::pipeline::{Pipeline, Progress};
 
 /// The status in a message on `gateways/{g}/status`, or why it is not one.
-pub fn parse(topic: &str, payload: &[u8]) -> Result<GatewayStatus, String> {
-    let gw = status_gateway_of(topic)
-        .ok_or_else(|| format!("topic '{topic}' is not gateways/{{gateway}}/status"))?;
-    let s: GatewayStatus =
-        serde_json::from_slice(payload).map_err(|e| format!("not a status message: {e}"))?;
+pub fn parse(topic: &str, payload: &[u8]) -> Result<GatewayStatus, InvalidUplink> {
+    let gw =
+        status_gateway_of(topic).ok_or_else(|| InvalidUplink::StatusTopic(topic.to_string()))?;
+    let s: GatewayStatus = serde_json::from_slice(payload)?;
     if s.gateway != gw {
-        return Err(format!(
-            "status names gateway '{}' but arrived on the topic of '{gw}'",
-            s.gateway
-        ));
+        return Err(InvalidUplink::WrongGateway {
+            what: "status",
+            named: s.gateway,
+            topic: gw.to_string(),
+        });
     }
     Ok(s)
 }
@@ -227,10 +228,13 @@ mod tests {
             "first_seq":3,"last_seq":4,"count":2,"ranges":[{"first":3,"last":4}],"declared_at":7}]}"#;
         let s = parse("gateways/gw-1/status", body).unwrap();
         assert_eq!((s.released, s.missed.len()), (5, 1));
+        let e = parse("gateways/gw-2/status", body).unwrap_err();
         assert!(
-            parse("gateways/gw-2/status", body)
-                .unwrap_err()
-                .contains("gw-2")
+            matches!(&e, InvalidUplink::WrongGateway { named, topic, .. } if named == "gw-1" && topic == "gw-2")
+        );
+        assert_eq!(
+            e.to_string(),
+            "status names gateway 'gw-1' but arrived on the topic of 'gw-2'"
         );
         assert!(parse("gateways/gw-1/results", body).is_err());
         assert!(parse("gateways/gw-1/status", b"{").is_err());

@@ -71,6 +71,27 @@ pub fn device_detail(gateway: &str, r: &MissedReport) -> Value {
     })
 }
 
+/// Announces `notice` once across redeliveries and bridges: `announce` runs only on this
+/// bridge's turn ([`Announce::Mine`]), and the notice is marked sent once it succeeded.
+async fn once(
+    p: &Pipeline,
+    gateway: &str,
+    notice: Notice,
+    announce: impl Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<Announce> {
+    let now = now_ms();
+    let stale_before = now - p.cfg.pipeline.claim_timeout_ms as i64;
+    let turn = p
+        .state
+        .begin_announce(gateway, notice, p.owner(), now, stale_before)
+        .await?;
+    if turn == Announce::Mine {
+        announce.await?;
+        p.state.end_announce(gateway, notice).await?;
+    }
+    Ok(turn)
+}
+
 /// Announces the records in `pending` (each once, see the module doc), removing each one
 /// that is announced or was announced before. An error leaves the rest for a later call.
 pub async fn announce(
@@ -79,36 +100,32 @@ pub async fn announce(
     pending: &mut BTreeMap<u64, MissedReport>,
 ) -> anyhow::Result<()> {
     while let Some((&id, r)) = pending.first_key_value() {
-        let now = now_ms();
-        let stale_before = now - p.cfg.pipeline.claim_timeout_ms as i64;
-        match p
-            .state
-            .begin_announce(gateway, Notice::Missed(id), p.owner(), now, stale_before)
-            .await?
+        let event = (
+            DetailType::MissedEvents,
+            device_detail(gateway, r).to_string(),
+        );
+        match once(
+            p,
+            gateway,
+            Notice::Missed(id),
+            p.sink.put_events(vec![event]),
+        )
+        .await?
         {
             Announce::Mine => {
-                let detail = device_detail(gateway, r).to_string();
-                p.sink
-                    .put_events(vec![(DetailType::MissedEvents, detail)])
-                    .await?;
-                p.state.end_announce(gateway, Notice::Missed(id)).await?;
                 p.metrics.missed_records_announced.increment(1);
                 warn!(gateway, id, device = %r.device, first_seq = r.first_seq,
                     last_seq = r.last_seq, count = r.count,
                     "the gateway gave up on a device's seqs: announced as MissedEvents");
             }
-            Announce::Done => {
-                info!(
-                    gateway,
-                    id, "missed-event record was announced before: skipped"
-                );
-            }
-            Announce::Busy => {
-                info!(
-                    gateway,
-                    id, "another bridge is announcing this missed-event record"
-                );
-            }
+            Announce::Done => info!(
+                gateway,
+                id, "missed-event record was announced before: skipped"
+            ),
+            Announce::Busy => info!(
+                gateway,
+                id, "another bridge is announcing this missed-event record"
+            ),
         }
         pending.remove(&id);
     }
@@ -141,34 +158,28 @@ pub async fn announce_quarantines(
     pending: &mut BTreeMap<i64, QuarantineReport>,
 ) -> anyhow::Result<()> {
     while let Some((&at, q)) = pending.first_key_value() {
-        let notice = Notice::Quarantine(at);
-        let now = now_ms();
-        let stale_before = now - p.cfg.pipeline.claim_timeout_ms as i64;
-        match p
-            .state
-            .begin_announce(gateway, notice, p.owner(), now, stale_before)
-            .await?
-        {
+        let key = ObjectKey {
+            date: date_of(at),
+            gateway: gateway.to_string(),
+            object: Object::Quarantine { at },
+        }
+        .to_key(&p.cfg.aws.prefix);
+        let detail = quarantine_detail(gateway, q, &key);
+        // The same key and body on a retry: in effect the object is written once.
+        let announce = async {
+            p.sink
+                .put_object(
+                    &key,
+                    serde_json::to_vec_pretty(&detail)?,
+                    "application/json",
+                )
+                .await?;
+            p.sink
+                .put_events(vec![(DetailType::MissedEvents, detail.to_string())])
+                .await
+        };
+        match once(p, gateway, Notice::Quarantine(at), announce).await? {
             Announce::Mine => {
-                let key = ObjectKey {
-                    date: date_of(at),
-                    gateway: gateway.to_string(),
-                    object: Object::Quarantine { at },
-                }
-                .to_key(&p.cfg.aws.prefix);
-                let detail = quarantine_detail(gateway, q, &key);
-                // The same key and body on a retry: in effect the object is written once.
-                p.sink
-                    .put_object(
-                        &key,
-                        serde_json::to_vec_pretty(&detail)?,
-                        "application/json",
-                    )
-                    .await?;
-                p.sink
-                    .put_events(vec![(DetailType::MissedEvents, detail.to_string())])
-                    .await?;
-                p.state.end_announce(gateway, notice).await?;
                 p.metrics.quarantines_announced.increment(1);
                 warn!(gateway, at, moved_to = %q.moved_to, reason = %q.reason, %key,
                     "the gateway moved a damaged store aside: stored under failures/ and announced as MissedEvents");

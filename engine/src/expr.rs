@@ -77,6 +77,10 @@ pub enum CompileError {
     Assignment(String),
     #[error("';' is not allowed: an expression is a single value")]
     Chain,
+    /// evalexpr parses `a *` as a product with one operand and fails only when it evaluates,
+    /// which would send every event to the DLQ; refused here instead.
+    #[error("syntax error: '{0}' is missing an operand")]
+    MissingOperand(String),
     #[error("too many variables in one event type")]
     TooManyVariables,
     #[error("unknown variable '{name}'{hint}")]
@@ -607,6 +611,16 @@ fn call_args(children: &[Node<DefaultNumericTypes>]) -> &[Node<DefaultNumericTyp
     }
 }
 
+/// How many operands an operator takes, for those with a fixed number.
+fn operands(op: &Operator<DefaultNumericTypes>) -> Option<usize> {
+    use Operator::*;
+    match op {
+        Add | Sub | Mul | Div | Mod | Exp | Eq | Neq | Gt | Lt | Geq | Leq | And | Or => Some(2),
+        Not | Neg => Some(1),
+        _ => None,
+    }
+}
+
 /// The string literal a node holds, looking through parentheses.
 fn string_literal(n: &Node<DefaultNumericTypes>) -> Option<&str> {
     match n.operator() {
@@ -625,6 +639,13 @@ impl Compiler<'_, '_> {
     /// Integer literals → floats; stateful calls → variables; function names and arities
     /// checked; `;` refused.
     fn rewrite(&mut self, node: &mut Node<DefaultNumericTypes>) -> Result<(), CompileError> {
+        if let Some(n) = operands(node.operator())
+            && node.children().len() != n
+        {
+            return Err(CompileError::MissingOperand(
+                node.operator().to_string().trim().to_string(),
+            ));
+        }
         let mut replace_with = None;
         match node.operator() {
             Operator::Const {
@@ -1144,6 +1165,10 @@ mod tests {
         assert!(e.starts_with("assignment to 'kwh'"), "{e}");
         let e = err(&fx, "1; 2", Phase::Check);
         assert!(e.contains("';'"), "{e}");
+        for text in ["kwh *", "kwh * voltage +", "!", "kwh == ", "(kwh -) * 2"] {
+            let e = err(&fx, text, Phase::Check);
+            assert!(e.contains("is missing an operand"), "{text}: {e}");
+        }
         let e = err(&fx, "(kwh", Phase::Check);
         assert!(e.starts_with("syntax error"), "{e}");
         assert_eq!(err(&fx, "  ", Phase::Check), "empty expression");

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use settings::Invalid;
 
 use crate::detail::DetailType;
 
@@ -339,37 +340,51 @@ impl Default for AnomalyConfig {
 }
 
 impl AnomalyConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         let q = self.threshold_quantile;
         if !(q > 0.5 && q < 1.0) {
-            return Err(format!(
-                "anomaly.threshold_quantile: {q} must be between 0.5 and 1 (exclusive)"
+            return Err(Invalid::at(
+                "anomaly.threshold_quantile",
+                format!("{q} must be between 0.5 and 1 (exclusive)"),
             ));
         }
         if !(1..=10).contains(&self.max_components) {
-            return Err("anomaly.max_components: must be between 1 and 10".into());
+            return Err(Invalid::at(
+                "anomaly.max_components",
+                "must be between 1 and 10",
+            ));
         }
         if !(self.reg_covariance.is_finite() && self.reg_covariance > 0.0) {
-            return Err("anomaly.reg_covariance: must be a positive number".into());
+            return Err(Invalid::at(
+                "anomaly.reg_covariance",
+                "must be a positive number",
+            ));
         }
         if self.min_samples < 2 {
-            return Err("anomaly.min_samples: must be at least 2".into());
+            return Err(Invalid::at("anomaly.min_samples", "must be at least 2"));
         }
         if self.max_samples < self.min_samples {
-            return Err("anomaly.max_samples: must be at least anomaly.min_samples".into());
+            return Err(Invalid::at(
+                "anomaly.max_samples",
+                "must be at least anomaly.min_samples",
+            ));
         }
         for (i, f) in self.exclude_fields.iter().enumerate() {
             let ok = ["input.", "result."]
                 .iter()
                 .any(|p| f.strip_prefix(p).is_some_and(|n| !n.is_empty()));
             if !ok {
-                return Err(format!(
-                    "anomaly.exclude_fields[{i}]: '{f}' must be input.FIELD or result.FIELD"
+                return Err(Invalid::at(
+                    format!("anomaly.exclude_fields[{i}]"),
+                    format!("'{f}' must be input.FIELD or result.FIELD"),
                 ));
             }
         }
         if self.read_concurrency == 0 {
-            return Err("anomaly.read_concurrency: must be at least 1".into());
+            return Err(Invalid::at(
+                "anomaly.read_concurrency",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -396,11 +411,10 @@ impl Config {
             {
                 v.engine_config = dir.join(&v.engine_config);
             }
-            let spec =
-                load_engine_spec(&v.engine_config).map_err(|message| ConfigError::Invalid {
-                    path: path.to_path_buf(),
-                    message: format!("verify.engine_config: {message}"),
-                })?;
+            let spec = load_engine_spec(&v.engine_config).map_err(|e| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                message: format!("verify.engine_config: {e}"),
+            })?;
             v.spec = Some(spec);
         }
         // Relative TLS paths are relative to the config file.
@@ -415,13 +429,13 @@ impl Config {
     }
 
     /// Parses and validates; the error names the field (`aws.detail_types[1]: ...`).
-    pub fn parse(text: &str) -> Result<Config, String> {
-        let cfg: Config = settings::from_toml(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Config, Invalid> {
+        let cfg: Config = settings::from_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         if let Some(m) = &self.mqtt {
             m.validate()?;
         }
@@ -434,69 +448,90 @@ impl Config {
             ("aws.source", &a.source),
         ] {
             if v.is_empty() {
-                return Err(format!("{name}: must not be empty"));
+                return Err(Invalid::at(name, "must not be empty"));
             }
         }
         if !a.prefix.is_empty() && !a.prefix.ends_with('/') {
-            return Err(format!(
-                "aws.prefix: '{}' must end with '/' (it is a key prefix folder)",
-                a.prefix
+            return Err(Invalid::at(
+                "aws.prefix",
+                format!(
+                    "'{}' must end with '/' (it is a key prefix folder)",
+                    a.prefix
+                ),
             ));
         }
         for (i, t) in a.detail_types.iter().enumerate() {
             if DetailType::parse(t).is_none() {
-                return Err(format!(
-                    "aws.detail_types[{i}]: unknown detail-type '{t}' (expected one of {})",
-                    DetailType::ALL.map(DetailType::as_str).join(", ")
+                return Err(Invalid::at(
+                    format!("aws.detail_types[{i}]"),
+                    format!(
+                        "unknown detail-type '{t}' (expected one of {})",
+                        DetailType::ALL.map(DetailType::as_str).join(", ")
+                    ),
                 ));
             }
         }
         if a.eventbridge_concurrency == 0 {
-            return Err("aws.eventbridge_concurrency: must be at least 1".into());
+            return Err(Invalid::at(
+                "aws.eventbridge_concurrency",
+                "must be at least 1",
+            ));
         }
         if a.eventbridge_attempts == 0 {
-            return Err("aws.eventbridge_attempts: must be at least 1".into());
+            return Err(Invalid::at(
+                "aws.eventbridge_attempts",
+                "must be at least 1",
+            ));
         }
         let p = &self.pipeline;
         if p.max_object_records == 0 {
-            return Err("pipeline.max_object_records: must be at least 1".into());
+            return Err(Invalid::at(
+                "pipeline.max_object_records",
+                "must be at least 1",
+            ));
         }
         if p.gap_recheck_ms == 0 {
-            return Err("pipeline.gap_recheck_ms: must be at least 1".into());
+            return Err(Invalid::at("pipeline.gap_recheck_ms", "must be at least 1"));
         }
         if p.claim_timeout_ms < 10_000 {
-            return Err("pipeline.claim_timeout_ms: must be at least 10000".into());
+            return Err(Invalid::at(
+                "pipeline.claim_timeout_ms",
+                "must be at least 10000",
+            ));
         }
         if let Some(v) = &self.verify
             && !(0.0..=1.0).contains(&v.sample)
         {
-            return Err(format!("verify.sample: {} is not within 0..=1", v.sample));
+            return Err(Invalid::at(
+                "verify.sample",
+                format!("{} is not within 0..=1", v.sample),
+            ));
         }
         if let Some(v) = &self.verify
             && !(v.tolerance >= 0.0 && v.tolerance.is_finite())
         {
-            return Err(format!(
-                "verify.tolerance: {} must be a finite number ≥ 0",
-                v.tolerance
+            return Err(Invalid::at(
+                "verify.tolerance",
+                format!("{} must be a finite number ≥ 0", v.tolerance),
             ));
         }
         if !(self.dlq.max_per_s > 0.0 && self.dlq.max_per_s.is_finite()) {
-            return Err("dlq.max_per_s: must be a positive number".into());
+            return Err(Invalid::at("dlq.max_per_s", "must be a positive number"));
         }
         if !(0.0..=1.0).contains(&self.monitor.discrepancy_threshold) {
-            return Err(format!(
-                "monitor.discrepancy_threshold: {} is not within 0..=1",
-                self.monitor.discrepancy_threshold
+            return Err(Invalid::at(
+                "monitor.discrepancy_threshold",
+                format!("{} is not within 0..=1", self.monitor.discrepancy_threshold),
             ));
         }
         if self.monitor.interval_s == 0 {
-            return Err("monitor.interval_s: must be at least 1".into());
+            return Err(Invalid::at("monitor.interval_s", "must be at least 1"));
         }
         if self.dlq.max_receives == 0 {
-            return Err("dlq.max_receives: must be at least 1".into());
+            return Err(Invalid::at("dlq.max_receives", "must be at least 1"));
         }
         if self.metrics.interval_s == 0 {
-            return Err("metrics.interval_s: must be at least 1".into());
+            return Err(Invalid::at("metrics.interval_s", "must be at least 1"));
         }
         self.anomaly.validate()?;
         Ok(())
@@ -514,50 +549,61 @@ impl Config {
 /// The engine part of an agent config (or of a file with just that part): `topic`, `limits`
 /// and `event_types` at the top level, every other table ignored. Compiled once here so a typo
 /// in an expression stops start-up with its path.
-pub fn load_engine_spec(path: &Path) -> Result<engine::EngineSpec, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mut table: toml::Table =
-        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn load_engine_spec(path: &Path) -> Result<engine::EngineSpec, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut table: toml::Table = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
     table.retain(|k, _| matches!(k, "topic" | "limits" | "event_types"));
-    let spec: engine::EngineSpec = settings::from_toml_value(toml::Value::Table(table))
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    engine::Engine::new(&spec).map_err(|e| format!("{}: {e}", path.display()))?;
+    let spec: engine::EngineSpec =
+        settings::from_toml_value(toml::Value::Table(table)).map_err(|e| invalid(e.to_string()))?;
+    engine::Engine::new(&spec).map_err(|e| invalid(e.to_string()))?;
     Ok(spec)
 }
 
 impl MqttConfig {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         if self.host.is_empty() {
-            return Err("mqtt.host: must not be empty".into());
+            return Err(Invalid::at("mqtt.host", "must not be empty"));
         }
         if self.client_id.is_empty() {
-            return Err("mqtt.client_id: must not be empty".into());
+            return Err(Invalid::at("mqtt.client_id", "must not be empty"));
         }
         if self.share_group.is_empty() || self.share_group.contains(['/', '+', '#']) {
-            return Err(format!(
-                "mqtt.share_group: '{}' must be non-empty and must not contain '/', '+' or '#'",
-                self.share_group
+            return Err(Invalid::at(
+                "mqtt.share_group",
+                format!(
+                    "'{}' must be non-empty and must not contain '/', '+' or '#'",
+                    self.share_group
+                ),
             ));
         }
         if self.tls {
             if self.ca.is_none() {
-                return Err("mqtt.ca: required with TLS (set `tls = false` for plain TCP)".into());
+                return Err(Invalid::at(
+                    "mqtt.ca",
+                    "required with TLS (set `tls = false` for plain TCP)",
+                ));
             }
             match (&self.cert, &self.key) {
                 (Some(_), Some(_)) | (None, None) => {}
-                (Some(_), None) => return Err("mqtt.key: required with mqtt.cert".into()),
-                (None, Some(_)) => return Err("mqtt.cert: required with mqtt.key".into()),
+                (Some(_), None) => return Err(Invalid::at("mqtt.key", "required with mqtt.cert")),
+                (None, Some(_)) => return Err(Invalid::at("mqtt.cert", "required with mqtt.key")),
             }
         }
         if self.max_inflight == 0 {
-            return Err("mqtt.max_inflight: must be at least 1".into());
+            return Err(Invalid::at("mqtt.max_inflight", "must be at least 1"));
         }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
-            return Err(
-                "mqtt.reconnect_max_ms: must be at least reconnect_min_ms (which must be > 0)"
-                    .into(),
-            );
+            return Err(Invalid::at(
+                "mqtt.reconnect_max_ms",
+                "must be at least reconnect_min_ms (which must be > 0)",
+            ));
         }
         Ok(())
     }
@@ -608,22 +654,22 @@ dlq_queue = "q"
             "{BASE}detail_types = [\"EventProcessed\", \"Nope\"]"
         ))
         .unwrap_err();
-        assert!(e.starts_with("aws.detail_types[1]:"), "{e}");
+        assert_eq!(e.field(), Some("aws.detail_types[1]"), "{e}");
         let e = Config::parse(&format!(
             "{BASE}\n[mqtt]\nhost = \"h\"\nclient_id = \"c\"\nport = \"x\""
         ))
         .unwrap_err();
-        assert!(e.starts_with("mqtt.port:"), "{e}");
+        assert_eq!(e.field(), Some("mqtt.port"), "{e}");
         let e =
             Config::parse(&format!("{BASE}\n[mqtt]\nhost = \"h\"\nclient_id = \"c\"")).unwrap_err();
-        assert!(e.starts_with("mqtt.ca: required with TLS"), "{e}");
-        let e = Config::parse(&format!("{BASE}\n[pipeline]\nbogus = 1")).unwrap_err();
         assert!(
-            e.starts_with("pipeline.bogus") || e.contains("bogus"),
+            e.to_string().starts_with("mqtt.ca: required with TLS"),
             "{e}"
         );
+        let e = Config::parse(&format!("{BASE}\n[pipeline]\nbogus = 1")).unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
         let e = Config::parse(&BASE.replace("bucket = \"b\"", "bucket = \"\"")).unwrap_err();
-        assert!(e.starts_with("aws.bucket:"), "{e}");
+        assert_eq!(e.field(), Some("aws.bucket"), "{e}");
     }
 
     #[test]
@@ -647,7 +693,7 @@ dlq_queue = "q"
             ("bogus = 1", "anomaly"),
         ] {
             let e = Config::parse(&format!("{BASE}\n[anomaly]\n{bad}")).unwrap_err();
-            assert!(e.starts_with(field), "{bad}: {e}");
+            assert!(e.to_string().starts_with(field), "{bad}: {e}");
         }
     }
 

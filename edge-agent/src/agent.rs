@@ -71,7 +71,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
-    let engine = cfg.engine().map_err(anyhow::Error::msg)?;
+    let engine = cfg.engine()?;
     // Metrics first: the store and outbox publish their gauges as they open.
     telemetry::init_metrics(&cfg.metrics)?;
     std::fs::create_dir_all(&cfg.data_dir)

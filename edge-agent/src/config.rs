@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use engine::{Engine, EngineSpec};
 use serde::Deserialize;
+use settings::Invalid;
 
 use crate::dlq::DlqConfig;
 use crate::ingest::IngestConfig;
@@ -55,20 +56,23 @@ impl AgentConfig {
     }
 
     /// Parses and validates; the error names the field (`broker.embedded.listen: ...`).
-    pub fn parse(text: &str) -> Result<AgentConfig, String> {
-        let cfg: AgentConfig = settings::from_toml(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<AgentConfig, Invalid> {
+        let cfg: AgentConfig = settings::from_toml(text)?;
         cfg.validate()?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         if self.gateway_id.is_empty() || self.gateway_id.contains(['/', '+', '#']) {
-            return Err(format!(
-                "gateway_id: '{}' must be non-empty and must not contain '/', '+' or '#' (it is an MQTT topic level)",
-                self.gateway_id
+            return Err(Invalid::at(
+                "gateway_id",
+                format!(
+                    "'{}' must be non-empty and must not contain '/', '+' or '#' (it is an MQTT topic level)",
+                    self.gateway_id
+                ),
             ));
         }
-        self.broker.validate().map_err(|e| e.to_string())?;
+        self.broker.validate()?;
         self.uplink.validate()?;
         self.pipeline.validate()?;
         self.dlq.validate()?;
@@ -76,8 +80,9 @@ impl AgentConfig {
         Ok(())
     }
 
-    pub fn engine(&self) -> Result<Engine, String> {
-        Engine::new(&self.engine).map_err(|e| e.to_string())
+    /// The engine the config describes; a bad schema, rule or expression names its path.
+    pub fn engine(&self) -> Result<Engine, Invalid> {
+        Engine::new(&self.engine).map_err(|e| Invalid::at(e.path, e.message))
     }
 }
 
@@ -85,7 +90,7 @@ impl AgentConfig {
 mod tests {
     use super::*;
 
-    fn parse(pipeline: &str) -> Result<AgentConfig, String> {
+    fn parse(pipeline: &str) -> Result<AgentConfig, Invalid> {
         AgentConfig::parse(&format!(
             "gateway_id = \"gw\"\ntopic = \"devices/{{device}}/events/{{type}}\"\n\
              [pipeline]\n{pipeline}\n[event_types.m.fields]\nx = {{ type = \"number\" }}\n"
@@ -101,11 +106,29 @@ mod tests {
             parse("missed_after_s = 1").unwrap().pipeline.missed_after_s,
             1
         );
-        let err = parse("missed_max_records = 0").unwrap_err();
-        assert!(err.starts_with("pipeline.missed_max_records:"), "{err}");
-        let err = parse("missed_after_s = 99999999").unwrap_err();
-        assert!(err.starts_with("pipeline.missed_after_s:"), "{err}");
-        let err = parse("missed_after_s = -1").unwrap_err();
-        assert!(err.contains("pipeline.missed_after_s"), "{err}");
+        for (bad, field) in [
+            ("missed_max_records = 0", "pipeline.missed_max_records"),
+            ("missed_after_s = 99999999", "pipeline.missed_after_s"),
+            ("missed_after_s = -1", "pipeline.missed_after_s"),
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.field(), Some(field), "{bad}: {err}");
+            assert!(err.to_string().starts_with(&format!("{field}: ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn an_engine_error_names_its_path() {
+        let err = AgentConfig::parse(
+            "gateway_id = \"gw\"\ntopic = \"devices/{device}/events/{type}\"\n\
+             [event_types.m.fields]\nx = { type = \"number\" }\n\
+             [[event_types.m.calc]]\nname = \"y\"\nexpr = \"nope * 2\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.field()
+                .is_some_and(|f| f.starts_with("event_types.m.calc")),
+            "{err}"
+        );
     }
 }

@@ -35,6 +35,7 @@ use std::collections::{HashMap, HashSet};
 use proto::timestamp::{rfc3339, rfc3339_opt};
 use proto::{DlqEntry, Stage};
 use serde::{Deserialize, Serialize};
+use settings::Invalid;
 
 use crate::store::{DlqCap, Store, StoreError, StoreReader};
 
@@ -120,19 +121,25 @@ impl AutoRetry {
 }
 
 impl DlqConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.max_entries == 0 {
-            return Err("dlq.max_entries: must be at least 1".into());
+            return Err(Invalid::at("dlq.max_entries", "must be at least 1"));
         }
         if self.max_bytes < 4096 {
-            return Err("dlq.max_bytes: must be at least 4096".into());
+            return Err(Invalid::at("dlq.max_bytes", "must be at least 4096"));
         }
         let r = &self.auto_retry;
         if r.attempts > 0 && r.first_delay_ms == 0 {
-            return Err("dlq.auto_retry.first_delay_ms: must be at least 1".into());
+            return Err(Invalid::at(
+                "dlq.auto_retry.first_delay_ms",
+                "must be at least 1",
+            ));
         }
         if r.max_delay_ms < r.first_delay_ms {
-            return Err("dlq.auto_retry.max_delay_ms: must not be below first_delay_ms".into());
+            return Err(Invalid::at(
+                "dlq.auto_retry.max_delay_ms",
+                "must not be below first_delay_ms",
+            ));
         }
         Ok(())
     }

@@ -32,6 +32,7 @@ use rumqttc::{
     Transport,
 };
 use serde::Deserialize;
+use settings::Invalid;
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::now_ms;
@@ -97,37 +98,49 @@ impl Default for UplinkConfig {
 
 impl UplinkConfig {
     /// Errors name the field under `uplink`.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if !self.enabled {
             return Ok(());
         }
         if self.host.is_empty() {
-            return Err("uplink.host: must not be empty".into());
+            return Err(Invalid::at("uplink.host", "must not be empty"));
         }
         if self.tls && self.ca.is_none() {
-            return Err(
-                "uplink.ca: required with TLS (the CA that signs the cloud broker's \
-                 certificate); set uplink.tls = false only for a local plain-TCP broker"
-                    .into(),
-            );
+            return Err(Invalid::at(
+                "uplink.ca",
+                "required with TLS (the CA that signs the cloud broker's \
+                 certificate); set uplink.tls = false only for a local plain-TCP broker",
+            ));
         }
         if self.cert.is_some() != self.key.is_some() {
-            return Err("uplink.cert/uplink.key: set both or neither".into());
+            return Err(Invalid::at("uplink.cert/uplink.key", "set both or neither"));
         }
         if !self.tls && self.cert.is_some() {
-            return Err("uplink.cert: a client certificate needs tls = true".into());
+            return Err(Invalid::at(
+                "uplink.cert",
+                "a client certificate needs tls = true",
+            ));
         }
         if self.max_batch_results == 0 || self.max_in_flight == 0 {
-            return Err("uplink.max_batch_results/max_in_flight: must be at least 1".into());
+            return Err(Invalid::at(
+                "uplink.max_batch_results/max_in_flight",
+                "must be at least 1",
+            ));
         }
         if self.keep_alive_s == 0 {
-            return Err("uplink.keep_alive_s: must be at least 1".into());
+            return Err(Invalid::at("uplink.keep_alive_s", "must be at least 1"));
         }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
-            return Err("uplink.reconnect_min_ms/reconnect_max_ms: need 0 < min <= max".into());
+            return Err(Invalid::at(
+                "uplink.reconnect_min_ms/reconnect_max_ms",
+                "need 0 < min <= max",
+            ));
         }
         if self.status_interval_s == 0 {
-            return Err("uplink.status_interval_s: must be at least 1".into());
+            return Err(Invalid::at(
+                "uplink.status_interval_s",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }
@@ -619,11 +632,14 @@ mod tests {
             enabled: true,
             ..UplinkConfig::default()
         };
-        assert!(c.validate().unwrap_err().starts_with("uplink.ca"));
+        assert_eq!(c.validate().unwrap_err().field(), Some("uplink.ca"));
         c.tls = false;
         c.validate().unwrap();
         c.cert = Some("c.pem".into());
-        assert!(c.validate().unwrap_err().contains("cert"));
+        assert_eq!(
+            c.validate().unwrap_err().field(),
+            Some("uplink.cert/uplink.key")
+        );
     }
 
     #[test]

@@ -21,11 +21,11 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
-/// TOML that does not make the config, saying where: the line of a syntax error, the field of
-/// a value that does not fit. Its text is what a person reads at start-up
-/// (`mqtt.port: invalid type: string "x", expected u16`).
+/// A config text that does not make a config, saying where: the line of a syntax error, the
+/// field of a value that does not fit its type or breaks a binary's own rule. Its text is what
+/// a person reads at start-up (`mqtt.port: invalid type: string "x", expected u16`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TomlError {
+pub enum Invalid {
     /// Not TOML at all; the parser's own message, which names the line and column.
     #[error("{message}")]
     Syntax {
@@ -44,19 +44,29 @@ pub enum TomlError {
     },
 }
 
-impl TomlError {
+impl Invalid {
+    /// A value that deserialized but breaks a rule of the binary reading it
+    /// (`Invalid::at("uplink.host", "must not be empty")`).
+    pub fn at(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+        Invalid::Field {
+            field: Some(field.into()),
+            line: None,
+            message: message.into(),
+        }
+    }
+
     /// The path of the field at fault, if it is one field's.
     pub fn field(&self) -> Option<&str> {
         match self {
-            TomlError::Field { field, .. } => field.as_deref(),
-            TomlError::Syntax { .. } => None,
+            Invalid::Field { field, .. } => field.as_deref(),
+            Invalid::Syntax { .. } => None,
         }
     }
 
     /// The 1-based line at fault, when known.
     pub fn line(&self) -> Option<usize> {
         match self {
-            TomlError::Syntax { line, .. } | TomlError::Field { line, .. } => *line,
+            Invalid::Syntax { line, .. } | Invalid::Field { line, .. } => *line,
         }
     }
 }
@@ -84,12 +94,12 @@ pub fn load<T, E: std::fmt::Display>(
 }
 
 /// Deserializes TOML text; an error names the field (`aws.detail_types[1]: ...`) or the line.
-pub fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, TomlError> {
+pub fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, Invalid> {
     let line = |e: &toml::de::Error| {
         e.span()
             .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1)
     };
-    let de = toml::Deserializer::parse(text).map_err(|e| TomlError::Syntax {
+    let de = toml::Deserializer::parse(text).map_err(|e| Invalid::Syntax {
         line: line(&e),
         message: e.to_string(),
     })?;
@@ -97,18 +107,18 @@ pub fn from_toml<T: DeserializeOwned>(text: &str) -> Result<T, TomlError> {
 }
 
 /// Deserializes a TOML value (a part of a file); an error names the field.
-pub fn from_toml_value<T: DeserializeOwned>(value: toml::Value) -> Result<T, TomlError> {
+pub fn from_toml_value<T: DeserializeOwned>(value: toml::Value) -> Result<T, Invalid> {
     named(serde_path_to_error::deserialize(value), |_| None)
 }
 
 fn named<T>(
     r: Result<T, serde_path_to_error::Error<toml::de::Error>>,
     line: impl Fn(&toml::de::Error) -> Option<usize>,
-) -> Result<T, TomlError> {
+) -> Result<T, Invalid> {
     r.map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
-        TomlError::Field {
+        Invalid::Field {
             field: (path != "." && !path.is_empty()).then_some(path),
             line: line(&inner),
             message: inner.message().to_string(),
@@ -183,7 +193,7 @@ mod tests {
     #[test]
     fn syntax_errors_name_the_line() {
         let e = from_toml::<Cfg>("port = 1\n[log\n").unwrap_err();
-        assert!(matches!(e, TomlError::Syntax { .. }), "{e:?}");
+        assert!(matches!(e, Invalid::Syntax { .. }), "{e:?}");
         assert_eq!(e.line(), Some(2));
         assert!(e.to_string().contains("line 2"), "{e}");
         assert_eq!(e.field(), None);

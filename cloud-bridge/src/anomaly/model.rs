@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 
 use linfa::prelude::*;
-use linfa_clustering::GaussianMixtureModel;
+use linfa_clustering::{GaussianMixtureModel, GmmError};
 use ndarray::Array2;
 use serde::{Deserialize, Serialize};
 
@@ -57,6 +57,9 @@ pub enum ModelError {
     Fit(String),
     #[error("invalid model: {0}")]
     Invalid(String),
+    /// One mixture fit (one k, one fold); the search over k reports the last of these as `Fit`.
+    #[error(transparent)]
+    Mixture(#[from] GmmError),
 }
 
 /// One mixture component, in standardized feature space.
@@ -182,15 +185,14 @@ fn mixture(
     x: &Array2<f64>,
     k: usize,
     params: &FitParams,
-) -> Result<TypeModel, String> {
+) -> Result<TypeModel, ModelError> {
     let d = spec.len();
     let dataset = DatasetBase::from(x.clone());
     let gmm = GaussianMixtureModel::params(k)
         .reg_covariance(params.reg_covariance)
         .tolerance(1e-4)
         .max_n_iterations(500)
-        .fit(&dataset)
-        .map_err(|e| e.to_string())?;
+        .fit(&dataset)?;
     let components = (0..k)
         .map(|c| Component {
             weight: gmm.weights()[c],
@@ -211,7 +213,7 @@ fn mixture(
         training: TrainingStats::default(),
         prepared: Vec::new(),
     };
-    model.prepare().map_err(|e| e.to_string())?;
+    model.prepare()?;
     Ok(model)
 }
 

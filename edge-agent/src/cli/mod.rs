@@ -255,7 +255,7 @@ impl StoreArgs {
         let uplink = cfg.as_ref().is_some_and(|c| c.uplink.enabled);
         let (inner, dlq) = match cfg {
             Some(cfg) => {
-                let engine = cfg.engine().map_err(|e| anyhow!("{e}"))?;
+                let engine = cfg.engine()?;
                 let pipeline = Pipeline::new(
                     engine,
                     store,

@@ -40,6 +40,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use serde::Deserialize;
+use settings::Invalid;
 
 /// Where device messages come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -171,7 +172,7 @@ const MQTT_MAX_PACKET: usize = 268_435_455;
 
 impl IngestConfig {
     /// Checks what serde cannot. Errors name the field by its path under `broker`.
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         match self.mode {
             Mode::Embedded => self.embedded.validate(),
             Mode::External => self.external.validate(),
@@ -180,67 +181,92 @@ impl IngestConfig {
 }
 
 impl EmbeddedConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         check_packet_size("broker.embedded.max_packet_bytes", self.max_packet_bytes)?;
         if self.connect_timeout_ms == 0 {
-            anyhow::bail!("broker.embedded.connect_timeout_ms: must be > 0");
+            return Err(Invalid::at(
+                "broker.embedded.connect_timeout_ms",
+                "must be > 0",
+            ));
         }
         if self.max_connections == 0 {
-            anyhow::bail!("broker.embedded.max_connections: must be at least 1");
+            return Err(Invalid::at(
+                "broker.embedded.max_connections",
+                "must be at least 1",
+            ));
         }
         if self.max_connections_per_address == 0 {
-            anyhow::bail!("broker.embedded.max_connections_per_address: must be at least 1");
+            return Err(Invalid::at(
+                "broker.embedded.max_connections_per_address",
+                "must be at least 1",
+            ));
         }
         if self.password.is_some() && self.username.is_none() {
-            anyhow::bail!("broker.embedded.password: set without broker.embedded.username");
+            return Err(Invalid::at(
+                "broker.embedded.password",
+                "set without broker.embedded.username",
+            ));
         }
         if self.auth == Auth::Password && self.username.is_some() {
-            anyhow::bail!(
-                "broker.embedded.username: a shared user name does not go with auth = \"password\" (each device has its own: `edge-agent device add`)"
-            );
+            return Err(Invalid::at(
+                "broker.embedded.username",
+                "a shared user name does not go with auth = \"password\" (each device has its own: `edge-agent device add`)",
+            ));
         }
         Ok(())
     }
 }
 
 impl ExternalConfig {
-    pub fn validate(&self) -> anyhow::Result<()> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.host.is_empty() {
-            anyhow::bail!("broker.external.host: must not be empty");
+            return Err(Invalid::at("broker.external.host", "must not be empty"));
         }
         if self.port == 0 {
-            anyhow::bail!("broker.external.port: must not be 0");
+            return Err(Invalid::at("broker.external.port", "must not be 0"));
         }
         if self.client_id.is_empty() {
-            anyhow::bail!(
-                "broker.external.client_id: must not be empty (a persistent session needs a fixed id)"
-            );
+            return Err(Invalid::at(
+                "broker.external.client_id",
+                "must not be empty (a persistent session needs a fixed id)",
+            ));
         }
         if !rumqttc::valid_filter(&self.filter) {
-            anyhow::bail!(
-                "broker.external.filter: {:?} is not a valid MQTT topic filter",
-                self.filter
-            );
+            return Err(Invalid::at(
+                "broker.external.filter",
+                format!("{:?} is not a valid MQTT topic filter", self.filter),
+            ));
         }
         if self.keep_alive_s == 0 {
-            anyhow::bail!("broker.external.keep_alive_s: must be >= 1");
+            return Err(Invalid::at("broker.external.keep_alive_s", "must be >= 1"));
         }
         check_packet_size("broker.external.max_packet_bytes", self.max_packet_bytes)?;
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
-            anyhow::bail!(
-                "broker.external.reconnect_min_ms/reconnect_max_ms: need 0 < min <= max (got {} and {})",
-                self.reconnect_min_ms,
-                self.reconnect_max_ms
-            );
+            return Err(Invalid::at(
+                "broker.external.reconnect_min_ms/reconnect_max_ms",
+                format!(
+                    "need 0 < min <= max (got {} and {})",
+                    self.reconnect_min_ms, self.reconnect_max_ms
+                ),
+            ));
         }
         if self.password.is_some() && self.username.is_none() {
-            anyhow::bail!("broker.external.password: set without broker.external.username");
+            return Err(Invalid::at(
+                "broker.external.password",
+                "set without broker.external.username",
+            ));
         }
         if self.cert.is_some() != self.key.is_some() {
-            anyhow::bail!("broker.external.cert/key: set both or neither");
+            return Err(Invalid::at(
+                "broker.external.cert/key",
+                "set both or neither",
+            ));
         }
         if self.cert.is_some() && self.ca.is_none() {
-            anyhow::bail!("broker.external.cert: a client certificate needs `ca` (TLS)");
+            return Err(Invalid::at(
+                "broker.external.cert",
+                "a client certificate needs `ca` (TLS)",
+            ));
         }
         Ok(())
     }
@@ -251,9 +277,12 @@ impl ExternalConfig {
     }
 }
 
-fn check_packet_size(path: &str, n: usize) -> anyhow::Result<()> {
+fn check_packet_size(path: &str, n: usize) -> Result<(), Invalid> {
     if !(1024..=MQTT_MAX_PACKET).contains(&n) {
-        anyhow::bail!("{path}: must be between 1024 and {MQTT_MAX_PACKET} (got {n})");
+        return Err(Invalid::at(
+            path,
+            format!("must be between 1024 and {MQTT_MAX_PACKET} (got {n})"),
+        ));
     }
     Ok(())
 }

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use engine::{Engine, State};
 use serde::Deserialize;
+use settings::Invalid;
 use tokio::sync::mpsc;
 
 pub use admin::AdminCall;
@@ -75,22 +76,28 @@ pub struct PipelineConfig {
 }
 
 impl PipelineConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), Invalid> {
         if self.max_batch == 0 {
-            return Err("pipeline.max_batch: must be at least 1".into());
+            return Err(Invalid::at("pipeline.max_batch", "must be at least 1"));
         }
         if self.queue_capacity == 0 {
-            return Err("pipeline.queue_capacity: must be at least 1".into());
+            return Err(Invalid::at("pipeline.queue_capacity", "must be at least 1"));
         }
         // Beyond a year a gap is as good as never declared; the bound keeps ms arithmetic safe.
         if self.missed_after_s > 366 * 24 * 3600 {
-            return Err(format!(
-                "pipeline.missed_after_s: {} is more than a year (366 days = 31622400 s)",
-                self.missed_after_s
+            return Err(Invalid::at(
+                "pipeline.missed_after_s",
+                format!(
+                    "{} is more than a year (366 days = 31622400 s)",
+                    self.missed_after_s
+                ),
             ));
         }
         if self.missed_max_records == 0 {
-            return Err("pipeline.missed_max_records: must be at least 1".into());
+            return Err(Invalid::at(
+                "pipeline.missed_max_records",
+                "must be at least 1",
+            ));
         }
         Ok(())
     }

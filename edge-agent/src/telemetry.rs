@@ -68,6 +68,7 @@ pub const INGEST_PROTOCOL_ERRORS_TOTAL: &str = "ingest_protocol_errors_total";
 pub const INGEST_PUBLISH_REFUSED_TOTAL: &str = "ingest_publish_refused_total";
 pub const INGEST_SUBSCRIBE_REFUSED_TOTAL: &str = "ingest_subscribe_refused_total";
 pub const INGEST_TAKEOVERS_TOTAL: &str = "ingest_takeovers_total";
+pub const INGEST_TLS_REFUSED_TOTAL: &str = "ingest_tls_refused_total";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -410,7 +410,8 @@ fn check_config_names_the_bad_tls_field_and_never_shows_the_key() {
     let (code, text) = check_config(&ok);
     assert_eq!(code, 0, "{text}");
 
-    let cases: [(&str, Box<dyn FnOnce(&mut toml::Table)>); 4] = [
+    type Tweak<'a> = Box<dyn FnOnce(&mut toml::Table) + 'a>;
+    let cases: [(&str, Tweak); 4] = [
         (
             "broker.embedded.tls.key:",
             Box::new(|c| set(c, &["broker", "embedded", "tls", "key"], path(&other_key))),

@@ -1,5 +1,5 @@
 //! The embedded endpoint's TLS listener with a real client (`mosquitto_pub --cafile/--cert/
-//! --key`): certificate auth (device id = CN; a foreign CA is refused at the handshake; a
+//! --key`): certificate auth (device id = CN, else the one SAN; a foreign CA is refused at the handshake; a
 //! device publishes only as itself), password over TLS, either of the two, and the TLS files
 //! checked by `check-config` with the field named and no secret shown.
 
@@ -206,6 +206,14 @@ fn certificate_auth_identifies_devices_by_cn_and_refuses_other_cas() {
         &meter("b", 2, 1.01)
     ));
 
+    // A certificate without a CN is identified by its one SAN.
+    let (san_cert, san_key) = pki.issue_san_only("meter-3");
+    let as_m3 = Client {
+        cert: Some((&san_cert, &san_key)),
+        ..as_m1
+    };
+    assert!(publish(port, as_m3, &topic("meter-3"), &meter("s", 1, 3.0)));
+
     // Certificate auth has no plain listener.
     let plain = Client::default();
     assert!(!publish(
@@ -220,7 +228,8 @@ fn certificate_auth_identifies_devices_by_cn_and_refuses_other_cas() {
         stored(&agent),
         [
             ("meter-1/a".to_string(), "meter-1".to_string()),
-            ("meter-1/b".to_string(), "meter-1".to_string())
+            ("meter-1/b".to_string(), "meter-1".to_string()),
+            ("meter-3/s".to_string(), "meter-3".to_string())
         ]
     );
     let log = agent.log_text();

@@ -129,9 +129,9 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     );
 
     let shutdown = ingest::Shutdown::new();
-    let devices = match cfg.broker.embedded.auth {
-        ingest::config::Auth::None => None,
-        ingest::config::Auth::Password => Some(ingest::embedded::auth::DeviceAuth {
+    let devices = match cfg.broker.embedded.auth.identifies_devices() {
+        false => None,
+        true => Some(ingest::embedded::auth::DeviceAuth {
             registry: crate::devices::Watch::new(&cfg.data_dir)?,
             topics: engine::TopicPattern::parse(&cfg.engine.topic).map_err(anyhow::Error::msg)?,
         }),

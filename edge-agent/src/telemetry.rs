@@ -68,6 +68,7 @@ pub const INGEST_PROTOCOL_ERRORS_TOTAL: &str = "ingest_protocol_errors_total";
 pub const INGEST_PUBLISH_REFUSED_TOTAL: &str = "ingest_publish_refused_total";
 pub const INGEST_SUBSCRIBE_REFUSED_TOTAL: &str = "ingest_subscribe_refused_total";
 pub const INGEST_TAKEOVERS_TOTAL: &str = "ingest_takeovers_total";
+pub const INGEST_TLS_REFUSED_TOTAL: &str = "ingest_tls_refused_total";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -88,8 +89,11 @@ impl Default for MetricsConfig {
 pub use settings::{LogConfig, LogFormat};
 
 pub fn init_logs(cfg: &LogConfig) {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(cfg.level.as_str()));
+    // rustls warns once per connection about devices that send an IP address as SNI (which
+    // mosquitto_pub and most MQTT clients do when given one); the endpoint counts and logs
+    // the handshake failures that matter itself. RUST_LOG still shows everything it names.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{},rustls=error", cfg.level.as_str())));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -56,6 +56,21 @@ impl Pki {
         pki
     }
 
+    /// `(cert, key)` files for a client certificate with an empty subject (no CN) and the one
+    /// DNS subject alternative name `san`: how some fleets name devices.
+    pub fn issue_san_only(&self, san: &str) -> (PathBuf, PathBuf) {
+        let mut p = CertificateParams::new(vec![san.to_string()]).unwrap();
+        p.distinguished_name = rcgen::DistinguishedName::new();
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        let c = self.dir.join(format!("san-{san}.pem"));
+        let k = self.dir.join(format!("san-{san}.key"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+
     /// `(cert, key)` files `{cn}.pem`/`{cn}.key` signed by this CA: a server certificate for
     /// 127.0.0.1 and localhost if `server`, else a client certificate.
     pub fn issue(&self, cn: &str, server: bool) -> (PathBuf, PathBuf) {

@@ -13,11 +13,18 @@
 //! max_packet_bytes = 262144
 //! connect_timeout_ms = 10000
 //! shutdown_grace_ms = 10000
-//! auth = "none"                     # or "password": devices registered with `edge-agent device add`
+//! auth = "none"                     # or "password" | "certificate" | "password_or_certificate"
 //! max_connections = 1024             # in all, and from one client address:
 //! max_connections_per_address = 64
 //! # username = "devices"            # auth = "none" only: one shared user name (and password)
 //! # password = "secret"
+//! # plain = false                   # serve plain TCP on `listen` too? (default: only without [tls])
+//!
+//! # [broker.embedded.tls]           # a TLS listener (rustls)
+//! # listen = "0.0.0.0:8883"
+//! # cert = "/etc/edge-agent/devices/server.pem"   # this endpoint's certificate chain (PEM)
+//! # key = "/etc/edge-agent/devices/server.key"    # and its private key (PEM)
+//! # client_ca = "/etc/edge-agent/devices/ca.pem"  # certificate auth only: CA(s) of device certs
 //!
 //! [broker.external]
 //! host = "127.0.0.1"
@@ -72,6 +79,57 @@ pub enum Auth {
     /// The MQTT user name is the device id, the password its secret from the device registry
     /// ([`crate::devices`]); a device publishes only under its own id.
     Password,
+    /// TLS only: a client certificate signed by `tls.client_ca` is required at the handshake,
+    /// and its CN (else its one DNS or URI SAN) is the device id.
+    Certificate,
+    /// A client that presents a certificate (on the TLS listener) is identified by it, any
+    /// other must give its registry password, as with `password`.
+    PasswordOrCertificate,
+}
+
+impl Auth {
+    /// The config value, for messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Auth::None => "none",
+            Auth::Password => "password",
+            Auth::Certificate => "certificate",
+            Auth::PasswordOrCertificate => "password_or_certificate",
+        }
+    }
+
+    /// Whether client certificates are asked for (and `tls.client_ca` needed).
+    pub fn uses_certificates(self) -> bool {
+        matches!(self, Auth::Certificate | Auth::PasswordOrCertificate)
+    }
+
+    /// Whether devices are identified (registry password or certificate) and held to their
+    /// own topics.
+    pub fn identifies_devices(self) -> bool {
+        self != Auth::None
+    }
+}
+
+/// `[broker.embedded.tls]`: the TLS listener. Paths are PEM files; they are read (and checked:
+/// parseable, key matching the certificate) by `check-config` and at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// TCP address of the TLS listener (8883, MQTT over TLS, by default).
+    #[serde(default = "default_tls_listen")]
+    pub listen: SocketAddr,
+    /// This endpoint's certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key of `cert` (PKCS#8, PKCS#1 or SEC1). Its contents are never logged.
+    pub key: PathBuf,
+    /// The CA certificate(s) that sign device certificates. Required with
+    /// `auth = "certificate" | "password_or_certificate"`, refused otherwise (a CA that is
+    /// never consulted would only suggest that certificates are checked).
+    pub client_ca: Option<PathBuf>,
+}
+
+fn default_tls_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8883))
 }
 
 /// `[broker.embedded]`: the agent's own MQTT endpoint for devices.
@@ -98,6 +156,12 @@ pub struct EmbeddedConfig {
     /// when that is set).
     pub username: Option<String>,
     pub password: Option<String>,
+    /// Whether to serve plain TCP on `listen`. Unset: yes without `[broker.embedded.tls]`, no
+    /// with it, so turning TLS on never leaves a clear-text port open by accident. `true` with
+    /// TLS keeps both (e.g. loopback-only plain for local processes); refused with
+    /// `auth = "certificate"`, which has nothing to check on a plain connection.
+    pub plain: Option<bool>,
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for EmbeddedConfig {
@@ -112,6 +176,8 @@ impl Default for EmbeddedConfig {
             max_connections_per_address: 64,
             username: None,
             password: None,
+            plain: None,
+            tls: None,
         }
     }
 }
@@ -174,7 +240,14 @@ impl IngestConfig {
     /// Checks what serde cannot. Errors name the field by its path under `broker`.
     pub fn validate(&self) -> Result<(), Invalid> {
         match self.mode {
-            Mode::Embedded => self.embedded.validate(),
+            Mode::Embedded => {
+                self.embedded.validate()?;
+                // The TLS files too, so `check-config` catches a missing or mismatched one.
+                if let Some(tls) = &self.embedded.tls {
+                    super::embedded::tls::server_config(tls, self.embedded.auth)?;
+                }
+                Ok(())
+            }
             Mode::External => self.external.validate(),
         }
     }
@@ -207,13 +280,77 @@ impl EmbeddedConfig {
                 "set without broker.embedded.username",
             ));
         }
-        if self.auth == Auth::Password && self.username.is_some() {
+        if self.auth.identifies_devices() && self.username.is_some() {
             return Err(Invalid::at(
                 "broker.embedded.username",
-                "a shared user name does not go with auth = \"password\" (each device has its own: `edge-agent device add`)",
+                format!(
+                    "a shared user name does not go with auth = \"{}\" (each device has its own identity)",
+                    self.auth.as_str()
+                ),
             ));
         }
+        match &self.tls {
+            None if self.auth.uses_certificates() => {
+                return Err(Invalid::at(
+                    "broker.embedded.tls",
+                    format!(
+                        "auth = \"{}\" needs the TLS listener ([broker.embedded.tls] with listen, cert, key, client_ca)",
+                        self.auth.as_str()
+                    ),
+                ));
+            }
+            None if self.plain == Some(false) => {
+                return Err(Invalid::at(
+                    "broker.embedded.plain",
+                    "false without [broker.embedded.tls] leaves no listener",
+                ));
+            }
+            None => {}
+            Some(tls) => {
+                match (&tls.client_ca, self.auth.uses_certificates()) {
+                    (None, true) => {
+                        return Err(Invalid::at(
+                            "broker.embedded.tls.client_ca",
+                            format!(
+                                "required with auth = \"{}\" (the CA that signs device certificates)",
+                                self.auth.as_str()
+                            ),
+                        ));
+                    }
+                    (Some(_), false) => {
+                        return Err(Invalid::at(
+                            "broker.embedded.tls.client_ca",
+                            format!(
+                                "only used with auth = \"certificate\" or \"password_or_certificate\" (auth is \"{}\")",
+                                self.auth.as_str()
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+                if self.auth == Auth::Certificate && self.plain == Some(true) {
+                    return Err(Invalid::at(
+                        "broker.embedded.plain",
+                        "auth = \"certificate\" has no plain listener (a certificate needs TLS)",
+                    ));
+                }
+                if self.serves_plain() && tls.listen == self.listen {
+                    return Err(Invalid::at(
+                        "broker.embedded.tls.listen",
+                        format!(
+                            "{} is also broker.embedded.listen (the plain listener)",
+                            tls.listen
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Whether the plain TCP listener on `listen` runs (see [`EmbeddedConfig::plain`]).
+    pub fn serves_plain(&self) -> bool {
+        self.plain.unwrap_or(self.tls.is_none())
     }
 }
 
@@ -353,5 +490,48 @@ mod tests {
         c.external.filter = "devices/+/events/+".into();
         c.external.cert = Some("/c.pem".into());
         assert!(c.validate().unwrap_err().to_string().contains("cert/key"));
+    }
+
+    fn embedded(toml_text: &str) -> anyhow::Result<EmbeddedConfig> {
+        let a: Agent = toml::from_str(toml_text)?;
+        a.broker.embedded.validate()?;
+        Ok(a.broker.embedded)
+    }
+
+    #[test]
+    fn tls_and_certificate_auth_are_checked_by_field() {
+        let tls = "[broker.embedded.tls]\ncert = \"s.pem\"\nkey = \"s.key\"\n";
+        let ca = "client_ca = \"ca.pem\"\n";
+        let err = |t: &str| embedded(t).unwrap_err().to_string();
+
+        let e = err("[broker.embedded]\nauth = \"certificate\"\n");
+        assert!(e.starts_with("broker.embedded.tls:"), "{e}");
+        let e = err(&format!("[broker.embedded]\nauth = \"certificate\"\n{tls}"));
+        assert!(e.starts_with("broker.embedded.tls.client_ca:"), "{e}");
+        let e = err(&format!(
+            "[broker.embedded]\nauth = \"password\"\n{tls}{ca}"
+        ));
+        assert!(e.starts_with("broker.embedded.tls.client_ca:"), "{e}");
+        let e = err(&format!(
+            "[broker.embedded]\nauth = \"certificate\"\nplain = true\n{tls}{ca}"
+        ));
+        assert!(e.starts_with("broker.embedded.plain:"), "{e}");
+        let e = err("[broker.embedded]\nplain = false\n");
+        assert!(e.starts_with("broker.embedded.plain:"), "{e}");
+        let e = err(&format!(
+            "[broker.embedded]\nplain = true\nlisten = \"127.0.0.1:8883\"\n{tls}"
+        ));
+        assert!(e.starts_with("broker.embedded.tls.listen:"), "{e}");
+
+        // TLS turns the plain listener off unless it is asked for.
+        let c = embedded(&format!("[broker.embedded]\nauth = \"password\"\n{tls}")).unwrap();
+        assert!(!c.serves_plain());
+        assert_eq!(c.tls.unwrap().listen.to_string(), "127.0.0.1:8883");
+        let c = embedded(&format!(
+            "[broker.embedded]\nauth = \"password_or_certificate\"\nplain = true\n{tls}{ca}"
+        ))
+        .unwrap();
+        assert!(c.serves_plain());
+        assert!(embedded("").unwrap().serves_plain());
     }
 }

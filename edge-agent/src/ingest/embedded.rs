@@ -20,6 +20,11 @@
 //! * A packet larger than `max_packet_bytes` closes the connection before its body is read.
 //! * `auth = "password"` ([`auth`]): the user name is the device id, checked against the device
 //!   registry; a device may publish only under its own id (else the connection is closed).
+//! * `[broker.embedded.tls]` ([`tls`]) adds a TLS listener; `auth = "certificate"` identifies a
+//!   device by its client certificate (CN, else its one SAN), verified at the handshake against
+//!   `tls.client_ca`, and `"password_or_certificate"` takes either. The plain listener on
+//!   `listen` runs only without TLS unless `plain = true` (never with `"certificate"`). A TLS
+//!   connection has the connect timeout for its handshake, then again for its CONNECT.
 //!
 //! # Data path
 //! Each connection has a reader (this task) and a writer task. The reader reads into a
@@ -45,22 +50,25 @@ use rumqttc::mqttbytes::v4::{
     ConnAck, ConnectReturnCode, Packet, SubAck, SubscribeReasonCode, UnsubAck,
 };
 use rumqttc::mqttbytes::{Error as MqttError, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::{Instant, sleep, timeout};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 pub mod auth;
 mod limits;
+pub mod tls;
 
-use auth::{DeviceAuth, Refusal, Refusals};
+use auth::{DeviceAuth, Identity, Refusal, Refusals};
 use limits::{Slot, Slots};
 
-use super::config::{Auth, EmbeddedConfig};
+use super::config::EmbeddedConfig;
 use super::{Ack, AckKind, Inbound, now_ms};
 use crate::telemetry;
 
@@ -71,7 +79,7 @@ const FINAL_FLUSH: Duration = Duration::from_secs(5);
 /// How long a closing connection keeps reading (and discarding) until the peer closes too.
 const LINGER: Duration = Duration::from_secs(1);
 
-/// Runs the embedded endpoint on `cfg.listen` until `shutdown` fires.
+/// Runs the embedded endpoint on its listeners until `shutdown` fires.
 ///
 /// Equivalent to [`EmbeddedServer::bind`] followed by [`EmbeddedServer::run`]; use those to learn
 /// the bound address first (port 0 in tests).
@@ -85,32 +93,64 @@ pub async fn serve(
 
 /// A bound, not yet serving, embedded endpoint.
 pub struct EmbeddedServer {
-    listener: TcpListener,
+    /// The plain TCP listener on `listen` (off with TLS unless `plain = true`).
+    listener: Option<TcpListener>,
+    /// The TLS listener on `tls.listen`, and its acceptor.
+    tls: Option<(TcpListener, TlsAcceptor)>,
     cfg: EmbeddedConfig,
     devices: Option<DeviceAuth>,
 }
 
 impl EmbeddedServer {
+    /// Checks the config, reads the TLS files and binds the listeners, so a bad file or a port
+    /// in use stops start-up here with the field named.
     pub async fn bind(cfg: EmbeddedConfig) -> anyhow::Result<Self> {
         cfg.validate()?;
-        let listener = TcpListener::bind(cfg.listen)
-            .await
-            .with_context(|| format!("binding the embedded MQTT endpoint on {}", cfg.listen))?;
+        let tls = match &cfg.tls {
+            None => None,
+            Some(t) => {
+                let acceptor = TlsAcceptor::from(tls::server_config(t, cfg.auth)?);
+                let listener = TcpListener::bind(t.listen).await.with_context(|| {
+                    format!(
+                        "broker.embedded.tls.listen: binding the TLS listener on {}",
+                        t.listen
+                    )
+                })?;
+                Some((listener, acceptor))
+            }
+        };
+        let listener = match cfg.serves_plain() {
+            false => None,
+            true => Some(TcpListener::bind(cfg.listen).await.with_context(|| {
+                format!("binding the embedded MQTT endpoint on {}", cfg.listen)
+            })?),
+        };
         Ok(Self {
             listener,
+            tls,
             cfg,
             devices: None,
         })
     }
 
-    /// The device registry and topic pattern `auth = "password"` checks against.
+    /// The device registry and topic pattern the `auth` modes that identify devices check
+    /// against.
     pub fn with_devices(mut self, devices: Option<DeviceAuth>) -> Self {
         self.devices = devices;
         self
     }
 
+    /// The plain listener's address, or the TLS listener's when there is no plain one.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        match (&self.listener, &self.tls) {
+            (Some(l), _) | (None, Some((l, _))) => l.local_addr(),
+            (None, None) => Err(io::ErrorKind::NotConnected.into()),
+        }
+    }
+
+    /// The TLS listener's address, if there is one.
+    pub fn tls_local_addr(&self) -> Option<SocketAddr> {
+        self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Accepts and serves connections until `shutdown` fires, then stops accepting and reading,
@@ -124,16 +164,21 @@ impl EmbeddedServer {
     ) -> anyhow::Result<()> {
         let EmbeddedServer {
             listener,
+            tls,
             cfg,
             devices,
         } = self;
-        if cfg.auth == Auth::Password && devices.is_none() {
-            anyhow::bail!("broker.embedded.auth = \"password\" needs the device registry");
+        if cfg.auth.identifies_devices() && devices.is_none() {
+            anyhow::bail!(
+                "broker.embedded.auth = \"{}\" needs the device registry",
+                cfg.auth.as_str()
+            );
         }
-        let addr = listener.local_addr()?;
+        let addr = listener.as_ref().map(TcpListener::local_addr).transpose()?;
+        let tls_addr = tls.as_ref().map(|(l, _)| l.local_addr()).transpose()?;
         describe_metrics();
         let ctx = Arc::new(Ctx {
-            devices: devices.filter(|_| cfg.auth == Auth::Password),
+            devices: devices.filter(|_| cfg.auth.identifies_devices()),
             slots: Slots::new(cfg.max_connections, cfg.max_connections_per_address),
             refusals: Refusals::default(),
             cfg,
@@ -145,56 +190,150 @@ impl EmbeddedServer {
         // Connections stop on `stop`: the caller's shutdown, or the pipeline going away.
         let stop = shutdown.child_token();
         let tracker = TaskTracker::new();
-        info!(%addr, "embedded MQTT endpoint listening");
+        let auth = ctx.cfg.auth.as_str();
+        if let Some(addr) = addr {
+            info!(%addr, auth, "embedded MQTT endpoint listening (plain TCP)");
+        }
+        if let Some(addr) = tls_addr {
+            info!(%addr, auth, "embedded MQTT endpoint listening (TLS)");
+        }
+        let (tls_listener, acceptor) = tls.unzip();
         let result = loop {
-            tokio::select! {
+            let (accepted, is_tls) = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 _ = tx.closed() => break Err(anyhow::anyhow!("the pipeline closed its channel")),
-                r = listener.accept() => match r {
-                    Ok((stream, peer)) => {
-                        let slot = match ctx.slots.take(peer.ip()) {
-                            Ok(slot) => slot,
-                            Err(full) => {
-                                metrics::counter!(telemetry::INGEST_CONNECTIONS_REFUSED_TOTAL, "reason" => full.as_str())
-                                    .increment(1);
-                                if ctx.refusals.should_log(&peer.ip().to_string(), std::time::Instant::now()) {
-                                    warn!(%peer, cap = full.as_str(), "connection refused: too many open (logged once a minute per address)");
-                                }
-                                drop(stream);
-                                continue;
+                r = accept(listener.as_ref()) => (r, false),
+                r = accept(tls_listener.as_ref()) => (r, true),
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let slot = match ctx.slots.take(peer.ip()) {
+                        Ok(slot) => slot,
+                        Err(full) => {
+                            metrics::counter!(telemetry::INGEST_CONNECTIONS_REFUSED_TOTAL, "reason" => full.as_str())
+                                .increment(1);
+                            if ctx
+                                .refusals
+                                .should_log(&peer.ip().to_string(), std::time::Instant::now())
+                            {
+                                warn!(%peer, cap = full.as_str(), "connection refused: too many open (logged once a minute per address)");
                             }
-                        };
-                        tracker.spawn(connection(
-                            slot,
-                            stream,
-                            peer,
-                            Arc::clone(&ctx),
-                            tx.clone(),
-                            stop.clone(),
-                        ));
+                            drop(stream);
+                            continue;
+                        }
+                    };
+                    let (ctx, tx, stop) = (Arc::clone(&ctx), tx.clone(), stop.clone());
+                    match (is_tls, &acceptor) {
+                        (true, Some(acceptor)) => {
+                            tracker.spawn(tls_connection(
+                                slot,
+                                stream,
+                                peer,
+                                acceptor.clone(),
+                                ctx,
+                                tx,
+                                stop,
+                            ));
+                        }
+                        _ => {
+                            let _ = stream.set_nodelay(true);
+                            tracker.spawn(connection(slot, stream, peer, ctx, tx, stop, None));
+                        }
                     }
-                    Err(e) => {
-                        // EMFILE and friends: back off instead of spinning.
-                        warn!(error = %e, "accept failed");
-                        sleep(Duration::from_millis(100)).await;
-                    }
-                },
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    sleep(Duration::from_millis(100)).await;
+                }
             }
         };
         drop(listener);
+        drop(tls_listener);
         drop(tx);
         stop.cancel();
         tracker.close();
         tracker.wait().await;
-        info!(%addr, "embedded MQTT endpoint stopped");
+        info!("embedded MQTT endpoint stopped");
         result
+    }
+}
+
+/// Accepts on `listener`; never resolves without one (a listener that is off).
+async fn accept(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
+    match listener {
+        Some(l) => l.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A connection on the TLS listener: the handshake (within `connect_timeout_ms`; failures
+/// counted by reason and logged once a minute per address), then MQTT as on the plain one,
+/// with the device id of the client certificate, if it presented one.
+async fn tls_connection(
+    slot: Slot,
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    ctx: Arc<Ctx>,
+    tx: mpsc::Sender<Inbound>,
+    stop: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let limit = Duration::from_millis(ctx.cfg.connect_timeout_ms);
+    let handshake = tokio::select! {
+        r = timeout(limit, acceptor.accept(stream)) => r,
+        _ = stop.cancelled() => return,
+    };
+    let failed = |reason: &'static str, error: &dyn std::fmt::Display| {
+        metrics::counter!(telemetry::INGEST_TLS_REFUSED_TOTAL, "reason" => reason).increment(1);
+        let key = format!("tls/{}", peer.ip());
+        if ctx.refusals.should_log(&key, std::time::Instant::now()) {
+            info!(%peer, reason, %error, "TLS handshake failed (logged once a minute per address)");
+        }
+    };
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return failed(tls::failure_reason(&e), &e),
+        Err(_) => return failed("timeout", &format_args!("no handshake within {limit:?}")),
+    };
+    let cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(<[_]>::first)
+        .map(tls::device_id);
+    connection(slot, stream, peer, ctx, tx, stop, cert).await;
+}
+
+/// A connection's byte stream, split into its reading and writing halves: plain TCP without a
+/// lock between them, TLS through tokio's split (one session state for both directions).
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    type Read: AsyncRead + Unpin + Send + 'static;
+    type Write: AsyncWrite + Unpin + Send + 'static;
+    fn split(self) -> (Self::Read, Self::Write);
+}
+
+impl Stream for TcpStream {
+    type Read = OwnedReadHalf;
+    type Write = OwnedWriteHalf;
+    fn split(self) -> (OwnedReadHalf, OwnedWriteHalf) {
+        self.into_split()
+    }
+}
+
+impl Stream for TlsStream<TcpStream> {
+    type Read = tokio::io::ReadHalf<Self>;
+    type Write = tokio::io::WriteHalf<Self>;
+    fn split(self) -> (Self::Read, Self::Write) {
+        tokio::io::split(self)
     }
 }
 
 struct Ctx {
     cfg: EmbeddedConfig,
-    /// Set with `auth = "password"`.
+    /// Set with an `auth` that identifies devices.
     devices: Option<DeviceAuth>,
     refusals: Refusals,
     slots: Arc<Slots>,
@@ -274,6 +413,18 @@ fn describe_metrics() {
     describe_counter!(
         telemetry::INGEST_SUBSCRIBE_REFUSED_TOTAL,
         "SUBSCRIBE filters refused (ingest-only endpoint)"
+    );
+    describe_counter!(
+        telemetry::INGEST_AUTH_REFUSED_TOTAL,
+        "CONNECTs refused for the device's identity, by reason"
+    );
+    describe_counter!(
+        telemetry::INGEST_PUBLISH_REFUSED_TOTAL,
+        "connections closed for a publish the device may not make, by reason"
+    );
+    describe_counter!(
+        telemetry::INGEST_TLS_REFUSED_TOTAL,
+        "TLS handshakes that failed on the TLS listener, by reason"
     );
     describe_counter!(
         telemetry::INGEST_ACKS_RELEASED_TOTAL,
@@ -360,24 +511,26 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
-async fn connection(
+/// Serves one connection. `cert`: the device id of the TLS client certificate, if one was
+/// presented (and verified).
+async fn connection<S: Stream>(
     _slot: Slot,
-    mut stream: TcpStream,
+    mut stream: S,
     peer: SocketAddr,
     ctx: Arc<Ctx>,
     tx: mpsc::Sender<Inbound>,
     stop: CancellationToken,
+    cert: Option<Result<String, Refusal>>,
 ) {
     ctx.m.connections_total.increment(1);
     ctx.m.connections.increment(1.0);
     let _open = OpenGuard(&ctx.m);
-    let _ = stream.set_nodelay(true);
     let conn_id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
 
     let connect_timeout = Duration::from_millis(ctx.cfg.connect_timeout_ms);
     let accepted = tokio::select! {
-        r = timeout(connect_timeout, handshake(&mut stream, &mut buf, &ctx, conn_id)) => match r {
+        r = timeout(connect_timeout, handshake(&mut stream, peer, cert.as_ref(), &mut buf, &ctx, conn_id)) => match r {
             Ok(Ok(Some(a))) => a,
             Ok(Ok(None)) => return, // refused; already logged and answered
             Ok(Err(e)) => {
@@ -402,7 +555,7 @@ async fn connection(
     } = accepted;
     debug!(%peer, %client_id, keep_alive, "connected");
 
-    let (mut rd, wr) = stream.into_split();
+    let (mut rd, wr) = stream.split();
     let io = Arc::new(ConnIo {
         out: Mutex::new(Out::default()),
         wake: Notify::new(),
@@ -416,7 +569,7 @@ async fn connection(
 
     let conn = Conn {
         keep_alive,
-        device: device.as_deref(),
+        device: device.as_ref(),
         kick: &kick,
         stop: &stop,
     };
@@ -457,7 +610,7 @@ async fn connection(
         End::Refused(why, topic) => {
             metrics::counter!(telemetry::INGEST_PUBLISH_REFUSED_TOTAL, "reason" => why.as_str())
                 .increment(1);
-            let device = device.as_deref().unwrap_or_default();
+            let device = device.as_ref().map_or("", |d| d.id.as_str());
             if ctx.refusals.should_log(device, std::time::Instant::now()) {
                 warn!(
                     %peer, device, %topic, reason = why.as_str(),
@@ -487,27 +640,29 @@ struct Accepted {
     kick: CancellationToken,
     /// Whether `client_id` is in the take-over registry (not for server-assigned ids).
     registered: bool,
-    /// The authenticated device (`auth = "password"`).
-    device: Option<String>,
+    /// The identified device (an `auth` other than `none`).
+    device: Option<Identity>,
 }
 
 /// What the read loop needs to know of its connection.
 struct Conn<'a> {
     keep_alive: u16,
-    device: Option<&'a str>,
+    device: Option<&'a Identity>,
     kick: &'a CancellationToken,
     stop: &'a CancellationToken,
 }
 
 /// Reads and answers CONNECT. `Ok(None)`: refused (CONNACK sent when the spec asks for one).
-async fn handshake(
-    stream: &mut TcpStream,
+async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    peer: SocketAddr,
+    cert: Option<&Result<String, Refusal>>,
     buf: &mut BytesMut,
     ctx: &Ctx,
     conn_id: u64,
 ) -> io::Result<Option<Accepted>> {
     let max = ctx.cfg.max_packet_bytes;
-    let peer = stream.peer_addr().ok();
+    let peer = Some(peer);
     // Frame the first packet.
     loop {
         match rumqttc::mqttbytes::check(buf.iter(), max) {
@@ -573,7 +728,10 @@ async fn handshake(
     }
     let device = match &ctx.devices {
         None => None,
-        Some(devices) => match devices.connect(connect.login.as_ref()).await {
+        Some(devices) => match devices
+            .authenticate(ctx.cfg.auth, cert, connect.login.as_ref())
+            .await
+        {
             Ok(id) => {
                 if let Some(ip) = peer.map(|p| p.ip()) {
                     ctx.refusals.succeeded(ip);
@@ -589,11 +747,16 @@ async fn handshake(
                     sleep(ctx.refusals.failed(ip, now)).await;
                 }
                 let code = match why {
-                    Refusal::NoCredentials => ConnectReturnCode::NotAuthorized,
-                    _ => ConnectReturnCode::BadUserNamePassword,
+                    Refusal::BadPassword | Refusal::UnknownDevice => {
+                        ConnectReturnCode::BadUserNamePassword
+                    }
+                    _ => ConnectReturnCode::NotAuthorized,
                 };
                 refuse(stream, ctx, code).await;
-                let who = connect.login.as_ref().map_or("", |l| l.username.as_str());
+                let who = match cert {
+                    Some(Ok(id)) => id.as_str(),
+                    _ => connect.login.as_ref().map_or("", |l| l.username.as_str()),
+                };
                 let key = peer.map_or_else(|| who.to_string(), |p| format!("{}/{who}", p.ip()));
                 if ctx.refusals.should_log(&key, now) {
                     info!(
@@ -634,7 +797,7 @@ async fn handshake(
     }))
 }
 
-async fn refuse(stream: &mut TcpStream, ctx: &Ctx, code: ConnectReturnCode) {
+async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, ctx: &Ctx, code: ConnectReturnCode) {
     ctx.m.connect_refused.increment(1);
     let mut out = BytesMut::with_capacity(4);
     let _ = ConnAck::new(code, false).write(&mut out);
@@ -679,8 +842,8 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_loop(
-    rd: &mut OwnedReadHalf,
+async fn read_loop<R: AsyncRead + Unpin>(
+    rd: &mut R,
     mut buf: BytesMut,
     ctx: &Ctx,
     tx: &mpsc::Sender<Inbound>,
@@ -703,8 +866,9 @@ async fn read_loop(
     loop {
         // A device removed from the registry is disconnected at its next read.
         if let (Some(d), Some(devices)) = (device, &ctx.devices)
+            && d.registered
             && !buf.is_empty()
-            && !devices.still_registered(d)
+            && !devices.still_registered(&d.id)
         {
             return End::Refused(Refusal::Revoked, String::new());
         }
@@ -718,7 +882,7 @@ async fn read_loop(
                         break Some(End::Protocol(format!("invalid topic name {:?}", p.topic)));
                     }
                     if let (Some(d), Some(devices)) = (device, &ctx.devices)
-                        && !devices.may_publish(d, &p.topic)
+                        && !devices.may_publish(&d.id, &p.topic)
                     {
                         break Some(End::Refused(Refusal::NotOwnTopic, p.topic));
                     }
@@ -849,7 +1013,7 @@ fn packet_name(p: &Packet) -> &'static str {
 /// socket with unread input makes the kernel send RST instead of FIN, and a RST can make the
 /// peer's kernel discard our last PUBACKs before the device has read them — the device would
 /// then send those messages again for nothing.
-async fn linger(rd: &mut OwnedReadHalf) {
+async fn linger<R: AsyncRead + Unpin>(rd: &mut R) {
     let mut sink = [0u8; 4096];
     let _ = timeout(LINGER, async {
         while let Ok(n) = rd.read(&mut sink).await {
@@ -862,7 +1026,7 @@ async fn linger(rd: &mut OwnedReadHalf) {
 }
 
 /// Sends whatever the reader and releases append, one write per wake-up.
-async fn write_loop(mut wr: OwnedWriteHalf, io: Arc<ConnIo>) {
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, io: Arc<ConnIo>) {
     let mut spare = BytesMut::with_capacity(256);
     loop {
         io.wake.notified().await;

@@ -1,10 +1,17 @@
-//! Device identity on the embedded endpoint (`auth = "password"`): who may connect, what each
-//! device may publish, and how refusals are slowed down and reported without flooding the log.
+//! Device identity on the embedded endpoint (`auth = "password" | "certificate" |
+//! "password_or_certificate"`): who may connect, what each device may publish, and how
+//! refusals are slowed down and reported without flooding the log.
 //!
-//! The MQTT user name is the device id and the password its secret in the device registry
-//! ([`crate::devices`]). An authenticated device may publish only on topics whose `{device}`
-//! level is its own id; MQTT 3.1.1 has no negative PUBACK, so a refused publish closes the
-//! connection (MQTT-3.3.5-2) rather than be acknowledged as if it were stored.
+//! With a password, the MQTT user name is the device id and the password its secret in the
+//! device registry ([`crate::devices`]). With a certificate (TLS listener, verified against
+//! `tls.client_ca` during the handshake, [`super::tls`]) the id is the certificate's CN (else
+//! its one SAN); a user name in CONNECT, if any, must be that same id (a device that claims to
+//! be another is refused, not silently renamed) and a password is not looked at. A
+//! certificate is not in the registry: the CA is the authority, so `device remove` does not
+//! apply to it (revoke by re-issuing the CA). An identified device may publish only on topics
+//! whose `{device}` level is its own id; MQTT 3.1.1 has no negative PUBACK, so a refused
+//! publish closes the connection (MQTT-3.3.5-2) rather than be acknowledged as if it were
+//! stored.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -15,6 +22,7 @@ use engine::TopicPattern;
 use rumqttc::mqttbytes::v4::Login;
 
 use crate::devices::{Verdict, Watch};
+use crate::ingest::config::Auth;
 
 /// The registry and the topic pattern a device's publishes must match.
 pub struct DeviceAuth {
@@ -32,6 +40,22 @@ pub(super) enum Refusal {
     NotOwnTopic,
     /// The device was removed from the registry while connected.
     Revoked,
+    /// `auth = "certificate"` and the connection has no client certificate.
+    NoCertificate,
+    /// A verified certificate without a usable id (no CN and not exactly one SAN, or not a
+    /// valid device id).
+    NoIdentity,
+    /// A certificate-identified device whose CONNECT user name names another device.
+    UsernameMismatch,
+}
+
+/// Who an accepted connection is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Identity {
+    pub id: String,
+    /// Identified by its registry password, so it must stay registered (a removed device is
+    /// disconnected); a certificate's device is not in the registry.
+    pub registered: bool,
 }
 
 impl Refusal {
@@ -42,11 +66,47 @@ impl Refusal {
             Refusal::BadPassword => "bad_password",
             Refusal::NotOwnTopic => "not_own_topic",
             Refusal::Revoked => "revoked",
+            Refusal::NoCertificate => "no_certificate",
+            Refusal::NoIdentity => "no_identity",
+            Refusal::UsernameMismatch => "username_mismatch",
         }
     }
 }
 
 impl DeviceAuth {
+    /// Who a CONNECT is under `auth`. `cert` is the device id read from the connection's
+    /// verified client certificate (`None`: none presented, or the plain listener): with a
+    /// certificate mode it wins, otherwise the registry password decides.
+    pub(super) async fn authenticate(
+        &self,
+        auth: Auth,
+        cert: Option<&Result<String, Refusal>>,
+        login: Option<&Login>,
+    ) -> Result<Identity, Refusal> {
+        match cert {
+            Some(cert) if auth.uses_certificates() => {
+                let id = cert.clone()?;
+                if let Some(login) = login
+                    && !login.username.is_empty()
+                    && login.username != id
+                {
+                    return Err(Refusal::UsernameMismatch);
+                }
+                Ok(Identity {
+                    id,
+                    registered: false,
+                })
+            }
+            // The handshake requires a certificate and the plain listener is off; this only
+            // keeps a future path from falling through to passwords.
+            _ if auth == Auth::Certificate => Err(Refusal::NoCertificate),
+            _ => self.connect(login).await.map(|id| Identity {
+                id,
+                registered: true,
+            }),
+        }
+    }
+
     /// Checks a CONNECT's credentials off the async threads (argon2 costs tens of ms by
     /// design). `Ok` carries the device id.
     pub(super) async fn connect(&self, login: Option<&Login>) -> Result<String, Refusal> {

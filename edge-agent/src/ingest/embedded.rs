@@ -693,7 +693,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(None);
         }
     }
-    let connect = match Packet::read(buf, max) {
+    let connect = match read_packet(buf, max) {
         Ok(Packet::Connect(c)) => c,
         Ok(other) => unreachable!("prechecked CONNECT parsed as {other:?}"),
         Err(e) => {
@@ -805,7 +805,9 @@ async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, ctx: &Ctx, code: ConnectR
     let _ = stream.shutdown().await;
 }
 
-enum Precheck {
+/// What [`precheck_connect`] makes of a first packet (public for the fuzz target).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Precheck {
     Mqtt311,
     NotConnect,
     UnsupportedLevel(u8),
@@ -814,7 +816,7 @@ enum Precheck {
 /// Looks at the protocol name and level of a fully buffered first packet before parsing it:
 /// the v4 codec would misparse an MQTT 5 CONNECT, and the spec wants CONNACK 0x01 for a level we
 /// do not speak (including MQTT 3.1's "MQIsdp").
-fn precheck_connect(frame: &[u8]) -> Precheck {
+pub fn precheck_connect(frame: &[u8]) -> Precheck {
     if frame.first().map(|b| b >> 4) != Some(1) {
         return Precheck::NotConnect;
     }
@@ -835,6 +837,14 @@ fn precheck_connect(frame: &[u8]) -> Precheck {
         (Some(b"MQTT" | b"MQIsdp"), Some(level)) => Precheck::UnsupportedLevel(level),
         _ => Precheck::NotConnect,
     }
+}
+
+/// Takes the next whole packet off a connection's buffer: what the reader (and the handshake,
+/// after [`precheck_connect`]) does with the bytes a socket delivered. `InsufficientBytes` leaves
+/// `buf` as it was; a packet over `max_packet_bytes` is refused before its body is read. Public
+/// for the fuzz target `mqtt_packets` (fuzz/), which feeds it raw socket bytes.
+pub fn read_packet(buf: &mut BytesMut, max_packet_bytes: usize) -> Result<Packet, MqttError> {
+    Packet::read(buf, max_packet_bytes)
 }
 
 /// Constant-time comparison for credentials.
@@ -876,7 +886,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let received_at = now_ms();
         let (mut msgs, mut bytes) = (0u64, 0u64);
         let end = loop {
-            match Packet::read(&mut buf, max) {
+            match read_packet(&mut buf, max) {
                 Ok(Packet::Publish(p)) => {
                     if p.topic.is_empty() || p.topic.contains(['+', '#']) {
                         break Some(End::Protocol(format!("invalid topic name {:?}", p.topic)));

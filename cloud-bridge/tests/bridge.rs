@@ -41,9 +41,16 @@ struct Setup {
 
 impl Setup {
     async fn new(endpoint: String, tag: &str) -> Setup {
+        Self::with_acl(endpoint, tag, None).await
+    }
+
+    async fn with_acl(endpoint: String, tag: &str, acl: Option<&str>) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::new(dir.path(), "cloud");
-        let broker = Broker::start_tls(dir.path(), &pki, &pki.ca);
+        let broker = match acl {
+            Some(acl) => Broker::start_tls_acl(dir.path(), &pki, &pki.ca, acl),
+            None => Broker::start_tls(dir.path(), &pki, &pki.ca),
+        };
         let names = AwsNames::unique(tag);
         let aws = TestAws::new(&endpoint).await;
         Setup {
@@ -381,4 +388,74 @@ async fn two_bridges_share_the_load_exactly_once() {
     assert!(a1 > 0 && a2 > 0, "both bridges took messages: {a1} / {a2}");
     assert_eq!(a1 + a2, 60, "every message acked once");
     assert_eq!(emf_sum(&b1, "processed") + emf_sum(&b2, "processed"), 600);
+}
+
+/// A gateway may speak only for itself, checked twice: the broker's ACL keys each gateway's
+/// topics to its certificate (what an AWS IoT policy does with `${iot:ClientId}`), and the
+/// bridge refuses a batch whose body names another gateway than its topic, dead-lettered
+/// under `failures/` and never stored as either gateway's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_cannot_deliver_results_for_another() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    let acl = "user bridge-acl\ntopic readwrite #\n\n\
+               pattern write gateways/%u/results\npattern write gateways/%u/status\n\
+               pattern read gateways/%u/replay\n";
+    let s = Setup::with_acl(endpoint, "acl", Some(acl)).await;
+    let cfg = s.bridge_config("bridge-acl");
+    provision(&cfg);
+    let mut bridge = s.start_bridge(&cfg, &[]);
+
+    let pubr = s.gateway("gw-a");
+    // Another gateway's topic: the broker drops it (MQTT 3.1.1 has no negative PUBACK).
+    pubr.publish_batch(&batch("gw-b", 1..=5)).await;
+    // Its own topic, but a body that names gw-b: the bridge refuses it.
+    let forged = batch("gw-b", 1..=5);
+    pubr.client
+        .publish(
+            proto::uplink::results_topic("gw-a"),
+            QoS::AtLeastOnce,
+            false,
+            proto::wire::encode(&forged),
+        )
+        .await
+        .unwrap();
+    // And its own results, which go through.
+    pubr.publish_batch(&batch("gw-a", 1..=5)).await;
+    pubr.wait_acked(3).await;
+    s.aws
+        .wait_hwm(&s.names.table, "gw-a", 5, Duration::from_secs(60))
+        .await;
+
+    let mut failures = Default::default();
+    for _ in 0..300 {
+        failures = s.aws.objects(&s.names.bucket, "failures/").await;
+        if !failures.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    let dlq: Value = serde_json::from_str(failures.values().next().unwrap()).unwrap();
+    let reason = dlq["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("names gateway 'gw-b'") && reason.contains("'gw-a'"),
+        "{dlq}"
+    );
+
+    // Drained: the bridge saw exactly the two messages on gw-a's topic, and gw-b has nothing.
+    let status = bridge.terminate();
+    assert!(status.success(), "{status:?}\n{}", bridge.log_text());
+    assert_eq!(emf_sum(&bridge, "acked_messages"), 2);
+    assert!(
+        s.aws
+            .stored_edge_seqs(&s.names.bucket, "gw-b")
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        s.aws.stored_edge_seqs(&s.names.bucket, "gw-a").await,
+        (1..=5).collect::<Vec<_>>()
+    );
 }

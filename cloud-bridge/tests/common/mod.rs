@@ -70,6 +70,16 @@ pub struct Broker {
 
 impl Broker {
     pub fn start_tls(dir: &Path, server_pki: &Pki, client_ca: &Path) -> Broker {
+        Self::start(dir, server_pki, client_ca, None)
+    }
+
+    /// As a cloud broker should run: the certificate's CN is the user name, and `acl`
+    /// (mosquitto's `acl_file` format) says what each may publish and read.
+    pub fn start_tls_acl(dir: &Path, server_pki: &Pki, client_ca: &Path, acl: &str) -> Broker {
+        Self::start(dir, server_pki, client_ca, Some(acl))
+    }
+
+    fn start(dir: &Path, server_pki: &Pki, client_ca: &Path, acl: Option<&str>) -> Broker {
         let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -91,6 +101,12 @@ impl Broker {
             key.display()
         )
         .unwrap();
+        if let Some(acl) = acl {
+            let file = dir.join(format!("mosquitto-{port}.acl"));
+            std::fs::write(&file, acl).unwrap();
+            writeln!(f, "\nacl_file {}", file.display()).unwrap();
+        }
+        drop(f);
         let child = Command::new(mosquitto)
             .arg("-c")
             .arg(&conf)

@@ -3,27 +3,16 @@
 //! publishes only under its own id, refusals are counted, and no secret ever shows up in the
 //! agent's log or in a command's output.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
+use e2e::mosquitto_pub::Client;
 use e2e::{Agent, meter, set};
 
 /// `mosquitto_pub` as `user`/`password` (QoS 1); whether the broker took the message.
 fn publish(agent: &Agent, login: Option<(&str, &str)>, topic: &str, payload: &[u8]) -> bool {
-    let mut cmd = Command::new("mosquitto_pub");
-    cmd.args(["-h", "127.0.0.1", "-p", &agent.mqtt_port.to_string()])
-        .args(["-t", topic, "-q", "1", "-s", "-i", "auth-test"]);
-    if let Some((user, password)) = login {
-        cmd.args(["-u", user, "-P", password]);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto_pub (Debian package mosquitto-clients) must be installed");
-    child.stdin.take().unwrap().write_all(payload).unwrap();
-    child.wait().unwrap().success()
+    let client = Client {
+        login,
+        ..Client::default()
+    };
+    e2e::mosquitto_pub::publish(agent.mqtt_port, client, topic, payload)
 }
 
 fn device(agent: &Agent, args: &[&str]) -> std::process::Output {

@@ -3,46 +3,12 @@
 //! device publishes only as itself), password over TLS, either of the two, and the TLS files
 //! checked by `check-config` with the field named and no secret shown.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use e2e::mosquitto_pub::{Client, publish};
 use e2e::{Agent, Pki, free_port, http_get, meter, set, wait_for};
-
-/// How a test client connects.
-#[derive(Default, Clone, Copy)]
-struct Client<'a> {
-    /// TLS, trusting this CA for the endpoint's certificate.
-    ca: Option<&'a Path>,
-    /// A client certificate and its key.
-    cert: Option<(&'a Path, &'a Path)>,
-    login: Option<(&'a str, &'a str)>,
-}
-
-/// `mosquitto_pub` one QoS 1 message; whether the endpoint took it (PUBACK).
-fn publish(port: u16, c: Client<'_>, topic: &str, payload: &[u8]) -> bool {
-    let mut cmd = Command::new("mosquitto_pub");
-    cmd.args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(["-t", topic, "-q", "1", "-s", "-i", "tls-test"]);
-    if let Some(ca) = c.ca {
-        cmd.arg("--cafile").arg(ca);
-    }
-    if let Some((cert, key)) = c.cert {
-        cmd.arg("--cert").arg(cert).arg("--key").arg(key);
-    }
-    if let Some((user, password)) = c.login {
-        cmd.args(["-u", user, "-P", password]);
-    }
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mosquitto_pub (Debian package mosquitto-clients) must be installed");
-    child.stdin.take().unwrap().write_all(payload).unwrap();
-    child.wait().unwrap().success()
-}
 
 /// One metric's value for one `reason` label.
 fn reason(agent: &Agent, name: &str, why: &str) -> f64 {

@@ -81,6 +81,19 @@ impl Setup {
         b
     }
 
+    /// The `failures/` objects, once there is at least one (or after 30 s): the test's own
+    /// acks say nothing about when the bridge has written its dead letters.
+    async fn failures(&self) -> std::collections::BTreeMap<String, String> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let failures = self.aws.objects(&self.names.bucket, "failures/").await;
+            if !failures.is_empty() || std::time::Instant::now() > deadline {
+                return failures;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn gateway(&self, gw: &str) -> TestClient {
         let (c, k) = self.pki.issue(gw, false);
         TestClient::connect(
@@ -159,14 +172,7 @@ async fn end_to_end_exactly_once_into_s3_and_eventbridge() {
         );
     }
 
-    let mut failures = Default::default();
-    for _ in 0..100 {
-        failures = s.aws.objects(&s.names.bucket, "failures/").await;
-        if !failures.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let failures = s.failures().await;
     assert_eq!(failures.len(), 1, "{failures:?}");
     let dlq: Value = serde_json::from_str(failures.values().next().unwrap()).unwrap();
     assert_eq!(dlq["stage"], "cloud");
@@ -428,14 +434,7 @@ async fn a_gateway_cannot_deliver_results_for_another() {
         .wait_hwm(&s.names.table, "gw-a", 5, Duration::from_secs(60))
         .await;
 
-    let mut failures = Default::default();
-    for _ in 0..300 {
-        failures = s.aws.objects(&s.names.bucket, "failures/").await;
-        if !failures.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let failures = s.failures().await;
     assert_eq!(failures.len(), 1, "{failures:?}");
     let dlq: Value = serde_json::from_str(failures.values().next().unwrap()).unwrap();
     let reason = dlq["reason"].as_str().unwrap();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 pub mod aws;
 pub mod cli;
 pub mod cutfs;
+pub mod mosquitto_pub;
 pub mod moto;
 pub mod pki;
 pub mod proxy;

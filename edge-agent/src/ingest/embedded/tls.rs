@@ -29,35 +29,53 @@ use crate::ingest::config::{Auth, TlsConfig};
 
 /// A TLS file that cannot serve, named by its field. The text never contains a file's
 /// contents (the key is a secret), only its path and what is wrong with it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 pub enum TlsConfigError {
-    #[error("broker.embedded.tls.{field}: {path}: {reason}")]
     File {
         field: &'static str,
         path: PathBuf,
         reason: String,
     },
-    #[error(
-        "broker.embedded.tls.key: {path}: is not the key of the certificate in broker.embedded.tls.cert"
-    )]
-    KeyMismatch { path: PathBuf },
-    #[error("broker.embedded.tls: {0}")]
+    KeyMismatch {
+        path: PathBuf,
+    },
     Setup(String),
 }
 
-impl From<TlsConfigError> for settings::Invalid {
-    fn from(e: TlsConfigError) -> settings::Invalid {
-        let message = e.to_string();
-        let field = match &e {
+impl TlsConfigError {
+    /// The config field at fault (`broker.embedded.tls.key`).
+    pub fn field(&self) -> String {
+        match self {
             TlsConfigError::File { field, .. } => format!("broker.embedded.tls.{field}"),
             TlsConfigError::KeyMismatch { .. } => "broker.embedded.tls.key".to_string(),
             TlsConfigError::Setup(_) => "broker.embedded.tls".to_string(),
-        };
-        // The message after the field, as the config error shows it.
-        let rest = message
-            .strip_prefix(&format!("{field}: "))
-            .unwrap_or(&message);
-        settings::Invalid::at(field, rest)
+        }
+    }
+
+    /// What is wrong with it: the text after the field.
+    fn problem(&self) -> String {
+        match self {
+            TlsConfigError::File { path, reason, .. } => format!("{}: {reason}", path.display()),
+            TlsConfigError::KeyMismatch { path } => format!(
+                "{}: is not the key of the certificate in broker.embedded.tls.cert",
+                path.display()
+            ),
+            TlsConfigError::Setup(message) => message.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for TlsConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field(), self.problem())
+    }
+}
+
+impl std::error::Error for TlsConfigError {}
+
+impl From<TlsConfigError> for settings::Invalid {
+    fn from(e: TlsConfigError) -> settings::Invalid {
+        settings::Invalid::at(e.field(), e.problem())
     }
 }
 

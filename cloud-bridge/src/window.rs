@@ -1,15 +1,15 @@
-//! A device's recent readings of one event type as the edge keeps them (the latest plus
-//! [`engine::state::EARLIER_READINGS`] earlier ones), with where each result is stored: what
-//! the bridge's verifier and correction runs recalculate against.
+//! A device's recent readings of one event type as the edge keeps them (the engine's
+//! [`engine::Window`]: the latest plus [`engine::EARLIER_READINGS`] earlier ones), with where
+//! each result is stored: what the bridge's verifier and correction runs recalculate against.
 
 use engine::verify::advances_previous;
-use engine::{Reading, flags};
+use engine::{Reading, Timed, flags};
 use proto::EventResult;
 
-/// A device's recent readings of one type, oldest first by `ts` (the latest last), at most
-/// [`engine::state::EARLIER_READINGS`] + 1, as the edge keeps them.
+/// A device's recent readings of one type, in the engine's window so the bridge keeps the same
+/// ones as the edge, oldest first by `ts`.
 #[derive(Debug, Default)]
-pub struct Window(Vec<Kept>);
+pub struct Window(engine::Window<Kept>);
 
 #[derive(Debug)]
 pub struct Kept {
@@ -22,9 +22,15 @@ pub struct Kept {
     pub sure: bool,
 }
 
+impl Timed for Kept {
+    fn ts(&self) -> i64 {
+        self.reading.ts
+    }
+}
+
 impl Window {
     pub fn latest(&self) -> Option<&Kept> {
-        self.0.last()
+        self.0.latest()
     }
 
     /// The reading `r` was calculated against: the latest (or, for a late event calculated
@@ -33,7 +39,7 @@ impl Window {
     pub fn previous_of(&self, r: &EventResult) -> Option<&Reading> {
         let earlier = r.flags.iter().any(|f| f == flags::EARLIER_PREVIOUS);
         let k = if earlier {
-            self.0.iter().rev().find(|k| k.reading.ts < r.ts)?
+            self.0.before(r.ts)?
         } else {
             self.latest()?
         };
@@ -46,15 +52,12 @@ impl Window {
         if self.latest().is_none_or(|l| l.reading.ts <= r.ts) {
             return None;
         }
-        self.0
-            .iter()
-            .find(|k| k.reading.ts > r.ts)
-            .filter(|k| k.sure)
+        self.0.after(r.ts).filter(|k| k.sure)
     }
 
     /// After a break in `edge_seq`: the missing range may hold newer readings.
     pub fn doubt(&mut self) {
-        for k in &mut self.0 {
+        for k in self.0.iter_mut() {
             k.sure = false;
         }
     }
@@ -67,22 +70,15 @@ impl Window {
             sure: true,
         };
         if advances_previous(r, self.latest().map(|k| &k.reading)) {
-            self.0.push(kept);
-        } else if r.flags.iter().all(|f| f != flags::REPLAY) {
-            let at = self.0.partition_point(|k| k.reading.ts < r.ts);
+            self.0.advance(kept);
+        } else if r.flags.iter().all(|f| f != flags::REPLAY)
+            && let Some(at) = self.0.insert(kept)
+            && at + 1 == self.0.len()
+            && let Some(k) = self.0.get_mut(at)
+        {
             // Older than the edge's latest reading but newer than all kept here: the edge's
             // latest is one this bridge never saw, so this one is not surely the previous.
-            let last = at == self.0.len();
-            self.0.insert(
-                at,
-                Kept {
-                    sure: !last,
-                    ..kept
-                },
-            );
-        }
-        if self.0.len() > engine::state::EARLIER_READINGS + 1 {
-            self.0.remove(0);
+            k.sure = false;
         }
     }
 }

@@ -177,7 +177,7 @@ fn dataset(gateway: &str, n: usize, seed: u64) -> (Vec<EventResult>, Labels) {
         }
         j += 1;
     }
-    let mut window: HashMap<(String, String), Vec<engine::Reading>> = HashMap::new();
+    let mut window: HashMap<(String, String), engine::Window<engine::Reading>> = HashMap::new();
     for (device, ty, data, seq, ts, i) in msgs {
         let payload = format!(r#"{{"id":"e{i}","seq":{seq},"ts":{ts},"data":{data}}}"#);
         let topic = format!("devices/{device}/events/{ty}");
@@ -202,11 +202,7 @@ fn dataset(gateway: &str, n: usize, seed: u64) -> (Vec<EventResult>, Labels) {
         let k = (r.device.clone(), r.event_type.clone());
         let w = window.entry(k).or_default();
         let earlier = r.flags.iter().any(|f| f == "earlier_previous");
-        let prev = if earlier {
-            w.iter().rev().find(|p| p.ts < r.ts)
-        } else {
-            w.last()
-        };
+        let prev = if earlier { w.before(r.ts) } else { w.latest() };
         if cur.recompute(&r, prev).is_err() {
             labels.refused.insert(edge_seq);
         }
@@ -219,11 +215,10 @@ fn dataset(gateway: &str, n: usize, seed: u64) -> (Vec<EventResult>, Labels) {
             }
         }
         let reading = engine::Reading::from_result(&r);
-        if engine::verify::advances_previous(&r, w.last()) {
-            w.push(reading);
+        if engine::verify::advances_previous(&r, w.latest()) {
+            w.advance(reading);
         } else {
-            let at = w.partition_point(|p| p.ts < r.ts);
-            w.insert(at, reading);
+            w.insert(reading);
         }
         // Faults only mid-stream (a device's first reading has nothing to be wrong against),
         // and not on reordered messages (their class is "stale").

@@ -31,8 +31,8 @@
 //! - **State only moves forward on purpose.** A message's `seq` is recorded as soon as its
 //!   envelope is valid (so a rejected message is "in the DLQ", not "missed"); the previous
 //!   reading changes only when an event is accepted and is newer than the stored one.
-//! - **Bounded.** Per device the state is the sequence tracker, one previous reading per type
-//!   and one fixed-size [`anomaly::FieldDetector`] per watched field: nothing grows with the
+//! - **Bounded.** Per device the state is the sequence tracker, a [`Window`] of the latest
+//!   readings per type (the previous one and [`EARLIER_READINGS`] before it) and one fixed-size [`anomaly::FieldDetector`] per watched field: nothing grows with the
 //!   stream.
 //! - **Cheap.** Expressions are parsed once; per event the work is a handful of small
 //!   allocations and tree walks (a few microseconds).
@@ -57,6 +57,7 @@ pub mod state;
 pub mod topic;
 mod value;
 pub mod verify;
+pub mod window;
 
 pub use calc::calc_version;
 pub use engine::{Engine, Input, Outcome, Rejection, flags};
@@ -68,3 +69,4 @@ pub use spec::{
 pub use state::{DeviceState, Reading, State};
 pub use topic::{TopicError, TopicPattern};
 pub use value::Scalar;
+pub use window::{EARLIER_READINGS, Timed, Window};

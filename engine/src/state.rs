@@ -1,6 +1,7 @@
 //! The engine's memory between events: per device, its sequence tracker and, per event type,
-//! its previous accepted reading (for `prev.x`, `delta`, `rate`, `dt`) and the anomaly
-//! detectors of its watched fields (a fixed-size struct each).
+//! its latest accepted readings (a [`Window`]: the previous one for `prev.x`, `delta`, `rate`,
+//! `dt`, the earlier ones for late events) and the anomaly detectors of its watched fields (a
+//! fixed-size struct each).
 //!
 //! The engine mutates a [`State`] the caller owns; the caller persists the devices each batch
 //! touched ([`State::take_dirty`]; `DeviceState` is serde, e.g. CBOR) and loads them back at
@@ -15,8 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::anomaly::TypeDetectors;
 use crate::seq::{SeqRange, SeqTracker};
 use crate::value::Scalar;
+use crate::window::{Timed, Window};
 
-/// The previous accepted reading of one device and event type: its time, seq and scalar data
+/// An accepted reading of one device and event type: its time, seq and scalar data
 /// and derived fields (intermediate calc fields included).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Reading {
@@ -103,71 +105,76 @@ impl ScalarRef<'_> {
 
 /// Everything the engine remembers about one device.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(from = "Stored")]
 pub struct DeviceState {
     pub(crate) seq: SeqTracker,
-    /// Event type → previous accepted reading.
-    #[serde(default)]
-    pub(crate) previous: BTreeMap<String, Reading>,
+    /// Event type → the latest accepted readings, the previous one last.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub(crate) readings: BTreeMap<String, Window<Reading>>,
     /// Event type → watched field → anomaly detector. Absent in states written before the
     /// detectors existed (hence the default); bounded by the configured fields.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub(crate) anomaly: BTreeMap<String, TypeDetectors>,
-    /// Event type → up to [`EARLIER_READINGS`] accepted readings older than `previous`,
-    /// oldest first: a late event is calculated against the one just before it.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(crate) earlier: BTreeMap<String, Vec<Reading>>,
     #[serde(skip)]
     dirty: bool,
 }
 
-/// How many readings before the latest one a device keeps per event type. A late event older
-/// than all of them is calculated as if there were no previous reading (flag `out_of_order`).
-/// Small on purpose: the state is rewritten with every event.
-pub const EARLIER_READINGS: usize = 4;
+/// A device state as a gateway may have stored it: today's shape, or the one before the
+/// reading window, which kept the previous reading and the earlier ones apart. Read both
+/// until no gateway has a state that old (each is rewritten with its device's next event).
+#[derive(Deserialize)]
+struct Stored {
+    seq: SeqTracker,
+    #[serde(default)]
+    readings: BTreeMap<String, Window<Reading>>,
+    #[serde(default)]
+    anomaly: BTreeMap<String, TypeDetectors>,
+    #[serde(default)]
+    previous: BTreeMap<String, Reading>,
+    #[serde(default)]
+    earlier: BTreeMap<String, Vec<Reading>>,
+}
+
+impl From<Stored> for DeviceState {
+    fn from(s: Stored) -> DeviceState {
+        let mut readings = s.readings;
+        let mut earlier = s.earlier;
+        for (event_type, latest) in s.previous {
+            let w = readings.entry(event_type.clone()).or_default();
+            // Stored oldest first, the previous one after them.
+            for r in earlier.remove(&event_type).unwrap_or_default() {
+                w.advance(r);
+            }
+            w.advance(latest);
+        }
+        DeviceState {
+            seq: s.seq,
+            readings,
+            anomaly: s.anomaly,
+            dirty: false,
+        }
+    }
+}
+
+impl Timed for Reading {
+    fn ts(&self) -> i64 {
+        self.ts
+    }
+}
 
 impl DeviceState {
     pub fn seq(&self) -> &SeqTracker {
         &self.seq
     }
 
-    /// The previous accepted reading of `event_type`.
+    /// The latest accepted readings of `event_type`.
+    pub fn readings(&self, event_type: &str) -> Option<&Window<Reading>> {
+        self.readings.get(event_type)
+    }
+
+    /// The previous accepted reading of `event_type`: the latest in its window.
     pub fn previous(&self, event_type: &str) -> Option<&Reading> {
-        self.previous.get(event_type)
-    }
-
-    /// The readings of `event_type` older than [`Self::previous`], oldest first.
-    pub fn earlier(&self, event_type: &str) -> &[Reading] {
-        self.earlier.get(event_type).map_or(&[], Vec::as_slice)
-    }
-
-    /// Before the latest reading is overwritten: keeps a copy in the window (reusing the
-    /// allocation of the oldest one when the window is full).
-    pub(crate) fn keep_previous(&mut self, event_type: &str) {
-        let Some(prev) = self.previous.get(event_type) else {
-            return;
-        };
-        let ring = match self.earlier.get_mut(event_type) {
-            Some(r) => r,
-            None => self.earlier.entry(event_type.to_string()).or_default(),
-        };
-        let mut slot = if ring.len() >= EARLIER_READINGS {
-            ring.remove(0)
-        } else {
-            Reading::default()
-        };
-        slot.clone_from(prev);
-        ring.push(slot);
-    }
-
-    /// A late reading joins the window in `ts` order (the oldest falls out when it is full),
-    /// so a later late event finds it as its predecessor.
-    pub(crate) fn insert_earlier(&mut self, event_type: &str, reading: Reading) {
-        let ring = self.earlier.entry(event_type.to_string()).or_default();
-        let at = ring.partition_point(|r| r.ts < reading.ts);
-        ring.insert(at, reading);
-        if ring.len() > EARLIER_READINGS {
-            ring.remove(0);
-        }
+        self.readings.get(event_type)?.latest()
     }
 
     /// The anomaly detectors of `event_type`, by field.
@@ -180,20 +187,20 @@ impl DeviceState {
             self.anomaly
                 .insert(event_type.to_string(), TypeDetectors::new());
         }
-        // Present: inserted just above (see `previous_mut`).
+        // Present: inserted just above (see `readings_mut`).
         #[allow(clippy::expect_used)]
         self.anomaly.get_mut(event_type).expect("inserted above")
     }
 
-    pub(crate) fn previous_mut(&mut self, event_type: &str) -> &mut Reading {
-        if !self.previous.contains_key(event_type) {
-            self.previous
-                .insert(event_type.to_string(), Reading::default());
+    pub(crate) fn readings_mut(&mut self, event_type: &str) -> &mut Window<Reading> {
+        if !self.readings.contains_key(event_type) {
+            self.readings
+                .insert(event_type.to_string(), Window::default());
         }
         // Present: inserted just above. (A `match get_mut` with an insert in the `None` arm
         // would need Polonius; `entry()` would allocate the key on every call.)
         #[allow(clippy::expect_used)]
-        self.previous.get_mut(event_type).expect("inserted above")
+        self.readings.get_mut(event_type).expect("inserted above")
     }
 }
 
@@ -295,7 +302,7 @@ impl State {
             self.devices
                 .insert(device.to_string(), DeviceState::default());
         }
-        // Present: inserted just above (see `DeviceState::previous_mut`).
+        // Present: inserted just above (see `DeviceState::readings_mut`).
         #[allow(clippy::expect_used)]
         let state = self.devices.get_mut(device).expect("inserted above");
         Entry {
@@ -306,8 +313,18 @@ impl State {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The top-level keys of a stored (CBOR) device state, in order.
+    pub(crate) fn stored_keys(bytes: &[u8]) -> Vec<String> {
+        let v: ciborium::Value = ciborium::from_reader(bytes).unwrap();
+        v.as_map()
+            .unwrap()
+            .iter()
+            .filter_map(|(k, _)| k.as_text().map(str::to_string))
+            .collect()
+    }
 
     #[test]
     fn overwrite_in_place_and_on_layout_change() {
@@ -337,17 +354,19 @@ mod tests {
         let e = s.entry("d");
         e.state.seq.observe(1, "a", false);
         e.state.seq.observe(5, "b", false);
-        e.state.previous_mut("meter").overwrite(
-            7,
-            5,
-            [
-                ("kwh", ScalarRef::Number(12.5)),
-                ("whole", ScalarRef::Number(3.0)),
-                ("state", ScalarRef::Text("on")),
-                ("ok", ScalarRef::Bool(true)),
-            ]
-            .into_iter(),
-        );
+        e.state.readings_mut("meter").advance_with(|r| {
+            r.overwrite(
+                7,
+                5,
+                [
+                    ("kwh", ScalarRef::Number(12.5)),
+                    ("whole", ScalarRef::Number(3.0)),
+                    ("state", ScalarRef::Text("on")),
+                    ("ok", ScalarRef::Bool(true)),
+                ]
+                .into_iter(),
+            )
+        });
         let ds = s.device("d").unwrap().clone();
         let mut bytes = Vec::new();
         ciborium::into_writer(&ds, &mut bytes).unwrap();
@@ -359,6 +378,42 @@ mod tests {
         );
         assert_eq!(back.seq().highest(), Some(5));
         assert_eq!(back.seq().missing(), &[SeqRange::new(2, 4)]);
+    }
+
+    /// A state stored before the window (previous reading and earlier ones apart) loads as
+    /// the same readings in the same order, so a gateway upgraded mid-stream calculates its
+    /// next late event as before.
+    #[test]
+    fn a_state_stored_before_the_window_loads_into_it() {
+        #[derive(Serialize)]
+        struct Old {
+            seq: SeqTracker,
+            previous: BTreeMap<String, Reading>,
+            earlier: BTreeMap<String, Vec<Reading>>,
+        }
+        let reading = |ts: i64| Reading {
+            ts,
+            seq: ts as u64,
+            values: vec![("kwh".into(), Scalar::Number(ts as f64))],
+        };
+        let mut seq = SeqTracker::default();
+        seq.observe(3, "c", false);
+        let old = Old {
+            seq,
+            previous: [("meter".to_string(), reading(3))].into(),
+            earlier: [("meter".to_string(), vec![reading(1), reading(2)])].into(),
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&old, &mut bytes).unwrap();
+        let back: DeviceState = ciborium::from_reader(bytes.as_slice()).unwrap();
+        let w = back.readings("meter").unwrap();
+        assert_eq!(w.iter().map(|r| r.ts).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(back.previous("meter"), Some(&reading(3)));
+        assert_eq!(back.seq().highest(), Some(3));
+        // Written again, it has the new shape only.
+        let mut again = Vec::new();
+        ciborium::into_writer(&back, &mut again).unwrap();
+        assert_eq!(stored_keys(&again), ["seq", "readings"]);
     }
 
     #[test]

@@ -154,14 +154,12 @@ impl Pipeline {
         let Some(late) = commit.results().last() else {
             return Ok(());
         };
-        let Some(next_seq) = self.state.device(&late.device).and_then(|d| {
-            d.earlier(&late.event_type)
-                .iter()
-                .chain(d.previous(&late.event_type))
-                .filter(|r| r.ts > late.ts)
-                .min_by_key(|r| r.ts)
-                .map(|r| r.seq)
-        }) else {
+        let Some(next_seq) = self
+            .state
+            .device(&late.device)
+            .and_then(|d| d.readings(&late.event_type)?.after(late.ts))
+            .map(|r| r.seq)
+        else {
             return Ok(());
         };
         let n = commit.results().len() - 1;

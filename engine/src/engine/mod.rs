@@ -17,13 +17,14 @@ use crate::spec::{EngineSpec, EventTypeSpec, SpecError};
 use crate::state::{Reading, ScalarRef, State};
 use crate::topic::{TopicPattern, is_topic_level};
 use crate::value::{EvalValue, truncate};
+use crate::window::Window;
 
 /// Result flags (in `EventResult::flags`), in this order when several apply.
 pub mod flags {
     /// No previous reading of this device and type: stateful functions saw none.
     pub const FIRST_READING: &str = "first_reading";
     /// Older than the previous reading, and calculated against the kept earlier reading just
-    /// before it (see [`crate::state::EARLIER_READINGS`]).
+    /// before it (see [`crate::window::EARLIER_READINGS`]).
     pub const EARLIER_PREVIOUS: &str = "earlier_previous";
     /// Corrected against a reading that arrived after it (a late event came before it).
     pub const PREVIOUS_ARRIVED_LATE: &str = "previous_arrived_late";
@@ -406,16 +407,12 @@ impl Engine {
             );
         };
 
-        let stored = entry.state.previous(etype);
+        let window = entry.state.readings(etype);
+        let stored = window.and_then(Window::latest);
         let out_of_order = stored.is_some_and(|p| p.ts >= msg.ts);
         // Older than the latest reading: the kept reading just before it, if there is one.
         let earlier = if out_of_order {
-            entry
-                .state
-                .earlier(etype)
-                .iter()
-                .rev()
-                .find(|r| r.ts < msg.ts)
+            window.and_then(|w| w.before(msg.ts))
         } else {
             None
         };
@@ -477,22 +474,19 @@ impl Engine {
             // The type's anomaly table was removed from the config: drop its detectors.
             entry.state.anomaly.remove(etype);
         }
+        let items = || {
+            t.data_items(&msg.data)
+                .chain(t.calc.reading_items(&derived))
+        };
         if !out_of_order {
-            let items = t
-                .data_items(&msg.data)
-                .chain(t.calc.reading_items(&derived));
-            entry.state.keep_previous(etype);
             entry
                 .state
-                .previous_mut(etype)
-                .overwrite(msg.ts, msg.seq, items);
+                .readings_mut(etype)
+                .advance_with(|r| r.overwrite(msg.ts, msg.seq, items()));
         } else if !input.replay {
-            let items = t
-                .data_items(&msg.data)
-                .chain(t.calc.reading_items(&derived));
             let mut r = Reading::default();
-            r.overwrite(msg.ts, msg.seq, items);
-            entry.state.insert_earlier(etype, r);
+            r.overwrite(msg.ts, msg.seq, items());
+            entry.state.readings_mut(etype).insert(r);
         }
 
         let result = EventResult {

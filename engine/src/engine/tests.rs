@@ -453,18 +453,19 @@ fn gap_late_and_out_of_order() {
     // The stored previous reading is still seq 4.
     let (r, _, _) = accepted(run.meter(5, T0 + 4000, json!({"kwh": 6})));
     assert_eq!(num(&r, "delta_kwh"), 2.0);
-    let earlier: Vec<u64> = run
+    let kept: Vec<u64> = run
         .state
         .device("meter-1")
         .unwrap()
-        .earlier("meter")
+        .readings("meter")
+        .unwrap()
         .iter()
         .map(|r| r.seq)
         .collect();
     assert_eq!(
-        earlier,
-        [1, 2, 3, 4],
-        "oldest first, bounded by EARLIER_READINGS"
+        kept,
+        [1, 2, 3, 4, 5],
+        "oldest first, the previous reading last, bounded by the window's capacity"
     );
     // A gap is reported on a rejected message too.
     let r = rejected(run.meter(9, T0 + 5000, json!({"kwh": "x"})));
@@ -486,8 +487,13 @@ fn a_late_event_older_than_the_window_has_no_previous_reading() {
     assert_eq!(r.flags, ["out_of_order", "late"]);
     assert_eq!(num(&r, "delta_kwh"), 0.0);
     assert_eq!(
-        run.state.device("meter-1").unwrap().earlier("meter").len(),
-        crate::state::EARLIER_READINGS
+        run.state
+            .device("meter-1")
+            .unwrap()
+            .readings("meter")
+            .unwrap()
+            .len(),
+        crate::window::EARLIER_READINGS + 1
     );
 }
 
@@ -969,14 +975,10 @@ fn device_state_without_detectors_still_loads() {
     let old = run.state.device("meter-1").unwrap().clone();
     let mut bytes = Vec::new();
     ciborium::into_writer(&old, &mut bytes).unwrap();
-    let value: ciborium::Value = ciborium::from_reader(bytes.as_slice()).unwrap();
-    let keys: Vec<String> = value
-        .as_map()
-        .unwrap()
-        .iter()
-        .filter_map(|(k, _)| k.as_text().map(str::to_string))
-        .collect();
-    assert_eq!(keys, ["seq", "previous"]);
+    assert_eq!(
+        crate::state::tests::stored_keys(&bytes),
+        ["seq", "readings"]
+    );
     let back: crate::DeviceState = ciborium::from_reader(bytes.as_slice()).unwrap();
     let mut run = anomaly_run("");
     run.state.insert("meter-1".into(), back);

@@ -55,6 +55,17 @@ fn damage(store: &Path, how: &str) {
     }
 }
 
+/// `edge-agent store salvage --from STORE --to FILE` (no config: it reads any store).
+fn salvage(from: impl AsRef<std::ffi::OsStr>, to: &Path) -> std::process::Output {
+    std::process::Command::new(agent_bin())
+        .args(["store", "salvage", "--from"])
+        .arg(from)
+        .arg("--to")
+        .arg(to)
+        .output()
+        .unwrap()
+}
+
 fn quarantines_and_goes_on(how: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Agent::embedded(dir.path(), |_| {});
@@ -92,11 +103,7 @@ fn quarantines_and_goes_on(how: &str) {
     assert_eq!(outbox.len(), 50, "the fresh store took the new messages");
 
     // Salvage never takes the gateway down; it reports what it could read.
-    let out = std::process::Command::new(agent_bin())
-        .args(["store", "salvage", "--from", &moved_to, "--to"])
-        .arg(dir.path().join("salvaged.jsonl"))
-        .output()
-        .unwrap();
+    let out = salvage(&moved_to, &dir.path().join("salvaged.jsonl"));
     eprintln!(
         "{how}: salvage {}: {}",
         out.status,
@@ -193,13 +200,7 @@ fn salvage_exports_every_readable_record() {
     assert!(agent.stop().success());
     let store = dir.path().join("data/store");
     let to = dir.path().join("out.jsonl");
-    let out = std::process::Command::new(agent_bin())
-        .args(["store", "salvage", "--from"])
-        .arg(&store)
-        .arg("--to")
-        .arg(&to)
-        .output()
-        .unwrap();
+    let out = salvage(&store, &to);
     assert!(
         out.status.success(),
         "{}",
@@ -213,4 +214,67 @@ fn salvage_exports_every_readable_record() {
     assert_eq!(lines.len(), 120);
     assert_eq!(lines[0]["outbox"]["edge_seq"], 1);
     assert_eq!(lines[119]["outbox"]["event_id"], "meter-1/r120");
+}
+
+#[test]
+fn salvaged_records_import_into_another_store_once() {
+    let old = tempfile::tempdir().unwrap();
+    let mut agent = Agent::embedded(old.path(), |_| {});
+    publish(&agent, "old", 1, 80);
+    assert!(agent.stop().success());
+    let salvaged = old.path().join("salvaged.jsonl");
+    let out = salvage(old.path().join("data/store"), &salvaged);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The gateway's new store has results of its own (later seqs of the same device).
+    let new = tempfile::tempdir().unwrap();
+    let mut agent = Agent::embedded(new.path(), |_| {});
+    publish(&agent, "new", 81, 20);
+    let import = ["store", "import", "--from", salvaged.to_str().unwrap()];
+    let refused = agent.cli(&import);
+    assert!(
+        !refused.status.success(),
+        "a running agent's store is not written behind it"
+    );
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("stop it first"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(agent.stop().success());
+
+    let out = agent.cli(&import);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("imported 80 results and 0 DLQ entries"),
+        "{said}"
+    );
+    let again = agent.cli(&import);
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        said.contains("imported 0 results and 0 DLQ entries (80 already"),
+        "{said}"
+    );
+
+    let outbox = agent.outbox();
+    let edge_seqs: Vec<u64> = outbox
+        .iter()
+        .map(|r| r["edge_seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        edge_seqs,
+        (1..=100).collect::<Vec<_>>(),
+        "gap-free after the import"
+    );
+    let mut seqs: Vec<u64> = outbox.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=100).collect::<Vec<_>>(), "every event once");
+    assert!(agent.cli(&["store", "check"]).status.success());
+    agent.restart();
+    assert!(agent.stop().success());
 }

@@ -62,7 +62,7 @@ enum Command {
         #[command(subcommand)]
         command: cli::device::DeviceCommand,
     },
-    /// The store itself: `check` (the start-up probe), `salvage` (export a damaged one).
+    /// The store itself: `check` (the start-up probe), `salvage` (export a damaged one), `import` (into this store).
     Store {
         #[command(subcommand)]
         command: cli::StoreCommand,

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dlq::{Filter, Selection};
 use crate::missed::MissedFilter;
+use crate::store::StoreError;
 
 /// The socket's file name in the data dir.
 pub const SOCKET: &str = "admin.sock";
@@ -58,6 +59,19 @@ pub enum Reply {
     End {
         count: u64,
     },
+}
+
+/// Why a request failed; its text is the `{"error": …}` the CLI prints.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
+    #[error("the pipeline stopped before answering")]
+    PipelineStopped,
+    #[error("cannot encode the reply: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 /// Whether a peer may use the socket: the agent's own user, or root.

@@ -11,12 +11,12 @@ use tokio::net::UnixListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{MAX_REQUEST, Reply, Request, authorized, socket_path};
+use super::{AdminError, MAX_REQUEST, Reply, Request, authorized, socket_path};
 use crate::dlq::{self, DlqConfig};
 use crate::pipeline::AdminCall;
 use crate::status::{self, Live, Sources};
-use crate::store::StoreReader;
 use crate::store::outbox::Outbox;
+use crate::store::{StoreError, StoreReader};
 use crate::uplink::LinkStatus;
 
 /// What the admin socket serves from.
@@ -151,21 +151,21 @@ impl Server {
                     None => "not configured".into(),
                 }),
             })
-            .map_err(|e| e.to_string())
+            .map_err(AdminError::from)
             .and_then(to_value),
             Request::DlqList { filter } => dlq::list(&self.reader, &filter)
-                .map_err(|e| e.to_string())
+                .map_err(AdminError::from)
                 .and_then(to_value),
             Request::MissedList { filter } => self
                 .reader
                 .missed_list(&filter)
-                .map_err(|e| e.to_string())
+                .map_err(AdminError::from)
                 .and_then(to_value),
             Request::DlqShow { id } => dlq::show(&self.reader, id)
-                .map_err(|e| e.to_string())
+                .map_err(AdminError::from)
                 .and_then(to_value),
             Request::DlqStats => dlq::stats(&self.reader, Some(&self.dlq))
-                .map_err(|e| e.to_string())
+                .map_err(AdminError::from)
                 .and_then(to_value),
             Request::DlqRetry { select } => self
                 .call(|tx| AdminCall::Retry(select, tx))
@@ -176,7 +176,7 @@ impl Server {
         };
         let reply = match reply {
             Ok(v) => Reply::Ok(v),
-            Err(e) => Reply::Error(e),
+            Err(e) => Reply::Error(e.to_string()),
         };
         write_line(&mut out, &reply)
     }
@@ -184,14 +184,15 @@ impl Server {
     /// Hands a DLQ write to the pipeline thread and waits for its answer.
     fn call<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> AdminCall,
-    ) -> Result<T, String> {
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> AdminCall,
+    ) -> Result<T, AdminError> {
         let (tx, rx) = oneshot::channel();
         self.calls
             .blocking_send(make(tx))
-            .map_err(|_| "the agent is shutting down".to_string())?;
-        rx.blocking_recv()
-            .map_err(|_| "the pipeline stopped before answering".to_string())?
+            .map_err(|_| AdminError::ShuttingDown)?;
+        Ok(rx
+            .blocking_recv()
+            .map_err(|_| AdminError::PipelineStopped)??)
     }
 
     fn export(&self, filter: &dlq::Filter, out: &mut impl Write) -> std::io::Result<()> {
@@ -244,8 +245,8 @@ fn describe_link(l: &crate::uplink::LinkState) -> String {
     }
 }
 
-fn to_value<T: serde::Serialize>(v: T) -> Result<serde_json::Value, String> {
-    serde_json::to_value(v).map_err(|e| e.to_string())
+fn to_value<T: serde::Serialize>(v: T) -> Result<serde_json::Value, AdminError> {
+    Ok(serde_json::to_value(v)?)
 }
 
 fn write_line(out: &mut impl Write, reply: &Reply) -> std::io::Result<()> {

@@ -108,6 +108,17 @@ pub enum StoreCommand {
         #[arg(long, default_value = "-")]
         to: PathBuf,
     },
+    /// Add salvaged records (`store salvage` output) to this agent's store, the agent
+    /// stopped: results re-enter the outbox under new edge_seqs (the cloud stores an event_id
+    /// once), DLQ entries get new ids; records the store already holds are skipped, so a rerun
+    /// adds nothing twice.
+    Import {
+        /// The JSON lines to read ('-': stdin).
+        #[arg(long)]
+        from: PathBuf,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -519,6 +530,36 @@ pub fn store(cmd: StoreCommand) -> anyhow::Result<ExitCode> {
                 report.exported,
                 report.unreadable,
                 from.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        StoreCommand::Import { from, store } => {
+            let (dir, _) = store.load()?;
+            if Client::connect(&dir)?.is_some() {
+                bail!(
+                    "the agent is running on {}: stop it first (an import writes the store \
+                     directly)",
+                    dir.display()
+                );
+            }
+            let mut store = open_store(&dir)?;
+            let input: Box<dyn std::io::BufRead> = if from.as_os_str() == "-" {
+                Box::new(std::io::stdin().lock())
+            } else {
+                Box::new(std::io::BufReader::new(
+                    std::fs::File::open(&from)
+                        .with_context(|| format!("--from: cannot open {}", from.display()))?,
+                ))
+            };
+            let report = store
+                .import(input)
+                .with_context(|| format!("importing {}", from.display()))?;
+            eprintln!(
+                "imported {} results and {} DLQ entries ({} already in the store) into {}",
+                report.results,
+                report.dlq,
+                report.skipped,
+                dir.join("store").display()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -11,8 +11,8 @@ use crate::store::StoreError;
 /// A DLQ write for the pipeline thread, from the admin socket; the reply goes back on the
 /// oneshot (an `Err` is a store failure, after which the pipeline stops).
 pub enum AdminCall {
-    Retry(Selection, oneshot::Sender<Result<RetryReport, String>>),
-    Purge(Selection, oneshot::Sender<Result<PurgeReport, String>>),
+    Retry(Selection, oneshot::Sender<Result<RetryReport, StoreError>>),
+    Purge(Selection, oneshot::Sender<Result<PurgeReport, StoreError>>),
 }
 
 /// The calls still to come; once every sender is gone it stays quiet instead of waking the
@@ -43,16 +43,18 @@ impl Pipeline {
     /// Runs one call and replies; a store failure is also returned, to stop the pipeline.
     pub(super) fn serve(&mut self, call: AdminCall) -> Result<(), StoreError> {
         match call {
-            AdminCall::Retry(sel, reply) => {
-                let r = self.retry(&sel);
-                let _ = reply.send(r.as_ref().map(Clone::clone).map_err(ToString::to_string));
-                r.map(drop)
-            }
-            AdminCall::Purge(sel, reply) => {
-                let r = self.purge(&sel);
-                let _ = reply.send(r.as_ref().map(Clone::clone).map_err(ToString::to_string));
-                r.map(drop)
-            }
+            AdminCall::Retry(sel, reply) => answer(reply, self.retry(&sel)),
+            AdminCall::Purge(sel, reply) => answer(reply, self.purge(&sel)),
         }
     }
+}
+
+/// Replies with the outcome and hands a failure back too, to stop the pipeline.
+fn answer<T>(
+    reply: oneshot::Sender<Result<T, StoreError>>,
+    outcome: Result<T, StoreError>,
+) -> Result<(), StoreError> {
+    let failed = outcome.as_ref().err().cloned();
+    let _ = reply.send(outcome);
+    failed.map_or(Ok(()), Err)
 }

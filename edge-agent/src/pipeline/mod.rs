@@ -215,7 +215,7 @@ impl Pipeline {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_time()
             .build()
-            .map_err(|e| StoreError::Io(sled::Error::Io(e)))?;
+            .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
         let mut admin = AdminInbox::new(admin);
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut acks = AckSet::default();

@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use engine::DeviceState;
 use proto::{DlqEntry, EventResult};
@@ -29,12 +30,15 @@ pub(crate) mod key;
 mod missed;
 pub mod outbox;
 pub mod quarantine;
+pub mod salvage;
 mod sync;
 mod watermark;
 
 pub use quarantine::Quarantine;
 
-#[derive(Debug, thiserror::Error)]
+/// Cloneable (the sources are shared), so one failure can both stop the pipeline and answer
+/// the admin request that met it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error(
         "the store at {0} is in use by another process (is the agent running? stop it, or use its admin socket)"
@@ -44,23 +48,23 @@ pub enum StoreError {
     Sled {
         path: PathBuf,
         #[source]
-        source: sled::Error,
+        source: Arc<sled::Error>,
     },
     #[error("store: {0}")]
-    Io(sled::Error),
+    Io(Arc<sled::Error>),
     /// The filesystem is full (ENOSPC, or a quota): not damage. What was committed stays;
     /// the failed commit acknowledged nothing.
     #[error(
         "disk full: {0} (the store keeps everything committed so far; free some space on the data dir's filesystem)"
     )]
-    NoSpace(#[source] std::io::Error),
+    NoSpace(#[source] Arc<std::io::Error>),
     #[error("store record {key}: {reason}")]
     Corrupt { key: String, reason: String },
     #[error("store at {path}: syncing to disk: {source}")]
     Sync {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: Arc<std::io::Error>,
     },
     /// The store opened with less than it had committed (sled read its log as shorter than
     /// it was): damage, though sled itself reports none.
@@ -87,8 +91,8 @@ pub enum StoreError {
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
         match e {
-            sled::Error::Io(io) if no_space(&io) => StoreError::NoSpace(io),
-            other => StoreError::Io(other),
+            sled::Error::Io(io) if no_space(&io) => StoreError::NoSpace(Arc::new(io)),
+            other => StoreError::Io(Arc::new(other)),
         }
     }
 }
@@ -97,11 +101,11 @@ impl StoreError {
     /// A failed `fsync`/`fdatasync` of the store at `path`.
     fn sync(path: &Path, e: std::io::Error) -> StoreError {
         if no_space(&e) {
-            StoreError::NoSpace(e)
+            StoreError::NoSpace(Arc::new(e))
         } else {
             StoreError::Sync {
                 path: path.to_path_buf(),
-                source: e,
+                source: Arc::new(e),
             }
         }
     }
@@ -172,13 +176,6 @@ pub struct CheckReport {
     pub dlq: u64,
     pub devices: u64,
     pub next_edge_seq: u64,
-}
-
-/// What `store salvage` exported.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct SalvageReport {
-    pub exported: u64,
-    pub unreadable: u64,
 }
 
 /// What one group commit writes. [`Store::begin`] starts one numbered from the store's head:
@@ -321,10 +318,10 @@ impl Store {
                 sled::Error::Io(ref io) if io.to_string().contains("could not acquire lock") => {
                     StoreError::Locked(path.clone())
                 }
-                sled::Error::Io(io) if no_space(&io) => StoreError::NoSpace(io),
+                sled::Error::Io(io) if no_space(&io) => StoreError::NoSpace(Arc::new(io)),
                 other => StoreError::Sled {
                     path: path.clone(),
-                    source: other,
+                    source: Arc::new(other),
                 },
             })?;
         let tree = db.open_tree("pipeline")?;
@@ -616,35 +613,6 @@ impl StoreReader {
         Ok(report)
     }
 
-    /// Every outbox result and DLQ entry that can still be read, as JSON lines
-    /// (`{"outbox": …}` / `{"dlq": …}`); unreadable records are counted, not fatal.
-    pub fn salvage(&self, out: &mut dyn std::io::Write) -> std::io::Result<SalvageReport> {
-        let mut report = SalvageReport::default();
-        for kv in self.tree.iter() {
-            let Ok((k, v)) = kv else {
-                report.unreadable += 1;
-                break;
-            };
-            let line = match k.first() {
-                Some(&key::OUTBOX) => proto::wire::decode::<EventResult>(&v)
-                    .map(|r| serde_json::json!({ "outbox": r })),
-                Some(&key::DLQ) => {
-                    proto::wire::decode::<DlqEntry>(&v).map(|e| serde_json::json!({ "dlq": e }))
-                }
-                _ => continue,
-            };
-            match line {
-                Ok(line) => {
-                    serde_json::to_writer(&mut *out, &line)?;
-                    out.write_all(b"\n")?;
-                    report.exported += 1;
-                }
-                Err(_) => report.unreadable += 1,
-            }
-        }
-        Ok(report)
-    }
-
     /// The counters as of the last commit.
     pub fn counters(&self) -> Result<Counters, StoreError> {
         match self.tree.get(key::named(key::META, COUNTERS))? {
@@ -705,7 +673,7 @@ mod tests {
         }
     }
 
-    fn dlq_entry(reason: &str) -> DlqEntry {
+    pub(super) fn dlq_entry(reason: &str) -> DlqEntry {
         DlqEntry {
             id: 0,
             event_id: None,

@@ -346,10 +346,18 @@ fn run_serves_admin_calls_between_batches_and_drains_when_blocked() {
     let (tx, rx) = mpsc::channel(16);
     let (admin_tx, admin_rx) = mpsc::channel(4);
     let pipeline = f.p;
+    let live = pipeline.live();
     let handle = std::thread::spawn(move || pipeline.run_with_admin(rx, admin_rx));
     tx.blocking_send(bad_meter(1)).unwrap();
-    // Full now: intake stops, but admin calls are still served.
-    std::thread::sleep(Duration::from_millis(100));
+    // Full once message 1 is committed: intake stops, but admin calls are still served.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !live.intake_blocked.load(Ordering::Relaxed) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "message 1 never filled the DLQ"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     tx.blocking_send(bad_meter(2)).unwrap();
     let (reply_tx, reply_rx) = oneshot::channel();
     admin_tx
@@ -364,9 +372,8 @@ fn run_serves_admin_calls_between_batches_and_drains_when_blocked() {
     let report = reply_rx.blocking_recv().unwrap().unwrap();
     assert_eq!(report.purged, vec![1]);
     // Room again: message 2 is taken; then the DLQ is full again and message 3 waits, but
-    // closing ingest drains it anyway.
+    // closing ingest drains it anyway (whichever comes first).
     tx.blocking_send(bad_meter(3)).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
     drop(tx);
     let store = handle.join().unwrap().unwrap();
     let ids: Vec<u64> = store.reader().dlq(0).map(|e| e.unwrap().id).collect();

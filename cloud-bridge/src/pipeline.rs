@@ -456,6 +456,7 @@ mod tests {
             seq: edge_seq,
             ts: 1_764_064_800_000,
             gateway: "g".into(),
+            via: proto::Via::Gateway,
             edge_seq,
             input: Default::default(),
             result: Default::default(),

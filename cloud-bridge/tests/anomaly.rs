@@ -168,6 +168,7 @@ fn history(prefix: &str) -> History {
                     seq: edge_seq,
                     ts,
                     gateway: gw.into(),
+                    via: proto::Via::Gateway,
                     edge_seq,
                     input: map(input),
                     result: map(result),

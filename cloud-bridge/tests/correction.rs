@@ -186,6 +186,7 @@ fn dataset(gateway: &str, n: usize, seed: u64) -> (Vec<EventResult>, Labels) {
             payload: payload.as_bytes(),
             received_at: ts + 50,
             gateway,
+            via: proto::Via::Gateway,
             replay: false,
         };
         let accepted = |o: Outcome| match o {

@@ -716,6 +716,7 @@ mod tests {
                 payload: payload.as_bytes(),
                 received_at: at,
                 gateway: "gw",
+                via: proto::Via::Gateway,
                 replay: false,
             };
             match engine.process(&mut state, &input) {

@@ -56,6 +56,7 @@ fn run(engine: &Engine, msgs: &[(String, Vec<u8>, i64)]) -> f64 {
             payload,
             received_at: ts + 250,
             gateway: "gw-bench",
+            via: proto::Via::Gateway,
             replay: false,
         };
         match black_box(engine.process(&mut state, &input)) {
@@ -105,6 +106,7 @@ fn main() {
             payload,
             received_at: ts + 250,
             gateway: "gw-bench",
+            via: proto::Via::Gateway,
             replay: false,
         };
         let Outcome::Accepted { result, .. } = with.process(&mut state, &input) else {

@@ -115,6 +115,7 @@ mod tests {
             seq: 1,
             ts: 1000,
             gateway: "g".into(),
+            via: proto::Via::Gateway,
             edge_seq: 7,
             input,
             result,

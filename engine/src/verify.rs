@@ -302,6 +302,7 @@ mod tests {
                 payload: payload.as_bytes(),
                 received_at: 1_000_000 + seq as i64 * 1000,
                 gateway: "g",
+                via: proto::Via::Gateway,
                 replay: false,
             },
         ) {
@@ -425,6 +426,7 @@ mod tests {
                 payload: payload.as_bytes(),
                 received_at: 1_010_000,
                 gateway: "g",
+                via: proto::Via::Gateway,
                 replay: false,
             },
         ) else {

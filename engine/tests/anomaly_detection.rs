@@ -336,6 +336,7 @@ fn run_engine(engine: &Engine, stream: &Stream) -> Vec<(bool, Vec<String>)> {
             payload: payload.as_bytes(),
             received_at: ts + 250,
             gateway: "gw-test",
+            via: proto::Via::Gateway,
             replay: false,
         };
         match engine.process(&mut state, &input) {

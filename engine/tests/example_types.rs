@@ -31,6 +31,7 @@ impl Gateway {
             payload: payload.as_bytes(),
             received_at: ts + 250,
             gateway: "gw-test",
+            via: proto::Via::Gateway,
             replay: false,
         };
         self.engine.process(&mut self.state, &input)

@@ -38,6 +38,7 @@ fuzz_target!(|data: &[u8]| {
                     payload,
                     received_at,
                     gateway: "gw-fuzz",
+                    via: proto::Via::Gateway,
                     replay,
                 };
                 let out = engine.process(&mut state, &input);

@@ -18,5 +18,5 @@ pub use decode::{DecodeError, DecodeErrorKind, decode_message};
 pub use dlq::{DlqEntry, Stage, Subject};
 pub use limits::{LimitProblem, Limits, LimitsError};
 pub use message::{DeviceMessage, Fields};
-pub use result::{CorrectedBy, Correction, EventResult, Status};
+pub use result::{CorrectedBy, Correction, EventResult, Status, Via};
 pub use wire::{Batch, WireError};

@@ -15,6 +15,9 @@ pub struct EventResult {
     pub seq: u64,
     pub ts: i64,
     pub gateway: String,
+    /// How the event reached the engine. Records written before it existed are gateway ones.
+    #[serde(default)]
+    pub via: Via,
     /// Gateway-wide, gap-free order of results in the outbox.
     pub edge_seq: u64,
     pub input: Fields,
@@ -32,6 +35,17 @@ impl EventResult {
     pub fn event_id(device: &str, id: &str) -> String {
         format!("{device}/{id}")
     }
+}
+
+/// Where an event entered the system: a gateway's edge-agent, or straight into the cloud
+/// (HTTP, AWS IoT Core) for devices without one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    #[default]
+    Gateway,
+    Http,
+    Iot,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

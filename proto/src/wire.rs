@@ -150,6 +150,7 @@ mod tests {
             seq: 42,
             ts: 1_795_600_800_000,
             gateway: "gw-1".into(),
+            via: crate::Via::Gateway,
             edge_seq: 7,
             input: fields(json!({"temp": 21.5, "tags": ["a", "b"], "n": -3, "ok": true})),
             result: fields(json!({"temp_f": 70.7, "nested": {"x": null}})),
@@ -165,6 +166,18 @@ mod tests {
                 by: CorrectedBy::Cloud,
             }),
         }
+    }
+
+    #[test]
+    fn a_result_stored_before_via_decodes_as_a_gateway_one() {
+        let mut v = serde_json::to_value(sample_result()).unwrap();
+        v.as_object_mut().unwrap().remove("via");
+        let back: EventResult = decode(&encode(&v)).unwrap();
+        assert_eq!(back.via, crate::Via::Gateway);
+        assert_eq!(
+            serde_json::to_value(crate::Via::Http).unwrap(),
+            json!("http")
+        );
     }
 
     #[test]

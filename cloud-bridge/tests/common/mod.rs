@@ -236,6 +236,7 @@ pub fn result(gateway: &str, edge_seq: u64) -> EventResult {
         seq: edge_seq,
         ts: 1_764_064_800_000 + edge_seq as i64 * 1000,
         gateway: gateway.into(),
+        via: proto::Via::Gateway,
         edge_seq,
         input,
         result,

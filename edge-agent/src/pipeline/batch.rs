@@ -33,6 +33,7 @@ impl Pipeline {
                 payload: &inbound.payload,
                 received_at: inbound.received_at,
                 gateway: &self.gateway,
+                via: proto::Via::Gateway,
                 replay: false,
             };
             let outcome = self.engine.process(&mut self.state, &input);

@@ -191,6 +191,7 @@ impl Pipeline {
             // As on arrival: clock rules judge the message as they would have then.
             received_at: e.first_seen,
             gateway: &self.gateway,
+            via: proto::Via::Gateway,
             replay: true,
         };
         let outcome = self.engine.process(&mut self.state, &input);

@@ -661,6 +661,7 @@ mod tests {
             seq,
             ts: 1_764_000_000_000,
             gateway: "gw".into(),
+            via: proto::Via::Gateway,
             edge_seq: 0,
             input: Default::default(),
             result: Default::default(),

@@ -48,6 +48,8 @@ pub struct Input<'a> {
     pub received_at: i64,
     /// This gateway's id, copied into the result.
     pub gateway: &'a str,
+    /// How the message arrived, copied into the result.
+    pub via: proto::Via,
     /// A DLQ retry: exempt from the duplicate checks.
     pub replay: bool,
 }
@@ -496,6 +498,7 @@ impl Engine {
             seq: msg.seq,
             ts: msg.ts,
             gateway: input.gateway.to_string(),
+            via: input.via,
             edge_seq: 0,
             result: t.calc.result_fields(&derived),
             input: msg.data,

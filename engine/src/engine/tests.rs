@@ -94,6 +94,7 @@ impl Run {
             payload,
             received_at,
             gateway: "gw-1",
+            via: proto::Via::Gateway,
             replay,
         };
         self.engine.process(&mut self.state, &input)

@@ -147,8 +147,8 @@ impl Server {
                 dlq: Some(&self.dlq),
                 live: Some(&self.live),
                 uplink: Some(match &self.uplink {
-                    Some(link) => describe_link(&link.get()),
-                    None => "not configured".into(),
+                    Some(link) => status::UplinkInfo::of(&link.get()),
+                    None => status::UplinkInfo::state("not configured"),
                 }),
             })
             .map_err(|e| e.to_string())
@@ -228,19 +228,6 @@ impl Server {
             Err(dlq::ExportError::Io(e)) => Err(e),
             Err(e) => write_line(out, &Reply::Error(e.to_string())),
         }
-    }
-}
-
-/// "connected (last ack 2026-11-25T10:00:00.000Z)", "disconnected: <why>".
-fn describe_link(l: &crate::uplink::LinkState) -> String {
-    let ack = l
-        .last_ack_at
-        .map(|t| format!(" (last ack {})", proto::timestamp::format_rfc3339(t)))
-        .unwrap_or_default();
-    match (l.connected, &l.last_error) {
-        (true, _) => format!("connected{ack}"),
-        (false, Some(e)) => format!("disconnected{ack}: {e}"),
-        (false, None) => format!("connecting{ack}"),
     }
 }
 

@@ -269,6 +269,14 @@ struct Carried {
     quarantines: Vec<i64>,
 }
 
+impl Carried {
+    /// Drops what `done` carried: its status message was answered, either way.
+    fn remove(&mut self, done: &Carried) {
+        self.missed.retain(|id| !done.missed.contains(id));
+        self.quarantines.retain(|at| !done.quarantines.contains(at));
+    }
+}
+
 /// The status message the uplink sends: `released` and the records to report.
 pub fn status_message(
     gateway: &str,
@@ -535,12 +543,7 @@ impl<'a> Link<'a> {
         match sent.status {
             // Its records go in the next status message.
             Some(carried) => {
-                self.reporting
-                    .missed
-                    .retain(|id| !carried.missed.contains(id));
-                self.reporting
-                    .quarantines
-                    .retain(|at| !carried.quarantines.contains(at));
+                self.reporting.remove(&carried);
             }
             None => {
                 if !sent.replay {
@@ -615,12 +618,7 @@ impl<'a> Link<'a> {
 
     /// The broker acknowledged a status message: its records are reported.
     fn reported(&mut self, carried: &Carried) -> anyhow::Result<()> {
-        self.reporting
-            .missed
-            .retain(|id| !carried.missed.contains(id));
-        self.reporting
-            .quarantines
-            .retain(|at| !carried.quarantines.contains(at));
+        self.reporting.remove(carried);
         if !carried.quarantines.is_empty() {
             self.missed
                 .mark_quarantines_reported(&carried.quarantines)?;

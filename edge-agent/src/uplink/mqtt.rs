@@ -64,25 +64,45 @@ pub(super) enum Event {
 }
 
 /// A session's failure: a request the client could not queue, or the connection's end.
+/// Boxed: rumqttc's errors carry whole requests, and every `publish` returns this.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     #[error(transparent)]
-    Request(#[from] rumqttc::ClientError),
+    Request(Box<rumqttc::ClientError>),
     #[error(transparent)]
-    Request5(#[from] rumqttc::v5::ClientError),
+    Request5(Box<rumqttc::v5::ClientError>),
     #[error(transparent)]
-    Connection(#[from] rumqttc::ConnectionError),
+    Connection(Box<rumqttc::ConnectionError>),
     #[error(transparent)]
-    Connection5(#[from] rumqttc::v5::ConnectionError),
+    Connection5(Box<rumqttc::v5::ConnectionError>),
 }
+
+/// `From` each rumqttc error, boxing it, so `?` works as with `#[from]`.
+macro_rules! boxed_from {
+    ($($error:ty => $variant:ident),* $(,)?) => {$(
+        impl From<$error> for SessionError {
+            fn from(e: $error) -> SessionError {
+                SessionError::$variant(Box::new(e))
+            }
+        }
+    )*};
+}
+
+boxed_from!(
+    rumqttc::ClientError => Request,
+    rumqttc::v5::ClientError => Request5,
+    rumqttc::ConnectionError => Connection,
+    rumqttc::v5::ConnectionError => Connection5,
+);
 
 enum Client {
     V311(rumqttc::AsyncClient),
     V5(rumqttc::v5::AsyncClient),
 }
 
+/// Boxed: both event loops are large, and of different sizes.
 enum Events {
-    V311(rumqttc::EventLoop),
+    V311(Box<rumqttc::EventLoop>),
     V5(Box<rumqttc::v5::EventLoop>),
 }
 
@@ -108,7 +128,7 @@ impl Session {
                 let (client, events) = rumqttc::AsyncClient::new(o, s.capacity);
                 Session {
                     client: Client::V311(client),
-                    events: Events::V311(events),
+                    events: Events::V311(Box::new(events)),
                 }
             }
             Protocol::V5 => {

@@ -190,13 +190,7 @@ fn a_gateway_without_a_client_certificate_is_refused() {
 
 /// The running agent's `status --json`.
 fn status(agent: &Agent) -> serde_json::Value {
-    let out = agent.cli(&["status", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status --json")
+    agent.cli_doc(&["status", "--json"])
 }
 
 /// A gateway's certificate is its broker user; the ACL lets each write only its own topics

@@ -194,6 +194,19 @@ pub struct StatusReport {
     /// Damaged stores moved aside at start-up (the agent went on with a fresh store).
     #[serde(default)]
     pub quarantined: Vec<crate::store::Quarantine>,
+    /// Connections the embedded endpoint refused since start (only while running).
+    #[serde(default)]
+    pub refused: RefusedInfo,
+}
+
+/// Refusals by reason, as the `ingest_tls_refused_total` and `ingest_auth_refused_total`
+/// metrics count them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RefusedInfo {
+    /// TLS handshakes (unknown_issuer, revoked, no_certificate, …).
+    pub tls: BTreeMap<String, u64>,
+    /// CONNECTs refused for the device's identity (bad_password, unknown_device, …).
+    pub auth: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -295,6 +308,8 @@ pub struct Sources<'a> {
     pub dlq: Option<&'a DlqConfig>,
     pub live: Option<&'a Live>,
     pub uplink: Option<UplinkInfo>,
+    /// What the running endpoint refused.
+    pub refused: Option<&'a crate::ingest::Refused>,
 }
 
 pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
@@ -341,6 +356,13 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
         .uplink
         .unwrap_or_else(|| UplinkInfo::state("not configured"));
     let quarantined = src.reader.quarantines()?;
+    let refused = src
+        .refused
+        .map(|r| RefusedInfo {
+            tls: r.tls.get(),
+            auth: r.auth.get(),
+        })
+        .unwrap_or_default();
     Ok(match src.live {
         Some(live) => StatusReport {
             agent: AgentInfo {
@@ -367,6 +389,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
             totals: Some(live.totals()),
             last_error: live.last_error(),
             quarantined,
+            refused,
         },
         None => {
             let newest = src.reader.dlq_newest()?;
@@ -392,6 +415,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
                     what: describe_rejection(e.stage, &e.reason, e.device.as_deref()),
                 }),
                 quarantined,
+                refused,
             }
         }
     })

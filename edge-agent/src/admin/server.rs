@@ -29,6 +29,8 @@ pub struct Server {
     pub dlq: DlqConfig,
     /// The uplink's state, when it is enabled.
     pub uplink: Option<LinkStatus>,
+    /// What the embedded endpoint refused.
+    pub refused: crate::ingest::Refused,
 }
 
 /// Binds `<data_dir>/admin.sock`, mode 0600. Call with the store open: its lock proves that no
@@ -150,6 +152,7 @@ impl Server {
                     Some(link) => status::UplinkInfo::of(&link.get()),
                     None => status::UplinkInfo::state("not configured"),
                 }),
+                refused: Some(&self.refused),
             })
             .map_err(|e| e.to_string())
             .and_then(to_value),

@@ -305,6 +305,7 @@ impl Backend {
                 uplink: l
                     .uplink
                     .then(|| status::UplinkInfo::state("enabled (agent stopped)")),
+                refused: None,
             })?),
         }
     }

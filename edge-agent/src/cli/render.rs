@@ -391,6 +391,14 @@ pub fn status(r: &StatusReport, now: i64) -> String {
         ("uplink", r.uplink.state.clone()),
         ("dlq", dlq),
     ];
+    let refused: Vec<String> = [("TLS", &r.refused.tls), ("CONNECT", &r.refused.auth)]
+        .into_iter()
+        .filter(|(_, counts)| !counts.is_empty())
+        .map(|(what, counts)| format!("{what}: {}", by_reason(counts)))
+        .collect();
+    if !refused.is_empty() {
+        rows.push(("refused", refused.join("; ")));
+    }
     if let Some(last) = &r.uplink.last_refusal {
         rows.push((
             "cloud refused",

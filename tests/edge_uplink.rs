@@ -206,9 +206,31 @@ const OWN_TOPICS: &str = "topic readwrite #\n\n\
 /// arrives, each once.
 #[test]
 fn results_the_broker_refuses_stay_in_the_outbox_until_it_takes_them() {
+    let log = refused_until_the_acl_allows(|broker, acl| broker.set_acl(acl));
+    assert!(
+        !log.contains("uplink disconnected"),
+        "a reload keeps the link"
+    );
+}
+
+/// The same when the operator restarts the broker with the new ACL: the hold outlives the
+/// connection, and the reconnected uplink sends everything, once.
+#[test]
+fn refused_results_are_delivered_once_after_a_broker_restart_with_the_new_acl() {
+    let log = refused_until_the_acl_allows(|broker, acl| {
+        broker.stop();
+        broker.set_acl(acl);
+        broker.restart();
+    });
+    assert!(log.contains("uplink disconnected"), "{log}");
+}
+
+/// 300 results refused by the ACL, then `allow(broker, acl)` installs an ACL that lets
+/// gw-test's certificate speak for gw-7; returns the agent's log.
+fn refused_until_the_acl_allows(allow: impl FnOnce(&mut Mosquitto, &str)) -> String {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path(), "cloud");
-    let broker = Mosquitto::start_tls_acl(dir.path(), &pki, OWN_TOPICS);
+    let mut broker = Mosquitto::start_tls_acl(dir.path(), &pki, OWN_TOPICS);
     let sub = Subscriber::start(broker.port, "bridge-test", RESULTS);
     let mut agent = Agent::embedded(dir.path(), |c| {
         e2e::uplink_to(c, "gw-7", &broker, &pki, true, 5);
@@ -245,9 +267,12 @@ fn results_the_broker_refuses_stay_in_the_outbox_until_it_takes_them() {
     );
 
     // The cloud's operator lets gw-test's certificate speak for gw-7.
-    broker.set_acl(&format!(
-        "{OWN_TOPICS}\nuser gw-test\ntopic write gateways/gw-7/#\ntopic read gateways/gw-7/replay\n"
-    ));
+    allow(
+        &mut broker,
+        &format!(
+            "{OWN_TOPICS}\nuser gw-test\ntopic write gateways/gw-7/#\ntopic read gateways/gw-7/replay\n"
+        ),
+    );
     wait_for("the outbox to drain", Duration::from_secs(30), || {
         drained(&agent)
     });
@@ -274,6 +299,7 @@ fn results_the_broker_refuses_stay_in_the_outbox_until_it_takes_them() {
         "{s}"
     );
     assert!(agent.stop().success());
+    agent.log_text()
 }
 
 /// `protocol = "3.1.1"` still drains (and cannot see an ACL's refusal: see the README).

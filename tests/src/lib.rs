@@ -447,16 +447,18 @@ impl Mosquitto {
         Self::with_config(dir, Some(pki), Some(acl))
     }
 
-    /// Replaces the ACL and has the running broker reload it (SIGHUP).
+    /// Replaces the ACL: a running broker reloads it (SIGHUP), a stopped one reads it when
+    /// [`Mosquitto::restart`]ed.
     pub fn set_acl(&self, acl: &str) {
         let file = self.acl.as_ref().expect("started with an ACL");
         std::fs::write(file, acl).unwrap();
-        let pid = self.child.as_ref().expect("running").id();
-        let hup = Command::new("kill")
-            .args(["-HUP", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(hup.success());
+        if let Some(child) = &self.child {
+            let hup = Command::new("kill")
+                .args(["-HUP", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(hup.success());
+        }
     }
 
     fn with_config(dir: &Path, pki: Option<&pki::Pki>, acl: Option<&str>) -> Mosquitto {

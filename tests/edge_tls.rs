@@ -268,6 +268,30 @@ fn a_revoked_device_certificate_is_refused() {
     assert!(log.contains("reason=\"revoked\""), "{log}");
 }
 
+/// A CRL from another CA says nothing about the device CA's certificates: they are refused
+/// (`revocation_unknown`) rather than let through unchecked.
+#[test]
+fn a_crl_of_another_ca_lets_no_device_certificate_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "devices");
+    let other = Pki::new(dir.path(), "other");
+    let (m1_cert, m1_key) = pki.issue("meter-1", false);
+    let crl = other.crl(&[]);
+    let (mut agent, port) = agent_with_tls(dir.path(), &pki, "certificate", true, |cfg| {
+        set(cfg, &["broker", "embedded", "tls", "crl"], path(&crl));
+    });
+    let as_m1 = Client {
+        ca: Some(&pki.ca),
+        cert: Some((&m1_cert, &m1_key)),
+        login: None,
+    };
+    let topic = "devices/meter-1/events/meter";
+    assert!(!publish(port, as_m1, topic, &meter("a", 1, 1.0)));
+    wait_reason(&agent, TLS, "revocation_unknown", 1.0);
+    assert!(agent.stop().success());
+    assert!(stored(&agent).is_empty());
+}
+
 #[test]
 fn password_over_tls_and_no_plain_listener() {
     let dir = tempfile::tempdir().unwrap();

@@ -140,7 +140,7 @@ fn a_quarantine_is_reported_to_the_cloud_once() {
     let broker = Mosquitto::start_tls(dir.path(), &pki);
     let sub = Subscriber::start(broker.port, "bridge-test", "gateways/+/status");
     let mut agent = Agent::embedded(dir.path(), |cfg| {
-        e2e::uplink_to(cfg, "gw-test", &broker, &pki, true, 2);
+        e2e::uplink_to(cfg, "gw-test", &broker, &pki, true, 5);
         set(cfg, &["uplink", "status_interval_s"], 1.into());
     });
     publish(&agent, "before", 1, 50);

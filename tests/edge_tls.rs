@@ -1,7 +1,8 @@
 //! The embedded endpoint's TLS listener with a real client (`mosquitto_pub --cafile/--cert/
 //! --key`): certificate auth (device id = CN, else the one SAN; a foreign CA is refused at the handshake; a
-//! device publishes only as itself), password over TLS, either of the two, and the TLS files
-//! checked by `check-config` with the field named and no secret shown.
+//! device publishes only as itself; a certificate on the CRL is refused), password over TLS,
+//! either of the two, and the TLS files checked by `check-config` with the field named and no
+//! secret shown.
 
 use std::path::Path;
 use std::process::Command;
@@ -203,6 +204,92 @@ fn certificate_auth_identifies_devices_by_cn_and_refuses_other_cas() {
     let key = std::fs::read_to_string(&pki.server_key).unwrap();
     let key_body = key.lines().nth(1).unwrap();
     assert!(!log.contains(key_body), "the server key in the log");
+}
+
+/// The running agent's `status --json`.
+fn status(agent: &Agent) -> serde_json::Value {
+    agent.cli_doc(&["status", "--json"])
+}
+
+/// `[broker.embedded.tls] crl`: a device certificate the CA revoked fails the handshake,
+/// counted as `revoked` (metric and `status`), and nothing it sent is stored; the CA's other
+/// certificates still connect.
+#[test]
+fn a_revoked_device_certificate_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "devices");
+    let (m1_cert, m1_key) = pki.issue("meter-1", false);
+    let (m2_cert, m2_key) = pki.issue("meter-2", false);
+    let crl = pki.crl(&["meter-2"]);
+    let (mut agent, port) = agent_with_tls(dir.path(), &pki, "certificate", true, |cfg| {
+        set(cfg, &["broker", "embedded", "tls", "crl"], path(&crl));
+    });
+    let topic = |d: &str| format!("devices/{d}/events/meter");
+    let as_m1 = Client {
+        ca: Some(&pki.ca),
+        cert: Some((&m1_cert, &m1_key)),
+        login: None,
+    };
+    let as_m2 = Client {
+        cert: Some((&m2_cert, &m2_key)),
+        ..as_m1
+    };
+
+    assert!(publish(port, as_m1, &topic("meter-1"), &meter("a", 1, 1.0)));
+    assert!(!publish(
+        port,
+        as_m2,
+        &topic("meter-2"),
+        &meter("r", 1, 2.0)
+    ));
+    wait_reason(&agent, TLS, "revoked", 1.0);
+    // The refusal slows this address down, but does not lock meter-1 out.
+    assert!(publish(
+        port,
+        as_m1,
+        &topic("meter-1"),
+        &meter("b", 2, 1.01)
+    ));
+
+    let s = status(&agent);
+    assert_eq!(s["refused"]["tls"]["revoked"], 1, "{s}");
+    let text = String::from_utf8(agent.cli(&["status"]).stdout).unwrap();
+    assert!(text.contains("TLS: revoked 1"), "{text}");
+
+    assert!(agent.stop().success());
+    assert_eq!(
+        stored(&agent),
+        [
+            ("meter-1/a".to_string(), "meter-1".to_string()),
+            ("meter-1/b".to_string(), "meter-1".to_string())
+        ]
+    );
+    let log = agent.log_text();
+    assert!(log.contains("reason=\"revoked\""), "{log}");
+}
+
+/// A CRL from another CA says nothing about the device CA's certificates: they are refused
+/// (`revocation_unknown`) rather than let through unchecked.
+#[test]
+fn a_crl_of_another_ca_lets_no_device_certificate_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "devices");
+    let other = Pki::new(dir.path(), "other");
+    let (m1_cert, m1_key) = pki.issue("meter-1", false);
+    let crl = other.crl(&[]);
+    let (mut agent, port) = agent_with_tls(dir.path(), &pki, "certificate", true, |cfg| {
+        set(cfg, &["broker", "embedded", "tls", "crl"], path(&crl));
+    });
+    let as_m1 = Client {
+        ca: Some(&pki.ca),
+        cert: Some((&m1_cert, &m1_key)),
+        login: None,
+    };
+    let topic = "devices/meter-1/events/meter";
+    assert!(!publish(port, as_m1, topic, &meter("a", 1, 1.0)));
+    wait_reason(&agent, TLS, "revocation_unknown", 1.0);
+    assert!(agent.stop().success());
+    assert!(stored(&agent).is_empty());
 }
 
 #[test]

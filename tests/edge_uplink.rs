@@ -9,9 +9,9 @@ use proto::Batch;
 
 const RESULTS: &str = "gateways/+/results";
 
-/// The gateway's uplink at the test broker; a 2 s keep-alive notices a stopped broker fast.
+/// The gateway's uplink at the test broker; the shortest keep-alive rumqttc's MQTT 5 client allows.
 fn uplink_to(cfg: &mut toml::Table, broker: &Mosquitto, pki: &Pki, with_cert: bool) {
-    e2e::uplink_to(cfg, "gw-test", broker, pki, with_cert, 2);
+    e2e::uplink_to(cfg, "gw-test", broker, pki, with_cert, 5);
 }
 
 /// Publishes readings `seqs` of one meter through the agent's embedded endpoint.
@@ -185,5 +185,142 @@ fn a_gateway_without_a_client_certificate_is_refused() {
     assert_eq!(agent.metric("edge_uplink_connected"), 0.0);
     assert_eq!(agent.metric("edge_outbox_entries"), 5.0);
     assert!(sub.received().is_empty());
+    assert!(agent.stop().success());
+}
+
+/// The running agent's `status --json`.
+fn status(agent: &Agent) -> serde_json::Value {
+    agent.cli_doc(&["status", "--json"])
+}
+
+/// A gateway's certificate is its broker user; the ACL lets each write only its own topics
+/// (the test's anonymous clients on the plain port read everything).
+const OWN_TOPICS: &str = "topic readwrite #\n\n\
+    pattern write gateways/%u/results\npattern write gateways/%u/status\n\
+    pattern read gateways/%u/replay\n";
+
+/// A gateway whose id (gw-7) is not its certificate's (gw-test): the broker's ACL refuses
+/// every publish. On MQTT 3.1.1 mosquitto would PUBACK and drop them, and the outbox would
+/// be released; on MQTT 5 the PUBACK says "not authorized" (0x87), so nothing is released,
+/// the refusals are counted and shown, and once the ACL allows the topic every result
+/// arrives, each once.
+#[test]
+fn results_the_broker_refuses_stay_in_the_outbox_until_it_takes_them() {
+    let log = refused_until_the_acl_allows(|broker, acl| broker.set_acl(acl));
+    assert!(
+        !log.contains("uplink disconnected"),
+        "a reload keeps the link"
+    );
+}
+
+/// The same when the operator restarts the broker with the new ACL: the hold outlives the
+/// connection, and the reconnected uplink sends everything, once.
+#[test]
+fn refused_results_are_delivered_once_after_a_broker_restart_with_the_new_acl() {
+    let log = refused_until_the_acl_allows(|broker, acl| {
+        broker.stop();
+        broker.set_acl(acl);
+        broker.restart();
+    });
+    assert!(log.contains("uplink disconnected"), "{log}");
+}
+
+/// 300 results refused by the ACL, then `allow(broker, acl)` installs an ACL that lets
+/// gw-test's certificate speak for gw-7; returns the agent's log.
+fn refused_until_the_acl_allows(allow: impl FnOnce(&mut Mosquitto, &str)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cloud");
+    let mut broker = Mosquitto::start_tls_acl(dir.path(), &pki, OWN_TOPICS);
+    let sub = Subscriber::start(broker.port, "bridge-test", RESULTS);
+    let mut agent = Agent::embedded(dir.path(), |c| {
+        e2e::uplink_to(c, "gw-7", &broker, &pki, true, 5);
+    });
+    publish(&agent, 1..=300);
+    wait_for(
+        "results held after refusals",
+        Duration::from_secs(30),
+        || {
+            let s = status(&agent);
+            s["uplink"]["last_refusal"]["topic"] == "gateways/gw-7/results"
+                && s["uplink"]["state"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("results held"))
+        },
+    );
+    let s = status(&agent);
+    assert_eq!(s["outbox"]["entries"], 300, "nothing released: {s}");
+    assert!(s["uplink"]["refused"]["not_authorized"].as_u64().unwrap() >= 2);
+    assert!(agent.metric("edge_uplink_refused_total") >= 2.0);
+    let text = String::from_utf8(agent.cli(&["status"]).stdout).unwrap();
+    assert!(
+        text.contains("cloud refused") && text.contains("not_authorized"),
+        "{text}"
+    );
+    assert!(sub.received().is_empty());
+    assert_eq!(
+        agent
+            .log_text()
+            .matches("the cloud broker refused publishes")
+            .count(),
+        1,
+        "logged once a minute, not per refusal"
+    );
+
+    // The cloud's operator lets gw-test's certificate speak for gw-7.
+    allow(
+        &mut broker,
+        &format!(
+            "{OWN_TOPICS}\nuser gw-test\ntopic write gateways/gw-7/#\ntopic read gateways/gw-7/replay\n"
+        ),
+    );
+    wait_for("the outbox to drain", Duration::from_secs(30), || {
+        drained(&agent)
+    });
+    let seqs = || -> Vec<u64> {
+        let mut seqs: Vec<u64> = sub
+            .received()
+            .iter()
+            .map(|(topic, payload)| {
+                assert_eq!(topic, "gateways/gw-7/results");
+                proto::wire::decode::<Batch>(payload).expect("a CBOR batch")
+            })
+            .flat_map(|b| b.results.into_iter().map(|r| r.edge_seq))
+            .collect();
+        seqs.sort_unstable();
+        seqs
+    };
+    wait_for("the subscriber", Duration::from_secs(10), || {
+        seqs().len() >= 300
+    });
+    assert_eq!(seqs(), (1..=300).collect::<Vec<_>>(), "each result once");
+    let s = status(&agent);
+    assert!(
+        !s["uplink"]["state"].as_str().unwrap().contains("held"),
+        "{s}"
+    );
+    assert!(agent.stop().success());
+    agent.log_text()
+}
+
+/// `protocol = "3.1.1"` still drains (and cannot see an ACL's refusal: see the README).
+#[test]
+fn mqtt_3_1_1_still_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cloud");
+    let broker = Mosquitto::start_tls(dir.path(), &pki);
+    let sub = Subscriber::start(broker.port, "bridge-test", RESULTS);
+    let mut agent = Agent::embedded(dir.path(), |c| {
+        uplink_to(c, &broker, &pki, true);
+        e2e::set(c, &["uplink", "protocol"], "3.1.1".into());
+    });
+    publish(&agent, 1..=50);
+    wait_for("the outbox to drain", Duration::from_secs(30), || {
+        drained(&agent)
+    });
+    wait_for("the subscriber", Duration::from_secs(10), || {
+        batches(&sub).iter().map(|b| b.results.len()).sum::<usize>() >= 50
+    });
+    assert_in_order_and_complete(&batches(&sub), 50);
+    assert!(agent.log_text().contains("protocol=\"3.1.1\""));
     assert!(agent.stop().success());
 }

@@ -142,6 +142,8 @@ fn agent_config(
         enabled: true,
         host: "127.0.0.1".into(),
         port: cloud_port,
+        // The in-process rumqttd listens with MQTT 3.1.1 only (its MQTT 5 is incomplete).
+        protocol: edge_agent::uplink::Protocol::V311,
         client_id: None,
         tls: false,
         ca: None,

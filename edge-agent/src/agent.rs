@@ -90,6 +90,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     // The admin socket (status, dlq …): reads from the store, writes via the pipeline thread.
     let (admin_listener, admin_path) = admin::server::bind(&cfg.data_dir)?;
     let (admin_tx, admin_rx) = mpsc::channel(16);
+    let refused = ingest::Refused::default();
     let admin_server = admin::server::Server {
         reader: pipeline.reader(),
         calls: admin_tx,
@@ -97,6 +98,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
         outbox: outbox.clone(),
         dlq: cfg.dlq.clone(),
         uplink: None,
+        refused: refused.clone(),
     };
 
     let (live, reader) = (pipeline.live(), pipeline.reader());
@@ -136,7 +138,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
             topics: engine::TopicPattern::parse(&cfg.engine.topic).map_err(anyhow::Error::msg)?,
         }),
     };
-    let mut ingest = ingest::start(&cfg.broker, devices, tx, shutdown.clone()).await?;
+    let mut ingest = ingest::start(&cfg.broker, devices, refused, tx, shutdown.clone()).await?;
     tracing::info!(
         gateway = %cfg.gateway_id,
         data_dir = %cfg.data_dir.display(),

@@ -24,5 +24,6 @@ pub mod pipeline;
 pub mod status;
 pub mod store;
 pub mod systemd;
+pub mod tally;
 pub mod telemetry;
 pub mod uplink;

@@ -1,7 +1,7 @@
 //! `edge-agent status`: what the agent is doing, in one look — the same report whether it comes
 //! from the running agent (admin socket) or from the store of a stopped one.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::dlq::{DlqConfig, FullPolicy};
 use crate::store::outbox::Depth;
 use crate::store::{Counters, StoreError, StoreReader};
+use crate::uplink::LinkState;
+use crate::uplink::refusal::LastRefusal;
 use proto::timestamp::{rfc3339, rfc3339_opt};
 
 /// Live figures the pipeline thread updates and the admin socket reads.
@@ -192,6 +194,19 @@ pub struct StatusReport {
     /// Damaged stores moved aside at start-up (the agent went on with a fresh store).
     #[serde(default)]
     pub quarantined: Vec<crate::store::Quarantine>,
+    /// Connections the embedded endpoint refused since start (only while running).
+    #[serde(default)]
+    pub refused: RefusedInfo,
+}
+
+/// Refusals by reason, as the `ingest_tls_refused_total` and `ingest_auth_refused_total`
+/// metrics count them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RefusedInfo {
+    /// TLS handshakes (unknown_issuer, revoked, no_certificate, …).
+    pub tls: BTreeMap<String, u64>,
+    /// CONNECTs refused for the device's identity (bad_password, unknown_device, …).
+    pub auth: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,6 +232,44 @@ pub struct OutboxInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UplinkInfo {
     pub state: String,
+    /// Publishes the cloud broker refused since start, by reason (MQTT 5 only).
+    #[serde(default)]
+    pub refused: BTreeMap<String, u64>,
+    #[serde(default)]
+    pub last_refusal: Option<LastRefusal>,
+}
+
+impl UplinkInfo {
+    /// Only a state (no link to ask: not configured, or the agent is stopped).
+    pub fn state(state: &str) -> UplinkInfo {
+        UplinkInfo {
+            state: state.into(),
+            refused: BTreeMap::new(),
+            last_refusal: None,
+        }
+    }
+
+    /// The running link: "connected (last ack 2026-11-25T10:00:00.000Z)",
+    /// "disconnected: <why>", and whether results are held after a refusal.
+    pub fn of(l: &LinkState) -> UplinkInfo {
+        let ack = l
+            .last_ack_at
+            .map(|t| format!(" (last ack {})", proto::timestamp::format_rfc3339(t)))
+            .unwrap_or_default();
+        let mut state = match (l.connected, &l.last_error) {
+            (true, _) => format!("connected{ack}"),
+            (false, Some(e)) => format!("disconnected{ack}: {e}"),
+            (false, None) => format!("connecting{ack}"),
+        };
+        if l.refusing {
+            state.push_str("; results held: the broker refuses them, retrying with backoff");
+        }
+        UplinkInfo {
+            state,
+            refused: l.refused.clone(),
+            last_refusal: l.last_refusal.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -254,7 +307,9 @@ pub struct Sources<'a> {
     pub outbox: Option<Depth>,
     pub dlq: Option<&'a DlqConfig>,
     pub live: Option<&'a Live>,
-    pub uplink: Option<String>,
+    pub uplink: Option<UplinkInfo>,
+    /// What the running endpoint refused.
+    pub refused: Option<&'a crate::ingest::Refused>,
 }
 
 pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
@@ -297,10 +352,17 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
         filled_late_total: c.missed_filled_late,
         dropped_total: c.missed_dropped,
     };
-    let uplink = UplinkInfo {
-        state: src.uplink.unwrap_or_else(|| "not configured".into()),
-    };
+    let uplink = src
+        .uplink
+        .unwrap_or_else(|| UplinkInfo::state("not configured"));
     let quarantined = src.reader.quarantines()?;
+    let refused = src
+        .refused
+        .map(|r| RefusedInfo {
+            tls: r.tls.get(),
+            auth: r.auth.get(),
+        })
+        .unwrap_or_default();
     Ok(match src.live {
         Some(live) => StatusReport {
             agent: AgentInfo {
@@ -327,6 +389,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
             totals: Some(live.totals()),
             last_error: live.last_error(),
             quarantined,
+            refused,
         },
         None => {
             let newest = src.reader.dlq_newest()?;
@@ -352,6 +415,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
                     what: describe_rejection(e.stage, &e.reason, e.device.as_deref()),
                 }),
                 quarantined,
+                refused,
             }
         }
     })

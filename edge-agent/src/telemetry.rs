@@ -44,6 +44,7 @@ pub const UPLINK_RESULTS: &str = "edge_uplink_results_total";
 pub const UPLINK_BYTES: &str = "edge_uplink_bytes_total";
 pub const REPLAY_REQUESTS: &str = "edge_replay_requests_total";
 pub const UPLINK_STATUS: &str = "edge_uplink_status_total";
+pub const UPLINK_REFUSED: &str = "edge_uplink_refused_total";
 pub const MISSED_REPORTED: &str = "edge_missed_reported_total";
 pub const REPLAY_UNAVAILABLE: &str = "edge_replay_unavailable_total";
 pub const BATCH_SIZE: &str = "edge_batch_size";
@@ -92,8 +93,17 @@ pub fn init_logs(cfg: &LogConfig) {
     // rustls warns once per connection about devices that send an IP address as SNI (which
     // mosquitto_pub and most MQTT clients do when given one); the endpoint counts and logs
     // the handshake failures that matter itself. RUST_LOG still shows everything it names.
-    let filter = EnvFilter::try_from_default_env()
+    let mut filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new(format!("{},rustls=error", cfg.level.as_str())));
+    // rumqttc's MQTT 5 client warns on every refused PUBACK; the uplink counts them and logs
+    // once a minute itself. Unless RUST_LOG asks for rumqttc by name.
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rumqttc")) {
+        filter = filter.add_directive(
+            "rumqttc::v5::state=error"
+                .parse()
+                .expect("a valid log directive"),
+        );
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
@@ -209,6 +219,10 @@ fn describe() {
     );
     describe_counter!(UPLINK_BYTES, "Bytes published to the cloud");
     describe_counter!(REPLAY_REQUESTS, "Replay requests received from the cloud");
+    describe_counter!(
+        UPLINK_REFUSED,
+        "Publishes the cloud broker refused (MQTT 5 PUBACK reason code), by reason"
+    );
     describe_counter!(
         UPLINK_STATUS,
         "Status messages published on gateways/{g}/status"

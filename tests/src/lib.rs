@@ -424,29 +424,55 @@ pub struct Mosquitto {
     pub tls_port: Option<u16>,
     conf: PathBuf,
     log: PathBuf,
+    /// The ACL file, when started with one.
+    acl: Option<PathBuf>,
 }
 
 impl Mosquitto {
     pub fn start(dir: &Path) -> Mosquitto {
-        Self::with_config(dir, None)
+        Self::with_config(dir, None, None)
     }
 
     /// Adds a TLS listener that requires a client certificate signed by `pki`'s CA, and keeps
     /// sessions on disk across a restart (as a cloud broker does).
     pub fn start_tls(dir: &Path, pki: &pki::Pki) -> Mosquitto {
-        Self::with_config(dir, Some(pki))
+        Self::with_config(dir, Some(pki), None)
     }
 
-    fn with_config(dir: &Path, pki: Option<&pki::Pki>) -> Mosquitto {
+    /// [`Mosquitto::start_tls`] as a cloud broker should run: a certificate's CN is its user
+    /// name, and `acl` (mosquitto's `acl_file` format) says what each may publish and read.
+    /// The anonymous clients of the plain port are users too: give them a `topic` line before
+    /// the first `user` line.
+    pub fn start_tls_acl(dir: &Path, pki: &pki::Pki, acl: &str) -> Mosquitto {
+        Self::with_config(dir, Some(pki), Some(acl))
+    }
+
+    /// Replaces the ACL: a running broker reloads it (SIGHUP), a stopped one reads it when
+    /// [`Mosquitto::restart`]ed.
+    pub fn set_acl(&self, acl: &str) {
+        let file = self.acl.as_ref().expect("started with an ACL");
+        std::fs::write(file, acl).unwrap();
+        if let Some(child) = &self.child {
+            let hup = Command::new("kill")
+                .args(["-HUP", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(hup.success());
+        }
+    }
+
+    fn with_config(dir: &Path, pki: Option<&pki::Pki>, acl: Option<&str>) -> Mosquitto {
         let port = free_port();
         // Started as root, mosquitto drops to the `mosquitto` user, which cannot write its
         // persistence file into our temporary directory (sessions would be lost on restart):
-        // it stays the user we are (a no-op for anyone else).
+        // it stays the user we are (a no-op for anyone else). A large queue rather than 0
+        // ("unlimited"): mosquitto 2.0 compares its queue with the limit after answering a
+        // publish its ACL denies, and with 0 drops the connection instead.
         let user = Command::new("id").arg("-un").output().unwrap();
         let user = String::from_utf8(user.stdout).unwrap();
         let mut conf_text = format!(
             "per_listener_settings false\nallow_anonymous true\nmax_inflight_messages 0\n\
-             max_queued_messages 0\nlog_dest stderr\nuser {}\nlistener {port} 127.0.0.1\n",
+             max_queued_messages 1000000\nlog_dest stderr\nuser {}\nlistener {port} 127.0.0.1\n",
             user.trim()
         );
         let tls_port = pki.map(|pki| {
@@ -464,6 +490,15 @@ impl Mosquitto {
         if pki.is_none() {
             conf_text += "persistence false\n";
         }
+        let acl = acl.map(|text| {
+            let file = dir.join("mosquitto.acl");
+            std::fs::write(&file, text).unwrap();
+            conf_text += &format!(
+                "use_identity_as_username true\nacl_file {}\n",
+                file.display()
+            );
+            file
+        });
         let conf = dir.join("mosquitto.conf");
         std::fs::write(&conf, conf_text).unwrap();
         let mut m = Mosquitto {
@@ -472,6 +507,7 @@ impl Mosquitto {
             tls_port,
             conf,
             log: dir.join("mosquitto.log"),
+            acl,
         };
         m.restart();
         m

@@ -1,13 +1,16 @@
 //! A throwaway certificate authority for TLS tests, made at test time (nothing checked in): a
-//! CA, a broker certificate for 127.0.0.1/localhost, a client certificate, and more of either
-//! on demand. The one implementation for the end-to-end tests and `cloud-bridge/tests/`
-//! (a dev-dependency on this crate).
+//! CA, a broker certificate for 127.0.0.1/localhost, a client certificate, more of either on
+//! demand, and a CRL revoking some of them. The one implementation for the end-to-end tests
+//! and `cloud-bridge/tests/` (a dev-dependency on this crate).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SerialNumber,
 };
 
 /// PEM files under `dir/name/`.
@@ -22,6 +25,9 @@ pub struct Pki {
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
     issuer: CertifiedIssuer<'static, KeyPair>,
+    /// The serial number of the last certificate issued to each CN (or SAN), for
+    /// [`Pki::crl`]; and the last serial number given out.
+    serials: Mutex<(HashMap<String, u64>, u64)>,
 }
 
 impl Pki {
@@ -50,6 +56,7 @@ impl Pki {
             client_key: PathBuf::new(),
             dir,
             issuer,
+            serials: Mutex::default(),
         };
         (pki.server_cert, pki.server_key) = pki.issue("server", true);
         (pki.client_cert, pki.client_key) = pki.issue("gw-test", false);
@@ -62,6 +69,7 @@ impl Pki {
         let mut p = CertificateParams::new(vec![san.to_string()]).unwrap();
         p.distinguished_name = rcgen::DistinguishedName::new();
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.serial_number = Some(self.serial_for(san));
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.issuer).unwrap();
         let c = self.dir.join(format!("san-{san}.pem"));
@@ -86,6 +94,7 @@ impl Pki {
         } else {
             ExtendedKeyUsagePurpose::ClientAuth
         }];
+        p.serial_number = Some(self.serial_for(cn));
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.issuer).unwrap();
         let c = self.dir.join(format!("{cn}.pem"));
@@ -93,5 +102,41 @@ impl Pki {
         std::fs::write(&c, cert.pem()).unwrap();
         std::fs::write(&k, key.serialize_pem()).unwrap();
         (c, k)
+    }
+
+    /// A new serial number for the certificate of `name` (remembered for [`Pki::crl`]); one
+    /// never given out before, even when `name` is issued again.
+    fn serial_for(&self, name: &str) -> SerialNumber {
+        let (by_name, last) = &mut *self.serials.lock().unwrap();
+        *last += 1;
+        by_name.insert(name.to_string(), *last);
+        SerialNumber::from(*last)
+    }
+
+    /// `crl.pem`: this CA's revocation list, revoking the (last) certificate issued to each of
+    /// `names`.
+    pub fn crl(&self, names: &[&str]) -> PathBuf {
+        let (serials, _) = &*self.serials.lock().unwrap();
+        let now = rcgen::date_time_ymd(2025, 1, 1);
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: names
+                .iter()
+                .map(|n| RevokedCertParams {
+                    serial_number: SerialNumber::from(serials[*n]),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).unwrap();
+        let path = self.dir.join("crl.pem");
+        std::fs::write(&path, crl.pem().unwrap()).unwrap();
+        path
     }
 }

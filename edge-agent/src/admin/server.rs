@@ -29,6 +29,8 @@ pub struct Server {
     pub dlq: DlqConfig,
     /// The uplink's state, when it is enabled.
     pub uplink: Option<LinkStatus>,
+    /// What the embedded endpoint refused.
+    pub refused: crate::ingest::Refused,
 }
 
 /// Binds `<data_dir>/admin.sock`, mode 0600. Call with the store open: its lock proves that no
@@ -147,9 +149,10 @@ impl Server {
                 dlq: Some(&self.dlq),
                 live: Some(&self.live),
                 uplink: Some(match &self.uplink {
-                    Some(link) => describe_link(&link.get()),
-                    None => "not configured".into(),
+                    Some(link) => status::UplinkInfo::of(&link.get()),
+                    None => status::UplinkInfo::state("not configured"),
                 }),
+                refused: Some(&self.refused),
             })
             .map_err(AdminError::from)
             .and_then(to_value),
@@ -229,19 +232,6 @@ impl Server {
             Err(dlq::ExportError::Io(e)) => Err(e),
             Err(e) => write_line(out, &Reply::Error(e.to_string())),
         }
-    }
-}
-
-/// "connected (last ack 2026-11-25T10:00:00.000Z)", "disconnected: <why>".
-fn describe_link(l: &crate::uplink::LinkState) -> String {
-    let ack = l
-        .last_ack_at
-        .map(|t| format!(" (last ack {})", proto::timestamp::format_rfc3339(t)))
-        .unwrap_or_default();
-    match (l.connected, &l.last_error) {
-        (true, _) => format!("connected{ack}"),
-        (false, Some(e)) => format!("disconnected{ack}: {e}"),
-        (false, None) => format!("connecting{ack}"),
     }
 }
 

@@ -313,7 +313,10 @@ impl Backend {
                 outbox: Some(l.outbox.depth()),
                 dlq: l.dlq.as_ref(),
                 live: None,
-                uplink: l.uplink.then(|| "enabled (agent stopped)".into()),
+                uplink: l
+                    .uplink
+                    .then(|| status::UplinkInfo::state("enabled (agent stopped)")),
+                refused: None,
             })?),
         }
     }

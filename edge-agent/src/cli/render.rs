@@ -94,6 +94,12 @@ fn plural(n: u64, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
+/// `not_authorized 12, quota_exceeded 1`.
+fn by_reason(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    let parts: Vec<String> = counts.iter().map(|(r, n)| format!("{r} {n}")).collect();
+    parts.join(", ")
+}
+
 /// Key/value lines; values wrap within `WIDTH`.
 fn block(rows: &[(&str, String)]) -> String {
     let mut t = Table::new();
@@ -385,6 +391,27 @@ pub fn status(r: &StatusReport, now: i64) -> String {
         ("uplink", r.uplink.state.clone()),
         ("dlq", dlq),
     ];
+    let refused: Vec<String> = [("TLS", &r.refused.tls), ("CONNECT", &r.refused.auth)]
+        .into_iter()
+        .filter(|(_, counts)| !counts.is_empty())
+        .map(|(what, counts)| format!("{what}: {}", by_reason(counts)))
+        .collect();
+    if !refused.is_empty() {
+        rows.push(("refused", refused.join("; ")));
+    }
+    if let Some(last) = &r.uplink.last_refusal {
+        rows.push((
+            "cloud refused",
+            format!(
+                "{}; last {} ({}) on {}: {}",
+                by_reason(&r.uplink.refused),
+                long_time(last.at),
+                age(now, last.at),
+                last.topic,
+                last.reason
+            ),
+        ));
+    }
     if let (Some(rates), Some(totals)) = (&r.rates, &r.totals) {
         rows.push((
             "rates",

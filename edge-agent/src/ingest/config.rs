@@ -25,6 +25,7 @@
 //! # cert = "/etc/edge-agent/devices/server.pem"   # this endpoint's certificate chain (PEM)
 //! # key = "/etc/edge-agent/devices/server.key"    # and its private key (PEM)
 //! # client_ca = "/etc/edge-agent/devices/ca.pem"  # certificate auth only: CA(s) of device certs
+//! # crl = "/etc/edge-agent/devices/crl.pem"       # optional: revoked device certs (PEM CRLs)
 //!
 //! [broker.external]
 //! host = "127.0.0.1"
@@ -126,6 +127,12 @@ pub struct TlsConfig {
     /// `auth = "certificate" | "password_or_certificate"`, refused otherwise (a CA that is
     /// never consulted would only suggest that certificates are checked).
     pub client_ca: Option<PathBuf>,
+    /// Certificate revocation list(s) (PEM, one per CA in `client_ca`) of device
+    /// certificates: a revoked one fails the handshake. Read at start-up (restart to take a
+    /// new CRL); only the device certificate is checked, and one whose CA has no CRL here is
+    /// refused (`revocation_unknown`), so a CRL of the wrong CA cannot pass silently.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 fn default_tls_listen() -> SocketAddr {
@@ -328,6 +335,15 @@ impl EmbeddedConfig {
                     }
                     _ => {}
                 }
+                if tls.crl.is_some() && !self.auth.uses_certificates() {
+                    return Err(Invalid::at(
+                        "broker.embedded.tls.crl",
+                        format!(
+                            "only used with auth = \"certificate\" or \"password_or_certificate\" (auth is \"{}\")",
+                            self.auth.as_str()
+                        ),
+                    ));
+                }
                 if self.auth == Auth::Certificate && self.plain == Some(true) {
                     return Err(Invalid::at(
                         "broker.embedded.plain",
@@ -516,6 +532,10 @@ mod tests {
             "[broker.embedded]\nauth = \"certificate\"\nplain = true\n{tls}{ca}"
         ));
         assert!(e.starts_with("broker.embedded.plain:"), "{e}");
+        let e = err(&format!(
+            "[broker.embedded]\nauth = \"password\"\n{tls}crl = \"crl.pem\"\n"
+        ));
+        assert!(e.starts_with("broker.embedded.tls.crl:"), "{e}");
         let e = err("[broker.embedded]\nplain = false\n");
         assert!(e.starts_with("broker.embedded.plain:"), "{e}");
         let e = err(&format!(

@@ -69,7 +69,7 @@ use auth::{DeviceAuth, Identity, Refusal, Refusals};
 use limits::{Slot, Slots};
 
 use super::config::EmbeddedConfig;
-use super::{Ack, AckKind, Inbound, now_ms};
+use super::{Ack, AckKind, Inbound, Refused, now_ms};
 use crate::telemetry;
 
 /// Spare capacity ensured before each socket read.
@@ -99,6 +99,7 @@ pub struct EmbeddedServer {
     tls: Option<(TcpListener, TlsAcceptor)>,
     cfg: EmbeddedConfig,
     devices: Option<DeviceAuth>,
+    refused: Refused,
 }
 
 impl EmbeddedServer {
@@ -130,7 +131,14 @@ impl EmbeddedServer {
             tls,
             cfg,
             devices: None,
+            refused: Refused::default(),
         })
+    }
+
+    /// Where refused handshakes and CONNECTs are counted (`status` reads them).
+    pub fn with_refused(mut self, refused: Refused) -> Self {
+        self.refused = refused;
+        self
     }
 
     /// The device registry and topic pattern the `auth` modes that identify devices check
@@ -167,6 +175,7 @@ impl EmbeddedServer {
             tls,
             cfg,
             devices,
+            refused,
         } = self;
         if cfg.auth.identifies_devices() && devices.is_none() {
             anyhow::bail!(
@@ -181,6 +190,7 @@ impl EmbeddedServer {
             devices: devices.filter(|_| cfg.auth.identifies_devices()),
             slots: Slots::new(cfg.max_connections, cfg.max_connections_per_address),
             refusals: Refusals::default(),
+            refused,
             cfg,
             m: Metrics::new(),
             sessions: Mutex::new(HashMap::new()),
@@ -269,8 +279,9 @@ async fn accept(listener: Option<&TcpListener>) -> io::Result<(TcpStream, Socket
 }
 
 /// A connection on the TLS listener: the handshake (within `connect_timeout_ms`; failures
-/// counted by reason and logged once a minute per address), then MQTT as on the plain one,
-/// with the device id of the client certificate, if it presented one.
+/// counted by reason, logged once a minute per address, and slowing the address's next
+/// handshakes down as failed CONNECTs do), then MQTT as on the plain one, with the device id
+/// of the client certificate, if it presented one.
 async fn tls_connection(
     slot: Slot,
     stream: TcpStream,
@@ -281,15 +292,28 @@ async fn tls_connection(
     stop: CancellationToken,
 ) {
     let _ = stream.set_nodelay(true);
+    let wait = ctx.refusals.delay(peer.ip(), std::time::Instant::now());
+    if !wait.is_zero() {
+        tokio::select! {
+            _ = sleep(wait) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
     let limit = Duration::from_millis(ctx.cfg.connect_timeout_ms);
     let handshake = tokio::select! {
         r = timeout(limit, acceptor.accept(stream)) => r,
         _ = stop.cancelled() => return,
     };
     let failed = |reason: &'static str, error: &dyn std::fmt::Display| {
-        metrics::counter!(telemetry::INGEST_TLS_REFUSED_TOTAL, "reason" => reason).increment(1);
+        ctx.refused.tls.add(reason);
+        let now = std::time::Instant::now();
+        // A client that only opens and closes the socket (a TCP health check) costs nothing
+        // and must not slow the devices behind its address.
+        if reason != "closed" {
+            ctx.refusals.failed(peer.ip(), now);
+        }
         let key = format!("tls/{}", peer.ip());
-        if ctx.refusals.should_log(&key, std::time::Instant::now()) {
+        if ctx.refusals.should_log(&key, now) {
             info!(%peer, reason, %error, "TLS handshake failed (logged once a minute per address)");
         }
     };
@@ -336,6 +360,7 @@ struct Ctx {
     /// Set with an `auth` that identifies devices.
     devices: Option<DeviceAuth>,
     refusals: Refusals,
+    refused: Refused,
     slots: Arc<Slots>,
     m: Metrics,
     /// client id → (connection id, its take-over token).
@@ -739,8 +764,7 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                 Some(id)
             }
             Err(why) => {
-                metrics::counter!(telemetry::INGEST_AUTH_REFUSED_TOTAL, "reason" => why.as_str())
-                    .increment(1);
+                ctx.refused.auth.add(why.as_str());
                 let now = std::time::Instant::now();
                 if let Some(ip) = peer.map(|p| p.ip()) {
                     // Repeated failures from one address wait longer for their answer.

@@ -256,12 +256,31 @@ pub struct Ingest {
     local_addr: Option<std::net::SocketAddr>,
 }
 
+/// What the embedded endpoint refused, by reason: TLS handshakes
+/// (`ingest_tls_refused_total`) and CONNECTs for the device's identity
+/// (`ingest_auth_refused_total`).
+#[derive(Debug, Clone)]
+pub struct Refused {
+    pub tls: crate::tally::Tally,
+    pub auth: crate::tally::Tally,
+}
+
+impl Default for Refused {
+    fn default() -> Refused {
+        Refused {
+            tls: crate::tally::Tally::new(crate::telemetry::INGEST_TLS_REFUSED_TOTAL),
+            auth: crate::tally::Tally::new(crate::telemetry::INGEST_AUTH_REFUSED_TOTAL),
+        }
+    }
+}
+
 /// Binds the embedded endpoint (or checks the external client's configuration and reads its
 /// TLS files) — so a port in use or a bad file fails here, before the agent reports ready —
 /// then runs the source on a task of its own.
 pub async fn start(
     cfg: &IngestConfig,
     devices: Option<embedded::auth::DeviceAuth>,
+    refused: Refused,
     tx: mpsc::Sender<Inbound>,
     shutdown: Shutdown,
 ) -> anyhow::Result<Ingest> {
@@ -270,7 +289,8 @@ pub async fn start(
         Mode::Embedded => {
             let server = embedded::EmbeddedServer::bind(cfg.embedded.clone())
                 .await?
-                .with_devices(devices);
+                .with_devices(devices)
+                .with_refused(refused);
             let addr = server.local_addr()?;
             (tokio::spawn(server.run(tx, token)), Some(addr))
         }
@@ -344,14 +364,18 @@ mod tests {
         cfg.embedded.listen = "127.0.0.1:0".parse().unwrap();
         let (tx, mut rx) = mpsc::channel(8);
         let shutdown = Shutdown::new();
-        let mut ingest = start(&cfg, None, tx.clone(), shutdown.clone())
+        let mut ingest = start(&cfg, None, Refused::default(), tx.clone(), shutdown.clone())
             .await
             .unwrap();
         let addr = ingest.local_addr().unwrap();
 
         // The port is taken now: a second start fails up front.
         cfg.embedded.listen = addr;
-        assert!(start(&cfg, None, tx, Shutdown::new()).await.is_err());
+        assert!(
+            start(&cfg, None, Refused::default(), tx, Shutdown::new())
+                .await
+                .is_err()
+        );
 
         let mut raw = Raw::connect(addr).await;
         assert_eq!(raw.mqtt_connect(Connect::new("dev-h")).await, 0);

@@ -150,8 +150,8 @@ const LOG_EVERY: Duration = Duration::from_secs(60);
 /// Failures from one address are forgotten after this long without one.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
-/// Slows down repeated failed CONNECTs from one address, and keeps the log to one line per
-/// device per minute however fast a device misbehaves.
+/// Slows down repeated failed CONNECTs and TLS handshakes from one address, and keeps the log
+/// to one line per device per minute however fast a device misbehaves.
 #[derive(Default)]
 pub(super) struct Refusals {
     inner: Mutex<RefusalsInner>,
@@ -180,8 +180,18 @@ impl Refusals {
         }
         entry.0 = entry.0.saturating_add(1);
         entry.1 = now;
-        let n = entry.0.min(7);
-        Duration::from_millis(100 << (n - 1)).min(Duration::from_secs(5))
+        wait_after(entry.0)
+    }
+
+    /// How long a new attempt from `ip` waits before it is served: what its failures so far
+    /// earned (nothing without one). The TLS listener's handshake refusals are answered by
+    /// rustls inside the handshake, so the wait comes before the next one.
+    pub(super) fn delay(&self, ip: IpAddr, now: Instant) -> Duration {
+        let g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        match g.failures.get(&ip) {
+            Some(&(n, last)) if now.duration_since(last) <= FORGET_AFTER => wait_after(n),
+            _ => Duration::ZERO,
+        }
     }
 
     /// A good CONNECT from `ip` clears its failures.
@@ -206,6 +216,12 @@ impl Refusals {
     }
 }
 
+/// 100 ms doubled per failure in a row, at most 5 s.
+fn wait_after(failures: u32) -> Duration {
+    let n = failures.clamp(1, 7);
+    Duration::from_millis(100 << (n - 1)).min(Duration::from_secs(5))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,8 +233,11 @@ mod tests {
         let t = Instant::now();
         let waits: Vec<u128> = (0..9).map(|_| r.failed(ip, t).as_millis()).collect();
         assert_eq!(waits, [100, 200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+        assert_eq!(r.delay(ip, t).as_millis(), 5000);
+        assert_eq!(r.delay(ip, t + FORGET_AFTER * 2), Duration::ZERO);
         assert_eq!(r.failed(ip, t + FORGET_AFTER * 2).as_millis(), 100);
         r.succeeded(ip);
+        assert_eq!(r.delay(ip, t), Duration::ZERO);
         assert_eq!(r.failed(ip, t).as_millis(), 100);
     }
 

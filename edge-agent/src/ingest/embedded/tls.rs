@@ -20,8 +20,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio_rustls::rustls::pki_types::pem::{self, PemObject};
-use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer,
+};
+use tokio_rustls::rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
 use tokio_rustls::rustls::{self, CertificateError, RootCertStore, ServerConfig};
 
 use super::auth::Refusal;
@@ -110,6 +112,24 @@ fn certificates(
     Ok(certs)
 }
 
+/// The CRLs of a PEM file, at least one (parsed by rustls when the verifier is built).
+fn revocation_lists(
+    path: &Path,
+) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsConfigError> {
+    let bytes = read("crl", path)?;
+    let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_error("crl", path, format!("not a readable PEM file ({e})")))?;
+    if crls.is_empty() {
+        return Err(file_error(
+            "crl",
+            path,
+            "no CRL in it (expected PEM \"BEGIN X509 CRL\")",
+        ));
+    }
+    Ok(crls)
+}
+
 /// Builds the listener's rustls configuration for `auth`, reading and checking every file:
 /// the certificate chain, that the key is its key, and the client CA when `auth` asks for
 /// certificates. Called by `check-config` and at start-up, so a bad file stops either with
@@ -143,9 +163,18 @@ pub fn server_config(tls: &TlsConfig, auth: Auth) -> Result<Arc<ServerConfig>, T
             if auth == Auth::PasswordOrCertificate {
                 verifier = verifier.allow_unauthenticated();
             }
-            let verifier = verifier
-                .build()
-                .map_err(|e| file_error("client_ca", ca, e))?;
+            if let Some(path) = &tls.crl {
+                // The device certificate only: a fleet's CRLs are published per issuing CA.
+                verifier = verifier
+                    .with_crls(revocation_lists(path)?)
+                    .only_check_end_entity_revocation();
+            }
+            let verifier = verifier.build().map_err(|e| match (e, &tls.crl) {
+                (VerifierBuilderError::InvalidCrl(e), Some(path)) => {
+                    file_error("crl", path, format!("not a usable CRL: {e:?}"))
+                }
+                (e, _) => file_error("client_ca", ca, e),
+            })?;
             builder.with_client_cert_verifier(verifier)
         }
         _ => builder.with_no_client_auth(),
@@ -250,6 +279,7 @@ pub(super) fn failure_reason(e: &io::Error) -> &'static str {
                 "not_yet_valid"
             }
             CertificateError::Revoked => "revoked",
+            CertificateError::UnknownRevocationStatus => "revocation_unknown",
             _ => "bad_certificate",
         },
         // The client refused us (e.g. it does not trust our certificate).
@@ -327,6 +357,16 @@ mod tests {
             failure_reason(&io(rustls::Error::NoCertificatesPresented)),
             "no_certificate"
         );
+        for (e, reason) in [
+            (CertificateError::Revoked, "revoked"),
+            (
+                CertificateError::UnknownRevocationStatus,
+                "revocation_unknown",
+            ),
+        ] {
+            let e = io(rustls::Error::InvalidCertificate(e));
+            assert_eq!(failure_reason(&e), reason);
+        }
         assert_eq!(
             failure_reason(&io::Error::from(io::ErrorKind::UnexpectedEof)),
             "closed"

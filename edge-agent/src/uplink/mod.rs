@@ -16,6 +16,14 @@
 //! yet reported (a damaged store moved aside at start-up: the cloud must hear of it, since the
 //! results it held are not coming). A record is marked reported only when the PUBACK of the very
 //! status packet that carried it arrives (the same packet-id matching as for results).
+//!
+//! A PUBACK that refuses (MQTT 5 reason code ≥ 0x80, [`refusal`]) releases nothing: a refused
+//! batch is re-sent from the outbox after a hold with backoff, a refused status message's
+//! records stay unreported for the next one, and a refused replay is dropped (the cloud asks
+//! again). On MQTT 3.1.1 ([`mqtt`]) no refusal can be seen.
+
+mod mqtt;
+pub mod refusal;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -27,13 +35,15 @@ use proto::uplink::{
     GatewayStatus, MAX_MISSED_PER_STATUS, MissedReport, QuarantineReport, ReplayRequest, SeqSpan,
     replay_topic, results_topic, status_topic,
 };
-use rumqttc::{
-    AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, QoS, TlsConfiguration,
-    Transport,
-};
+use rumqttc::{TlsConfiguration, Transport};
 use serde::Deserialize;
 use settings::Invalid;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+pub use mqtt::Protocol;
+use mqtt::{Event, Session, Settings};
+use refusal::{LastRefusal, Refusal, Refusals};
 
 use crate::ingest::now_ms;
 use crate::missed::MissedRecord;
@@ -48,6 +58,9 @@ pub struct UplinkConfig {
     pub enabled: bool,
     pub host: String,
     pub port: u16,
+    /// `"5"` (default) or `"3.1.1"`: only MQTT 5 lets the broker refuse a publish (its ACL),
+    /// so that the results stay in the outbox; on 3.1.1 such a drop looks like delivery.
+    pub protocol: Protocol,
     /// Defaults to the gateway id.
     pub client_id: Option<String>,
     /// TLS is on unless explicitly turned off (plain TCP only for local set-ups).
@@ -79,6 +92,7 @@ impl Default for UplinkConfig {
             enabled: false,
             host: "127.0.0.1".into(),
             port: 8883,
+            protocol: Protocol::default(),
             client_id: None,
             tls: true,
             ca: None,
@@ -130,6 +144,15 @@ impl UplinkConfig {
         if self.keep_alive_s == 0 {
             return Err(Invalid::at("uplink.keep_alive_s", "must be at least 1"));
         }
+        if self.protocol == Protocol::V5 && self.keep_alive_s < mqtt::MIN_KEEP_ALIVE_V5_S {
+            return Err(Invalid::at(
+                "uplink.keep_alive_s",
+                format!(
+                    "must be at least {} with protocol = \"5\"",
+                    mqtt::MIN_KEEP_ALIVE_V5_S
+                ),
+            ));
+        }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
             return Err(Invalid::at(
                 "uplink.reconnect_min_ms/reconnect_max_ms",
@@ -145,19 +168,24 @@ impl UplinkConfig {
         Ok(())
     }
 
-    fn options(&self, gateway: &str) -> anyhow::Result<MqttOptions> {
-        let id = self
-            .client_id
-            .clone()
-            .unwrap_or_else(|| gateway.to_string());
-        let mut o = MqttOptions::new(id, self.host.clone(), self.port);
-        o.set_clean_session(true)
-            .set_keep_alive(Duration::from_secs(u64::from(self.keep_alive_s)))
-            .set_inflight(self.max_in_flight)
-            .set_request_channel_capacity(usize::from(self.max_in_flight) * 2 + 8)
-            // (incoming, outgoing): replay requests are tiny; a batch is at most
-            // max_batch_bytes plus one result (a batch always takes at least one).
-            .set_max_packet_size(64 * 1024, self.max_batch_bytes * 2 + 64 * 1024);
+    fn settings(&self, gateway: &str) -> anyhow::Result<Settings> {
+        let mut s = Settings {
+            protocol: self.protocol,
+            client_id: self
+                .client_id
+                .clone()
+                .unwrap_or_else(|| gateway.to_string()),
+            host: self.host.clone(),
+            port: self.port,
+            keep_alive: Duration::from_secs(u64::from(self.keep_alive_s)),
+            max_in_flight: self.max_in_flight,
+            capacity: usize::from(self.max_in_flight) * 2 + 8,
+            // Replay requests are tiny; a batch is at most max_batch_bytes plus one result
+            // (a batch always takes at least one).
+            max_incoming: 64 * 1024,
+            max_outgoing: self.max_batch_bytes * 2 + 64 * 1024,
+            transport: None,
+        };
         if self.tls {
             let read = |what: &str, p: &PathBuf| {
                 std::fs::read(p).with_context(|| format!("uplink.{what}: reading {}", p.display()))
@@ -167,13 +195,13 @@ impl UplinkConfig {
                 (Some(c), Some(k)) => Some((read("cert", c)?, read("key", k)?)),
                 _ => None,
             };
-            o.set_transport(Transport::tls_with_config(TlsConfiguration::Simple {
+            s.transport = Some(Transport::tls_with_config(TlsConfiguration::Simple {
                 ca,
                 alpn: self.alpn.clone().map(|a| vec![a.into_bytes()]),
                 client_auth,
             }));
         }
-        Ok(o)
+        Ok(s)
     }
 }
 
@@ -182,8 +210,13 @@ impl UplinkConfig {
 pub struct LinkState {
     pub connected: bool,
     pub last_error: Option<String>,
-    /// Epoch ms of the last acknowledgement from the cloud broker.
+    /// Epoch ms of the last acknowledgement from the cloud broker (that accepted a publish).
     pub last_ack_at: Option<i64>,
+    /// Publishes the broker refused since start, by reason (MQTT 5 PUBACK reason codes).
+    pub refused: BTreeMap<String, u64>,
+    pub last_refusal: Option<LastRefusal>,
+    /// Results are held back: the broker refused the last batch sent.
+    pub refusing: bool,
 }
 
 /// Shared view of the link for status reporting.
@@ -198,6 +231,21 @@ impl LinkStatus {
     fn update(&self, f: impl FnOnce(&mut LinkState)) {
         f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()));
     }
+
+    fn refused(&self, why: Refusal, topic: &str, at: i64) {
+        self.update(|s| {
+            *s.refused.entry(why.reason().to_string()).or_default() += 1;
+            s.last_refusal = Some(LastRefusal {
+                at,
+                reason: why.to_string(),
+                topic: topic.to_string(),
+            });
+        });
+    }
+
+    fn set_refusing(&self, refusing: bool) {
+        self.update(|s| s.refusing = refusing);
+    }
 }
 
 /// One publish: a contiguous `edge_seq` range, or a status message.
@@ -210,6 +258,8 @@ struct Sent {
     replay: bool,
     /// A status message: its ack marks what it carried reported.
     status: Option<Carried>,
+    /// The refusal round it was sent in ([`Refusals`]).
+    round: u64,
 }
 
 /// What one status message reported: missed-record ids, quarantines (by `at`).
@@ -217,6 +267,14 @@ struct Sent {
 struct Carried {
     missed: Vec<u64>,
     quarantines: Vec<i64>,
+}
+
+impl Carried {
+    /// Drops what `done` carried: its status message was answered, either way.
+    fn remove(&mut self, done: &Carried) {
+        self.missed.retain(|id| !done.missed.contains(id));
+        self.quarantines.retain(|at| !done.quarantines.contains(at));
+    }
 }
 
 /// The status message the uplink sends: `released` and the records to report.
@@ -272,10 +330,19 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(cfg.reconnect_min_ms);
     let max_backoff = Duration::from_millis(cfg.reconnect_max_ms);
-    tracing::info!(host = %cfg.host, port = cfg.port, tls = cfg.tls, "uplink starting");
+    let protocol = match cfg.protocol {
+        Protocol::V5 => "5",
+        Protocol::V311 => "3.1.1",
+    };
+    tracing::info!(host = %cfg.host, port = cfg.port, tls = cfg.tls, protocol, "uplink starting");
+    let mut refusals = Refusals::new(
+        Duration::from_millis(cfg.reconnect_min_ms),
+        max_backoff,
+        status.clone(),
+    );
     loop {
-        let opts = cfg.options(&gateway)?;
-        let mut link = Link::new(&cfg, &gateway, &outbox, &missed, opts);
+        let session = Session::new(cfg.settings(&gateway)?);
+        let mut link = Link::new(&cfg, &gateway, &outbox, &missed, session, &mut refusals);
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => None,
             r = link.run(&status) => Some(r),
@@ -283,7 +350,7 @@ pub async fn run(
         status.update(|s| s.connected = false);
         metrics::gauge!(m::UPLINK_CONNECTED).set(0.0);
         let Some(err) = outcome else {
-            let _ = link.client.try_disconnect();
+            link.session.disconnect();
             return Ok(());
         };
         if link.acked_any {
@@ -302,7 +369,7 @@ pub async fn run(
 }
 
 /// A delay drawn uniformly from [d/2, d]: spreads a fleet's reconnects after a cloud outage.
-fn jitter(d: Duration) -> Duration {
+pub(crate) fn jitter(d: Duration) -> Duration {
     d / 2 + d.mul_f64(fastrand::f64() / 2.0)
 }
 
@@ -315,8 +382,8 @@ struct Link<'a> {
     status_topic: String,
     outbox: &'a Outbox,
     missed: &'a StoreReader,
-    client: AsyncClient,
-    events: EventLoop,
+    session: Session,
+    refusals: &'a mut Refusals,
     connected: bool,
     acked_any: bool,
     /// Next `edge_seq` to send.
@@ -326,6 +393,8 @@ struct Link<'a> {
     by_pkid: HashMap<u16, Sent>,
     /// Acknowledged ranges not yet contiguous with what was released: first → (last, bytes).
     acked: BTreeMap<u64, (u64, u64)>,
+    /// Ranges the broker refused, sent again before anything new: first → last.
+    refused: BTreeMap<u64, u64>,
     replays: VecDeque<(u64, u64)>,
     /// Missed-record ids and quarantines in a status message not yet acknowledged.
     reporting: Carried,
@@ -338,9 +407,9 @@ impl<'a> Link<'a> {
         gateway: &'a str,
         outbox: &'a Outbox,
         missed: &'a StoreReader,
-        opts: MqttOptions,
+        session: Session,
+        refusals: &'a mut Refusals,
     ) -> Self {
-        let (client, events) = AsyncClient::new(opts, usize::from(cfg.max_in_flight) * 2 + 8);
         Link {
             cfg,
             gateway,
@@ -349,14 +418,15 @@ impl<'a> Link<'a> {
             status_topic: status_topic(gateway),
             outbox,
             missed,
-            client,
-            events,
+            session,
+            refusals,
             connected: false,
             acked_any: false,
             cursor: outbox.first_pending(),
             queued: VecDeque::new(),
             by_pkid: HashMap::new(),
             acked: BTreeMap::new(),
+            refused: BTreeMap::new(),
             replays: VecDeque::new(),
             reporting: Carried::default(),
             buf: Vec::new(),
@@ -369,8 +439,16 @@ impl<'a> Link<'a> {
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let hold = self.refusals.hold_ends(Instant::now());
             let event = tokio::select! {
-                ev = self.events.poll() => ev,
+                ev = self.session.poll() => ev,
+                // The hold after a refusal is over: offer results again.
+                _ = tokio::time::sleep_until(hold.unwrap_or_else(Instant::now)), if hold.is_some() => {
+                    if let Err(e) = self.fill() {
+                        return e;
+                    }
+                    continue;
+                }
                 _ = self.outbox.wait_appended(), if self.connected => {
                     if let Err(e) = self.fill() {
                         return e;
@@ -396,7 +474,7 @@ impl<'a> Link<'a> {
 
     fn on_event(&mut self, ev: Event, status: &LinkStatus) -> anyhow::Result<()> {
         match ev {
-            Event::Incoming(Incoming::ConnAck(_)) => {
+            Event::Connected => {
                 tracing::info!(host = %self.cfg.host, "uplink connected");
                 self.connected = true;
                 status.update(|s| {
@@ -404,40 +482,76 @@ impl<'a> Link<'a> {
                     s.last_error = None;
                 });
                 metrics::gauge!(m::UPLINK_CONNECTED).set(1.0);
-                self.client
-                    .try_subscribe(self.replay_topic.clone(), QoS::AtLeastOnce)?;
+                self.session.subscribe(self.replay_topic.clone())?;
                 // Right away: what the broker acknowledged before a disconnect may not have
                 // reached the cloud, and no later batch may come to show it.
                 self.send_status()?;
             }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
+            Event::Sent(pkid) => {
                 let sent = self
                     .queued
                     .pop_front()
                     .context("the MQTT client sent a publish the uplink did not queue")?;
                 self.by_pkid.insert(pkid, sent);
             }
-            Event::Incoming(Incoming::PubAck(ack)) => {
-                if let Some(sent) = self.by_pkid.remove(&ack.pkid) {
+            Event::Acked(pkid, refusal) => {
+                if let Some(sent) = self.by_pkid.remove(&pkid) {
                     self.acked_any = true;
-                    status.update(|s| s.last_ack_at = Some(now_ms()));
-                    if let Some(carried) = sent.status {
-                        self.reported(&carried)?;
-                    } else if !sent.replay {
-                        self.acked.insert(sent.first, (sent.last, sent.bytes));
-                        self.release()?;
+                    match refusal {
+                        None => self.accepted(sent, status)?,
+                        Some(why) => self.refused(sent, why),
                     }
                 }
             }
-            Event::Incoming(Incoming::Publish(p)) if p.topic == self.replay_topic => {
-                match serde_json::from_slice::<ReplayRequest>(&p.payload) {
+            Event::SubscribeRefused => tracing::warn!(
+                topic = %self.replay_topic,
+                "the cloud broker refused the replay subscription: replay requests will not arrive"
+            ),
+            Event::Message { topic, payload } if topic == self.replay_topic.as_bytes() => {
+                match serde_json::from_slice::<ReplayRequest>(&payload) {
                     Ok(r) => self.on_replay(r),
                     Err(e) => tracing::warn!(error = %e, "ignoring a malformed replay request"),
                 }
             }
-            _ => {}
+            Event::Message { .. } | Event::Other => {}
         }
         Ok(())
+    }
+
+    /// The broker took `sent`: results are released, a status's records reported.
+    fn accepted(&mut self, sent: Sent, status: &LinkStatus) -> anyhow::Result<()> {
+        status.update(|s| s.last_ack_at = Some(now_ms()));
+        if let Some(carried) = sent.status {
+            return self.reported(&carried);
+        }
+        self.refusals.accepted(sent.round);
+        if !sent.replay {
+            self.acked.insert(sent.first, (sent.last, sent.bytes));
+            self.release()?;
+        }
+        Ok(())
+    }
+
+    /// The broker dropped `sent`: nothing is released or reported.
+    fn refused(&mut self, sent: Sent, why: Refusal) {
+        let now = Instant::now();
+        let topic = match sent.status {
+            Some(_) => &self.status_topic,
+            None => &self.topic,
+        };
+        self.refusals.count(why, topic, now);
+        match sent.status {
+            // Its records go in the next status message.
+            Some(carried) => {
+                self.reporting.remove(&carried);
+            }
+            None => {
+                if !sent.replay {
+                    self.refused.insert(sent.first, sent.last);
+                }
+                self.refusals.hold(sent.round, now);
+            }
+        }
     }
 
     /// Releases the longest acknowledged run that starts right after what is released.
@@ -477,8 +591,7 @@ impl<'a> Link<'a> {
         quarantines.retain(|q| !in_flight.quarantines.contains(&q.at));
         let msg = status_message(self.gateway, released, now_ms(), &records, &quarantines);
         let body = serde_json::to_vec(&msg).context("encoding the status message")?;
-        self.client
-            .try_publish(self.status_topic.clone(), QoS::AtLeastOnce, false, body)?;
+        self.session.publish(self.status_topic.clone(), body)?;
         let carried = Carried {
             missed: records.iter().map(|r| r.id).collect(),
             quarantines: quarantines.iter().map(|q| q.at).collect(),
@@ -491,6 +604,7 @@ impl<'a> Link<'a> {
             bytes: 0,
             replay: false,
             status: Some(carried),
+            round: self.refusals.round(),
         });
         metrics::counter!(m::UPLINK_STATUS).increment(1);
         tracing::debug!(
@@ -504,12 +618,7 @@ impl<'a> Link<'a> {
 
     /// The broker acknowledged a status message: its records are reported.
     fn reported(&mut self, carried: &Carried) -> anyhow::Result<()> {
-        self.reporting
-            .missed
-            .retain(|id| !carried.missed.contains(id));
-        self.reporting
-            .quarantines
-            .retain(|at| !carried.quarantines.contains(at));
+        self.reporting.remove(carried);
         if !carried.quarantines.is_empty() {
             self.missed
                 .mark_quarantines_reported(&carried.quarantines)?;
@@ -551,7 +660,26 @@ impl<'a> Link<'a> {
             return Ok(());
         }
         self.cursor = self.cursor.max(self.outbox.first_pending());
-        while self.queued.len() + self.by_pkid.len() < usize::from(self.cfg.max_in_flight) {
+        loop {
+            let window = self
+                .refusals
+                .window(Instant::now(), usize::from(self.cfg.max_in_flight));
+            if self.queued.len() + self.by_pkid.len() >= window {
+                return Ok(());
+            }
+            // A refused range first (it blocks the release of everything after it), then
+            // replays, then what was never sent.
+            if let Some((first, last)) = self.refused.pop_first() {
+                let rows = self.outbox.read(
+                    first,
+                    self.cfg.max_batch_results,
+                    self.cfg.max_batch_bytes,
+                )?;
+                let rows: Vec<_> = rows.into_iter().filter(|(s, _)| *s <= last).collect();
+                // Gone (drop_oldest) if empty.
+                self.send(&rows, false)?;
+                continue;
+            }
             let (from, replay) = match self.replays.front() {
                 Some(&(from, _)) => (from, true),
                 None => (self.cursor, false),
@@ -576,41 +704,48 @@ impl<'a> Link<'a> {
                 }
                 None => rows,
             };
-            let (Some(&(first, _)), Some(&(last, _))) = (rows.first(), rows.last()) else {
+            let Some(last) = self.send(&rows, replay)? else {
                 if replay {
                     continue;
                 }
                 return Ok(());
             };
-            let bytes: u64 = rows.iter().map(|(_, v)| v.len() as u64).sum();
-            self.buf.clear();
-            proto::wire::encode_batch_raw(
-                self.gateway,
-                rows.iter().map(|(_, v)| v.as_ref()),
-                &mut self.buf,
-            );
-            let topic = if !replay && crate::fault::drop_next_batch(first, last) {
-                crate::fault::SINK_TOPIC.to_string()
-            } else {
-                self.topic.clone()
-            };
-            self.client
-                .try_publish(topic, QoS::AtLeastOnce, false, self.buf.clone())?;
-            self.queued.push_back(Sent {
-                first,
-                last,
-                bytes,
-                replay,
-                status: None,
-            });
             if !replay {
                 self.cursor = last + 1;
             }
-            metrics::counter!(m::UPLINK_BATCHES).increment(1);
-            metrics::counter!(m::UPLINK_RESULTS).increment(rows.len() as u64);
-            metrics::counter!(m::UPLINK_BYTES).increment(self.buf.len() as u64);
         }
-        Ok(())
+    }
+
+    /// Publishes `rows` as one batch; the last `edge_seq` it carried, `None` if empty.
+    fn send(&mut self, rows: &[(u64, sled::IVec)], replay: bool) -> anyhow::Result<Option<u64>> {
+        let (Some(&(first, _)), Some(&(last, _))) = (rows.first(), rows.last()) else {
+            return Ok(None);
+        };
+        let bytes: u64 = rows.iter().map(|(_, v)| v.len() as u64).sum();
+        self.buf.clear();
+        proto::wire::encode_batch_raw(
+            self.gateway,
+            rows.iter().map(|(_, v)| v.as_ref()),
+            &mut self.buf,
+        );
+        let topic = if !replay && crate::fault::drop_next_batch(first, last) {
+            crate::fault::SINK_TOPIC.to_string()
+        } else {
+            self.topic.clone()
+        };
+        self.session.publish(topic, self.buf.clone())?;
+        self.queued.push_back(Sent {
+            first,
+            last,
+            bytes,
+            replay,
+            status: None,
+            round: self.refusals.round(),
+        });
+        metrics::counter!(m::UPLINK_BATCHES).increment(1);
+        metrics::counter!(m::UPLINK_RESULTS).increment(rows.len() as u64);
+        metrics::counter!(m::UPLINK_BYTES).increment(self.buf.len() as u64);
+        Ok(Some(last))
     }
 }
 

@@ -21,6 +21,8 @@ pub const MISSED: &str = "edge_missed_events_total";
 pub const LATE: &str = "edge_late_arrivals_total";
 pub const GAP_SEQS: &str = "edge_gap_seqs_total";
 pub const GAPS_OPEN: &str = "edge_gaps_open";
+pub const DEVICES: &str = "edge_devices";
+pub const DEVICES_REFUSED: &str = "edge_devices_refused_total";
 pub const MISSED_RECORDS: &str = "edge_missed_records";
 pub const MISSED_FILLED_LATE: &str = "edge_missed_filled_late_total";
 pub const MISSED_DROPPED: &str = "edge_missed_records_dropped_total";
@@ -148,6 +150,11 @@ fn describe() {
         "Seqs declared missed (a gap still open after pipeline.missed_after_s)"
     );
     describe_gauge!(MISSED_RECORDS, "Missed-event records stored");
+    describe_gauge!(DEVICES, "Devices the gateway keeps state for (at most pipeline.max_devices)");
+    describe_counter!(
+        DEVICES_REFUSED,
+        "Messages dead-lettered because their device would exceed pipeline.max_devices"
+    );
     describe_counter!(
         MISSED_FILLED_LATE,
         "Seqs declared missed that arrived later (processed normally)"

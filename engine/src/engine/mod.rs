@@ -14,7 +14,7 @@ use crate::rules::{AssertionFailed, RuleError, Rules};
 use crate::schema::{Schema, SchemaError};
 use crate::seq::{DuplicateKind, SeqClass, SeqRange};
 use crate::spec::{EngineSpec, EventTypeSpec, SpecError};
-use crate::state::{Reading, ScalarRef, State};
+use crate::state::{MAX_DEVICES_RULE, Reading, ScalarRef, State};
 use crate::topic::{TopicPattern, is_topic_level};
 use crate::value::{EvalValue, truncate};
 use crate::window::Window;
@@ -367,6 +367,16 @@ impl Engine {
             }
         }
 
+        if !state.admits(device) {
+            let reason = format!(
+                "device '{}' is new and the gateway already tracks its maximum of {} devices ({})",
+                truncate(device),
+                state.len(),
+                MAX_DEVICES_RULE
+            );
+            let subject = Subject::Rule(MAX_DEVICES_RULE.to_string());
+            return reject(Stage::Rule, reason, subject, Some(event_id), None);
+        }
         let mut entry = state.entry(device);
         let class = entry.state.seq.observe(msg.seq, &msg.id, input.replay);
         let (gap, late, seq_reset) = match class {

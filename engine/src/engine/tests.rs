@@ -244,6 +244,29 @@ fn payload_must_agree_with_topic() {
 }
 
 #[test]
+fn a_new_device_beyond_max_devices_is_refused_and_known_ones_go_on() {
+    let mut run = Run::new();
+    run.state.set_max_devices(Some(2));
+    let p = |seq| payload(&format!("m{seq}"), seq, T0 + seq as i64 * 1000, json!({"kwh": 1}));
+    for d in ["meter-1", "meter-2"] {
+        accepted(run.raw(&format!("devices/{d}/events/meter"), &p(1), T0 + 5000, false));
+    }
+    let r = rejected(run.raw("devices/meter-3/events/meter", &p(1), T0 + 5000, false));
+    assert_eq!(r.stage, Stage::Rule);
+    assert_eq!(r.subject, Subject::Rule(MAX_DEVICES_RULE.to_string()));
+    assert!(!r.transient);
+    assert_eq!(
+        r.reason,
+        "device 'meter-3' is new and the gateway already tracks its maximum of 2 devices (max_devices)"
+    );
+    assert_eq!(run.state.len(), 2, "nothing was allocated for the refused device");
+    // Known devices are not affected; a higher cap (a DLQ retry after raising it) admits it.
+    accepted(run.raw("devices/meter-1/events/meter", &p(2), T0 + 5000, false));
+    run.state.set_max_devices(Some(3));
+    accepted(run.raw("devices/meter-3/events/meter", &p(1), T0 + 5000, true));
+}
+
+#[test]
 fn unknown_event_type_still_takes_its_seq() {
     let mut run = Run::new();
     let p = payload("u1", 1, T0, json!({}));

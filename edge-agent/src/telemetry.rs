@@ -62,6 +62,7 @@ pub const INGEST_CONNECTIONS_TOTAL: &str = "ingest_connections_total";
 pub const INGEST_EXTERNAL_CONNECTED: &str = "ingest_external_connected";
 pub const INGEST_EXTERNAL_CONNECTION_ERRORS_TOTAL: &str = "ingest_external_connection_errors_total";
 pub const INGEST_EXTERNAL_UNHANDED_TOTAL: &str = "ingest_external_unhanded_total";
+pub const INGEST_INFLIGHT_FULL_TOTAL: &str = "ingest_inflight_full_total";
 pub const INGEST_KEEPALIVE_TIMEOUTS_TOTAL: &str = "ingest_keepalive_timeouts_total";
 pub const INGEST_MESSAGES_TOTAL: &str = "ingest_messages_total";
 pub const INGEST_OVERSIZED_PACKETS_TOTAL: &str = "ingest_oversized_packets_total";
@@ -71,6 +72,7 @@ pub const INGEST_PUBLISH_REFUSED_TOTAL: &str = "ingest_publish_refused_total";
 pub const INGEST_SUBSCRIBE_REFUSED_TOTAL: &str = "ingest_subscribe_refused_total";
 pub const INGEST_TAKEOVERS_TOTAL: &str = "ingest_takeovers_total";
 pub const INGEST_TLS_REFUSED_TOTAL: &str = "ingest_tls_refused_total";
+pub const INGEST_TOPIC_TOO_LONG_TOTAL: &str = "ingest_topic_too_long_total";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -150,7 +152,10 @@ fn describe() {
         "Seqs declared missed (a gap still open after pipeline.missed_after_s)"
     );
     describe_gauge!(MISSED_RECORDS, "Missed-event records stored");
-    describe_gauge!(DEVICES, "Devices the gateway keeps state for (at most pipeline.max_devices)");
+    describe_gauge!(
+        DEVICES,
+        "Devices the gateway keeps state for (at most pipeline.max_devices)"
+    );
     describe_counter!(
         DEVICES_REFUSED,
         "Messages dead-lettered because their device would exceed pipeline.max_devices"

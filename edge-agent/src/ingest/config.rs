@@ -16,6 +16,8 @@
 //! auth = "none"                     # or "password" | "certificate" | "password_or_certificate"
 //! max_connections = 1024             # in all, and from one client address:
 //! max_connections_per_address = 64
+//! max_inflight = 1024               # per connection: QoS 1/2 publishes not yet acknowledged
+//! max_topic_bytes = 256             # a longer PUBLISH topic closes the connection
 //! # username = "devices"            # auth = "none" only: one shared user name (and password)
 //! # password = "secret"
 //! # plain = false                   # serve plain TCP on `listen` too? (default: only without [tls])
@@ -152,6 +154,17 @@ pub struct EmbeddedConfig {
     /// closed at once (`ingest_connections_refused_total{reason}`).
     pub max_connections: usize,
     pub max_connections_per_address: usize,
+    /// Most QoS 1/2 publishes of one connection read but not yet acknowledged on the wire
+    /// (PUBACK/PUBREC written to the socket). At the cap the connection's reads pause until
+    /// acks go out (`ingest_inflight_full_total`), so a client that never reads its PUBACKs
+    /// stalls itself instead of growing its output buffer, and one connection cannot take the
+    /// whole pipeline queue.
+    pub max_inflight: usize,
+    /// Longest PUBLISH topic name in bytes, checked in the packet's header before the topic
+    /// is parsed (or anything allocated for it). A longer one closes the connection
+    /// unacknowledged (`ingest_topic_too_long_total`), as a packet over `max_packet_bytes`
+    /// does: the topic names the device, whose state, DLQ entries and results carry it.
+    pub max_topic_bytes: usize,
     /// With `auth = "none"`: when set, a CONNECT must carry this user name (and `password`,
     /// when that is set).
     pub username: Option<String>,
@@ -174,6 +187,8 @@ impl Default for EmbeddedConfig {
             auth: Auth::None,
             max_connections: 1024,
             max_connections_per_address: 64,
+            max_inflight: 1024,
+            max_topic_bytes: 256,
             username: None,
             password: None,
             plain: None,
@@ -233,6 +248,9 @@ impl Default for ExternalConfig {
     }
 }
 
+/// Shortest `max_topic_bytes`: room for `devices/{id}/events/{type}` with short names.
+const MIN_TOPIC_BYTES: usize = 16;
+
 /// MQTT's largest encodable remaining length.
 const MQTT_MAX_PACKET: usize = 268_435_455;
 
@@ -272,6 +290,24 @@ impl EmbeddedConfig {
             return Err(Invalid::at(
                 "broker.embedded.max_connections_per_address",
                 "must be at least 1",
+            ));
+        }
+        if !(1..=usize::from(u16::MAX)).contains(&self.max_inflight) {
+            return Err(Invalid::at(
+                "broker.embedded.max_inflight",
+                format!(
+                    "must be between 1 and 65535, the packet ids a connection has (got {})",
+                    self.max_inflight
+                ),
+            ));
+        }
+        if !(MIN_TOPIC_BYTES..=usize::from(u16::MAX)).contains(&self.max_topic_bytes) {
+            return Err(Invalid::at(
+                "broker.embedded.max_topic_bytes",
+                format!(
+                    "must be between {MIN_TOPIC_BYTES} and 65535 (got {})",
+                    self.max_topic_bytes
+                ),
             ));
         }
         if self.password.is_some() && self.username.is_none() {
@@ -490,6 +526,22 @@ mod tests {
         c.external.filter = "devices/+/events/+".into();
         c.external.cert = Some("/c.pem".into());
         assert!(c.validate().unwrap_err().to_string().contains("cert/key"));
+    }
+
+    #[test]
+    fn inflight_and_topic_caps_are_checked_by_field() {
+        for (text, field) in [
+            ("max_inflight = 0", "broker.embedded.max_inflight"),
+            ("max_inflight = 70000", "broker.embedded.max_inflight"),
+            ("max_topic_bytes = 8", "broker.embedded.max_topic_bytes"),
+            ("max_topic_bytes = 65536", "broker.embedded.max_topic_bytes"),
+        ] {
+            let a: Agent = toml::from_str(&format!("[broker.embedded]\n{text}\n")).unwrap();
+            let err = a.broker.embedded.validate().unwrap_err();
+            assert_eq!(err.field(), Some(field), "{text}: {err}");
+        }
+        let d = EmbeddedConfig::default();
+        assert_eq!((d.max_inflight, d.max_topic_bytes), (1024, 256));
     }
 
     fn embedded(toml_text: &str) -> anyhow::Result<EmbeddedConfig> {

@@ -17,7 +17,10 @@
 //!   the [`Ack`]; PUBREL → PUBCOMP at once (the engine, not this front, de-duplicates).
 //! * SUBSCRIBE → SUBACK with failure codes (0x80), UNSUBSCRIBE → UNSUBACK: this endpoint only
 //!   ingests. PINGREQ → PINGRESP. DISCONNECT → close (the will, if any, is discarded).
-//! * A packet larger than `max_packet_bytes` closes the connection before its body is read.
+//! * A packet larger than `max_packet_bytes`, or a PUBLISH whose topic is longer than
+//!   `max_topic_bytes`, closes the connection before its body is read.
+//! * At most `max_inflight` QoS 1/2 publishes per connection are read and not yet acknowledged
+//!   on the wire; at the cap the connection's reads pause until its acks are written.
 //! * `auth = "password"` ([`auth`]): the user name is the device id, checked against the device
 //!   registry; a device may publish only under its own id (else the connection is closed).
 //! * `[broker.embedded.tls]` ([`tls`]) adds a TLS listener; `auth = "certificate"` identifies a
@@ -39,7 +42,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,7 +69,7 @@ mod limits;
 pub mod tls;
 
 use auth::{DeviceAuth, Identity, Refusal, Refusals};
-use limits::{Slot, Slots};
+use limits::{Slot, Slots, publish_topic_len};
 
 use super::config::EmbeddedConfig;
 use super::{Ack, AckKind, Inbound, now_ms};
@@ -356,6 +359,8 @@ struct Metrics {
     keepalive_timeouts: Counter,
     takeovers: Counter,
     subscribe_refused: Counter,
+    inflight_full: Counter,
+    topic_too_long: Counter,
 }
 
 impl Metrics {
@@ -371,6 +376,8 @@ impl Metrics {
             keepalive_timeouts: metrics::counter!(telemetry::INGEST_KEEPALIVE_TIMEOUTS_TOTAL),
             takeovers: metrics::counter!(telemetry::INGEST_TAKEOVERS_TOTAL),
             subscribe_refused: metrics::counter!(telemetry::INGEST_SUBSCRIBE_REFUSED_TOTAL),
+            inflight_full: metrics::counter!(telemetry::INGEST_INFLIGHT_FULL_TOTAL),
+            topic_too_long: metrics::counter!(telemetry::INGEST_TOPIC_TOO_LONG_TOTAL),
         }
     }
 }
@@ -401,6 +408,14 @@ fn describe_metrics() {
     describe_counter!(
         telemetry::INGEST_OVERSIZED_PACKETS_TOTAL,
         "connections closed for a packet over max_packet_bytes"
+    );
+    describe_counter!(
+        telemetry::INGEST_TOPIC_TOO_LONG_TOTAL,
+        "connections closed for a PUBLISH topic over max_topic_bytes"
+    );
+    describe_counter!(
+        telemetry::INGEST_INFLIGHT_FULL_TOTAL,
+        "times a connection paused reading with max_inflight publishes unacknowledged"
     );
     describe_counter!(
         telemetry::INGEST_KEEPALIVE_TIMEOUTS_TOTAL,
@@ -438,30 +453,57 @@ fn describe_metrics() {
 
 /// The output side of one connection, shared by its reader, its writer and every
 /// [`AckSet`](super::AckSet) that holds one of its acks.
-#[derive(Debug)]
+///
+/// It also counts the connection's in-flight publishes: `unacked` goes up when the reader hands
+/// a QoS 1/2 publish over and down when the writer has written its ack, so an ack sitting in
+/// `out` because the client does not read still counts (`broker.embedded.max_inflight`).
+#[derive(Debug, Default)]
 struct ConnIo {
     out: Mutex<Out>,
     wake: Notify,
+    unacked: AtomicUsize,
+    /// Woken after each write that sent acks.
+    drained: Notify,
 }
 
 #[derive(Debug, Default)]
 struct Out {
     buf: BytesMut,
+    /// Acks (4-byte frames) in `buf`.
+    acks: usize,
     closed: bool,
 }
 
 impl ConnIo {
     /// Appends `bytes` for the writer; false if the connection has closed.
     fn push(&self, bytes: &[u8]) -> bool {
+        self.append(bytes, 0)
+    }
+
+    /// Appends released ack frames (4 bytes each); false if the connection has closed.
+    fn push_acks(&self, frames: &[u8]) -> bool {
+        self.append(frames, frames.len() / 4)
+    }
+
+    fn append(&self, bytes: &[u8], acks: usize) -> bool {
         {
             let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
             if out.closed {
                 return false;
             }
             out.buf.extend_from_slice(bytes);
+            out.acks += acks;
         }
         self.wake.notify_one();
         true
+    }
+
+    /// After the writer sent `acks` of them.
+    fn acks_written(&self, acks: usize) {
+        if acks > 0 {
+            self.unacked.fetch_sub(acks, Ordering::AcqRel);
+            self.drained.notify_one();
+        }
     }
 
     /// Refuses further output; the writer sends what is buffered and shuts the socket.
@@ -482,7 +524,7 @@ pub(crate) struct AckTarget {
 
 impl AckTarget {
     pub(crate) fn release(&self, frames: &[u8]) -> bool {
-        self.io.push(frames)
+        self.io.push_acks(frames)
     }
 }
 
@@ -495,6 +537,8 @@ enum End {
     KeepAlive,
     Protocol(String),
     TooLarge(usize),
+    /// A PUBLISH topic over `max_topic_bytes` (its length).
+    TopicTooLong(usize),
     TakenOver,
     Shutdown,
     PipelineGone,
@@ -556,10 +600,7 @@ async fn connection<S: Stream>(
     debug!(%peer, %client_id, keep_alive, "connected");
 
     let (mut rd, wr) = stream.split();
-    let io = Arc::new(ConnIo {
-        out: Mutex::new(Out::default()),
-        wake: Notify::new(),
-    });
+    let io = Arc::new(ConnIo::default());
     let (outstanding_tx, outstanding_rx) = oneshot::channel();
     let target = Arc::new(AckTarget {
         io: Arc::clone(&io),
@@ -593,6 +634,13 @@ async fn connection<S: Stream>(
             warn!(
                 %peer, %client_id, size = n, max = ctx.cfg.max_packet_bytes,
                 "packet larger than max_packet_bytes, closing"
+            );
+        }
+        End::TopicTooLong(n) => {
+            ctx.m.topic_too_long.increment(1);
+            warn!(
+                %peer, %client_id, topic_bytes = n, max = ctx.cfg.max_topic_bytes,
+                "PUBLISH topic longer than max_topic_bytes, closing"
             );
         }
         End::TakenOver => {
@@ -886,6 +934,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let received_at = now_ms();
         let (mut msgs, mut bytes) = (0u64, 0u64);
         let end = loop {
+            if let Some(n) = publish_topic_len(&buf).filter(|n| *n > ctx.cfg.max_topic_bytes) {
+                break Some(End::TopicTooLong(n));
+            }
             match read_packet(&mut buf, max) {
                 Ok(Packet::Publish(p)) => {
                     if p.topic.is_empty() || p.topic.contains(['+', '#']) {
@@ -896,9 +947,24 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     {
                         break Some(End::Refused(Refusal::NotOwnTopic, p.topic));
                     }
+                    if p.qos != QoS::AtMostOnce
+                        && target.io.unacked.load(Ordering::Acquire) >= ctx.cfg.max_inflight
+                    {
+                        ctx.m.inflight_full.increment(1);
+                        if !ctrl.is_empty() {
+                            target.io.push(&ctrl);
+                            ctrl.clear();
+                        }
+                        if let Some(end) =
+                            inflight_room(&target.io, ctx.cfg.max_inflight, conn).await
+                        {
+                            break Some(end);
+                        }
+                    }
                     let ack = match p.qos {
                         QoS::AtMostOnce => Ack::none(),
                         qos => {
+                            target.io.unacked.fetch_add(1, Ordering::AcqRel);
                             let [hi, lo] = p.pkid.to_be_bytes();
                             let kind = if qos == QoS::AtLeastOnce { 0x40 } else { 0x50 };
                             Ack(AckKind::Embedded {
@@ -1008,6 +1074,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
+/// Waits until fewer than `max` of the connection's publishes are unacknowledged on the wire
+/// (`None`), or the connection has to end.
+async fn inflight_room(io: &ConnIo, max: usize, conn: &Conn<'_>) -> Option<End> {
+    while io.unacked.load(Ordering::Acquire) >= max {
+        tokio::select! {
+            biased;
+            _ = conn.stop.cancelled() => return Some(End::Shutdown),
+            _ = conn.kick.cancelled() => return Some(End::TakenOver),
+            _ = io.drained.notified() => {}
+        }
+    }
+    None
+}
+
 fn packet_name(p: &Packet) -> &'static str {
     match p {
         Packet::Connect(_) => "second CONNECT",
@@ -1040,10 +1120,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, io: Arc<ConnIo>) {
     let mut spare = BytesMut::with_capacity(256);
     loop {
         io.wake.notified().await;
-        let closed = {
+        let (closed, acks) = {
             let mut out = io.out.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::swap(&mut out.buf, &mut spare);
-            out.closed
+            (out.closed, std::mem::take(&mut out.acks))
         };
         if !spare.is_empty() {
             if let Err(e) = wr.write_all(&spare).await {
@@ -1052,6 +1132,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, io: Arc<ConnIo>) {
                 break;
             }
             spare.clear();
+            io.acks_written(acks);
         }
         if closed {
             break;

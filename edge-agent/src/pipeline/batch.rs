@@ -7,8 +7,8 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use engine::{Input, Outcome, Reading, correct, flags, verify};
 use engine::state::MAX_DEVICES_RULE;
+use engine::{Input, Outcome, Reading, correct, flags, verify};
 use proto::{CorrectedBy, DlqEntry, Subject};
 
 use super::Pipeline;

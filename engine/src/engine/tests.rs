@@ -247,9 +247,21 @@ fn payload_must_agree_with_topic() {
 fn a_new_device_beyond_max_devices_is_refused_and_known_ones_go_on() {
     let mut run = Run::new();
     run.state.set_max_devices(Some(2));
-    let p = |seq| payload(&format!("m{seq}"), seq, T0 + seq as i64 * 1000, json!({"kwh": 1}));
+    let p = |seq| {
+        payload(
+            &format!("m{seq}"),
+            seq,
+            T0 + seq as i64 * 1000,
+            json!({"kwh": 1}),
+        )
+    };
     for d in ["meter-1", "meter-2"] {
-        accepted(run.raw(&format!("devices/{d}/events/meter"), &p(1), T0 + 5000, false));
+        accepted(run.raw(
+            &format!("devices/{d}/events/meter"),
+            &p(1),
+            T0 + 5000,
+            false,
+        ));
     }
     let r = rejected(run.raw("devices/meter-3/events/meter", &p(1), T0 + 5000, false));
     assert_eq!(r.stage, Stage::Rule);
@@ -259,7 +271,11 @@ fn a_new_device_beyond_max_devices_is_refused_and_known_ones_go_on() {
         r.reason,
         "device 'meter-3' is new and the gateway already tracks its maximum of 2 devices (max_devices)"
     );
-    assert_eq!(run.state.len(), 2, "nothing was allocated for the refused device");
+    assert_eq!(
+        run.state.len(),
+        2,
+        "nothing was allocated for the refused device"
+    );
     // Known devices are not affected; a higher cap (a DLQ retry after raising it) admits it.
     accepted(run.raw("devices/meter-1/events/meter", &p(2), T0 + 5000, false));
     run.state.set_max_devices(Some(3));

@@ -143,10 +143,14 @@ impl DeviceAuth {
     }
 }
 
-/// Most addresses (and devices) remembered; beyond it the quiet ones are forgotten first.
+/// Most addresses (and devices) remembered; beyond it the quiet ones are forgotten first, and
+/// while all are recent (a flood) a new one is not remembered: its failure waits the longest
+/// and its refusal is counted but not logged.
 const MAX_TRACKED: usize = 4096;
 /// A refusal is logged at most once per device (or address) in this window.
 const LOG_EVERY: Duration = Duration::from_secs(60);
+/// The longest a failed CONNECT waits for its answer.
+const MAX_DELAY: Duration = Duration::from_secs(5);
 /// Failures from one address are forgotten after this long without one.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
@@ -170,9 +174,12 @@ impl Refusals {
     /// 100 ms doubled per failure in a row, at most 5 s.
     pub(super) fn failed(&self, ip: IpAddr, now: Instant) -> Duration {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if g.failures.len() >= MAX_TRACKED {
+        if g.failures.len() >= MAX_TRACKED && !g.failures.contains_key(&ip) {
             g.failures
                 .retain(|_, (_, last)| now.duration_since(*last) < LOG_EVERY);
+            if g.failures.len() >= MAX_TRACKED {
+                return MAX_DELAY;
+            }
         }
         let entry = g.failures.entry(ip).or_insert((0, now));
         if now.duration_since(entry.1) > FORGET_AFTER {
@@ -181,7 +188,7 @@ impl Refusals {
         entry.0 = entry.0.saturating_add(1);
         entry.1 = now;
         let n = entry.0.min(7);
-        Duration::from_millis(100 << (n - 1)).min(Duration::from_secs(5))
+        Duration::from_millis(100 << (n - 1)).min(MAX_DELAY)
     }
 
     /// A good CONNECT from `ip` clears its failures.
@@ -193,8 +200,11 @@ impl Refusals {
     /// Whether a refusal of `who` should be logged now (once per minute each).
     pub(super) fn should_log(&self, who: &str, now: Instant) -> bool {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if g.logged.len() >= MAX_TRACKED {
+        if g.logged.len() >= MAX_TRACKED && !g.logged.contains_key(who) {
             g.logged.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
+            if g.logged.len() >= MAX_TRACKED {
+                return false;
+            }
         }
         match g.logged.get(who) {
             Some(at) if now.duration_since(*at) < LOG_EVERY => false,
@@ -241,6 +251,19 @@ mod tests {
             r.failed(ip, t + LOG_EVERY * (i / MAX_TRACKED as u32 * 2));
         }
         assert!(r.inner.lock().unwrap().failures.len() <= MAX_TRACKED);
+
+        // All at once (a flood within a minute): the maps stop at the cap.
+        let r = Refusals::default();
+        for i in 0..(MAX_TRACKED as u32 * 2) {
+            let ip: IpAddr = std::net::Ipv4Addr::from(i).into();
+            r.failed(ip, t);
+            r.should_log(&format!("dev-{i}"), t);
+        }
+        let g = r.inner.lock().unwrap();
+        assert_eq!(
+            (g.failures.len(), g.logged.len()),
+            (MAX_TRACKED, MAX_TRACKED)
+        );
     }
 
     #[test]

@@ -309,6 +309,60 @@ async fn oversized_packets_and_wildcard_topics_close_the_connection() {
 }
 
 #[tokio::test]
+async fn a_topic_over_max_topic_bytes_closes_the_connection_unacknowledged() {
+    let mut s = start_with(16, |c| c.max_topic_bytes = 32).await;
+    let mut raw = Raw::connect(s.addr).await;
+    assert_eq!(raw.mqtt_connect(Connect::new("dev-long")).await, 0);
+    let long = format!("devices/{}/events/e", "x".repeat(40));
+    // The header alone is enough to refuse it: the rest of the packet is never sent.
+    let packet = publish(&long, QoS::AtLeastOnce, 1, b"p");
+    raw.send(&packet[..6]).await;
+    raw.expect_closed(WAIT).await;
+    assert_quiet(&mut s.rx, Duration::from_millis(200)).await;
+
+    let mut raw = Raw::connect(s.addr).await;
+    assert_eq!(raw.mqtt_connect(Connect::new("dev-short")).await, 0);
+    raw.send(&publish("devices/d/events/e", QoS::AtMostOnce, 0, b"ok"))
+        .await;
+    assert_eq!(recv(&mut s.rx).await.topic, "devices/d/events/e");
+}
+
+#[tokio::test]
+async fn max_inflight_pauses_a_connection_until_its_acks_are_written() {
+    let mut s = start_with(64, |c| c.max_inflight = 3).await;
+    let mut raw = Raw::connect(s.addr).await;
+    assert_eq!(raw.mqtt_connect(Connect::new("dev-inflight")).await, 0);
+    let mut all = Vec::new();
+    for pkid in 1..=8u16 {
+        all.extend(publish(TOPIC, QoS::AtLeastOnce, pkid, b"m"));
+    }
+    // A QoS 0 publish is never held back by the cap, but it queues behind the paused ones.
+    all.extend(publish(TOPIC, QoS::AtMostOnce, 0, b"q0"));
+    raw.send(&all).await;
+    let first: Vec<Inbound> = vec![
+        recv(&mut s.rx).await,
+        recv(&mut s.rx).await,
+        recv(&mut s.rx).await,
+    ];
+    assert_quiet(&mut s.rx, Duration::from_millis(200)).await;
+    release(first);
+    assert_eq!(
+        raw.read_exact(12).await,
+        [0x40, 2, 0, 1, 0x40, 2, 0, 2, 0x40, 2, 0, 3]
+    );
+    let next: Vec<Inbound> = vec![
+        recv(&mut s.rx).await,
+        recv(&mut s.rx).await,
+        recv(&mut s.rx).await,
+    ];
+    assert_eq!(next[0].payload, &b"m"[..]);
+    release(next);
+    let rest: Vec<Inbound> = vec![recv(&mut s.rx).await, recv(&mut s.rx).await];
+    assert_eq!(recv(&mut s.rx).await.payload, &b"q0"[..]);
+    release(rest);
+}
+
+#[tokio::test]
 async fn a_full_pipeline_channel_pauses_reading_without_losing_messages() {
     let mut s = start_with(1, |_| {}).await;
     let c = TestClient::connect(s.addr, "dev-bp").await;

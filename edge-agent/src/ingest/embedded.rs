@@ -75,6 +75,11 @@ use super::config::EmbeddedConfig;
 use super::{Ack, AckKind, Inbound, now_ms};
 use crate::telemetry;
 
+/// The kernel send buffer of a device connection. The endpoint writes only acks and pings,
+/// so this is plenty; fixed, it bounds the kernel memory a client that never reads can pin
+/// (autotuning would let it grow to `tcp_wmem`'s maximum, 4 MiB by default, per connection),
+/// and `max_inflight` engages after a few thousand unread acks instead of a million.
+const SEND_BUFFER: usize = 32 * 1024;
 /// Spare capacity ensured before each socket read.
 const READ_CHUNK: usize = 8 * 1024;
 /// How long a closing connection may take to flush its last bytes.
@@ -226,6 +231,9 @@ impl EmbeddedServer {
                             continue;
                         }
                     };
+                    if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
+                        debug!(error = %e, "SO_SNDBUF not set");
+                    }
                     let (ctx, tx, stop) = (Arc::clone(&ctx), tx.clone(), stop.clone());
                     match (is_tls, &acceptor) {
                         (true, Some(acceptor)) => {

@@ -48,6 +48,8 @@ pub const REPLAY_REQUESTS: &str = "edge_replay_requests_total";
 pub const UPLINK_STATUS: &str = "edge_uplink_status_total";
 pub const MISSED_REPORTED: &str = "edge_missed_reported_total";
 pub const REPLAY_UNAVAILABLE: &str = "edge_replay_unavailable_total";
+pub const REPLAY_DROPPED: &str = "edge_replay_requests_dropped_total";
+pub const UPLINK_IN_FLIGHT: &str = "edge_uplink_in_flight";
 pub const BATCH_SIZE: &str = "edge_batch_size";
 pub const STAGE_SECONDS: &str = "edge_stage_seconds";
 // The ingest endpoint and the external-broker client (`ingest/`).
@@ -232,6 +234,14 @@ fn describe() {
     describe_counter!(
         REPLAY_UNAVAILABLE,
         "Requested results no longer in the replay window"
+    );
+    describe_counter!(
+        REPLAY_DROPPED,
+        "Replay requests dropped because uplink::MAX_PENDING_REPLAYS already waited"
+    );
+    describe_gauge!(
+        UPLINK_IN_FLIGHT,
+        "Uplink batches and status messages not yet released (at most uplink.max_in_flight)"
     );
     describe_histogram!(BATCH_SIZE, "Messages per group commit");
     describe_histogram!(

@@ -214,6 +214,12 @@ pub struct State {
     max_devices: Option<usize>,
 }
 
+/// Longest device id (the topic's `{device}` level) the engine keeps state under, in bytes;
+/// a longer one is rejected at the decode stage before anything is allocated for it. As long
+/// as the longest message `id` ([`proto::decode::MAX_ID_CHARS`]): both are keys, and an event id joins
+/// them.
+pub const MAX_DEVICE_ID_BYTES: usize = 128;
+
 /// The rule name ([`proto::Subject::Rule`]) of a message refused because its device would be
 /// one more than [`State::set_max_devices`] allows.
 pub const MAX_DEVICES_RULE: &str = "max_devices";

@@ -231,7 +231,9 @@ impl EmbeddedServer {
                             continue;
                         }
                     };
-                    if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER) {
+                    if let Err(e) =
+                        socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER)
+                    {
                         debug!(error = %e, "SO_SNDBUF not set");
                     }
                     let (ctx, tx, stop) = (Arc::clone(&ctx), tx.clone(), stop.clone());

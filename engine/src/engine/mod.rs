@@ -14,7 +14,7 @@ use crate::rules::{AssertionFailed, RuleError, Rules};
 use crate::schema::{Schema, SchemaError};
 use crate::seq::{DuplicateKind, SeqClass, SeqRange};
 use crate::spec::{EngineSpec, EventTypeSpec, SpecError};
-use crate::state::{MAX_DEVICES_RULE, Reading, ScalarRef, State};
+use crate::state::{MAX_DEVICE_ID_BYTES, MAX_DEVICES_RULE, Reading, ScalarRef, State};
 use crate::topic::{TopicPattern, is_topic_level};
 use crate::value::{EvalValue, truncate};
 use crate::window::Window;
@@ -333,6 +333,25 @@ impl Engine {
                 transient: false,
             });
         };
+        if device.len() > MAX_DEVICE_ID_BYTES {
+            // Before anything is kept under it: a device id is a state key and part of every
+            // event id. (The embedded endpoint's `max_topic_bytes` stops most such topics
+            // earlier; an external broker's topics only meet this check.)
+            return Outcome::Rejected(Rejection {
+                stage: Stage::Decode,
+                reason: format!(
+                    "device id '{}' is {} bytes, over the limit of {MAX_DEVICE_ID_BYTES}",
+                    truncate(device),
+                    device.len()
+                ),
+                subject: Subject::Field("device".to_string()),
+                device: None,
+                event_id: None,
+                event_type: Some(etype.to_string()),
+                gap: None,
+                transient: false,
+            });
+        }
         let reject = |stage, reason, subject, event_id, gap| {
             Outcome::Rejected(Rejection {
                 stage,

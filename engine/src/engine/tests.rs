@@ -283,6 +283,26 @@ fn a_new_device_beyond_max_devices_is_refused_and_known_ones_go_on() {
 }
 
 #[test]
+fn a_device_id_over_the_limit_is_refused_before_it_has_state() {
+    let mut run = Run::new();
+    let p = payload("m1", 1, T0, json!({"kwh": 1}));
+    let long = format!("meter-{}", "x".repeat(MAX_DEVICE_ID_BYTES - 5));
+    let r = rejected(run.raw(&format!("devices/{long}/events/meter"), &p, T0, false));
+    assert_eq!(r.stage, Stage::Decode);
+    assert_eq!(r.subject, Subject::Field("device".to_string()));
+    assert!(r.device.is_none(), "the id is not copied into the entry");
+    assert!(
+        r.reason.contains("129 bytes, over the limit of 128"),
+        "{}",
+        r.reason
+    );
+    assert!(run.state.is_empty(), "nothing was allocated for it");
+    // At the limit it is an ordinary device.
+    let ok = format!("meter-{}", "x".repeat(MAX_DEVICE_ID_BYTES - 6));
+    accepted(run.raw(&format!("devices/{ok}/events/meter"), &p, T0, false));
+}
+
+#[test]
 fn unknown_event_type_still_takes_its_seq() {
     let mut run = Run::new();
     let p = payload("u1", 1, T0, json!({}));

@@ -307,3 +307,50 @@ fn a_flood_of_gaps_and_duplicates_stays_within_the_dedupe_window_and_missed_cap(
     // this bound is the agent's ordinary footprint under a fast stream (~60 MiB measured).
     assert!(peak < 128 * MIB, "RSS {peak} KiB over 128 MiB");
 }
+
+#[test]
+fn a_flood_of_large_payloads_is_held_to_max_buffered_bytes_in_flight() {
+    const CLIENTS: u64 = 8;
+    const EACH: u64 = 150;
+    const PAYLOAD: usize = 200 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    // The DLQ small too: sled keeps much of what it recently stored resident, so the DLQ's
+    // byte cap is an RSS cap of its own (measured: ~300 MiB RSS with 240 MiB of large DLQ
+    // entries); this test is about the bytes between ingest and the commit.
+    let agent = Agent::embedded(dir.path(), |c| {
+        set(c, &["dlq", "max_bytes"], (8i64 << 20).into());
+    });
+    let peak = RssPeak::start(agent.pid());
+    // Payloads far over the engine's limit (limits.max_payload_bytes) but under the packet
+    // limit: each is read, queued and dead-lettered (the DLQ drops the oldest at its cap).
+    let payload = vec![b'x'; PAYLOAD];
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (port, payload) = (agent.mqtt_port, payload.clone());
+            std::thread::spawn(move || {
+                let messages = (0..EACH)
+                    .map(|i| {
+                        let topic = format!("devices/meter-{c}/events/meter");
+                        (u16::try_from(i + 1).unwrap(), topic, payload.clone())
+                    })
+                    .collect();
+                Publisher::new(port, &format!("big-{c}")).publish_all(
+                    messages,
+                    EACH as usize,
+                    Duration::from_secs(300),
+                    |_| {},
+                );
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    wait_metric(&agent, "edge_ingested_total", CLIENTS * EACH);
+    let peak = peak.stop();
+    assert!(agent.metric("ingest_buffer_full_total") >= 1.0);
+    // Without max_buffered_bytes (8 MiB by default) the queue and the batch held up to 3072
+    // such messages: 613 MiB peak measured; with it ~100 MiB.
+    println!("large payloads: peak RSS {} MiB", peak / MIB);
+    assert!(peak < 192 * MIB, "RSS {peak} KiB over 192 MiB");
+}

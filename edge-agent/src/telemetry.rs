@@ -57,6 +57,7 @@ pub const INGEST_ACKS_DROPPED_TOTAL: &str = "ingest_acks_dropped_total";
 pub const INGEST_ACKS_RELEASED_TOTAL: &str = "ingest_acks_released_total";
 pub const INGEST_ACKS_STALE_TOTAL: &str = "ingest_acks_stale_total";
 pub const INGEST_AUTH_REFUSED_TOTAL: &str = "ingest_auth_refused_total";
+pub const INGEST_BUFFER_FULL_TOTAL: &str = "ingest_buffer_full_total";
 pub const INGEST_CONNECT_REFUSED_TOTAL: &str = "ingest_connect_refused_total";
 pub const INGEST_CONNECTIONS: &str = "ingest_connections";
 pub const INGEST_CONNECTIONS_REFUSED_TOTAL: &str = "ingest_connections_refused_total";

@@ -21,6 +21,8 @@
 //!   `max_topic_bytes`, closes the connection before its body is read.
 //! * At most `max_inflight` QoS 1/2 publishes per connection are read and not yet acknowledged
 //!   on the wire; at the cap the connection's reads pause until its acks are written.
+//! * At most `max_buffered_bytes` of topics and payloads, over all connections, are handed to
+//!   the pipeline and not yet committed; a reader whose next message does not fit waits.
 //! * `auth = "password"` ([`auth`]): the user name is the device id, checked against the device
 //!   registry; a device may publish only under its own id (else the connection is closed).
 //! * `[broker.embedded.tls]` ([`tls`]) adds a TLS listener; `auth = "certificate"` identifies a
@@ -72,7 +74,7 @@ use auth::{DeviceAuth, Identity, Refusal, Refusals};
 use limits::{Slot, Slots, publish_topic_len};
 
 use super::config::EmbeddedConfig;
-use super::{Ack, AckKind, Inbound, now_ms};
+use super::{Ack, AckKind, Budget, Inbound, now_ms};
 use crate::telemetry;
 
 /// The kernel send buffer of a device connection. The endpoint writes only acks and pings,
@@ -188,6 +190,7 @@ impl EmbeddedServer {
         let ctx = Arc::new(Ctx {
             devices: devices.filter(|_| cfg.auth.identifies_devices()),
             slots: Slots::new(cfg.max_connections, cfg.max_connections_per_address),
+            budget: Budget::new(cfg.max_buffered_bytes),
             refusals: Refusals::default(),
             cfg,
             m: Metrics::new(),
@@ -350,6 +353,7 @@ struct Ctx {
     devices: Option<DeviceAuth>,
     refusals: Refusals,
     slots: Arc<Slots>,
+    budget: Budget,
     m: Metrics,
     /// client id → (connection id, its take-over token).
     sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
@@ -371,6 +375,7 @@ struct Metrics {
     subscribe_refused: Counter,
     inflight_full: Counter,
     topic_too_long: Counter,
+    buffer_full: Counter,
 }
 
 impl Metrics {
@@ -388,6 +393,7 @@ impl Metrics {
             subscribe_refused: metrics::counter!(telemetry::INGEST_SUBSCRIBE_REFUSED_TOTAL),
             inflight_full: metrics::counter!(telemetry::INGEST_INFLIGHT_FULL_TOTAL),
             topic_too_long: metrics::counter!(telemetry::INGEST_TOPIC_TOO_LONG_TOTAL),
+            buffer_full: metrics::counter!(telemetry::INGEST_BUFFER_FULL_TOTAL),
         }
     }
 }
@@ -426,6 +432,10 @@ fn describe_metrics() {
     describe_counter!(
         telemetry::INGEST_INFLIGHT_FULL_TOTAL,
         "times a connection paused reading with max_inflight publishes unacknowledged"
+    );
+    describe_counter!(
+        telemetry::INGEST_BUFFER_FULL_TOTAL,
+        "times a reader paused with max_buffered_bytes of messages not yet committed"
     );
     describe_counter!(
         telemetry::INGEST_KEEPALIVE_TIMEOUTS_TOTAL,
@@ -977,7 +987,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                             target.io.unacked.fetch_add(1, Ordering::AcqRel);
                             let [hi, lo] = p.pkid.to_be_bytes();
                             let kind = if qos == QoS::AtLeastOnce { 0x40 } else { 0x50 };
-                            Ack(AckKind::Embedded {
+                            Ack::new(AckKind::Embedded {
                                 conn: Arc::clone(target),
                                 frame: [kind, 0x02, hi, lo],
                             })
@@ -985,12 +995,26 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     };
                     msgs += 1;
                     bytes += p.payload.len() as u64;
-                    let inbound = Inbound {
+                    let mut inbound = Inbound {
                         topic: p.topic,
                         payload: p.payload,
                         received_at,
                         ack,
                     };
+                    if !ctx.budget.try_charge(&mut inbound) {
+                        // max_buffered_bytes: stop reading until the pipeline releases some.
+                        ctx.m.buffer_full.increment(1);
+                        if !ctrl.is_empty() {
+                            target.io.push(&ctrl);
+                            ctrl.clear();
+                        }
+                        tokio::select! {
+                            biased;
+                            () = ctx.budget.charge(&mut inbound) => {}
+                            _ = stop.cancelled() => break Some(End::Shutdown),
+                            _ = kick.cancelled() => break Some(End::TakenOver),
+                        }
+                    }
                     match tx.try_send(inbound) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(inbound)) => {

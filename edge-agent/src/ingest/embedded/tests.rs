@@ -363,6 +363,38 @@ async fn max_inflight_pauses_a_connection_until_its_acks_are_written() {
 }
 
 #[tokio::test]
+async fn max_buffered_bytes_pauses_reading_until_the_pipeline_releases() {
+    let mut s = start_with(64, |c| {
+        c.max_packet_bytes = 1024;
+        c.max_buffered_bytes = 2048;
+    })
+    .await;
+    // Two connections share the budget: 900-byte payloads, two fit (with their topics).
+    let (mut a, mut b) = (Raw::connect(s.addr).await, Raw::connect(s.addr).await);
+    assert_eq!(a.mqtt_connect(Connect::new("dev-buf-a")).await, 0);
+    assert_eq!(b.mqtt_connect(Connect::new("dev-buf-b")).await, 0);
+    let big = [b'x'; 900];
+    a.send(
+        &[
+            publish(TOPIC, QoS::AtLeastOnce, 1, &big),
+            publish(TOPIC, QoS::AtMostOnce, 0, &big),
+        ]
+        .concat(),
+    )
+    .await;
+    let first = vec![recv(&mut s.rx).await, recv(&mut s.rx).await];
+    b.send(&publish(TOPIC, QoS::AtLeastOnce, 7, &big)).await;
+    assert_quiet(&mut s.rx, Duration::from_millis(200)).await;
+    // Released (after a commit), their bytes come back and the waiting reader goes on.
+    release(first);
+    assert_eq!(a.read_exact(4).await, [0x40, 2, 0, 1]);
+    let third = recv(&mut s.rx).await;
+    assert_eq!(third.payload.len(), 900);
+    release([third]);
+    assert_eq!(b.read_exact(4).await, [0x40, 2, 0, 7]);
+}
+
+#[tokio::test]
 async fn a_full_pipeline_channel_pauses_reading_without_losing_messages() {
     let mut s = start_with(1, |_| {}).await;
     let c = TestClient::connect(s.addr, "dev-bp").await;

@@ -7,7 +7,7 @@
 //! rumqtt's own codec (`rumqttc::mqttbytes::v4`, public fields) and tokio:
 //!
 //! * CONNECT within `connect_timeout_ms`; wrong protocol → CONNACK 0x01, empty client id with
-//!   `clean_session = false` → 0x02, bad credentials → 0x04 / none when required → 0x05.
+//!   `clean_session = false` or one over 256 bytes → 0x02, bad credentials → 0x04 / none when required → 0x05.
 //! * CONNACK always says `session_present = false`: no server-side session is kept. A device
 //!   retransmits its unacknowledged QoS 1/2 publishes after reconnecting and the engine
 //!   de-duplicates them, so nothing is lost by forgetting a session.
@@ -71,7 +71,7 @@ mod limits;
 pub mod tls;
 
 use auth::{DeviceAuth, Identity, Refusal, Refusals};
-use limits::{Slot, Slots, publish_topic_len};
+use limits::{MAX_CLIENT_ID_BYTES, Slot, Slots, publish_topic_len};
 
 use super::config::EmbeddedConfig;
 use super::{Ack, AckKind, Budget, Inbound, now_ms};
@@ -770,6 +770,15 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(None);
         }
     };
+    if connect.client_id.len() > MAX_CLIENT_ID_BYTES {
+        refuse(stream, ctx, ConnectReturnCode::BadClientId).await;
+        info!(
+            ?peer,
+            bytes = connect.client_id.len(),
+            "refused: client id over {MAX_CLIENT_ID_BYTES} bytes"
+        );
+        return Ok(None);
+    }
     if connect.client_id.is_empty() && !connect.clean_session {
         refuse(stream, ctx, ConnectReturnCode::BadClientId).await;
         info!(?peer, "refused: empty client id needs clean_session");
@@ -821,10 +830,10 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     _ => ConnectReturnCode::NotAuthorized,
                 };
                 refuse(stream, ctx, code).await;
-                let who = match cert {
+                let who = auth::clip(match cert {
                     Some(Ok(id)) => id.as_str(),
                     _ => connect.login.as_ref().map_or("", |l| l.username.as_str()),
-                };
+                });
                 let key = peer.map_or_else(|| who.to_string(), |p| format!("{}/{who}", p.ip()));
                 if ctx.refusals.should_log(&key, now) {
                     info!(

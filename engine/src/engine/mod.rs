@@ -312,10 +312,11 @@ impl Engine {
 
     /// Runs one message through the pipeline, updating the device's state in `state`.
     ///
-    /// Stages: topic → decode → envelope agreement → sequence/duplicate check → event type
-    /// known → schema → allow-list, clock skew → rules → calc → checks. The sequence check
-    /// comes before the type lookup because sequences are per device: a message of an
-    /// unknown type still takes its seq. Deterministic, and never panics.
+    /// Stages: topic → decode → envelope agreement → (a new device: a known type that allows
+    /// it, and room under `max_devices`) → sequence/duplicate check → event type known →
+    /// schema → allow-list, clock skew → rules → calc → checks. The sequence check comes
+    /// before the type lookup because sequences are per device: a known device's message of
+    /// an unknown type still takes its seq. Deterministic, and never panics.
     pub fn process(&self, state: &mut State, input: &Input<'_>) -> Outcome {
         let Some((device, etype)) = self.topic.matches(input.topic) else {
             return Outcome::Rejected(Rejection {
@@ -386,6 +387,28 @@ impl Engine {
             }
         }
 
+        let unknown_type = || {
+            format!(
+                "unknown event type '{}' (known: {})",
+                truncate(etype),
+                self.type_names.join(", ")
+            )
+        };
+        // A device gets state only with a message it may send (a known type whose
+        // allowed_devices admit it), so ids that no type accepts take neither memory nor
+        // max_devices places. A known device's rejected messages still take their seq.
+        if state.device(device).is_none() {
+            let allowed = match self.types.get(etype) {
+                None => Err((Stage::Schema, unknown_type(), Subject::Document)),
+                Some(t) => t.rules.check_device(device, etype).map_err(|e| {
+                    let f = Failure::Rule(e);
+                    (f.stage(), f.to_string(), f.subject())
+                }),
+            };
+            if let Err((stage, reason, subject)) = allowed {
+                return reject(stage, reason, subject, Some(event_id), None);
+            }
+        }
         if !state.admits(device) {
             let reason = format!(
                 "device '{}' is new and the gateway already tracks its maximum of {} devices ({})",
@@ -422,11 +445,7 @@ impl Engine {
         entry.mark_dirty(device);
 
         let Some(t) = self.types.get(etype) else {
-            let reason = format!(
-                "unknown event type '{}' (known: {})",
-                truncate(etype),
-                self.type_names.join(", ")
-            );
+            let reason = unknown_type();
             return reject(
                 Stage::Schema,
                 reason,

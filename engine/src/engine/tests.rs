@@ -305,7 +305,17 @@ fn a_device_id_over_the_limit_is_refused_before_it_has_state() {
 #[test]
 fn unknown_event_type_still_takes_its_seq() {
     let mut run = Run::new();
+    // A new device gets no state for it …
     let p = payload("u1", 1, T0, json!({}));
+    let r = rejected(run.raw("devices/meter-9/events/toaster", &p, T0, false));
+    assert_eq!(r.stage, Stage::Schema);
+    assert!(
+        run.state.is_empty(),
+        "no state for a type that does not exist"
+    );
+    // … a known one takes the seq.
+    accepted(run.meter(1, T0, json!({"kwh": 1})));
+    let p = payload("u2", 2, T0, json!({}));
     let r = rejected(run.raw("devices/meter-1/events/toaster", &p, T0, false));
     assert_eq!(r.stage, Stage::Schema);
     assert_eq!(
@@ -314,8 +324,8 @@ fn unknown_event_type_still_takes_its_seq() {
     );
     assert_eq!(r.subject, Subject::Document);
     assert_eq!(r.event_type.as_deref(), Some("toaster"));
-    // seq 1 is taken: the next one is in order, no gap.
-    let (_, gap, _) = accepted(run.meter(2, T0, json!({"kwh": 1})));
+    // seq 2 is taken: the next one is in order, no gap.
+    let (_, gap, _) = accepted(run.meter(3, T0 + 2000, json!({"kwh": 2})));
     assert_eq!(gap, None);
 }
 
@@ -433,6 +443,14 @@ fn allow_list_rejects_other_devices() {
         "rule allowed_devices: device 'sensor-9' may not send 'meter' events (allowed: meter-*)"
     );
     assert_eq!(r.subject, Subject::Rule("allowed_devices".into()));
+    // A device no type admits gets no state, so it takes no max_devices place.
+    assert!(run.state.is_empty());
+    run.state.set_max_devices(Some(1));
+    for i in 0..10 {
+        let r = rejected(run.raw(&format!("devices/sensor-{i}/events/meter"), &p, T0, false));
+        assert_eq!(r.subject, Subject::Rule("allowed_devices".into()));
+    }
+    accepted(run.meter(1, T0, json!({"kwh": 1})));
 }
 
 #[test]

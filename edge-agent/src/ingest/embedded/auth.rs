@@ -154,6 +154,24 @@ const MAX_DELAY: Duration = Duration::from_secs(5);
 /// Failures from one address are forgotten after this long without one.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 
+/// Longest client-supplied name (a user name that is not a device, a certificate CN) kept in
+/// these maps or written to a log line: a CONNECT may carry a user name of up to
+/// `max_packet_bytes`, and 4096 of those would be a gigabyte. Device ids are no longer than
+/// the engine's `MAX_DEVICE_ID_BYTES` (128) anyway.
+const MAX_NAME_BYTES: usize = 128;
+
+/// `name` cut to [`MAX_NAME_BYTES`] (on a character boundary).
+pub(super) fn clip(name: &str) -> &str {
+    if name.len() <= MAX_NAME_BYTES {
+        return name;
+    }
+    let mut end = MAX_NAME_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
 /// Slows down repeated failed CONNECTs from one address, and keeps the log to one line per
 /// device per minute however fast a device misbehaves.
 #[derive(Default)]
@@ -199,6 +217,7 @@ impl Refusals {
 
     /// Whether a refusal of `who` should be logged now (once per minute each).
     pub(super) fn should_log(&self, who: &str, now: Instant) -> bool {
+        let who = clip(who);
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         if g.logged.len() >= MAX_TRACKED && !g.logged.contains_key(who) {
             g.logged.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
@@ -230,6 +249,21 @@ mod tests {
         assert_eq!(r.failed(ip, t + FORGET_AFTER * 2).as_millis(), 100);
         r.succeeded(ip);
         assert_eq!(r.failed(ip, t).as_millis(), 100);
+    }
+
+    #[test]
+    fn long_names_are_clipped_before_they_are_kept() {
+        let r = Refusals::default();
+        let t = Instant::now();
+        let long = format!("{}é{}", "u".repeat(127), "x".repeat(100_000));
+        assert_eq!(clip(&long), "u".repeat(127), "cut on a character boundary");
+        assert!(r.should_log(&long, t));
+        assert!(
+            !r.should_log(&format!("{long}y"), t),
+            "the same first 128 bytes"
+        );
+        let g = r.inner.lock().unwrap();
+        assert!(g.logged.keys().all(|k| k.len() <= MAX_NAME_BYTES));
     }
 
     #[test]

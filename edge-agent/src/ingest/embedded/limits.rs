@@ -7,6 +7,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+/// Longest client id a CONNECT may carry (CONNACK 0x02 beyond): it is kept in the take-over
+/// map for the connection's life and written in its log lines. MQTT 3.1.1 only requires 23.
+pub(super) const MAX_CLIENT_ID_BYTES: usize = 256;
+
 /// Why an accepted socket was closed unserved (the metric's `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Full {

@@ -220,6 +220,12 @@ async fn connect_refusals_follow_the_spec() {
     c.set_login("dev", "s3cret");
     assert_eq!(raw.mqtt_connect(c).await, 2);
     raw.expect_closed(WAIT).await;
+    // A client id over 256 bytes: the same (it would be kept and logged).
+    let mut raw = Raw::connect(s.addr).await;
+    let mut c = Connect::new("c".repeat(257));
+    c.set_login("dev", "s3cret");
+    assert_eq!(raw.mqtt_connect(c).await, 2);
+    raw.expect_closed(WAIT).await;
 
     // No credentials: not authorized; wrong ones: bad user name or password.
     let mut raw = Raw::connect(s.addr).await;

@@ -2,8 +2,10 @@
 //! codec over plain sockets), and the agent's RSS (VmRSS) sampled through each flood. Each test
 //! states the bound it holds the agent to and checks that the cap's metric moved.
 //!
-//! The bounds are for the debug build the tests run (an idle agent is ~15 MiB there); each is
-//! a few times what was measured, so that they catch growth with the flood, not noise.
+//! The bounds are for the debug build the tests run (a freshly started agent is ~40 MiB there,
+//! measured on a 2-core CI machine); each is at least 1.5× the peak measured, so that they
+//! catch growth with the flood (the large-payload flood peaked at 613 MiB before
+//! max_buffered_bytes), not noise on a loaded machine.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -99,7 +101,7 @@ fn a_flood_of_new_device_ids_stops_at_max_devices() {
     );
     assert_eq!(agent.metric("edge_accepted_total"), MAX_DEVICES as f64);
     println!("device flood: peak RSS {} MiB", peak / MIB);
-    assert!(peak < 96 * MIB, "RSS {peak} KiB over 96 MiB");
+    assert!(peak < 128 * MIB, "RSS {peak} KiB over 128 MiB");
 
     // The cap holds across a restart (the devices come back from the store); a known device
     // goes on, and the refusals are in the DLQ with their reason.
@@ -176,7 +178,7 @@ fn a_client_that_never_reads_its_pubacks_stalls_itself_not_the_agent() {
         "unread PUBACKs: {sent} publishes sent, {ingested} ingested, peak RSS {} MiB",
         peak / MIB
     );
-    assert!(peak < 64 * MIB, "RSS {peak} KiB over 64 MiB");
+    assert!(peak < 96 * MIB, "RSS {peak} KiB over 96 MiB");
 }
 
 #[test]
@@ -203,7 +205,7 @@ fn topics_over_max_topic_bytes_are_refused_from_the_header() {
     assert_eq!(agent.metric("edge_ingested_total"), 0.0);
     let peak = peak.stop();
     println!("long topics: peak RSS {} MiB", peak / MIB);
-    assert!(peak < 48 * MIB, "RSS {peak} KiB over 48 MiB");
+    assert!(peak < 96 * MIB, "RSS {peak} KiB over 96 MiB");
     agent.stop();
     assert!(agent.outbox().is_empty() && agent.dlq().is_empty());
 }
@@ -249,7 +251,7 @@ fn a_connection_flood_stops_at_the_connection_caps() {
     }
     let peak = peak.stop();
     println!("connection flood: peak RSS {} MiB", peak / MIB);
-    assert!(peak < 48 * MIB, "RSS {peak} KiB over 48 MiB");
+    assert!(peak < 96 * MIB, "RSS {peak} KiB over 96 MiB");
     drop(open);
 }
 

@@ -102,12 +102,14 @@ mod tests {
         let ok = parse("").unwrap();
         assert_eq!(ok.pipeline.missed_after_s, 300);
         assert_eq!(ok.pipeline.missed_max_records, 10_000);
+        assert_eq!(ok.pipeline.max_devices, 10_000);
         assert_eq!(
             parse("missed_after_s = 1").unwrap().pipeline.missed_after_s,
             1
         );
         for (bad, field) in [
             ("missed_max_records = 0", "pipeline.missed_max_records"),
+            ("max_devices = 0", "pipeline.max_devices"),
             ("missed_after_s = 99999999", "pipeline.missed_after_s"),
             ("missed_after_s = -1", "pipeline.missed_after_s"),
         ] {

@@ -21,6 +21,8 @@ pub const MISSED: &str = "edge_missed_events_total";
 pub const LATE: &str = "edge_late_arrivals_total";
 pub const GAP_SEQS: &str = "edge_gap_seqs_total";
 pub const GAPS_OPEN: &str = "edge_gaps_open";
+pub const DEVICES: &str = "edge_devices";
+pub const DEVICES_REFUSED: &str = "edge_devices_refused_total";
 pub const MISSED_RECORDS: &str = "edge_missed_records";
 pub const MISSED_FILLED_LATE: &str = "edge_missed_filled_late_total";
 pub const MISSED_DROPPED: &str = "edge_missed_records_dropped_total";
@@ -47,6 +49,8 @@ pub const UPLINK_STATUS: &str = "edge_uplink_status_total";
 pub const UPLINK_REFUSED: &str = "edge_uplink_refused_total";
 pub const MISSED_REPORTED: &str = "edge_missed_reported_total";
 pub const REPLAY_UNAVAILABLE: &str = "edge_replay_unavailable_total";
+pub const REPLAY_DROPPED: &str = "edge_replay_requests_dropped_total";
+pub const UPLINK_IN_FLIGHT: &str = "edge_uplink_in_flight";
 pub const BATCH_SIZE: &str = "edge_batch_size";
 pub const STAGE_SECONDS: &str = "edge_stage_seconds";
 // The ingest endpoint and the external-broker client (`ingest/`).
@@ -54,6 +58,7 @@ pub const INGEST_ACKS_DROPPED_TOTAL: &str = "ingest_acks_dropped_total";
 pub const INGEST_ACKS_RELEASED_TOTAL: &str = "ingest_acks_released_total";
 pub const INGEST_ACKS_STALE_TOTAL: &str = "ingest_acks_stale_total";
 pub const INGEST_AUTH_REFUSED_TOTAL: &str = "ingest_auth_refused_total";
+pub const INGEST_BUFFER_FULL_TOTAL: &str = "ingest_buffer_full_total";
 pub const INGEST_CONNECT_REFUSED_TOTAL: &str = "ingest_connect_refused_total";
 pub const INGEST_CONNECTIONS: &str = "ingest_connections";
 pub const INGEST_CONNECTIONS_REFUSED_TOTAL: &str = "ingest_connections_refused_total";
@@ -61,6 +66,7 @@ pub const INGEST_CONNECTIONS_TOTAL: &str = "ingest_connections_total";
 pub const INGEST_EXTERNAL_CONNECTED: &str = "ingest_external_connected";
 pub const INGEST_EXTERNAL_CONNECTION_ERRORS_TOTAL: &str = "ingest_external_connection_errors_total";
 pub const INGEST_EXTERNAL_UNHANDED_TOTAL: &str = "ingest_external_unhanded_total";
+pub const INGEST_INFLIGHT_FULL_TOTAL: &str = "ingest_inflight_full_total";
 pub const INGEST_KEEPALIVE_TIMEOUTS_TOTAL: &str = "ingest_keepalive_timeouts_total";
 pub const INGEST_MESSAGES_TOTAL: &str = "ingest_messages_total";
 pub const INGEST_OVERSIZED_PACKETS_TOTAL: &str = "ingest_oversized_packets_total";
@@ -70,6 +76,7 @@ pub const INGEST_PUBLISH_REFUSED_TOTAL: &str = "ingest_publish_refused_total";
 pub const INGEST_SUBSCRIBE_REFUSED_TOTAL: &str = "ingest_subscribe_refused_total";
 pub const INGEST_TAKEOVERS_TOTAL: &str = "ingest_takeovers_total";
 pub const INGEST_TLS_REFUSED_TOTAL: &str = "ingest_tls_refused_total";
+pub const INGEST_TOPIC_TOO_LONG_TOTAL: &str = "ingest_topic_too_long_total";
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -158,6 +165,14 @@ fn describe() {
         "Seqs declared missed (a gap still open after pipeline.missed_after_s)"
     );
     describe_gauge!(MISSED_RECORDS, "Missed-event records stored");
+    describe_gauge!(
+        DEVICES,
+        "Devices the gateway keeps state for (at most pipeline.max_devices)"
+    );
+    describe_counter!(
+        DEVICES_REFUSED,
+        "Messages dead-lettered because their device would exceed pipeline.max_devices"
+    );
     describe_counter!(
         MISSED_FILLED_LATE,
         "Seqs declared missed that arrived later (processed normally)"
@@ -234,6 +249,14 @@ fn describe() {
     describe_counter!(
         REPLAY_UNAVAILABLE,
         "Requested results no longer in the replay window"
+    );
+    describe_counter!(
+        REPLAY_DROPPED,
+        "Replay requests dropped because uplink::MAX_PENDING_REPLAYS already waited"
+    );
+    describe_gauge!(
+        UPLINK_IN_FLIGHT,
+        "Uplink batches and status messages not yet released (at most uplink.max_in_flight)"
     );
     describe_histogram!(BATCH_SIZE, "Messages per group commit");
     describe_histogram!(

@@ -210,7 +210,19 @@ pub struct State {
     devices: BTreeMap<String, DeviceState>,
     /// Devices changed since the last `take_dirty`, each once.
     dirty: Vec<String>,
+    /// Most devices the engine may add (see [`State::set_max_devices`]); `None`: no cap.
+    max_devices: Option<usize>,
 }
+
+/// Longest device id (the topic's `{device}` level) the engine keeps state under, in bytes;
+/// a longer one is rejected at the decode stage before anything is allocated for it. As long
+/// as the longest message `id` ([`proto::decode::MAX_ID_CHARS`]): both are keys, and an event id joins
+/// them.
+pub const MAX_DEVICE_ID_BYTES: usize = 128;
+
+/// The rule name ([`proto::Subject::Rule`]) of a message refused because its device would be
+/// one more than [`State::set_max_devices`] allows.
+pub const MAX_DEVICES_RULE: &str = "max_devices";
 
 /// A device's state plus the means to mark it changed.
 pub(crate) struct Entry<'s> {
@@ -249,6 +261,25 @@ impl State {
 
     pub fn len(&self) -> usize {
         self.devices.len()
+    }
+
+    /// Caps how many devices the engine tracks: a message from a device not yet in the state
+    /// is refused (stage `rule`, rule [`MAX_DEVICES_RULE`]) once `max` are, before anything
+    /// is allocated for it. Known devices are never evicted: their state is what keeps their
+    /// next results right (duplicates, gaps, the previous reading). Devices loaded with
+    /// [`State::insert`] count but are never refused, so lowering the cap loses nothing.
+    pub fn set_max_devices(&mut self, max: Option<usize>) {
+        self.max_devices = max;
+    }
+
+    pub fn max_devices(&self) -> Option<usize> {
+        self.max_devices
+    }
+
+    /// Whether a message from `device` may have (or create) state.
+    pub fn admits(&self, device: &str) -> bool {
+        self.max_devices
+            .is_none_or(|max| self.devices.len() < max || self.devices.contains_key(device))
     }
 
     pub fn is_empty(&self) -> bool {

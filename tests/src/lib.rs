@@ -263,6 +263,11 @@ impl Agent {
         self.child.as_ref().expect("running").id()
     }
 
+    /// The process's resident set (VmRSS in /proc/PID/status), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        rss_kib(self.pid())
+    }
+
     /// SIGTERM, then wait for the drain; returns the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -342,6 +347,82 @@ impl Drop for Agent {
             let _ = c.wait();
         }
     }
+}
+
+/// A process's resident set (VmRSS in /proc/PID/status), in KiB.
+/// 0 once the process has exited.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Samples a process's RSS every 20 ms on a thread of its own until dropped or `stop`ped: the
+/// peak of a flood, which one reading after it could miss.
+pub struct RssPeak {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RssPeak {
+    pub fn start(pid: u32) -> RssPeak {
+        use std::sync::atomic::Ordering;
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_kib(pid)));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let (peak, stop) = (peak.clone(), stop.clone());
+            move || {
+                // An exited process reads as 0, which leaves the peak as it was.
+                while !stop.load(Ordering::Relaxed) {
+                    peak.fetch_max(rss_kib(pid), Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        });
+        RssPeak {
+            peak,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The highest RSS seen, in KiB; stops sampling.
+    pub fn stop(mut self) -> u64 {
+        self.halt();
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RssPeak {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+/// Bytes of every file under `dir` (what a store takes on disk).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// Sets `path` in a TOML table, creating intermediate tables.

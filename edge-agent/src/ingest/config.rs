@@ -16,6 +16,9 @@
 //! auth = "none"                     # or "password" | "certificate" | "password_or_certificate"
 //! max_connections = 1024             # in all, and from one client address:
 //! max_connections_per_address = 64
+//! max_inflight = 1024               # per connection: QoS 1/2 publishes not yet acknowledged
+//! max_topic_bytes = 256             # a longer PUBLISH topic closes the connection
+//! max_buffered_bytes = 8388608      # topics + payloads read and not yet committed, in all
 //! # username = "devices"            # auth = "none" only: one shared user name (and password)
 //! # password = "secret"
 //! # plain = false                   # serve plain TCP on `listen` too? (default: only without [tls])
@@ -34,6 +37,7 @@
 //! filter = "devices/+/events/+"
 //! keep_alive_s = 30
 //! max_packet_bytes = 262144
+//! max_buffered_bytes = 8388608
 //! reconnect_min_ms = 500
 //! reconnect_max_ms = 30000
 //! shutdown_grace_ms = 10000
@@ -159,6 +163,23 @@ pub struct EmbeddedConfig {
     /// closed at once (`ingest_connections_refused_total{reason}`).
     pub max_connections: usize,
     pub max_connections_per_address: usize,
+    /// Most QoS 1/2 publishes of one connection read but not yet acknowledged on the wire
+    /// (PUBACK/PUBREC written to the socket). At the cap the connection's reads pause until
+    /// acks go out (`ingest_inflight_full_total`), so a client that never reads its PUBACKs
+    /// stalls itself instead of growing its output buffer, and one connection cannot take the
+    /// whole pipeline queue.
+    pub max_inflight: usize,
+    /// Longest PUBLISH topic name in bytes, checked in the packet's header before the topic
+    /// is parsed (or anything allocated for it). A longer one closes the connection
+    /// unacknowledged (`ingest_topic_too_long_total`), as a packet over `max_packet_bytes`
+    /// does: the topic names the device, whose state, DLQ entries and results carry it.
+    pub max_topic_bytes: usize,
+    /// Most bytes (topic + payload) of the messages read from all connections and not yet
+    /// committed (queued for the pipeline, in its batch, or in the commit). A reader whose
+    /// next message does not fit pauses until the pipeline releases some
+    /// (`ingest_buffer_full_total`), so a flood of large packets costs at most this, not
+    /// `pipeline.queue_capacity` × `max_packet_bytes`. At least `max_packet_bytes`.
+    pub max_buffered_bytes: usize,
     /// With `auth = "none"`: when set, a CONNECT must carry this user name (and `password`,
     /// when that is set).
     pub username: Option<String>,
@@ -181,6 +202,9 @@ impl Default for EmbeddedConfig {
             auth: Auth::None,
             max_connections: 1024,
             max_connections_per_address: 64,
+            max_inflight: 1024,
+            max_topic_bytes: 256,
+            max_buffered_bytes: DEFAULT_BUFFERED_BYTES,
             username: None,
             password: None,
             plain: None,
@@ -203,6 +227,9 @@ pub struct ExternalConfig {
     pub keep_alive_s: u16,
     /// Largest accepted incoming packet.
     pub max_packet_bytes: usize,
+    /// As `broker.embedded.max_buffered_bytes`: while it is reached the event loop waits, so
+    /// the broker keeps what the agent has not read.
+    pub max_buffered_bytes: usize,
     /// Reconnect backoff: first delay, doubled per failed attempt up to `reconnect_max_ms`.
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -228,6 +255,7 @@ impl Default for ExternalConfig {
             filter: "devices/+/events/+".into(),
             keep_alive_s: 30,
             max_packet_bytes: 256 * 1024,
+            max_buffered_bytes: DEFAULT_BUFFERED_BYTES,
             reconnect_min_ms: 500,
             reconnect_max_ms: 30_000,
             shutdown_grace_ms: 10_000,
@@ -239,6 +267,13 @@ impl Default for ExternalConfig {
         }
     }
 }
+
+/// `max_buffered_bytes` by default: 8 MiB, 32 packets of the default largest size and tens of
+/// thousands of ordinary readings (far more than the queue holds), so only large packets wait.
+const DEFAULT_BUFFERED_BYTES: usize = 8 * 1024 * 1024;
+
+/// Shortest `max_topic_bytes`: room for `devices/{id}/events/{type}` with short names.
+const MIN_TOPIC_BYTES: usize = 16;
 
 /// MQTT's largest encodable remaining length.
 const MQTT_MAX_PACKET: usize = 268_435_455;
@@ -263,6 +298,11 @@ impl IngestConfig {
 impl EmbeddedConfig {
     pub fn validate(&self) -> Result<(), Invalid> {
         check_packet_size("broker.embedded.max_packet_bytes", self.max_packet_bytes)?;
+        check_buffered(
+            "broker.embedded.max_buffered_bytes",
+            self.max_buffered_bytes,
+            self.max_packet_bytes,
+        )?;
         if self.connect_timeout_ms == 0 {
             return Err(Invalid::at(
                 "broker.embedded.connect_timeout_ms",
@@ -279,6 +319,24 @@ impl EmbeddedConfig {
             return Err(Invalid::at(
                 "broker.embedded.max_connections_per_address",
                 "must be at least 1",
+            ));
+        }
+        if !(1..=usize::from(u16::MAX)).contains(&self.max_inflight) {
+            return Err(Invalid::at(
+                "broker.embedded.max_inflight",
+                format!(
+                    "must be between 1 and 65535, the packet ids a connection has (got {})",
+                    self.max_inflight
+                ),
+            ));
+        }
+        if !(MIN_TOPIC_BYTES..=usize::from(u16::MAX)).contains(&self.max_topic_bytes) {
+            return Err(Invalid::at(
+                "broker.embedded.max_topic_bytes",
+                format!(
+                    "must be between {MIN_TOPIC_BYTES} and 65535 (got {})",
+                    self.max_topic_bytes
+                ),
             ));
         }
         if self.password.is_some() && self.username.is_none() {
@@ -394,6 +452,11 @@ impl ExternalConfig {
             return Err(Invalid::at("broker.external.keep_alive_s", "must be >= 1"));
         }
         check_packet_size("broker.external.max_packet_bytes", self.max_packet_bytes)?;
+        check_buffered(
+            "broker.external.max_buffered_bytes",
+            self.max_buffered_bytes,
+            self.max_packet_bytes,
+        )?;
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
             return Err(Invalid::at(
                 "broker.external.reconnect_min_ms/reconnect_max_ms",
@@ -428,6 +491,20 @@ impl ExternalConfig {
     pub fn uses_tls(&self) -> bool {
         self.ca.is_some()
     }
+}
+
+/// At least one largest packet, and what the byte budget can count (a u32).
+fn check_buffered(path: &str, n: usize, max_packet: usize) -> Result<(), Invalid> {
+    if n < max_packet || n > u32::MAX as usize {
+        return Err(Invalid::at(
+            path,
+            format!(
+                "must be between max_packet_bytes ({max_packet}) and {} (got {n})",
+                u32::MAX
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_packet_size(path: &str, n: usize) -> Result<(), Invalid> {
@@ -506,6 +583,26 @@ mod tests {
         c.external.filter = "devices/+/events/+".into();
         c.external.cert = Some("/c.pem".into());
         assert!(c.validate().unwrap_err().to_string().contains("cert/key"));
+    }
+
+    #[test]
+    fn inflight_and_topic_caps_are_checked_by_field() {
+        for (text, field) in [
+            ("max_inflight = 0", "broker.embedded.max_inflight"),
+            ("max_inflight = 70000", "broker.embedded.max_inflight"),
+            ("max_topic_bytes = 8", "broker.embedded.max_topic_bytes"),
+            ("max_topic_bytes = 65536", "broker.embedded.max_topic_bytes"),
+            (
+                "max_buffered_bytes = 100000",
+                "broker.embedded.max_buffered_bytes",
+            ),
+        ] {
+            let a: Agent = toml::from_str(&format!("[broker.embedded]\n{text}\n")).unwrap();
+            let err = a.broker.embedded.validate().unwrap_err();
+            assert_eq!(err.field(), Some(field), "{text}: {err}");
+        }
+        let d = EmbeddedConfig::default();
+        assert_eq!((d.max_inflight, d.max_topic_bytes), (1024, 256));
     }
 
     fn embedded(toml_text: &str) -> anyhow::Result<EmbeddedConfig> {

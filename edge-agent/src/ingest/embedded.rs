@@ -7,7 +7,7 @@
 //! rumqtt's own codec (`rumqttc::mqttbytes::v4`, public fields) and tokio:
 //!
 //! * CONNECT within `connect_timeout_ms`; wrong protocol → CONNACK 0x01, empty client id with
-//!   `clean_session = false` → 0x02, bad credentials → 0x04 / none when required → 0x05.
+//!   `clean_session = false` or one over 256 bytes → 0x02, bad credentials → 0x04 / none when required → 0x05.
 //! * CONNACK always says `session_present = false`: no server-side session is kept. A device
 //!   retransmits its unacknowledged QoS 1/2 publishes after reconnecting and the engine
 //!   de-duplicates them, so nothing is lost by forgetting a session.
@@ -17,7 +17,12 @@
 //!   the [`Ack`]; PUBREL → PUBCOMP at once (the engine, not this front, de-duplicates).
 //! * SUBSCRIBE → SUBACK with failure codes (0x80), UNSUBSCRIBE → UNSUBACK: this endpoint only
 //!   ingests. PINGREQ → PINGRESP. DISCONNECT → close (the will, if any, is discarded).
-//! * A packet larger than `max_packet_bytes` closes the connection before its body is read.
+//! * A packet larger than `max_packet_bytes`, or a PUBLISH whose topic is longer than
+//!   `max_topic_bytes`, closes the connection before its body is read.
+//! * At most `max_inflight` QoS 1/2 publishes per connection are read and not yet acknowledged
+//!   on the wire; at the cap the connection's reads pause until its acks are written.
+//! * At most `max_buffered_bytes` of topics and payloads, over all connections, are handed to
+//!   the pipeline and not yet committed; a reader whose next message does not fit waits.
 //! * `auth = "password"` ([`auth`]): the user name is the device id, checked against the device
 //!   registry; a device may publish only under its own id (else the connection is closed).
 //! * `[broker.embedded.tls]` ([`tls`]) adds a TLS listener; `auth = "certificate"` identifies a
@@ -39,7 +44,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,12 +71,17 @@ mod limits;
 pub mod tls;
 
 use auth::{DeviceAuth, Identity, Refusal, Refusals};
-use limits::{Slot, Slots};
+use limits::{MAX_CLIENT_ID_BYTES, Slot, Slots, publish_topic_len};
 
 use super::config::EmbeddedConfig;
-use super::{Ack, AckKind, Inbound, Refused, now_ms};
+use super::{Ack, AckKind, Budget, Inbound, Refused, now_ms};
 use crate::telemetry;
 
+/// The kernel send buffer of a device connection. The endpoint writes only acks and pings,
+/// so this is plenty; fixed, it bounds the kernel memory a client that never reads can pin
+/// (autotuning would let it grow to `tcp_wmem`'s maximum, 4 MiB by default, per connection),
+/// and `max_inflight` engages after a few thousand unread acks instead of a million.
+const SEND_BUFFER: usize = 32 * 1024;
 /// Spare capacity ensured before each socket read.
 const READ_CHUNK: usize = 8 * 1024;
 /// How long a closing connection may take to flush its last bytes.
@@ -189,6 +199,7 @@ impl EmbeddedServer {
         let ctx = Arc::new(Ctx {
             devices: devices.filter(|_| cfg.auth.identifies_devices()),
             slots: Slots::new(cfg.max_connections, cfg.max_connections_per_address),
+            budget: Budget::new(cfg.max_buffered_bytes),
             refusals: Refusals::default(),
             refused,
             cfg,
@@ -233,6 +244,11 @@ impl EmbeddedServer {
                             continue;
                         }
                     };
+                    if let Err(e) =
+                        socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER)
+                    {
+                        debug!(error = %e, "SO_SNDBUF not set");
+                    }
                     let (ctx, tx, stop) = (Arc::clone(&ctx), tx.clone(), stop.clone());
                     match (is_tls, &acceptor) {
                         (true, Some(acceptor)) => {
@@ -362,6 +378,7 @@ struct Ctx {
     refusals: Refusals,
     refused: Refused,
     slots: Arc<Slots>,
+    budget: Budget,
     m: Metrics,
     /// client id → (connection id, its take-over token).
     sessions: Mutex<HashMap<String, (u64, CancellationToken)>>,
@@ -381,6 +398,9 @@ struct Metrics {
     keepalive_timeouts: Counter,
     takeovers: Counter,
     subscribe_refused: Counter,
+    inflight_full: Counter,
+    topic_too_long: Counter,
+    buffer_full: Counter,
 }
 
 impl Metrics {
@@ -396,6 +416,9 @@ impl Metrics {
             keepalive_timeouts: metrics::counter!(telemetry::INGEST_KEEPALIVE_TIMEOUTS_TOTAL),
             takeovers: metrics::counter!(telemetry::INGEST_TAKEOVERS_TOTAL),
             subscribe_refused: metrics::counter!(telemetry::INGEST_SUBSCRIBE_REFUSED_TOTAL),
+            inflight_full: metrics::counter!(telemetry::INGEST_INFLIGHT_FULL_TOTAL),
+            topic_too_long: metrics::counter!(telemetry::INGEST_TOPIC_TOO_LONG_TOTAL),
+            buffer_full: metrics::counter!(telemetry::INGEST_BUFFER_FULL_TOTAL),
         }
     }
 }
@@ -426,6 +449,18 @@ fn describe_metrics() {
     describe_counter!(
         telemetry::INGEST_OVERSIZED_PACKETS_TOTAL,
         "connections closed for a packet over max_packet_bytes"
+    );
+    describe_counter!(
+        telemetry::INGEST_TOPIC_TOO_LONG_TOTAL,
+        "connections closed for a PUBLISH topic over max_topic_bytes"
+    );
+    describe_counter!(
+        telemetry::INGEST_INFLIGHT_FULL_TOTAL,
+        "times a connection paused reading with max_inflight publishes unacknowledged"
+    );
+    describe_counter!(
+        telemetry::INGEST_BUFFER_FULL_TOTAL,
+        "times a reader paused with max_buffered_bytes of messages not yet committed"
     );
     describe_counter!(
         telemetry::INGEST_KEEPALIVE_TIMEOUTS_TOTAL,
@@ -463,30 +498,57 @@ fn describe_metrics() {
 
 /// The output side of one connection, shared by its reader, its writer and every
 /// [`AckSet`](super::AckSet) that holds one of its acks.
-#[derive(Debug)]
+///
+/// It also counts the connection's in-flight publishes: `unacked` goes up when the reader hands
+/// a QoS 1/2 publish over and down when the writer has written its ack, so an ack sitting in
+/// `out` because the client does not read still counts (`broker.embedded.max_inflight`).
+#[derive(Debug, Default)]
 struct ConnIo {
     out: Mutex<Out>,
     wake: Notify,
+    unacked: AtomicUsize,
+    /// Woken after each write that sent acks.
+    drained: Notify,
 }
 
 #[derive(Debug, Default)]
 struct Out {
     buf: BytesMut,
+    /// Acks (4-byte frames) in `buf`.
+    acks: usize,
     closed: bool,
 }
 
 impl ConnIo {
     /// Appends `bytes` for the writer; false if the connection has closed.
     fn push(&self, bytes: &[u8]) -> bool {
+        self.append(bytes, 0)
+    }
+
+    /// Appends released ack frames (4 bytes each); false if the connection has closed.
+    fn push_acks(&self, frames: &[u8]) -> bool {
+        self.append(frames, frames.len() / 4)
+    }
+
+    fn append(&self, bytes: &[u8], acks: usize) -> bool {
         {
             let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
             if out.closed {
                 return false;
             }
             out.buf.extend_from_slice(bytes);
+            out.acks += acks;
         }
         self.wake.notify_one();
         true
+    }
+
+    /// After the writer sent `acks` of them.
+    fn acks_written(&self, acks: usize) {
+        if acks > 0 {
+            self.unacked.fetch_sub(acks, Ordering::AcqRel);
+            self.drained.notify_one();
+        }
     }
 
     /// Refuses further output; the writer sends what is buffered and shuts the socket.
@@ -507,7 +569,7 @@ pub(crate) struct AckTarget {
 
 impl AckTarget {
     pub(crate) fn release(&self, frames: &[u8]) -> bool {
-        self.io.push(frames)
+        self.io.push_acks(frames)
     }
 }
 
@@ -520,6 +582,8 @@ enum End {
     KeepAlive,
     Protocol(String),
     TooLarge(usize),
+    /// A PUBLISH topic over `max_topic_bytes` (its length).
+    TopicTooLong(usize),
     TakenOver,
     Shutdown,
     PipelineGone,
@@ -581,10 +645,7 @@ async fn connection<S: Stream>(
     debug!(%peer, %client_id, keep_alive, "connected");
 
     let (mut rd, wr) = stream.split();
-    let io = Arc::new(ConnIo {
-        out: Mutex::new(Out::default()),
-        wake: Notify::new(),
-    });
+    let io = Arc::new(ConnIo::default());
     let (outstanding_tx, outstanding_rx) = oneshot::channel();
     let target = Arc::new(AckTarget {
         io: Arc::clone(&io),
@@ -618,6 +679,13 @@ async fn connection<S: Stream>(
             warn!(
                 %peer, %client_id, size = n, max = ctx.cfg.max_packet_bytes,
                 "packet larger than max_packet_bytes, closing"
+            );
+        }
+        End::TopicTooLong(n) => {
+            ctx.m.topic_too_long.increment(1);
+            warn!(
+                %peer, %client_id, topic_bytes = n, max = ctx.cfg.max_topic_bytes,
+                "PUBLISH topic longer than max_topic_bytes, closing"
             );
         }
         End::TakenOver => {
@@ -727,6 +795,15 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(None);
         }
     };
+    if connect.client_id.len() > MAX_CLIENT_ID_BYTES {
+        refuse(stream, ctx, ConnectReturnCode::BadClientId).await;
+        info!(
+            ?peer,
+            bytes = connect.client_id.len(),
+            "refused: client id over {MAX_CLIENT_ID_BYTES} bytes"
+        );
+        return Ok(None);
+    }
     if connect.client_id.is_empty() && !connect.clean_session {
         refuse(stream, ctx, ConnectReturnCode::BadClientId).await;
         info!(?peer, "refused: empty client id needs clean_session");
@@ -777,10 +854,10 @@ async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
                     _ => ConnectReturnCode::NotAuthorized,
                 };
                 refuse(stream, ctx, code).await;
-                let who = match cert {
+                let who = auth::clip(match cert {
                     Some(Ok(id)) => id.as_str(),
                     _ => connect.login.as_ref().map_or("", |l| l.username.as_str()),
-                };
+                });
                 let key = peer.map_or_else(|| who.to_string(), |p| format!("{}/{who}", p.ip()));
                 if ctx.refusals.should_log(&key, now) {
                     info!(
@@ -910,6 +987,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         let received_at = now_ms();
         let (mut msgs, mut bytes) = (0u64, 0u64);
         let end = loop {
+            if let Some(n) = publish_topic_len(&buf).filter(|n| *n > ctx.cfg.max_topic_bytes) {
+                break Some(End::TopicTooLong(n));
+            }
             match read_packet(&mut buf, max) {
                 Ok(Packet::Publish(p)) => {
                     if p.topic.is_empty() || p.topic.contains(['+', '#']) {
@@ -920,12 +1000,27 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     {
                         break Some(End::Refused(Refusal::NotOwnTopic, p.topic));
                     }
+                    if p.qos != QoS::AtMostOnce
+                        && target.io.unacked.load(Ordering::Acquire) >= ctx.cfg.max_inflight
+                    {
+                        ctx.m.inflight_full.increment(1);
+                        if !ctrl.is_empty() {
+                            target.io.push(&ctrl);
+                            ctrl.clear();
+                        }
+                        if let Some(end) =
+                            inflight_room(&target.io, ctx.cfg.max_inflight, conn).await
+                        {
+                            break Some(end);
+                        }
+                    }
                     let ack = match p.qos {
                         QoS::AtMostOnce => Ack::none(),
                         qos => {
+                            target.io.unacked.fetch_add(1, Ordering::AcqRel);
                             let [hi, lo] = p.pkid.to_be_bytes();
                             let kind = if qos == QoS::AtLeastOnce { 0x40 } else { 0x50 };
-                            Ack(AckKind::Embedded {
+                            Ack::new(AckKind::Embedded {
                                 conn: Arc::clone(target),
                                 frame: [kind, 0x02, hi, lo],
                             })
@@ -933,12 +1028,26 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     };
                     msgs += 1;
                     bytes += p.payload.len() as u64;
-                    let inbound = Inbound {
+                    let mut inbound = Inbound {
                         topic: p.topic,
                         payload: p.payload,
                         received_at,
                         ack,
                     };
+                    if !ctx.budget.try_charge(&mut inbound) {
+                        // max_buffered_bytes: stop reading until the pipeline releases some.
+                        ctx.m.buffer_full.increment(1);
+                        if !ctrl.is_empty() {
+                            target.io.push(&ctrl);
+                            ctrl.clear();
+                        }
+                        tokio::select! {
+                            biased;
+                            () = ctx.budget.charge(&mut inbound) => {}
+                            _ = stop.cancelled() => break Some(End::Shutdown),
+                            _ = kick.cancelled() => break Some(End::TakenOver),
+                        }
+                    }
                     match tx.try_send(inbound) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(inbound)) => {
@@ -1032,6 +1141,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
 }
 
+/// Waits until fewer than `max` of the connection's publishes are unacknowledged on the wire
+/// (`None`), or the connection has to end.
+async fn inflight_room(io: &ConnIo, max: usize, conn: &Conn<'_>) -> Option<End> {
+    while io.unacked.load(Ordering::Acquire) >= max {
+        tokio::select! {
+            biased;
+            _ = conn.stop.cancelled() => return Some(End::Shutdown),
+            _ = conn.kick.cancelled() => return Some(End::TakenOver),
+            _ = io.drained.notified() => {}
+        }
+    }
+    None
+}
+
 fn packet_name(p: &Packet) -> &'static str {
     match p {
         Packet::Connect(_) => "second CONNECT",
@@ -1064,10 +1187,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, io: Arc<ConnIo>) {
     let mut spare = BytesMut::with_capacity(256);
     loop {
         io.wake.notified().await;
-        let closed = {
+        let (closed, acks) = {
             let mut out = io.out.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::swap(&mut out.buf, &mut spare);
-            out.closed
+            (out.closed, std::mem::take(&mut out.acks))
         };
         if !spare.is_empty() {
             if let Err(e) = wr.write_all(&spare).await {
@@ -1076,6 +1199,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, io: Arc<ConnIo>) {
                 break;
             }
             spare.clear();
+            io.acks_written(acks);
         }
         if closed {
             break;

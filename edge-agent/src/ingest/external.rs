@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::config::ExternalConfig;
-use super::{Ack, AckKind, Inbound, now_ms};
+use super::{Ack, AckKind, Budget, Inbound, now_ms};
 use crate::telemetry;
 
 /// Capacity of rumqttc's request channel (acks, the subscribe, the disconnect).
@@ -143,6 +143,8 @@ async fn run(
     let m_messages = metrics::counter!(telemetry::INGEST_MESSAGES_TOTAL);
     let m_bytes = metrics::counter!(telemetry::INGEST_PAYLOAD_BYTES_TOTAL);
     let m_unhanded = metrics::counter!(telemetry::INGEST_EXTERNAL_UNHANDED_TOTAL);
+    let m_buffer_full = metrics::counter!(telemetry::INGEST_BUFFER_FULL_TOTAL);
+    let budget = Budget::new(cfg.max_buffered_bytes);
 
     let backoff_min = Duration::from_millis(cfg.reconnect_min_ms);
     let backoff_max = Duration::from_millis(cfg.reconnect_max_ms);
@@ -198,19 +200,24 @@ async fn run(
                     };
                     let ack = match p.qos {
                         QoS::AtMostOnce => Ack::none(),
-                        qos => Ack(AckKind::External {
+                        qos => Ack::new(AckKind::External {
                             link: Arc::clone(target),
                             ack: PendingAck { generation: current_gen, pkid: p.pkid, qos },
                         }),
                     };
                     m_messages.increment(1);
                     m_bytes.increment(p.payload.len() as u64);
-                    let inbound = Inbound {
+                    let mut inbound = Inbound {
                         topic: p.topic,
                         payload: p.payload,
                         received_at: now_ms(),
                         ack,
                     };
+                    // max_buffered_bytes, then the queue: the event loop waits for both.
+                    if !budget.try_charge(&mut inbound) {
+                        m_buffer_full.increment(1);
+                        budget.charge(&mut inbound).await;
+                    }
                     // Backpressure: while the pipeline is full, the event loop is not polled,
                     // so the socket is not read either.
                     if tx.send(inbound).await.is_err() {

@@ -33,7 +33,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 pub use tokio_util::sync::CancellationToken;
 
 pub use config::{EmbeddedConfig, ExternalConfig, IngestConfig, Mode};
@@ -54,7 +54,12 @@ pub struct Inbound {
 /// (or the external broker) delivers it again after its next reconnect, and the engine's
 /// de-duplication absorbs the repeat.
 #[derive(Debug)]
-pub struct Ack(AckKind);
+pub struct Ack {
+    kind: AckKind,
+    /// The message's share of its source's `max_buffered_bytes`, given back when the ack is
+    /// released after the commit (or dropped).
+    bytes: Option<OwnedSemaphorePermit>,
+}
 
 #[derive(Debug)]
 enum AckKind {
@@ -75,12 +80,74 @@ enum AckKind {
 impl Ack {
     /// An ack with nothing to do (QoS 0; messages injected by tests or a DLQ retry).
     pub fn none() -> Ack {
-        Ack(AckKind::None)
+        Ack::new(AckKind::None)
+    }
+
+    fn new(kind: AckKind) -> Ack {
+        Ack { kind, bytes: None }
     }
 
     /// Whether releasing this ack sends nothing.
     pub fn is_none(&self) -> bool {
-        matches!(self.0, AckKind::None)
+        matches!(self.kind, AckKind::None)
+    }
+
+    /// Holds `bytes` of the source's [`Budget`] until the ack is released or dropped.
+    fn hold(&mut self, bytes: OwnedSemaphorePermit) {
+        self.bytes = Some(bytes);
+    }
+}
+
+/// A source's `max_buffered_bytes`: the topic and payload bytes of the messages it has handed
+/// to the pipeline whose acks are not yet released, i.e. queued, in the batch, or copied into
+/// a commit. A message that does not fit waits (its connection's reads pause, as with a full
+/// queue), so the queue's memory is bounded in bytes as well as in messages: `queue_capacity`
+/// messages of up to `max_packet_bytes` each would be far more.
+#[derive(Debug, Clone)]
+pub(crate) struct Budget {
+    bytes: Arc<Semaphore>,
+    max: usize,
+}
+
+impl Budget {
+    /// `max` must be at least the largest packet (the config checks it); a larger message is
+    /// charged `max`, so it never waits forever.
+    pub(crate) fn new(max: usize) -> Budget {
+        let max = max.clamp(1, u32::MAX as usize);
+        Budget {
+            bytes: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    fn permits(&self, inbound: &Inbound) -> u32 {
+        let n = (inbound.payload.len() + inbound.topic.len()).clamp(1, self.max);
+        // `max` fits a u32 (see `new`).
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// Charges `inbound` at once if there is room; false if it has to [`Budget::charge`].
+    pub(crate) fn try_charge(&self, inbound: &mut Inbound) -> bool {
+        match self
+            .bytes
+            .clone()
+            .try_acquire_many_owned(self.permits(inbound))
+        {
+            Ok(p) => {
+                inbound.ack.hold(p);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Charges `inbound`, waiting until the pipeline has released enough.
+    pub(crate) async fn charge(&self, inbound: &mut Inbound) {
+        let n = self.permits(inbound);
+        // The semaphore is never closed.
+        if let Ok(p) = self.bytes.clone().acquire_many_owned(n).await {
+            inbound.ack.hold(p);
+        }
     }
 }
 
@@ -91,6 +158,8 @@ impl Ack {
 #[derive(Debug, Default)]
 pub struct AckSet {
     groups: Vec<Group>,
+    /// The batch's shares of the sources' [`Budget`]s, given back on release.
+    held: Vec<OwnedSemaphorePermit>,
     /// Connection handle address → index in `groups`.
     index: HashMap<usize, usize>,
     /// Group the previous push went to (consecutive messages mostly share a connection).
@@ -134,7 +203,11 @@ impl AckSet {
     }
 
     pub fn push(&mut self, ack: Ack) {
-        let key = match &ack.0 {
+        let Ack { kind, bytes } = ack;
+        if let Some(b) = bytes {
+            self.held.push(b);
+        }
+        let key = match &kind {
             AckKind::None => return,
             AckKind::Embedded { conn, .. } => Arc::as_ptr(conn) as usize,
             AckKind::External { link, .. } => Arc::as_ptr(link) as usize,
@@ -146,7 +219,7 @@ impl AckSet {
                 Some(&i) => i,
                 None => {
                     let i = self.groups.len();
-                    self.groups.push(match &ack.0 {
+                    self.groups.push(match &kind {
                         AckKind::Embedded { conn, .. } => Group::Embedded {
                             conn: Arc::clone(conn),
                             frames: Vec::with_capacity(64),
@@ -163,7 +236,7 @@ impl AckSet {
             },
         };
         self.last = i;
-        match (&mut self.groups[i], ack.0) {
+        match (&mut self.groups[i], kind) {
             (Group::Embedded { frames, .. }, AckKind::Embedded { frame, .. }) => {
                 frames.extend_from_slice(&frame)
             }
@@ -179,6 +252,7 @@ impl AckSet {
     /// task is woken. Acks for a connection that has closed since are dropped (the device will
     /// retransmit after reconnecting).
     pub fn release(&mut self) {
+        self.held.clear();
         if self.count == 0 {
             return;
         }

@@ -7,8 +7,9 @@
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
+use engine::state::MAX_DEVICES_RULE;
 use engine::{Input, Outcome, Reading, correct, flags, verify};
-use proto::{CorrectedBy, DlqEntry};
+use proto::{CorrectedBy, DlqEntry, Subject};
 
 use super::Pipeline;
 use crate::ingest::{AckSet, Inbound, now_ms};
@@ -63,6 +64,9 @@ impl Pipeline {
                 Outcome::Duplicate { .. } => dups += 1,
                 Outcome::Rejected(r) => {
                     metrics::counter!(m::REJECTED, "stage" => r.stage.as_str()).increment(1);
+                    if r.subject == Subject::Rule(MAX_DEVICES_RULE.to_string()) {
+                        metrics::counter!(m::DEVICES_REFUSED).increment(1);
+                    }
                     if let Some(g) = r.gap {
                         gaps += 1;
                         missed += g.len();

@@ -73,6 +73,12 @@ pub struct PipelineConfig {
     /// dir's filesystem has less free space than this, and resumes by itself when there is
     /// room again: a commit never has to meet a full disk.
     pub disk_reserve_mb: u64,
+    /// Most devices the gateway keeps state for (in memory and in the store). A message from
+    /// a device beyond it goes to the DLQ (stage `rule`, rule `max_devices`; counted in
+    /// `edge_devices_refused_total`) and is acknowledged then; known devices are never
+    /// evicted, since their state is what keeps their next results right. Raising the cap and
+    /// `edge-agent dlq retry --reason max_devices` admits the refused ones.
+    pub max_devices: usize,
 }
 
 impl PipelineConfig {
@@ -92,6 +98,9 @@ impl PipelineConfig {
                     self.missed_after_s
                 ),
             ));
+        }
+        if self.max_devices == 0 {
+            return Err(Invalid::at("pipeline.max_devices", "must be at least 1"));
         }
         if self.missed_max_records == 0 {
             return Err(Invalid::at(
@@ -117,6 +126,8 @@ impl Default for PipelineConfig {
             missed_after_s: crate::missed::DEFAULT_AFTER_S,
             missed_max_records: crate::missed::DEFAULT_MAX_RECORDS,
             disk_reserve_mb: 64,
+            // A few KiB each in memory (see tests/edge_caps.rs), so tens of MiB at the cap.
+            max_devices: 10_000,
         }
     }
 }
@@ -150,6 +161,7 @@ impl Pipeline {
         for (device, s) in store.device_states()? {
             state.insert(device, s);
         }
+        state.set_max_devices(Some(cfg.max_devices));
         store.set_missed_cap(cfg.missed_max_records.max(1));
         let mut gaps = GapTimer::load(&store, cfg.missed_after_ms())?;
         gaps.adopt(&state, now_ms(), &store.reader())?;
@@ -293,6 +305,7 @@ impl Pipeline {
         metrics::gauge!(m::DLQ_BYTES).set(c.dlq_bytes as f64);
         metrics::gauge!(m::MISSED_RECORDS).set(c.missed_records as f64);
         metrics::gauge!(m::GAPS_OPEN).set(self.gaps.open() as f64);
+        metrics::gauge!(m::DEVICES).set(self.state.len() as f64);
     }
 }
 

@@ -77,7 +77,9 @@ pub struct UplinkConfig {
     pub max_batch_results: usize,
     /// Keep under the broker's message limit (AWS IoT Core: 128 KiB).
     pub max_batch_bytes: usize,
-    /// Batches published and not yet acknowledged.
+    /// Batches published and not yet released: handed to the client, waiting for their PUBACK,
+    /// or acknowledged out of order behind one that is (`edge_uplink_in_flight`). The outbox
+    /// is read only while there is room, so memory stays at about this many batches.
     pub max_in_flight: u16,
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -373,6 +375,10 @@ pub(crate) fn jitter(d: Duration) -> Duration {
     d / 2 + d.mul_f64(fastrand::f64() / 2.0)
 }
 
+/// Replay requests waiting at once; one more is dropped and counted
+/// (`edge_replay_requests_dropped_total`): the cloud asks again when its gap hold expires.
+pub const MAX_PENDING_REPLAYS: usize = 64;
+
 /// One connection's worth of state; dropped (with the client) when the connection fails.
 struct Link<'a> {
     cfg: &'a UplinkConfig,
@@ -392,9 +398,11 @@ struct Link<'a> {
     queued: VecDeque<Sent>,
     by_pkid: HashMap<u16, Sent>,
     /// Acknowledged ranges not yet contiguous with what was released: first → (last, bytes).
+    /// They count against `max_in_flight` with `queued` and `by_pkid`.
     acked: BTreeMap<u64, (u64, u64)>,
     /// Ranges the broker refused, sent again before anything new: first → last.
     refused: BTreeMap<u64, u64>,
+    /// Replay requests not yet served, at most [`MAX_PENDING_REPLAYS`].
     replays: VecDeque<(u64, u64)>,
     /// Missed-record ids and quarantines in a status message not yet acknowledged.
     reporting: Carried,
@@ -649,13 +657,34 @@ impl<'a> Link<'a> {
         // Pending results are sent anyway; only released ones need replaying.
         let to = r.to.min(self.outbox.first_pending() - 1);
         tracing::info!(from = r.from, to = r.to, "cloud asked for a replay");
-        if r.from <= to {
-            self.replays.push_back((r.from, to));
+        if r.from > to || self.replays.contains(&(r.from, to)) {
+            return;
         }
+        if self.replays.len() >= MAX_PENDING_REPLAYS {
+            metrics::counter!(m::REPLAY_DROPPED).increment(1);
+            tracing::warn!(
+                from = r.from,
+                to,
+                "replay request dropped: {MAX_PENDING_REPLAYS} already wait"
+            );
+            return;
+        }
+        self.replays.push_back((r.from, to));
+    }
+
+    /// Batches (and status messages) not yet released, of `max_in_flight`.
+    fn in_flight(&self) -> usize {
+        self.queued.len() + self.by_pkid.len() + self.acked.len()
     }
 
     /// Publishes batches while the in-flight window has room.
     fn fill(&mut self) -> anyhow::Result<()> {
+        let r = self.fill_window();
+        metrics::gauge!(m::UPLINK_IN_FLIGHT).set(self.in_flight() as f64);
+        r
+    }
+
+    fn fill_window(&mut self) -> anyhow::Result<()> {
         if !self.connected {
             return Ok(());
         }
@@ -664,7 +693,7 @@ impl<'a> Link<'a> {
             let window = self
                 .refusals
                 .window(Instant::now(), usize::from(self.cfg.max_in_flight));
-            if self.queued.len() + self.by_pkid.len() >= window {
+            if self.in_flight() >= window {
                 return Ok(());
             }
             // A refused range first (it blocks the release of everything after it), then

@@ -14,7 +14,7 @@ use crate::rules::{AssertionFailed, RuleError, Rules};
 use crate::schema::{Schema, SchemaError};
 use crate::seq::{DuplicateKind, SeqClass, SeqRange};
 use crate::spec::{EngineSpec, EventTypeSpec, SpecError};
-use crate::state::{Reading, ScalarRef, State};
+use crate::state::{MAX_DEVICE_ID_BYTES, MAX_DEVICES_RULE, Reading, ScalarRef, State};
 use crate::topic::{TopicPattern, is_topic_level};
 use crate::value::{EvalValue, truncate};
 use crate::window::Window;
@@ -314,10 +314,11 @@ impl Engine {
 
     /// Runs one message through the pipeline, updating the device's state in `state`.
     ///
-    /// Stages: topic → decode → envelope agreement → sequence/duplicate check → event type
-    /// known → schema → allow-list, clock skew → rules → calc → checks. The sequence check
-    /// comes before the type lookup because sequences are per device: a message of an
-    /// unknown type still takes its seq. Deterministic, and never panics.
+    /// Stages: topic → decode → envelope agreement → (a new device: a known type that allows
+    /// it, and room under `max_devices`) → sequence/duplicate check → event type known →
+    /// schema → allow-list, clock skew → rules → calc → checks. The sequence check comes
+    /// before the type lookup because sequences are per device: a known device's message of
+    /// an unknown type still takes its seq. Deterministic, and never panics.
     pub fn process(&self, state: &mut State, input: &Input<'_>) -> Outcome {
         let Some((device, etype)) = self.topic.matches(input.topic) else {
             return Outcome::Rejected(Rejection {
@@ -335,6 +336,25 @@ impl Engine {
                 transient: false,
             });
         };
+        if device.len() > MAX_DEVICE_ID_BYTES {
+            // Before anything is kept under it: a device id is a state key and part of every
+            // event id. (The embedded endpoint's `max_topic_bytes` stops most such topics
+            // earlier; an external broker's topics only meet this check.)
+            return Outcome::Rejected(Rejection {
+                stage: Stage::Decode,
+                reason: format!(
+                    "device id '{}' is {} bytes, over the limit of {MAX_DEVICE_ID_BYTES}",
+                    truncate(device),
+                    device.len()
+                ),
+                subject: Subject::Field("device".to_string()),
+                device: None,
+                event_id: None,
+                event_type: Some(etype.to_string()),
+                gap: None,
+                transient: false,
+            });
+        }
         let reject = |stage, reason, subject, event_id, gap| {
             Outcome::Rejected(Rejection {
                 stage,
@@ -369,6 +389,38 @@ impl Engine {
             }
         }
 
+        let unknown_type = || {
+            format!(
+                "unknown event type '{}' (known: {})",
+                truncate(etype),
+                self.type_names.join(", ")
+            )
+        };
+        // A device gets state only with a message it may send (a known type whose
+        // allowed_devices admit it), so ids that no type accepts take neither memory nor
+        // max_devices places. A known device's rejected messages still take their seq.
+        if state.device(device).is_none() {
+            let allowed = match self.types.get(etype) {
+                None => Err((Stage::Schema, unknown_type(), Subject::Document)),
+                Some(t) => t.rules.check_device(device, etype).map_err(|e| {
+                    let f = Failure::Rule(e);
+                    (f.stage(), f.to_string(), f.subject())
+                }),
+            };
+            if let Err((stage, reason, subject)) = allowed {
+                return reject(stage, reason, subject, Some(event_id), None);
+            }
+        }
+        if !state.admits(device) {
+            let reason = format!(
+                "device '{}' is new and the gateway already tracks its maximum of {} devices ({})",
+                truncate(device),
+                state.len(),
+                MAX_DEVICES_RULE
+            );
+            let subject = Subject::Rule(MAX_DEVICES_RULE.to_string());
+            return reject(Stage::Rule, reason, subject, Some(event_id), None);
+        }
         let mut entry = state.entry(device);
         let class = entry.state.seq.observe(msg.seq, &msg.id, input.replay);
         let (gap, late, seq_reset) = match class {
@@ -395,11 +447,7 @@ impl Engine {
         entry.mark_dirty(device);
 
         let Some(t) = self.types.get(etype) else {
-            let reason = format!(
-                "unknown event type '{}' (known: {})",
-                truncate(etype),
-                self.type_names.join(", ")
-            );
+            let reason = unknown_type();
             return reject(
                 Stage::Schema,
                 reason,

@@ -245,9 +245,78 @@ fn payload_must_agree_with_topic() {
 }
 
 #[test]
+fn a_new_device_beyond_max_devices_is_refused_and_known_ones_go_on() {
+    let mut run = Run::new();
+    run.state.set_max_devices(Some(2));
+    let p = |seq| {
+        payload(
+            &format!("m{seq}"),
+            seq,
+            T0 + seq as i64 * 1000,
+            json!({"kwh": 1}),
+        )
+    };
+    for d in ["meter-1", "meter-2"] {
+        accepted(run.raw(
+            &format!("devices/{d}/events/meter"),
+            &p(1),
+            T0 + 5000,
+            false,
+        ));
+    }
+    let r = rejected(run.raw("devices/meter-3/events/meter", &p(1), T0 + 5000, false));
+    assert_eq!(r.stage, Stage::Rule);
+    assert_eq!(r.subject, Subject::Rule(MAX_DEVICES_RULE.to_string()));
+    assert!(!r.transient);
+    assert_eq!(
+        r.reason,
+        "device 'meter-3' is new and the gateway already tracks its maximum of 2 devices (max_devices)"
+    );
+    assert_eq!(
+        run.state.len(),
+        2,
+        "nothing was allocated for the refused device"
+    );
+    // Known devices are not affected; a higher cap (a DLQ retry after raising it) admits it.
+    accepted(run.raw("devices/meter-1/events/meter", &p(2), T0 + 5000, false));
+    run.state.set_max_devices(Some(3));
+    accepted(run.raw("devices/meter-3/events/meter", &p(1), T0 + 5000, true));
+}
+
+#[test]
+fn a_device_id_over_the_limit_is_refused_before_it_has_state() {
+    let mut run = Run::new();
+    let p = payload("m1", 1, T0, json!({"kwh": 1}));
+    let long = format!("meter-{}", "x".repeat(MAX_DEVICE_ID_BYTES - 5));
+    let r = rejected(run.raw(&format!("devices/{long}/events/meter"), &p, T0, false));
+    assert_eq!(r.stage, Stage::Decode);
+    assert_eq!(r.subject, Subject::Field("device".to_string()));
+    assert!(r.device.is_none(), "the id is not copied into the entry");
+    assert!(
+        r.reason.contains("129 bytes, over the limit of 128"),
+        "{}",
+        r.reason
+    );
+    assert!(run.state.is_empty(), "nothing was allocated for it");
+    // At the limit it is an ordinary device.
+    let ok = format!("meter-{}", "x".repeat(MAX_DEVICE_ID_BYTES - 6));
+    accepted(run.raw(&format!("devices/{ok}/events/meter"), &p, T0, false));
+}
+
+#[test]
 fn unknown_event_type_still_takes_its_seq() {
     let mut run = Run::new();
+    // A new device gets no state for it …
     let p = payload("u1", 1, T0, json!({}));
+    let r = rejected(run.raw("devices/meter-9/events/toaster", &p, T0, false));
+    assert_eq!(r.stage, Stage::Schema);
+    assert!(
+        run.state.is_empty(),
+        "no state for a type that does not exist"
+    );
+    // … a known one takes the seq.
+    accepted(run.meter(1, T0, json!({"kwh": 1})));
+    let p = payload("u2", 2, T0, json!({}));
     let r = rejected(run.raw("devices/meter-1/events/toaster", &p, T0, false));
     assert_eq!(r.stage, Stage::Schema);
     assert_eq!(
@@ -256,8 +325,8 @@ fn unknown_event_type_still_takes_its_seq() {
     );
     assert_eq!(r.subject, Subject::Document);
     assert_eq!(r.event_type.as_deref(), Some("toaster"));
-    // seq 1 is taken: the next one is in order, no gap.
-    let (_, gap, _) = accepted(run.meter(2, T0, json!({"kwh": 1})));
+    // seq 2 is taken: the next one is in order, no gap.
+    let (_, gap, _) = accepted(run.meter(3, T0 + 2000, json!({"kwh": 2})));
     assert_eq!(gap, None);
 }
 
@@ -375,6 +444,14 @@ fn allow_list_rejects_other_devices() {
         "rule allowed_devices: device 'sensor-9' may not send 'meter' events (allowed: meter-*)"
     );
     assert_eq!(r.subject, Subject::Rule("allowed_devices".into()));
+    // A device no type admits gets no state, so it takes no max_devices place.
+    assert!(run.state.is_empty());
+    run.state.set_max_devices(Some(1));
+    for i in 0..10 {
+        let r = rejected(run.raw(&format!("devices/sensor-{i}/events/meter"), &p, T0, false));
+        assert_eq!(r.subject, Subject::Rule("allowed_devices".into()));
+    }
+    accepted(run.meter(1, T0, json!({"kwh": 1})));
 }
 
 #[test]

@@ -143,12 +143,34 @@ impl DeviceAuth {
     }
 }
 
-/// Most addresses (and devices) remembered; beyond it the quiet ones are forgotten first.
+/// Most addresses (and devices) remembered; beyond it the quiet ones are forgotten first, and
+/// while all are recent (a flood) a new one is not remembered: its failure waits the longest
+/// and its refusal is counted but not logged.
 const MAX_TRACKED: usize = 4096;
 /// A refusal is logged at most once per device (or address) in this window.
 const LOG_EVERY: Duration = Duration::from_secs(60);
+/// The longest a failed CONNECT waits for its answer.
+const MAX_DELAY: Duration = Duration::from_secs(5);
 /// Failures from one address are forgotten after this long without one.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
+
+/// Longest client-supplied name (a user name that is not a device, a certificate CN) kept in
+/// these maps or written to a log line: a CONNECT may carry a user name of up to
+/// `max_packet_bytes`, and 4096 of those would be a gigabyte. Device ids are no longer than
+/// the engine's `MAX_DEVICE_ID_BYTES` (128) anyway.
+const MAX_NAME_BYTES: usize = 128;
+
+/// `name` cut to [`MAX_NAME_BYTES`] (on a character boundary).
+pub(super) fn clip(name: &str) -> &str {
+    if name.len() <= MAX_NAME_BYTES {
+        return name;
+    }
+    let mut end = MAX_NAME_BYTES;
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
 
 /// Slows down repeated failed CONNECTs and TLS handshakes from one address, and keeps the log
 /// to one line per device per minute however fast a device misbehaves.
@@ -170,9 +192,12 @@ impl Refusals {
     /// 100 ms doubled per failure in a row, at most 5 s.
     pub(super) fn failed(&self, ip: IpAddr, now: Instant) -> Duration {
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if g.failures.len() >= MAX_TRACKED {
+        if g.failures.len() >= MAX_TRACKED && !g.failures.contains_key(&ip) {
             g.failures
                 .retain(|_, (_, last)| now.duration_since(*last) < LOG_EVERY);
+            if g.failures.len() >= MAX_TRACKED {
+                return MAX_DELAY;
+            }
         }
         let entry = g.failures.entry(ip).or_insert((0, now));
         if now.duration_since(entry.1) > FORGET_AFTER {
@@ -202,9 +227,13 @@ impl Refusals {
 
     /// Whether a refusal of `who` should be logged now (once per minute each).
     pub(super) fn should_log(&self, who: &str, now: Instant) -> bool {
+        let who = clip(who);
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if g.logged.len() >= MAX_TRACKED {
+        if g.logged.len() >= MAX_TRACKED && !g.logged.contains_key(who) {
             g.logged.retain(|_, at| now.duration_since(*at) < LOG_EVERY);
+            if g.logged.len() >= MAX_TRACKED {
+                return false;
+            }
         }
         match g.logged.get(who) {
             Some(at) if now.duration_since(*at) < LOG_EVERY => false,
@@ -219,7 +248,7 @@ impl Refusals {
 /// 100 ms doubled per failure in a row, at most 5 s.
 fn wait_after(failures: u32) -> Duration {
     let n = failures.clamp(1, 7);
-    Duration::from_millis(100 << (n - 1)).min(Duration::from_secs(5))
+    Duration::from_millis(100 << (n - 1)).min(MAX_DELAY)
 }
 
 #[cfg(test)]
@@ -242,6 +271,21 @@ mod tests {
     }
 
     #[test]
+    fn long_names_are_clipped_before_they_are_kept() {
+        let r = Refusals::default();
+        let t = Instant::now();
+        let long = format!("{}é{}", "u".repeat(127), "x".repeat(100_000));
+        assert_eq!(clip(&long), "u".repeat(127), "cut on a character boundary");
+        assert!(r.should_log(&long, t));
+        assert!(
+            !r.should_log(&format!("{long}y"), t),
+            "the same first 128 bytes"
+        );
+        let g = r.inner.lock().unwrap();
+        assert!(g.logged.keys().all(|k| k.len() <= MAX_NAME_BYTES));
+    }
+
+    #[test]
     fn a_device_is_logged_once_a_minute() {
         let r = Refusals::default();
         let t = Instant::now();
@@ -260,6 +304,19 @@ mod tests {
             r.failed(ip, t + LOG_EVERY * (i / MAX_TRACKED as u32 * 2));
         }
         assert!(r.inner.lock().unwrap().failures.len() <= MAX_TRACKED);
+
+        // All at once (a flood within a minute): the maps stop at the cap.
+        let r = Refusals::default();
+        for i in 0..(MAX_TRACKED as u32 * 2) {
+            let ip: IpAddr = std::net::Ipv4Addr::from(i).into();
+            r.failed(ip, t);
+            r.should_log(&format!("dev-{i}"), t);
+        }
+        let g = r.inner.lock().unwrap();
+        assert_eq!(
+            (g.failures.len(), g.logged.len()),
+            (MAX_TRACKED, MAX_TRACKED)
+        );
     }
 
     #[test]

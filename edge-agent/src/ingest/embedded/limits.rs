@@ -1,10 +1,15 @@
-//! Connection caps: how many connections the endpoint holds in all and per client address, so
-//! a flood of sockets (a misbehaving device, a hostile client) cannot exhaust file descriptors
-//! or memory. A connection beyond a cap is closed at once, before it costs a task or a buffer.
+//! The endpoint's caps on what a client can make it hold: connections in all and per client
+//! address (a connection beyond a cap is closed at once, before it costs a task or a buffer),
+//! and the topic length of a PUBLISH, read from its header before the codec parses it. The
+//! per-connection in-flight cap lives with the connection's output ([`super::ConnIo`]).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
+
+/// Longest client id a CONNECT may carry (CONNACK 0x02 beyond): it is kept in the take-over
+/// map for the connection's life and written in its log lines. MQTT 3.1.1 only requires 23.
+pub(super) const MAX_CLIENT_ID_BYTES: usize = 256;
 
 /// Why an accepted socket was closed unserved (the metric's `reason` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,9 +80,47 @@ impl Drop for Slot {
     }
 }
 
+/// The topic length a PUBLISH at the front of `buf` declares, once its fixed header and the
+/// two length bytes are buffered (`None` for another packet type or too few bytes yet), so an
+/// oversized topic is refused before its bytes are awaited, parsed or copied.
+pub(super) fn publish_topic_len(buf: &[u8]) -> Option<usize> {
+    if buf.first()? >> 4 != 3 {
+        return None;
+    }
+    // The remaining length takes 1–4 bytes, each but the last with its high bit set.
+    let len_bytes = buf.iter().skip(1).take(4).position(|b| b & 0x80 == 0)? + 1;
+    let at = 1 + len_bytes;
+    let hi = *buf.get(at)?;
+    let lo = *buf.get(at + 1)?;
+    Some(usize::from(u16::from_be_bytes([hi, lo])))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_topic_length_is_read_from_a_partial_publish_header() {
+        use rumqttc::mqttbytes::{QoS, v4::Publish};
+        let mut out = bytes::BytesMut::new();
+        let topic = "t".repeat(300);
+        let mut p = Publish::new(topic.as_str(), QoS::AtLeastOnce, vec![0u8; 200]);
+        p.pkid = 1;
+        p.write(&mut out).unwrap();
+        // 1 type byte, 2 remaining-length bytes (> 127), then the topic length.
+        assert_eq!(publish_topic_len(&out[..5]), Some(300));
+        assert_eq!(publish_topic_len(&out), Some(300));
+        assert_eq!(
+            publish_topic_len(&out[..4]),
+            None,
+            "length not buffered yet"
+        );
+        assert_eq!(publish_topic_len(&[0xC0, 0x00]), None, "PINGREQ");
+        assert_eq!(
+            publish_topic_len(&[0x30, 0x80, 0x80, 0x80, 0x80, 0x01]),
+            None
+        );
+    }
 
     #[test]
     fn caps_hold_and_freed_slots_come_back() {

@@ -220,6 +220,12 @@ async fn connect_refusals_follow_the_spec() {
     c.set_login("dev", "s3cret");
     assert_eq!(raw.mqtt_connect(c).await, 2);
     raw.expect_closed(WAIT).await;
+    // A client id over 256 bytes: the same (it would be kept and logged).
+    let mut raw = Raw::connect(s.addr).await;
+    let mut c = Connect::new("c".repeat(257));
+    c.set_login("dev", "s3cret");
+    assert_eq!(raw.mqtt_connect(c).await, 2);
+    raw.expect_closed(WAIT).await;
 
     // No credentials: not authorized; wrong ones: bad user name or password.
     let mut raw = Raw::connect(s.addr).await;
@@ -306,6 +312,92 @@ async fn oversized_packets_and_wildcard_topics_close_the_connection() {
     raw.send(&publish(TOPIC, QoS::AtMostOnce, 0, &[7u8; 900]))
         .await;
     assert_eq!(recv(&mut s.rx).await.payload.len(), 900);
+}
+
+#[tokio::test]
+async fn a_topic_over_max_topic_bytes_closes_the_connection_unacknowledged() {
+    let mut s = start_with(16, |c| c.max_topic_bytes = 32).await;
+    let mut raw = Raw::connect(s.addr).await;
+    assert_eq!(raw.mqtt_connect(Connect::new("dev-long")).await, 0);
+    let long = format!("devices/{}/events/e", "x".repeat(40));
+    // The header alone is enough to refuse it: the rest of the packet is never sent.
+    let packet = publish(&long, QoS::AtLeastOnce, 1, b"p");
+    raw.send(&packet[..6]).await;
+    raw.expect_closed(WAIT).await;
+    assert_quiet(&mut s.rx, Duration::from_millis(200)).await;
+
+    let mut raw = Raw::connect(s.addr).await;
+    assert_eq!(raw.mqtt_connect(Connect::new("dev-short")).await, 0);
+    raw.send(&publish("devices/d/events/e", QoS::AtMostOnce, 0, b"ok"))
+        .await;
+    assert_eq!(recv(&mut s.rx).await.topic, "devices/d/events/e");
+}
+
+#[tokio::test]
+async fn max_inflight_pauses_a_connection_until_its_acks_are_written() {
+    let mut s = start_with(64, |c| c.max_inflight = 3).await;
+    let mut raw = Raw::connect(s.addr).await;
+    assert_eq!(raw.mqtt_connect(Connect::new("dev-inflight")).await, 0);
+    let mut all = Vec::new();
+    for pkid in 1..=8u16 {
+        all.extend(publish(TOPIC, QoS::AtLeastOnce, pkid, b"m"));
+    }
+    // A QoS 0 publish is never held back by the cap, but it queues behind the paused ones.
+    all.extend(publish(TOPIC, QoS::AtMostOnce, 0, b"q0"));
+    raw.send(&all).await;
+    let first: Vec<Inbound> = vec![
+        recv(&mut s.rx).await,
+        recv(&mut s.rx).await,
+        recv(&mut s.rx).await,
+    ];
+    assert_quiet(&mut s.rx, Duration::from_millis(200)).await;
+    release(first);
+    assert_eq!(
+        raw.read_exact(12).await,
+        [0x40, 2, 0, 1, 0x40, 2, 0, 2, 0x40, 2, 0, 3]
+    );
+    let next: Vec<Inbound> = vec![
+        recv(&mut s.rx).await,
+        recv(&mut s.rx).await,
+        recv(&mut s.rx).await,
+    ];
+    assert_eq!(next[0].payload, &b"m"[..]);
+    release(next);
+    let rest: Vec<Inbound> = vec![recv(&mut s.rx).await, recv(&mut s.rx).await];
+    assert_eq!(recv(&mut s.rx).await.payload, &b"q0"[..]);
+    release(rest);
+}
+
+#[tokio::test]
+async fn max_buffered_bytes_pauses_reading_until_the_pipeline_releases() {
+    let mut s = start_with(64, |c| {
+        c.max_packet_bytes = 1024;
+        c.max_buffered_bytes = 2048;
+    })
+    .await;
+    // Two connections share the budget: 900-byte payloads, two fit (with their topics).
+    let (mut a, mut b) = (Raw::connect(s.addr).await, Raw::connect(s.addr).await);
+    assert_eq!(a.mqtt_connect(Connect::new("dev-buf-a")).await, 0);
+    assert_eq!(b.mqtt_connect(Connect::new("dev-buf-b")).await, 0);
+    let big = [b'x'; 900];
+    a.send(
+        &[
+            publish(TOPIC, QoS::AtLeastOnce, 1, &big),
+            publish(TOPIC, QoS::AtMostOnce, 0, &big),
+        ]
+        .concat(),
+    )
+    .await;
+    let first = vec![recv(&mut s.rx).await, recv(&mut s.rx).await];
+    b.send(&publish(TOPIC, QoS::AtLeastOnce, 7, &big)).await;
+    assert_quiet(&mut s.rx, Duration::from_millis(200)).await;
+    // Released (after a commit), their bytes come back and the waiting reader goes on.
+    release(first);
+    assert_eq!(a.read_exact(4).await, [0x40, 2, 0, 1]);
+    let third = recv(&mut s.rx).await;
+    assert_eq!(third.payload.len(), 900);
+    release([third]);
+    assert_eq!(b.read_exact(4).await, [0x40, 2, 0, 7]);
 }
 
 #[tokio::test]

@@ -28,6 +28,7 @@ use anyhow::{Context as _, anyhow, bail};
 use base64::Engine as _;
 use lambda_runtime::{LambdaEvent, service_fn};
 use proto::Batch;
+use proto::accept::check_batch;
 use proto::uplink::{ReplayRequest, replay_topic};
 use serde_json::{Value, json};
 use tracing::{info, warn};
@@ -37,7 +38,7 @@ use crate::backend::aws::Aws;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::pipeline::{Held, Pipeline, Progress};
-use crate::service::{check_batch, publish_once};
+use crate::service::publish_once;
 
 /// What an invocation carries.
 #[derive(Debug)]

@@ -39,7 +39,6 @@ pub mod correction;
 pub mod detail;
 pub mod dlq;
 mod fault;
-pub mod invalid;
 pub mod lambda;
 pub mod layout;
 pub mod metrics;

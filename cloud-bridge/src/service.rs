@@ -47,7 +47,6 @@ use crate::backend::Backend;
 use crate::backend::aws::Aws;
 use crate::config::{Config, MqttConfig};
 use crate::detail::DetailType;
-use crate::invalid::InvalidUplink;
 use crate::layout::{Object, ObjectKey, date_of};
 use crate::metrics::Metrics;
 use crate::now_ms;
@@ -294,9 +293,9 @@ fn dispatch(
 ) {
     let topic = d.publish.topic.clone();
     let parsed = if proto::uplink::status_gateway_of(&topic).is_some() {
-        crate::status::parse(&topic, &d.publish.payload).map(Kind::Status)
+        proto::accept::status(&topic, &d.publish.payload).map(Kind::Status)
     } else {
-        validate(&topic, &d.publish.payload).map(Kind::Results)
+        proto::accept::batch(&topic, &d.publish.payload).map(Kind::Results)
     };
     let kind = match parsed {
         Ok(k) => k,
@@ -351,43 +350,6 @@ fn dispatch(
         ack_tx.clone(),
         stop.clone(),
     ));
-}
-
-/// The batch in a message on `gateways/{g}/results`, or why it is not one.
-pub fn validate(topic: &str, payload: &[u8]) -> Result<Batch, InvalidUplink> {
-    let Some(gw) = gateway_of(topic) else {
-        return Err(InvalidUplink::ResultsTopic(topic.to_string()));
-    };
-    let batch: Batch = proto::wire::decode(payload)?;
-    check_batch(&batch)?;
-    if batch.gateway != gw {
-        return Err(InvalidUplink::WrongGateway {
-            what: "batch",
-            named: batch.gateway,
-            topic: gw.to_string(),
-        });
-    }
-    Ok(batch)
-}
-
-/// Every result must belong to the batch's gateway.
-pub fn check_batch(batch: &Batch) -> Result<(), InvalidUplink> {
-    if batch.gateway.is_empty() {
-        return Err(InvalidUplink::NoGateway);
-    }
-    for (index, r) in batch.results.iter().enumerate() {
-        if r.gateway != batch.gateway {
-            return Err(InvalidUplink::ForeignResult {
-                index,
-                found: r.gateway.clone(),
-                batch: batch.gateway.clone(),
-            });
-        }
-        if r.edge_seq == 0 {
-            return Err(InvalidUplink::ZeroSeq(index));
-        }
-    }
-    Ok(())
 }
 
 /// Writes a DLQ entry for a bad uplink message to `{prefix}failures/` and announces it.

@@ -1,5 +1,6 @@
-//! Gateway status messages (`gateways/{g}/status`, JSON [`GatewayStatus`]) in `cloud-bridge
-//! run`: the gateway's tail check and its missed-event records.
+//! Gateway status messages (`gateways/{g}/status`, JSON
+//! [`GatewayStatus`](proto::uplink::GatewayStatus), checked by [`proto::accept::status`]) in
+//! `cloud-bridge run`: the gateway's tail check and its missed-event records.
 //!
 //! - **Tail.** A lost batch shows as a gap only when a later batch arrives; the last batches of
 //!   a stream have none. The status says how far the cloud broker acknowledged the gateway's
@@ -15,31 +16,15 @@
 
 use std::collections::BTreeMap;
 
-use proto::uplink::{GatewayStatus, MissedReport, QuarantineReport, status_gateway_of};
+use proto::uplink::{MissedReport, QuarantineReport};
 use serde_json::{Value, json};
 use tracing::{info, warn};
 
 use crate::backend::{Announce, Notice};
 use crate::detail::DetailType;
-use crate::invalid::InvalidUplink;
 use crate::layout::{Object, ObjectKey, date_of};
 use crate::now_ms;
 use crate::pipeline::{Pipeline, Progress};
-
-/// The status in a message on `gateways/{g}/status`, or why it is not one.
-pub fn parse(topic: &str, payload: &[u8]) -> Result<GatewayStatus, InvalidUplink> {
-    let gw =
-        status_gateway_of(topic).ok_or_else(|| InvalidUplink::StatusTopic(topic.to_string()))?;
-    let s: GatewayStatus = serde_json::from_slice(payload)?;
-    if s.gateway != gw {
-        return Err(InvalidUplink::WrongGateway {
-            what: "status",
-            named: s.gateway,
-            topic: gw.to_string(),
-        });
-    }
-    Ok(s)
-}
 
 /// The tail check: where `advance` stopped, with the gateway's highest reported `released`
 /// taken into account. A gap already waited on stays as it is (it covers the tail or comes
@@ -234,21 +219,7 @@ mod tests {
     }
 
     #[test]
-    fn statuses_are_checked_against_their_topic_and_records_keep_their_shape() {
-        let body = br#"{"gateway":"gw-1","released":5,"at":9,"missed":[{"id":2,"device":"m",
-            "first_seq":3,"last_seq":4,"count":2,"ranges":[{"first":3,"last":4}],"declared_at":7}]}"#;
-        let s = parse("gateways/gw-1/status", body).unwrap();
-        assert_eq!((s.released, s.missed.len()), (5, 1));
-        let e = parse("gateways/gw-2/status", body).unwrap_err();
-        assert!(
-            matches!(&e, InvalidUplink::WrongGateway { named, topic, .. } if named == "gw-1" && topic == "gw-2")
-        );
-        assert_eq!(
-            e.to_string(),
-            "status names gateway 'gw-1' but arrived on the topic of 'gw-2'"
-        );
-        assert!(parse("gateways/gw-1/results", body).is_err());
-        assert!(parse("gateways/gw-1/status", b"{").is_err());
+    fn missed_records_keep_their_shape() {
         let r = MissedReport {
             id: 2,
             device: "m".into(),

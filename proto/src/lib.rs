@@ -5,6 +5,7 @@
 //! Both `edge-agent` and `cloud-bridge` depend on this crate and nothing here does I/O: it is
 //! types, hard input limits and codecs, so that the two tiers can never disagree on a shape.
 
+pub mod accept;
 pub mod decode;
 pub mod dlq;
 pub mod limits;

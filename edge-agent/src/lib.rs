@@ -18,6 +18,8 @@ pub mod config;
 pub mod devices;
 pub mod dlq;
 pub mod fault;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod ingest;
 pub mod missed;
 pub mod pipeline;

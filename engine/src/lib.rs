@@ -48,6 +48,8 @@ mod engine;
 pub mod expr;
 mod fnv;
 pub mod functions;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod names;
 pub mod rules;
 pub mod schema;

@@ -8,6 +8,8 @@
 pub mod accept;
 pub mod decode;
 pub mod dlq;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod limits;
 pub mod message;
 pub mod result;

@@ -43,6 +43,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 bash cross/test-arm.sh
 bash cross/check-deb.sh
 
+# Every fuzz target for 15 s from the committed corpus (fuzz/README.md): stable toolchain, no
+# sanitizer; installs cargo-fuzz when missing. Its own target dir, shared by every checkout.
+CARGO_TARGET_DIR="$HOME/.cache/edge-pipeline/target-fuzz" bash scripts/fuzz check 15
+
 # Last, so the output ends with the test summary.
 if cargo nextest --version >/dev/null 2>&1; then
   cargo build --workspace --locked --bins

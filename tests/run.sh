@@ -36,8 +36,11 @@ export CUTFS_PYTHON
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-pipeline/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
+# The fuzz targets' bodies, so clippy reads them and the corpus replay tests run (fuzz/README.md).
+fuzzing=(--features proto/fuzzing,engine/fuzzing,edge-agent/fuzzing)
+
 cargo fmt --all -- --check
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${fuzzing[@]}" -- -D warnings
 # ARM gateways: the engine and agent suites for aarch64 under qemu-user, an end-to-end smoke
 # test of the ARM binary, and the .deb checks (cross/README-install.md).
 bash cross/test-arm.sh
@@ -49,8 +52,8 @@ CARGO_TARGET_DIR="$HOME/.cache/edge-pipeline/target-fuzz" bash scripts/fuzz chec
 
 # Last, so the output ends with the test summary.
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo build --workspace --locked --bins
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo build --workspace --locked --bins "${fuzzing[@]}"
+  cargo nextest run --workspace --locked --no-fail-fast "${fuzzing[@]}"
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --locked --no-fail-fast "${fuzzing[@]}"
 fi

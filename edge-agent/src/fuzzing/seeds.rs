@@ -55,7 +55,7 @@ fn messages() -> Vec<(String, Value)> {
     for (i, (ty, data)) in readings().into_iter().enumerate() {
         let seq = i as u64 + 1;
         out.push((
-            format!("{ty}"),
+            ty.to_string(),
             json!({"id": format!("{ty}-{seq}"), "seq": seq, "ts": T0 + 30_000, "data": data}),
         ));
         out.push((
@@ -85,7 +85,7 @@ fn engine_configs() -> Vec<(String, String)> {
     for path in CONFIGS {
         let text = std::fs::read_to_string(Path::new(REPO).join(path)).expect("fixture config");
         let mut table: toml::Table = toml::from_str(&text).expect("fixture config parses");
-        table.retain(|k, _| ["topic", "limits", "event_types"].contains(&&k[..]));
+        table.retain(|k, _| ["topic", "limits", "event_types"].contains(&k));
         let Some(types) = table.get_mut("event_types").and_then(|t| t.as_table_mut()) else {
             continue;
         };
@@ -145,6 +145,7 @@ fn outcomes() -> (Vec<EventResult>, Vec<DlqEntry>) {
             payload: payload.as_bytes(),
             received_at: T0 + 1_000,
             gateway: GW,
+            via: proto::Via::Gateway,
             replay: false,
         };
         match engine.process(&mut state, &input) {

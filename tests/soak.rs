@@ -72,7 +72,7 @@ fn soak(load_for: Duration) {
     let mut broker = Mosquitto::start_tls(dir.path(), &pki);
     let sub = Subscriber::start(broker.port, "bridge-soak", "gateways/+/results");
     let mut agent = Agent::embedded(dir.path(), |c| {
-        e2e::uplink_to(c, GATEWAY, &broker, &pki, true, 2);
+        e2e::uplink_to(c, GATEWAY, &broker, &pki, true, 5);
         set(c, &["outbox", "replay_window"], REPLAY_WINDOW.into());
     });
     let data = dir.path().join("data");

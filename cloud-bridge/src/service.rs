@@ -588,6 +588,10 @@ pub fn mqtt_options(m: &MqttConfig, client_id: &str, clean: bool) -> anyhow::Res
         .set_keep_alive(Duration::from_secs(u64::from(m.keep_alive_s.max(5))))
         .set_max_packet_size(m.max_packet_bytes, m.max_packet_bytes);
     if m.tls {
+        // rumqttc builds its rustls config with the process-wide provider: aws-lc, as the AWS
+        // SDK's. A whole-workspace build links ring too (the agent's), and rustls would not pick.
+        let _ =
+            rumqttc::tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
         let read = |p: &std::path::Path| {
             std::fs::read(p).with_context(|| format!("reading {}", p.display()))
         };

@@ -71,6 +71,7 @@ pub async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 }
 
 pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
+    crate::ingest::embedded::tls::install_provider();
     let engine = cfg.engine()?;
     // Metrics first: the store and outbox publish their gauges as they open.
     telemetry::init_metrics(&cfg.metrics)?;

@@ -11,7 +11,7 @@ use serde::Deserialize;
 use settings::Invalid;
 
 use crate::dlq::DlqConfig;
-use crate::ingest::IngestConfig;
+use crate::ingest::{IngestConfig, Mode};
 use crate::pipeline::PipelineConfig;
 use crate::store::outbox::OutboxConfig;
 use crate::telemetry::{LogConfig, MetricsConfig};
@@ -73,6 +73,11 @@ impl AgentConfig {
             ));
         }
         self.broker.validate()?;
+        // The TLS files too, so `check-config` catches a missing or mismatched one (here, not
+        // in `broker.validate`: the listener's builder reads the config types it would check).
+        if let (Mode::Embedded, Some(tls)) = (self.broker.mode, &self.broker.embedded.tls) {
+            crate::ingest::embedded::tls::server_config(tls, self.broker.embedded.auth)?;
+        }
         self.uplink.validate()?;
         self.pipeline.validate()?;
         self.dlq.validate()?;

@@ -282,14 +282,7 @@ impl IngestConfig {
     /// Checks what serde cannot. Errors name the field by its path under `broker`.
     pub fn validate(&self) -> Result<(), Invalid> {
         match self.mode {
-            Mode::Embedded => {
-                self.embedded.validate()?;
-                // The TLS files too, so `check-config` catches a missing or mismatched one.
-                if let Some(tls) = &self.embedded.tls {
-                    super::embedded::tls::server_config(tls, self.embedded.auth)?;
-                }
-                Ok(())
-            }
+            Mode::Embedded => self.embedded.validate(),
             Mode::External => self.external.validate(),
         }
     }

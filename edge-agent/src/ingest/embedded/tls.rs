@@ -130,6 +130,13 @@ fn revocation_lists(
     Ok(crls)
 }
 
+/// Makes ring rustls's process-wide provider, which rumqttc's TLS configs (the uplink, an
+/// external broker) are built with. A build of the whole workspace links aws-lc too (the
+/// bridge's AWS SDK), and with two providers rustls would not choose; a second call is a no-op.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Builds the listener's rustls configuration for `auth`, reading and checking every file:
 /// the certificate chain, that the key is its key, and the client CA when `auth` asks for
 /// certificates. Called by `check-config` and at start-up, so a bad file stops either with
@@ -146,7 +153,7 @@ pub fn server_config(tls: &TlsConfig, auth: Auth) -> Result<Arc<ServerConfig>, T
         file_error("key", &tls.key, why)
     })?;
 
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsConfigError::Setup(e.to_string()))?;

@@ -34,6 +34,10 @@ pub enum InvalidUplink {
     },
     #[error("results[{0}].edge_seq: must be at least 1")]
     ZeroSeq(usize),
+    /// JSON has no NaN or infinity: stored in S3 it would read back as `null`, which no
+    /// result record can be, and every later read of that object would fail.
+    #[error("results[{0}].anomaly_score: must be a finite number")]
+    NotFinite(usize),
 }
 
 /// The batch in a message on `gateways/{g}/results`, or why it is not one.
@@ -69,6 +73,9 @@ pub fn check_batch(batch: &Batch) -> Result<(), InvalidUplink> {
         }
         if r.edge_seq == 0 {
             return Err(InvalidUplink::ZeroSeq(index));
+        }
+        if !r.anomaly_score.is_finite() {
+            return Err(InvalidUplink::NotFinite(index));
         }
     }
     Ok(())
@@ -135,5 +142,23 @@ mod tests {
             batch("gateways/gw-1/results", b"\xff"),
             Err(InvalidUplink::Batch(_))
         ));
+    }
+
+    #[test]
+    fn a_result_with_a_score_json_cannot_hold_is_refused() {
+        // Found by the uplink_batch fuzz target: a NaN score would be stored as `null`.
+        for score in [f64::NAN, f64::INFINITY] {
+            let mut r = crate::wire::tests::sample_result();
+            r.anomaly_score = score;
+            let b = Batch {
+                gateway: r.gateway.clone(),
+                results: vec![r],
+            };
+            let e = check_batch(&b).unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                "results[0].anomaly_score: must be a finite number"
+            );
+        }
     }
 }

@@ -129,7 +129,7 @@ fn header(buf: &mut Vec<u8>, major: u8, n: u64) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::dlq::{DlqEntry, Stage};
     use crate::result::{CorrectedBy, Correction, Status};

@@ -18,7 +18,8 @@ pub fn store_records(data: &[u8]) {
         wire::encode_batch_raw(&r.gateway, [stored.as_slice(), data].into_iter(), &mut buf);
         let b: Batch = wire::decode(&buf).expect("raw-framed batch decodes");
         assert_eq!(b.gateway, r.gateway);
-        assert_eq!(b.results, vec![r.clone(), r]);
+        // As printed, so a NaN a damaged record may hold equals itself.
+        assert_eq!(format!("{:?}", b.results), format!("{:?}", [&r, &r]));
     }
     round_trip::<DlqEntry>(data);
     round_trip::<Batch>(data);

@@ -579,6 +579,13 @@ async fn worker(
     }
 }
 
+/// Makes aws-lc (the AWS SDK's) rustls's process-wide provider, which rumqttc builds its TLS
+/// config with. A whole-workspace build links ring too (the agent's), and with two providers
+/// rustls would not choose; a second call is a no-op.
+pub fn install_tls_provider() {
+    let _ = rumqttc::tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
 /// rumqttc options: persistent session and manual acks for the service, TLS (mutual when a
 /// client certificate is configured) unless `tls = false`.
 pub fn mqtt_options(m: &MqttConfig, client_id: &str, clean: bool) -> anyhow::Result<MqttOptions> {
@@ -588,10 +595,7 @@ pub fn mqtt_options(m: &MqttConfig, client_id: &str, clean: bool) -> anyhow::Res
         .set_keep_alive(Duration::from_secs(u64::from(m.keep_alive_s.max(5))))
         .set_max_packet_size(m.max_packet_bytes, m.max_packet_bytes);
     if m.tls {
-        // rumqttc builds its rustls config with the process-wide provider: aws-lc, as the AWS
-        // SDK's. A whole-workspace build links ring too (the agent's), and rustls would not pick.
-        let _ =
-            rumqttc::tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
+        install_tls_provider();
         let read = |p: &std::path::Path| {
             std::fs::read(p).with_context(|| format!("reading {}", p.display()))
         };

@@ -147,9 +147,7 @@ pub struct Tls<'a> {
 
 impl TestClient {
     pub fn connect(id: &str, port: u16, tls: Tls<'_>) -> TestClient {
-        // As the bridge does (`service::mqtt_options`): one process-wide rustls provider.
-        let _ =
-            rumqttc::tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
+        cloud_bridge::service::install_tls_provider();
         let mut o = MqttOptions::new(id, "localhost", port);
         o.set_keep_alive(Duration::from_secs(10))
             .set_clean_session(true)

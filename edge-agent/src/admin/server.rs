@@ -143,7 +143,7 @@ impl Server {
         tracing::debug!(?req, "admin request");
         let reply = match req {
             Request::DlqExport { filter } => return self.export(&filter, &mut out),
-            Request::Status => status::report(Sources {
+            Request::Status => answer(status::report(Sources {
                 reader: &self.reader,
                 outbox: Some(self.outbox.depth()),
                 dlq: Some(&self.dlq),
@@ -153,29 +153,13 @@ impl Server {
                     None => status::UplinkInfo::state("not configured"),
                 }),
                 refused: Some(&self.refused),
-            })
-            .map_err(AdminError::from)
-            .and_then(to_value),
-            Request::DlqList { filter } => dlq::list(&self.reader, &filter)
-                .map_err(AdminError::from)
-                .and_then(to_value),
-            Request::MissedList { filter } => self
-                .reader
-                .missed_list(&filter)
-                .map_err(AdminError::from)
-                .and_then(to_value),
-            Request::DlqShow { id } => dlq::show(&self.reader, id)
-                .map_err(AdminError::from)
-                .and_then(to_value),
-            Request::DlqStats => dlq::stats(&self.reader, Some(&self.dlq))
-                .map_err(AdminError::from)
-                .and_then(to_value),
-            Request::DlqRetry { select } => self
-                .call(|tx| AdminCall::Retry(select, tx))
-                .and_then(to_value),
-            Request::DlqPurge { select } => self
-                .call(|tx| AdminCall::Purge(select, tx))
-                .and_then(to_value),
+            })),
+            Request::DlqList { filter } => answer(dlq::list(&self.reader, &filter)),
+            Request::MissedList { filter } => answer(self.reader.missed_list(&filter)),
+            Request::DlqShow { id } => answer(dlq::show(&self.reader, id)),
+            Request::DlqStats => answer(dlq::stats(&self.reader, Some(&self.dlq))),
+            Request::DlqRetry { select } => answer(self.call(|tx| AdminCall::Retry(select, tx))),
+            Request::DlqPurge { select } => answer(self.call(|tx| AdminCall::Purge(select, tx))),
         };
         let reply = match reply {
             Ok(v) => Reply::Ok(v),
@@ -235,8 +219,11 @@ impl Server {
     }
 }
 
-fn to_value<T: serde::Serialize>(v: T) -> Result<serde_json::Value, AdminError> {
-    Ok(serde_json::to_value(v)?)
+/// A request's outcome as the `ok` value of its reply.
+fn answer<T: serde::Serialize>(
+    outcome: Result<T, impl Into<AdminError>>,
+) -> Result<serde_json::Value, AdminError> {
+    Ok(serde_json::to_value(outcome.map_err(Into::into)?)?)
 }
 
 fn write_line(out: &mut impl Write, reply: &Reply) -> std::io::Result<()> {

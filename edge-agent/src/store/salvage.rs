@@ -54,7 +54,7 @@ pub enum ImportError {
     Store(#[from] StoreError),
 }
 
-/// Lines per commit: an import of a large outbox neither holds it all in memory nor loses
+/// Records per commit: an import of a large outbox neither holds it all in memory nor loses
 /// what was committed when it is cut short.
 const IMPORT_CHUNK: usize = 1000;
 
@@ -96,8 +96,8 @@ impl StoreReader {
 
 impl Store {
     /// Adds salvaged records (the lines [`StoreReader::salvage`] writes) to this store, in
-    /// durable commits of [`IMPORT_CHUNK`] lines. A line that is not a record stops the import
-    /// before anything of its chunk is written, naming the line.
+    /// durable commits of [`IMPORT_CHUNK`] records. A line that is not a record stops the
+    /// import before anything of its chunk is written, naming the line.
     pub fn import(&mut self, lines: impl BufRead) -> Result<ImportReport, ImportError> {
         let mut results: HashSet<String> = HashSet::new();
         for r in self.outbox(0) {
@@ -109,7 +109,6 @@ impl Store {
         }
         let mut report = ImportReport::default();
         let mut commit = self.begin();
-        let mut pending = 0;
         for (n, line) in lines.lines().enumerate() {
             let line = line?;
             if line.trim().is_empty() {
@@ -130,11 +129,9 @@ impl Store {
                 }
                 _ => report.skipped += 1,
             }
-            pending += 1;
-            if pending == IMPORT_CHUNK {
+            if commit.results().len() + commit.dlq().len() == IMPORT_CHUNK {
                 self.commit(&commit)?;
                 commit = self.begin();
-                pending = 0;
             }
         }
         if !commit.is_empty() {

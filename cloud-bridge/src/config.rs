@@ -31,6 +31,77 @@ pub struct Config {
     /// `cloud-bridge anomaly train|scan` and the model the bridge scores with.
     #[serde(default)]
     pub anomaly: AnomalyConfig,
+    /// Device messages straight to the cloud, with no gateway (absent: not accepted).
+    pub ingest: Option<IngestConfig>,
+    /// The HTTP listener of `run` for gateway-less devices (needs `[ingest]`).
+    pub http: Option<HttpConfig>,
+}
+
+/// `[ingest]`: the cloud runs the gateways' engine on device messages that come without a
+/// gateway (HTTP, AWS IoT Core, EventBridge, the cloud broker's device topics).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    /// The `gateway` of their results and the `gateway=` folder of their objects. A gateway
+    /// of the same name would share that folder: pick one no gateway uses.
+    #[serde(default = "default_ingest_name")]
+    pub name: String,
+    /// The engine config (the format of `verify.engine_config`). Default: that one.
+    pub engine_config: Option<PathBuf>,
+    /// `run` also takes device messages from the cloud broker's device topics (the engine
+    /// config's `topic`, as a shared subscription of `mqtt.share_group`).
+    #[serde(default)]
+    pub mqtt: bool,
+    /// A gap in a device's `seq` still open after this long is reported as MissedEvents
+    /// (at the device's next message; the agent's `missed_after_s`).
+    #[serde(default = "default_missed_after")]
+    pub missed_after_s: u64,
+    /// The parsed engine spec (filled by [`Config::load`]).
+    #[serde(skip)]
+    pub spec: Option<engine::EngineSpec>,
+}
+
+fn default_ingest_name() -> String {
+    "cloud".into()
+}
+fn default_missed_after() -> u64 {
+    300
+}
+
+/// `[http]`: `POST /v1/devices/{device}/events/{type}` and `POST /v1/events:batch`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Port 0 picks a free one (logged at start-up).
+    pub listen: std::net::SocketAddr,
+    /// Larger request bodies are refused with 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+    /// Most events in one batch request.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Per-device API keys: lines `DEVICE sha256:HEX` (`cloud-bridge api-key` makes one).
+    /// Relative to this file.
+    pub api_keys: Option<PathBuf>,
+    /// A JWKS file (RFC 7517) whose keys verify bearer JWTs. Relative to this file.
+    pub jwks: Option<PathBuf>,
+    /// Required `iss` of a JWT, when set.
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` of a JWT, when set.
+    pub jwt_audience: Option<String>,
+    /// The JWT claim that names the device the token speaks for.
+    #[serde(default = "default_device_claim")]
+    pub device_claim: String,
+}
+
+fn default_max_body() -> usize {
+    256 * 1024
+}
+fn default_max_batch() -> usize {
+    500
+}
+fn default_device_claim() -> String {
+    "sub".into()
 }
 
 /// `[monitor]`: when a discrepancy rate starts a correction run (see `monitor.rs`).
@@ -417,6 +488,37 @@ impl Config {
             })?;
             v.spec = Some(spec);
         }
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if let Some(h) = cfg.http.as_mut() {
+            for p in [&mut h.api_keys, &mut h.jwks].into_iter().flatten() {
+                if p.is_relative() {
+                    *p = dir.join(&*p);
+                }
+            }
+        }
+        if let Some(i) = cfg.ingest.as_mut() {
+            let spec = match &mut i.engine_config {
+                Some(p) => {
+                    if p.is_relative() {
+                        *p = dir.join(&*p);
+                    }
+                    load_engine_spec(p).map_err(|e| ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        message: format!("ingest.engine_config: {e}"),
+                    })?
+                }
+                None => cfg
+                    .verify
+                    .as_ref()
+                    .and_then(|v| v.spec.clone())
+                    .ok_or_else(|| ConfigError::Invalid {
+                        path: path.to_path_buf(),
+                        message: "ingest.engine_config: required (or a [verify] engine_config)"
+                            .into(),
+                    })?,
+            };
+            i.spec = Some(spec);
+        }
         // Relative TLS paths are relative to the config file.
         if let (Some(m), Some(dir)) = (cfg.mqtt.as_mut(), path.parent()) {
             for p in [&mut m.ca, &mut m.cert, &mut m.key].into_iter().flatten() {
@@ -534,6 +636,38 @@ impl Config {
             return Err(Invalid::at("metrics.interval_s", "must be at least 1"));
         }
         self.anomaly.validate()?;
+        if let Some(i) = &self.ingest {
+            let topic_level = !i.name.is_empty() && !i.name.contains(['/', '+', '#']);
+            if !topic_level {
+                return Err(Invalid::at(
+                    "ingest.name",
+                    format!("'{}' must be one topic level (no '/', '+', '#')", i.name),
+                ));
+            }
+            if i.mqtt && self.mqtt.is_none() {
+                return Err(Invalid::at("ingest.mqtt", "needs an [mqtt] broker"));
+            }
+        }
+        if let Some(h) = &self.http {
+            if self.ingest.is_none() {
+                return Err(Invalid::at(
+                    "http",
+                    "needs [ingest] (the engine config the events are processed with)",
+                ));
+            }
+            if h.api_keys.is_none() && h.jwks.is_none() {
+                return Err(Invalid::at(
+                    "http.api_keys",
+                    "an HTTP listener needs api_keys or jwks: it never takes anonymous events",
+                ));
+            }
+            if h.max_body_bytes == 0 {
+                return Err(Invalid::at("http.max_body_bytes", "must be at least 1"));
+            }
+            if h.max_batch == 0 {
+                return Err(Invalid::at("http.max_batch", "must be at least 1"));
+            }
+        }
         Ok(())
     }
 

@@ -17,6 +17,21 @@
 //!   `detail: {"since", "until"?, "gateway"?}` runs over the days asked for. The response is the
 //!   run's report. Other detail-types are refused with an error.
 //!
+//! - **Gateway-less device messages** (`[ingest]`, see [`crate::ingest`]):
+//!   - API Gateway HTTP API (payload format 2.0) requests on the routes of
+//!     [`crate::ingest::http`], answered by the same router as `run`'s listener (`[http]`
+//!     gives the credentials); the response is the API Gateway response object.
+//!   - AWS IoT Core rule events: `{"topic": "devices/{d}/events/{t}", …the message}` (rule
+//!     `SELECT *, topic() AS topic FROM 'devices/+/events/+'`) or, for CBOR devices,
+//!     `{"topic", "payload": "<base64>"}` (`SELECT encode(*, 'base64') AS payload, topic()
+//!     AS topic …`). IoT Core authenticated the device; the topic names it.
+//!   - EventBridge events with `detail-type: "DeviceEvent"` whose detail is a device message
+//!     with its `device` and `type`.
+//!
+//!   A stored or duplicate message answers `{"event_id", "stored": true}`, a refused one
+//!   `{"error", "stage", "dead_lettered": true}` (it is in the DLQ: not an invocation
+//!   failure, so it is not retried); a backend failure fails the invocation (retried).
+//!
 //! A gap (the batch starts past the stored sequence) is held for `gap_hold_ms` re-checking;
 //! if it is still there, a `ReplayRequest` is published (when `[mqtt]` is configured) and the
 //! invocation fails, so Lambda retries it (async invoke) after the replay has arrived.
@@ -50,6 +65,10 @@ pub enum Payload {
         detail: Value,
         time: Option<String>,
     },
+    /// An API Gateway HTTP API (2.0) request.
+    Http(Value),
+    /// An AWS IoT Core rule's event from a device topic.
+    Iot(serde_json::Map<String, Value>),
 }
 
 /// Tells the payload kinds apart (see the module doc).
@@ -93,6 +112,12 @@ pub fn classify(v: Value) -> anyhow::Result<Payload> {
             time: o.get("time").and_then(Value::as_str).map(String::from),
         });
     }
+    if o.get("version").and_then(Value::as_str) == Some("2.0") && o.contains_key("requestContext") {
+        return Ok(Payload::Http(Value::Object(o)));
+    }
+    if o.get("topic").is_some_and(Value::is_string) {
+        return Ok(Payload::Iot(o));
+    }
     if let Some(c) = o.remove("cbor") {
         let Value::String(b64) = c else {
             bail!("cbor: expected a base64 string");
@@ -118,20 +143,48 @@ pub fn classify(v: Value) -> anyhow::Result<Payload> {
     }
     bail!(
         "unrecognised payload: expected a batch ({{\"gateway\", \"results\"}} or {{\"cbor\"}}), \
-         an SQS event or an EventBridge event"
+         an SQS event, an EventBridge event, an API Gateway request or an IoT rule event"
     )
 }
 
 /// Handles one invocation's payload.
 pub async fn handle(p: &Pipeline, payload: Value) -> anyhow::Result<Value> {
+    handle_with(p, None, payload).await
+}
+
+/// [`handle`], with the HTTP router built once for the process (else per request).
+pub async fn handle_with(
+    p: &Pipeline,
+    router: Option<&axum::Router>,
+    payload: Value,
+) -> anyhow::Result<Value> {
     let batch = match classify(payload)? {
         Payload::Batch(b) => b,
         Payload::Sqs(records) => return handle_sqs(p, records).await,
         Payload::EventBridge {
             detail_type,
             detail,
+            ..
+        } if detail_type == DEVICE_EVENT => {
+            return handle_device_event(p, &detail).await;
+        }
+        Payload::EventBridge {
+            detail_type,
+            detail,
             time,
         } => return handle_trigger(p, &detail_type, &detail, time.as_deref()).await,
+        Payload::Http(request) => {
+            let owned;
+            let router = match router {
+                Some(r) => r,
+                None => {
+                    owned = http_router(p)?;
+                    &owned
+                }
+            };
+            return crate::ingest::apigw::handle(router, request).await;
+        }
+        Payload::Iot(event) => return handle_iot(p, event).await,
     };
     check_batch(&batch)?;
     let gateway = batch.gateway.clone();
@@ -169,6 +222,116 @@ pub async fn handle(p: &Pipeline, payload: Value) -> anyhow::Result<Value> {
             )
         }
     }
+}
+
+/// The detail-type of an EventBridge event that carries a device message.
+pub const DEVICE_EVENT: &str = "DeviceEvent";
+
+fn ingest(p: &Pipeline) -> anyhow::Result<&crate::ingest::Ingest> {
+    p.ingest
+        .as_deref()
+        .context("a device message, but this bridge has no [ingest] (the engine config)")
+}
+
+/// The router of `[http]` over this pipeline's ingest.
+pub fn http_router(p: &Pipeline) -> anyhow::Result<axum::Router> {
+    let ingest = p
+        .ingest
+        .clone()
+        .context("an API Gateway request, but this bridge has no [ingest]")?;
+    let h = p
+        .cfg
+        .http
+        .as_ref()
+        .context("an API Gateway request, but this bridge has no [http] (its credentials)")?;
+    Ok(crate::ingest::http::router(crate::ingest::http::Api {
+        ingest,
+        auth: Arc::new(crate::ingest::auth::Auth::load(h)?),
+        max_body_bytes: h.max_body_bytes,
+        max_batch: h.max_batch,
+    }))
+}
+
+/// The invocation's answer for one device message (a refusal is an answer, not a failure:
+/// the message is in the DLQ and a retry would only refuse it again).
+fn device_answer(reply: &crate::ingest::Reply) -> Value {
+    use crate::ingest::Reply;
+    match reply {
+        Reply::Stored {
+            event_id, status, ..
+        } => {
+            json!({ "event_id": event_id, "stored": true, "status": status })
+        }
+        Reply::Duplicate { event_id, .. } => {
+            json!({ "event_id": event_id, "stored": true, "duplicate": true })
+        }
+        Reply::Rejected {
+            stage,
+            reason,
+            event_id,
+            ..
+        } => {
+            json!({ "error": reason, "stage": stage, "event_id": event_id, "dead_lettered": true })
+        }
+    }
+}
+
+async fn handle_iot(p: &Pipeline, event: serde_json::Map<String, Value>) -> anyhow::Result<Value> {
+    let ing = ingest(p)?;
+    let received_at = crate::now_ms();
+    let (topic, payload) = match crate::ingest::source::iot_rule(event) {
+        Ok(t) => t,
+        Err(reason) => bail!("IoT rule event: {reason}"),
+    };
+    let Some((device, event_type)) = ing.engine.topic().matches(&topic) else {
+        bail!(
+            "IoT rule event: topic '{topic}' is not a device topic ({})",
+            ing.engine.topic().as_str()
+        );
+    };
+    let m = crate::ingest::Message {
+        device,
+        event_type,
+        payload: &payload,
+        via: proto::Via::Iot,
+        received_at,
+        replay: false,
+    };
+    Ok(device_answer(&ing.handle(&m).await?))
+}
+
+async fn handle_device_event(p: &Pipeline, detail: &Value) -> anyhow::Result<Value> {
+    let ing = ingest(p)?;
+    let received_at = crate::now_ms();
+    let reply = match crate::ingest::source::eventbridge_detail(detail) {
+        Ok(item) => {
+            let m = crate::ingest::Message {
+                device: &item.device,
+                event_type: &item.event_type,
+                payload: &item.payload,
+                via: proto::Via::EventBridge,
+                received_at,
+                replay: false,
+            };
+            ing.handle(&m).await?
+        }
+        Err(u) => {
+            let device = detail
+                .get("device")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown");
+            ing.refuse(
+                device,
+                "",
+                &u.payload,
+                proto::Via::EventBridge,
+                received_at,
+                &u.reason,
+            )
+            .await?
+        }
+    };
+    Ok(device_answer(&reply))
 }
 
 /// The DLQ processor over an SQS event's records; failed ones are reported for a retry.
@@ -232,9 +395,13 @@ pub async fn run(cfg: Arc<Config>) -> Result<(), lambda_runtime::Error> {
         std::env::var("AWS_LAMBDA_FUNCTION_NAME").unwrap_or_else(|_| "cloud-bridge".into())
     );
     let pipeline = Pipeline::new(aws, Arc::clone(&cfg), metrics, owner);
-    let pipeline = &pipeline;
+    let router = match (&cfg.http, &pipeline.ingest) {
+        (Some(_), Some(_)) => Some(http_router(&pipeline).map_err(|e| format!("{e:#}"))?),
+        _ => None,
+    };
+    let (pipeline, router) = (&pipeline, router.as_ref());
     lambda_runtime::run(service_fn(move |ev: LambdaEvent<Value>| async move {
-        let r = handle(pipeline, ev.payload).await;
+        let r = handle_with(pipeline, router, ev.payload).await;
         pipeline.metrics.flush(&pipeline.cfg.metrics, "lambda");
         r.map_err(|e| lambda_runtime::Error::from(format!("{e:#}")))
     }))

@@ -4,6 +4,7 @@
 //! ```text
 //! {prefix}events/dt=YYYY-MM-DD/gateway={g}/{from:020}-{to:020}-{nonce:016x}.ndjson  a claimed range
 //! {prefix}events/dt=YYYY-MM-DD/gateway={g}/dlq-{edge_seq:020}.ndjson               recalculated by the DLQ processor, never stored before
+//! {prefix}events/dt=YYYY-MM-DD/gateway={ingest}/dev-{device hex}-{seq:020}-{id hex}.ndjson  one gateway-less event
 //! {prefix}failures/dt=YYYY-MM-DD/gateway={g}/uplink-{hash:016x}.json               an uplink message that is not a batch
 //! {prefix}failures/dt=YYYY-MM-DD/gateway={g}/dlq-{id in hex}.json                  a DLQ message given up on
 //! {prefix}failures/dt=YYYY-MM-DD/gateway={g}/quarantine-{at}.json                  a gateway's damaged store, moved aside
@@ -12,6 +13,9 @@
 //!
 //! `dt` is the UTC day of the first result's device timestamp under `events/` and of the time
 //! of failure under `failures/`. Gateway ids are single MQTT topic levels, so they hold no `/`.
+//! A gateway-less event's key is a function of the message alone (device, seq, id, ts), so
+//! every attempt to store it writes the same object; in key order a device's events follow
+//! its `seq`.
 
 /// What an object under `events/` or `failures/` is, from its file name.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +25,12 @@ pub enum Object {
     /// One record the DLQ processor recalculated that had not been stored (a fixed key, so a
     /// second attempt overwrites the first).
     Recalculated { edge_seq: u64 },
+    /// One gateway-less event (`gateway=` is the ingest name), by device, seq and id.
+    Device {
+        device: String,
+        seq: u64,
+        id: String,
+    },
     /// An uplink message that is not a valid batch, named by a stable hash of topic and payload.
     Uplink { hash: u64 },
     /// A DLQ message given up on, named by its id in hex (or a hash of an unreadable body).
@@ -36,7 +46,7 @@ impl Object {
     /// The folder the object lives in.
     fn area(&self) -> &'static str {
         match self {
-            Object::Range { .. } | Object::Recalculated { .. } => EVENTS,
+            Object::Range { .. } | Object::Recalculated { .. } | Object::Device { .. } => EVENTS,
             Object::Uplink { .. } | Object::GivenUp { .. } | Object::Quarantine { .. } => FAILURES,
             Object::Other { .. } => "",
         }
@@ -46,6 +56,11 @@ impl Object {
         match self {
             Object::Range { from, to, nonce } => format!("{from:020}-{to:020}-{nonce:016x}.ndjson"),
             Object::Recalculated { edge_seq } => format!("dlq-{edge_seq:020}.ndjson"),
+            Object::Device { device, seq, id } => format!(
+                "dev-{}-{seq:020}-{}.ndjson",
+                crate::hex_name(device),
+                crate::hex_name(id)
+            ),
             Object::Uplink { hash } => format!("uplink-{hash:016x}.json"),
             Object::GivenUp { id } => format!("dlq-{id}.json"),
             Object::Quarantine { at } => format!("quarantine-{at}.json"),
@@ -66,6 +81,18 @@ impl Object {
 
 fn parse_event_name(name: &str) -> Option<Object> {
     let stem = name.strip_suffix(".ndjson")?;
+    if let Some(rest) = stem.strip_prefix("dev-") {
+        let mut parts = rest.split('-');
+        let (device, seq, id) = (parts.next()?, parts.next()?, parts.next()?);
+        if parts.next().is_some() {
+            return None;
+        }
+        return Some(Object::Device {
+            device: crate::unhex_name(device)?,
+            seq: seq.parse().ok()?,
+            id: crate::unhex_name(id)?,
+        });
+    }
     if let Some(seq) = stem.strip_prefix("dlq-") {
         return Some(Object::Recalculated {
             edge_seq: seq.parse().ok()?,
@@ -151,6 +178,24 @@ impl ObjectKey {
         })
     }
 
+    /// The key of one gateway-less event (see the module doc).
+    pub fn device_event(ingest: &str, r: &proto::EventResult) -> ObjectKey {
+        let id = r
+            .event_id
+            .strip_prefix(r.device.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            .unwrap_or(&r.event_id);
+        ObjectKey {
+            date: date_of(r.ts),
+            gateway: ingest.to_string(),
+            object: Object::Device {
+                device: r.device.clone(),
+                seq: r.seq,
+                id: id.to_string(),
+            },
+        }
+    }
+
     /// The first `edge_seq` the object holds, where its name tells.
     pub fn first_seq(&self) -> Option<u64> {
         match self.object {
@@ -223,6 +268,11 @@ mod tests {
                 nonce: 0xdead_beef,
             },
             Object::Recalculated { edge_seq: 7 },
+            Object::Device {
+                device: "phone-1".into(),
+                seq: 42,
+                id: "a-b/c".into(),
+            },
             Object::Uplink { hash: u64::MAX },
             Object::GivenUp {
                 id: "6d3a31".into(),

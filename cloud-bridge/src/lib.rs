@@ -39,6 +39,7 @@ pub mod correction;
 pub mod detail;
 pub mod dlq;
 mod fault;
+pub mod ingest;
 pub mod lambda;
 pub mod layout;
 pub mod metrics;
@@ -68,6 +69,18 @@ pub(crate) fn hex_name(id: &str) -> String {
             let _ = write!(s, "{b:02x}");
             s
         })
+}
+
+/// The inverse of [`hex_name`]; `None` if `hex` is not one.
+pub(crate) fn unhex_name(hex: &str) -> Option<String> {
+    if !hex.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
 }
 
 /// Wall-clock epoch milliseconds.

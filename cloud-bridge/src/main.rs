@@ -1,5 +1,5 @@
-//! The `cloud-bridge` command line: `run`, `lambda`, `provision`, `check-config`,
-//! `anomaly train|scan`.
+//! The `cloud-bridge` command line: `run`, `lambda`, `provision`, `check-config`, `dlq`,
+//! `correct`, `api-key`, `anomaly train|scan`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The bridge as a long-running service (MQTT shared subscription).
+    /// The bridge as a long-running service (MQTT shared subscription, and the HTTP listener
+    /// for gateway-less devices when `[http]` is configured).
     Run {
         #[arg(long, short)]
         config: PathBuf,
@@ -65,6 +66,14 @@ enum Command {
         /// Only this gateway's objects.
         #[arg(long)]
         gateway: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A new API key for a gateway-less device: prints the key (give it to the device) and
+    /// the line for the `http.api_keys` file (only the hash is stored).
+    ApiKey {
+        #[arg(long)]
+        device: String,
         #[arg(long)]
         json: bool,
     },
@@ -187,6 +196,25 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Command::ApiKey { device, json } => match cloud_bridge::ingest::auth::new_key(&device) {
+            Ok((key, line)) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "device": device, "key": key, "line": line })
+                    );
+                } else {
+                    println!(
+                        "key:  {key}\nline: {line}\n(add the line to the http.api_keys file; the key is not stored anywhere)"
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("cloud-bridge api-key: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Lambda { config } => {
             let cfg = match load(&config) {
                 Ok(c) => Arc::new(c),

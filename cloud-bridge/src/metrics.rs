@@ -62,6 +62,16 @@ pub const ANOMALIES: &str = "anomalies";
 pub const MISSED_RECORDS_ANNOUNCED: &str = "missed_records_announced";
 /// Gateways' store quarantines announced (MissedEvents `kind: quarantine`), each once.
 pub const QUARANTINES_ANNOUNCED: &str = "quarantines_announced";
+/// Gateway-less device messages stored (S3 object written, device state committed).
+pub const INGESTED: &str = "ingested";
+/// Gateway-less device messages the engine refused (dead-lettered, answered 400).
+pub const INGEST_REJECTED: &str = "ingest_rejected";
+/// Gateway-less device messages seen before (answered as stored, nothing written).
+pub const INGEST_DUPLICATES: &str = "ingest_duplicates";
+/// Another instance committed an event of the same device first (recomputed).
+pub const DEVICE_CONFLICTS: &str = "device_conflicts";
+/// HTTP requests refused for their credentials (401/403).
+pub const HTTP_UNAUTHORIZED: &str = "http_unauthorized";
 /// Derived on each line: incorrect share of verified, what the monitor and an alarm watch.
 pub const DISCREPANCY_RATE: &str = "discrepancy_rate";
 
@@ -144,6 +154,11 @@ pub struct Metrics {
     pub anomalies: Counter,
     pub missed_records_announced: Counter,
     pub quarantines_announced: Counter,
+    pub ingested: Counter,
+    pub ingest_rejected: Counter,
+    pub ingest_duplicates: Counter,
+    pub device_conflicts: Counter,
+    pub http_unauthorized: Counter,
     /// The totals at the last EMF line: each line carries the difference, while the
     /// counters themselves only grow (the monitor reads them too).
     emitted: Mutex<HashMap<String, u64>>,
@@ -189,6 +204,11 @@ impl Metrics {
             anomalies: c(ANOMALIES),
             missed_records_announced: c(MISSED_RECORDS_ANNOUNCED),
             quarantines_announced: c(QUARANTINES_ANNOUNCED),
+            ingested: c(INGESTED),
+            ingest_rejected: c(INGEST_REJECTED),
+            ingest_duplicates: c(INGEST_DUPLICATES),
+            device_conflicts: c(DEVICE_CONFLICTS),
+            http_unauthorized: c(HTTP_UNAUTHORIZED),
             recorder,
             emitted: Mutex::default(),
         }

@@ -88,6 +88,8 @@ pub struct Pipeline {
     pub dlq: Arc<dyn DeadLetterQueue>,
     /// The anomaly models results are scored with (`anomaly.score`).
     pub models: Option<Arc<LiveModels>>,
+    /// Gateway-less device messages (`[ingest]`).
+    pub ingest: Option<Arc<crate::ingest::Ingest>>,
     /// Names this bridge in its claims (diagnostics only).
     owner: String,
 }
@@ -121,16 +123,32 @@ impl Pipeline {
             .anomaly
             .score
             .then(|| Arc::new(LiveModels::new(Duration::from_secs(cfg.anomaly.reload_s))));
+        let sink = Sink {
+            objects: backend.objects,
+            events: backend.events,
+            cfg: Arc::clone(&cfg),
+        };
+        let ingest = cfg.ingest.as_ref().and_then(|i| {
+            // Config::load compiled its engine config already.
+            crate::ingest::Ingest::new(
+                i,
+                backend.devices,
+                sink.clone(),
+                Arc::clone(&backend.dlq),
+                models.clone(),
+                Arc::clone(&metrics),
+            )
+            .map_err(|e| tracing::error!("ingest: {e:#}"))
+            .ok()
+            .map(Arc::new)
+        });
         Pipeline {
             verifier,
             models,
+            ingest,
             dlq: backend.dlq,
             state: backend.state,
-            sink: Sink {
-                objects: backend.objects,
-                events: backend.events,
-                cfg: Arc::clone(&cfg),
-            },
+            sink,
             cfg,
             metrics,
             owner,

@@ -84,23 +84,45 @@ pub async fn run(cfg: Arc<Config>, shutdown: CancellationToken) -> anyhow::Resul
 }
 
 /// [`run`] over any backend (`edge-agent demo`: a local directory), counting into `metrics`.
+/// The MQTT side (`[mqtt]`) and the HTTP listener (`[http]`) each run when configured.
 pub async fn run_with(
     cfg: Arc<Config>,
     backend: Backend,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mqtt = cfg
-        .mqtt
-        .clone()
-        .context("[mqtt]: required by `cloud-bridge run`")?;
-    let opts = mqtt_options(&mqtt, &mqtt.client_id, false)?;
-    let pipeline = Pipeline::with_backend(
-        backend,
-        Arc::clone(&cfg),
-        Arc::clone(&metrics),
-        mqtt.client_id.clone(),
-    );
+    if cfg.mqtt.is_none() && cfg.http.is_none() {
+        anyhow::bail!("[mqtt]: required by `cloud-bridge run` (or an [http] listener)");
+    }
+    let owner = match &cfg.mqtt {
+        Some(m) => m.client_id.clone(),
+        None => format!("cloud-bridge-{}", std::process::id()),
+    };
+    let pipeline = Pipeline::with_backend(backend, Arc::clone(&cfg), Arc::clone(&metrics), owner);
+    if cfg.ingest.is_some() && pipeline.ingest.is_none() {
+        anyhow::bail!("[ingest]: the engine config did not compile (see the error above)");
+    }
+
+    let http = match (&cfg.http, &pipeline.ingest) {
+        (Some(h), Some(ingest)) => {
+            let listener = tokio::net::TcpListener::bind(h.listen)
+                .await
+                .with_context(|| format!("http.listen: cannot listen on {}", h.listen))?;
+            let api = crate::ingest::http::Api {
+                ingest: Arc::clone(ingest),
+                auth: Arc::new(crate::ingest::auth::Auth::load(h)?),
+                max_body_bytes: h.max_body_bytes,
+                max_batch: h.max_batch,
+            };
+            let router = crate::ingest::http::router(api);
+            Some(tokio::spawn(crate::ingest::http::serve(
+                listener,
+                router,
+                shutdown.clone(),
+            )))
+        }
+        _ => None,
+    };
 
     let dlq_processor = cfg.dlq.process.then(|| {
         tokio::spawn(crate::dlq::processor::run(
@@ -132,6 +154,39 @@ pub async fn run_with(
         }
     });
 
+    match &cfg.mqtt {
+        Some(mqtt) => mqtt_loop(mqtt, &pipeline, &metrics, &shutdown).await?,
+        None => shutdown.cancelled().await,
+    }
+    if let Some(h) = http {
+        // It stops at the same token, once the requests in progress are answered.
+        match tokio::time::timeout(Duration::from_secs(10), h).await {
+            Ok(Ok(Err(e))) => error!("http listener: {e:#}"),
+            Ok(_) => {}
+            Err(_) => warn!("http requests still running 10 s after shutdown; stopped"),
+        }
+    }
+    flusher.abort();
+    if let Some(t) = monitor {
+        t.abort();
+    }
+    if let Some(t) = dlq_processor {
+        // It stops at the shutdown token; a message it was handling is retried later.
+        t.abort();
+    }
+    metrics.flush(&cfg.metrics, "service");
+    info!("cloud-bridge stopped");
+    Ok(())
+}
+
+/// The MQTT side of `run`: the shared subscriptions, the gateways' workers, the acks.
+async fn mqtt_loop(
+    mqtt: &MqttConfig,
+    pipeline: &Pipeline,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let opts = mqtt_options(mqtt, &mqtt.client_id, false)?;
     let (client, mut eventloop) = AsyncClient::new(opts, REQUEST_CAP);
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<Delivery>>();
     let inflight = Arc::new(Semaphore::new(mqtt.max_inflight));
@@ -149,6 +204,18 @@ pub async fn run_with(
     let mut backoff = backoff_min;
     let filter = mqtt.subscription();
     let status_filter = mqtt.status_subscription();
+    // Gateway-less devices on this broker (`ingest.mqtt`): the engine's topic, shared.
+    let device_filter = pipeline
+        .ingest
+        .as_ref()
+        .filter(|_| pipeline.cfg.ingest.as_ref().is_some_and(|i| i.mqtt))
+        .map(|i| {
+            format!(
+                "$share/{}/{}",
+                mqtt.share_group,
+                i.engine.topic().subscription_filter()
+            )
+        });
     info!(host = %mqtt.host, port = mqtt.port, client_id = %mqtt.client_id, %filter, tls = mqtt.tls,
         "cloud-bridge connecting");
 
@@ -189,7 +256,7 @@ pub async fn run_with(
                     backoff = backoff_min;
                     info!(session_present = ca.session_present, "connected to the broker");
                     if !draining {
-                        for f in [&filter, &status_filter] {
+                        for f in [Some(&filter), Some(&status_filter), device_filter.as_ref()].into_iter().flatten() {
                             if let Err(e) = client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
                                 error!(error = %e, "could not queue SUBSCRIBE");
                             }
@@ -210,7 +277,7 @@ pub async fn run_with(
                     // Bounded: at the limit, stop reading from the broker until acks free room.
                     let permit = Arc::clone(&inflight).acquire_owned().await.expect("semaphore open");
                     let delivery = Delivery { generation, publish: p, _permit: permit };
-                    dispatch(delivery, &pipeline, &client, &ack_tx, &worker_stop, &mut workers, &mut tasks);
+                    dispatch(delivery, pipeline, &client, &ack_tx, &worker_stop, &mut workers, &mut tasks);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -238,7 +305,7 @@ pub async fn run_with(
             }
         }
         if connected {
-            flush_acks(&client, &mut pending_acks, &metrics);
+            flush_acks(&client, &mut pending_acks, metrics);
         }
         if draining && tasks.is_empty() {
             break;
@@ -254,16 +321,6 @@ pub async fn run_with(
     }
     worker_stop.cancel();
     tasks.abort_all();
-    flusher.abort();
-    if let Some(t) = monitor {
-        t.abort();
-    }
-    if let Some(t) = dlq_processor {
-        // It stops at the shutdown token; a message it was handling is retried later.
-        t.abort();
-    }
-    metrics.flush(&cfg.metrics, "service");
-    info!("cloud-bridge stopped");
     Ok(())
 }
 
@@ -292,6 +349,17 @@ fn dispatch(
     tasks: &mut JoinSet<()>,
 ) {
     let topic = d.publish.topic.clone();
+    if let Some(ingest) = &pipeline.ingest
+        && ingest.engine.topic().matches(&topic).is_some()
+    {
+        tasks.spawn(device_message(
+            Arc::clone(ingest),
+            d,
+            ack_tx.clone(),
+            stop.clone(),
+        ));
+        return;
+    }
     let parsed = if proto::uplink::status_gateway_of(&topic).is_some() {
         proto::accept::status(&topic, &d.publish.payload).map(Kind::Status)
     } else {
@@ -350,6 +418,52 @@ fn dispatch(
         ack_tx.clone(),
         stop.clone(),
     ));
+}
+
+/// A gateway-less device's message from the cloud broker: processed (stored, or refused and
+/// dead-lettered), then acked; a backend failure is retried with backoff, unacked meanwhile.
+async fn device_message(
+    ingest: Arc<crate::ingest::Ingest>,
+    d: Delivery,
+    ack_tx: mpsc::UnboundedSender<Vec<Delivery>>,
+    stop: CancellationToken,
+) {
+    let Some((device, event_type)) = ingest
+        .engine
+        .topic()
+        .matches(&d.publish.topic)
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+    else {
+        return;
+    };
+    let received_at = now_ms();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let m = crate::ingest::Message {
+            device: &device,
+            event_type: &event_type,
+            payload: &d.publish.payload,
+            via: proto::Via::Iot,
+            received_at,
+            replay: false,
+        };
+        match ingest.handle(&m).await {
+            Ok(reply) => {
+                debug!(%device, ?reply, "device message handled");
+                let _ = ack_tx.send(vec![d]);
+                return;
+            }
+            Err(e) => {
+                ingest.metrics.aws_errors.increment(1);
+                error!(%device, error = %format!("{e:#}"), "device message not stored; retrying");
+            }
+        }
+        tokio::select! {
+            _ = sleep(backoff) => {}
+            _ = stop.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
 }
 
 /// Writes a DLQ entry for a bad uplink message to `{prefix}failures/` and announces it.

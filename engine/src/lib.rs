@@ -50,6 +50,7 @@ mod fnv;
 pub mod functions;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod missed;
 pub mod names;
 pub mod rules;
 pub mod schema;

@@ -250,6 +250,15 @@ impl State {
         self.devices.insert(device, state);
     }
 
+    /// Takes one device's state out (the cloud keeps each device's state in an item of its
+    /// own and loads only the one a message needs).
+    pub fn remove(&mut self, device: &str) -> Option<DeviceState> {
+        self.dirty.retain(|d| d != device);
+        let mut s = self.devices.remove(device)?;
+        s.dirty = false;
+        Some(s)
+    }
+
     pub fn device(&self, device: &str) -> Option<&DeviceState> {
         self.devices.get(device)
     }

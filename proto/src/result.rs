@@ -18,7 +18,8 @@ pub struct EventResult {
     /// How the event reached the engine. Records written before it existed are gateway ones.
     #[serde(default)]
     pub via: Via,
-    /// Gateway-wide, gap-free order of results in the outbox.
+    /// Gateway-wide, gap-free order of results in the outbox; 0 for an event that reached
+    /// the cloud without a gateway (`via` other than `gateway`), which has no such order.
     pub edge_seq: u64,
     pub input: Fields,
     pub result: Fields,
@@ -38,14 +39,31 @@ impl EventResult {
 }
 
 /// Where an event entered the system: a gateway's edge-agent, or straight into the cloud
-/// (HTTP, AWS IoT Core) for devices without one.
+/// for devices without one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Via {
     #[default]
     Gateway,
+    /// `POST /v1/devices/{device}/events/{type}` or `/v1/events:batch` (the bridge's HTTP
+    /// listener or API Gateway).
     Http,
+    /// MQTT to the cloud: AWS IoT Core (through a topic rule) or the bridge's own broker.
     Iot,
+    /// An EventBridge event whose detail is the device message.
+    #[serde(rename = "eventbridge")]
+    EventBridge,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Gateway => "gateway",
+            Via::Http => "http",
+            Via::Iot => "iot",
+            Via::EventBridge => "eventbridge",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
-//! Where the pipeline keeps things, behind five small traits: objects ([`ObjectStore`]: S3 or
+//! Where the pipeline keeps things, behind six small traits: objects ([`ObjectStore`]: S3 or
 //! a local directory), the per-gateway `hwm` + claim state ([`StateStore`]: DynamoDB or a local
-//! file), events ([`EventPublisher`]: EventBridge or local NDJSON files), the correction
-//! history ([`CorrectionHistory`]) and the cloud DLQ ([`DeadLetterQueue`]: SQS or a directory).
+//! file), the engine state of gateway-less devices ([`DeviceStore`]: DynamoDB or a directory),
+//! events ([`EventPublisher`]: EventBridge or local NDJSON files), the correction history
+//! ([`CorrectionHistory`]) and the cloud DLQ ([`DeadLetterQueue`]: SQS or a directory).
 //!
 //! This module holds only the traits and the records they carry. The exactly-once logic lives
 //! in [`crate::pipeline`]; a backend only performs each operation with the condition the trait
@@ -176,6 +177,66 @@ pub trait StateStore: Send + Sync + Debug {
     fn end_announce<'a>(&'a self, gateway: &'a str, notice: Notice) -> BoxFuture<'a, ()>;
 }
 
+/// One gateway-less device's state in the cloud ([`crate::ingest`]): the engine's memory of
+/// the device (CBOR, opaque here) under a version every commit increments, and the events
+/// committed with it that are not yet known to be published.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceItem {
+    /// 0: the device has no item yet.
+    pub version: u64,
+    /// Empty when the device has no item.
+    pub state: Vec<u8>,
+    pub unsent: Vec<Entry>,
+}
+
+/// The state of gateway-less devices, one item per (ingest name, device). Every write is
+/// conditional on the version read, so two instances never both commit an event of one
+/// device against the same state.
+pub trait DeviceStore: Send + Sync + Debug {
+    /// The current item (strongly consistent); version 0 if there is none.
+    fn read<'a>(&'a self, ingest: &'a str, device: &'a str) -> BoxFuture<'a, DeviceItem>;
+    /// Writes `state` and `unsent` as version `seen + 1` if the item is still at version
+    /// `seen` (0: still absent). False, and nothing written, otherwise.
+    fn commit<'a>(
+        &'a self,
+        ingest: &'a str,
+        device: &'a str,
+        seen: u64,
+        state: &'a [u8],
+        unsent: &'a [Entry],
+    ) -> BoxFuture<'a, bool>;
+    /// Forgets the unsent events (they were published) if the item is still at `version`;
+    /// the version stays as it is.
+    fn clear_unsent<'a>(
+        &'a self,
+        ingest: &'a str,
+        device: &'a str,
+        version: u64,
+    ) -> BoxFuture<'a, bool>;
+}
+
+/// Unsent events as stored in a device item: `[["EventProcessed", "{…}"], …]`.
+pub fn encode_entries(entries: &[Entry]) -> String {
+    let v: Vec<(&str, &str)> = entries
+        .iter()
+        .map(|(t, d)| (t.as_str(), d.as_str()))
+        .collect();
+    serde_json::to_string(&v).unwrap_or_else(|_| "[]".into())
+}
+
+/// The inverse of [`encode_entries`]; an unknown detail-type is an error (a newer bridge's).
+pub fn decode_entries(text: &str) -> anyhow::Result<Vec<Entry>> {
+    let v: Vec<(String, String)> =
+        serde_json::from_str(text).context("unsent events: not a JSON list of pairs")?;
+    v.into_iter()
+        .map(|(t, d)| {
+            DetailType::parse(&t)
+                .map(|t| (t, d))
+                .with_context(|| format!("unsent events: unknown detail-type '{t}'"))
+        })
+        .collect()
+}
+
 /// Sends events (at least once). Errors if any entry could not be sent.
 pub trait EventPublisher: Send + Sync + Debug {
     fn put_events(&self, entries: Vec<Entry>) -> BoxFuture<'_, ()>;
@@ -263,6 +324,22 @@ pub struct DlqMessage {
     /// `subject`, see `proto::dlq`): reports group by it without reading the reason text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subject: Option<Subject>,
+    /// A gateway-less device message the cloud's engine refused (then `payload` is the
+    /// message itself, not a result): what the DLQ processor replays.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<DeviceOrigin>,
+}
+
+/// Where a refused gateway-less device message came from, and its exact bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceOrigin {
+    pub device: String,
+    pub event_type: String,
+    pub via: proto::Via,
+    /// When it arrived (epoch ms): a replay is processed as of then.
+    pub received_at: i64,
+    /// Base64 of the message as received (JSON or CBOR).
+    pub bytes: String,
 }
 
 impl DlqMessage {
@@ -291,6 +368,7 @@ impl DlqMessage {
             object_key: object_key.map(String::from),
             previous: previous.cloned(),
             subject: None,
+            message: None,
         }
     }
 
@@ -328,6 +406,8 @@ pub trait DeadLetterQueue: Send + Sync + Debug {
 pub struct Backend {
     pub objects: Arc<dyn ObjectStore>,
     pub state: Arc<dyn StateStore>,
+    /// Gateway-less devices' engine state.
+    pub devices: Arc<dyn DeviceStore>,
     pub events: Arc<dyn EventPublisher>,
     /// Which events were corrected (at most once each).
     pub history: Arc<dyn CorrectionHistory>,

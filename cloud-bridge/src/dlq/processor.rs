@@ -51,6 +51,9 @@ pub async fn handle(p: &Pipeline, body: &str) -> anyhow::Result<Handled> {
         Ok(m) => m,
         Err(e) => return store_failure(p, None, body, format!("not a DLQ message: {e}")).await,
     };
+    if let Some(origin) = &msg.message {
+        return replay(p, &msg, origin, body).await;
+    }
     let record: EventResult = match serde_json::from_str(&msg.payload) {
         Ok(r) => r,
         Err(e) => {
@@ -127,6 +130,51 @@ pub async fn handle(p: &Pipeline, body: &str) -> anyhow::Result<Handled> {
     p.metrics.corrected.increment(1);
     info!(event_id = %fixed.event_id, %key, "DLQ: recalculated and replaced the stored record");
     Ok(Handled::Corrected { key })
+}
+
+/// The final retry of a gateway-less device message: through the ingest again, as a replay
+/// (exempt from the duplicate checks, its `seq` was recorded when it was refused), as of its
+/// arrival time. Stored: done. Refused again: `failures/` with the new reason.
+async fn replay(
+    p: &Pipeline,
+    msg: &DlqMessage,
+    origin: &crate::backend::DeviceOrigin,
+    body: &str,
+) -> anyhow::Result<Handled> {
+    use base64::Engine as _;
+    let Some(ingest) = p.ingest.as_deref() else {
+        let reason = format!("{}; cannot replay: [ingest] is not configured", msg.reason);
+        return store_failure(p, Some(msg), body, reason).await;
+    };
+    let bytes = match base64::engine::general_purpose::STANDARD.decode(&origin.bytes) {
+        Ok(b) => b,
+        Err(e) => {
+            let reason = format!("{}; its message bytes are not base64: {e}", msg.reason);
+            return store_failure(p, Some(msg), body, reason).await;
+        }
+    };
+    let m = crate::ingest::Message {
+        device: &origin.device,
+        event_type: &origin.event_type,
+        payload: &bytes,
+        via: origin.via,
+        received_at: origin.received_at,
+        replay: true,
+    };
+    match ingest.handle(&m).await? {
+        crate::ingest::Reply::Stored { key, event_id, .. } => {
+            info!(%event_id, %key, "DLQ: a refused device message was processed on replay");
+            Ok(Handled::Corrected { key })
+        }
+        crate::ingest::Reply::Duplicate { event_id, .. } => {
+            let reason = format!("{}; {event_id} was processed meanwhile", msg.reason);
+            store_failure(p, Some(msg), body, reason).await
+        }
+        crate::ingest::Reply::Rejected { reason, .. } => {
+            let reason = format!("{}; refused again on replay: {reason}", msg.reason);
+            store_failure(p, Some(msg), body, reason).await
+        }
+    }
 }
 
 /// `{prefix}failures/dt=…/gateway=…/dlq-{id}.json`: the message and the final reason.

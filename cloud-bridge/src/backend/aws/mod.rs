@@ -1,5 +1,5 @@
-//! The AWS backend: S3 objects, the per-gateway state and the correction history in one
-//! DynamoDB table, EventBridge, and the SQS DLQ. Any number of bridges (and Lambda instances)
+//! The AWS backend: S3 objects, the per-gateway state, the gateway-less devices' state and the
+//! correction history in one DynamoDB table, EventBridge, and the SQS DLQ. Any number of bridges (and Lambda instances)
 //! share it; every condition is one conditional write.
 
 use std::sync::Arc;
@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 
 mod client;
+mod devices;
 mod eventbridge;
 mod history;
 mod s3;
@@ -16,6 +17,7 @@ mod sqs;
 mod state;
 
 pub use client::{ATTEMPT_TIMEOUT, Aws, OPERATION_TIMEOUT, SDK_ATTEMPTS, err};
+pub use devices::DeviceTable;
 pub use eventbridge::{EventBridge, PUT_EVENTS_MAX_BYTES, PUT_EVENTS_MAX_ENTRIES, chunk_entries};
 pub use history::DynamoHistory;
 pub use s3::S3Objects;
@@ -28,6 +30,10 @@ pub fn backend(aws: Aws, cfg: &Arc<Config>, metrics: &Arc<Metrics>) -> Backend {
     Backend {
         objects: Arc::new(S3Objects::new(aws.s3.clone(), cfg.aws.bucket.clone())),
         state: Arc::new(StateTable::new(aws.dynamodb.clone(), cfg.aws.table.clone())),
+        devices: Arc::new(DeviceTable::new(
+            aws.dynamodb.clone(),
+            cfg.aws.table.clone(),
+        )),
         events: Arc::new(EventBridge::new(
             aws.eventbridge,
             Arc::clone(cfg),

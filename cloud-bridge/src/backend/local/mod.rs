@@ -3,7 +3,8 @@
 //! by an in-process lock).
 //!
 //! - objects: `dir/{key}`, the same layout as the S3 bucket ([`crate::layout`]);
-//! - state: `dir/state/bridge-state.json`; correction history: `dir/state/corrections/`;
+//! - state: `dir/state/bridge-state.json`; gateway-less devices: `dir/state/devices/`;
+//!   correction history: `dir/state/corrections/`;
 //! - DLQ: `dir/dlq/`; events: `dir/eventbridge/dt=YYYY-MM-DD/{detail-type}.ndjson`.
 
 use std::path::Path;
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use crate::backend::Backend;
 use crate::config::Config;
 
+mod devices;
 mod events;
 mod history;
 mod objects;
@@ -20,6 +22,7 @@ mod state;
 #[cfg(test)]
 mod tests;
 
+pub use devices::DirDevices;
 pub use events::LocalEvents;
 pub use history::DirHistory;
 pub use objects::LocalObjects;
@@ -31,6 +34,7 @@ pub fn backend(dir: &Path, cfg: &Config) -> anyhow::Result<Backend> {
     Ok(Backend {
         objects: Arc::new(LocalObjects::new(dir)?),
         state: Arc::new(LocalState::open(&dir.join("state"))?),
+        devices: Arc::new(DirDevices::open(&dir.join("state").join("devices"))?),
         events: Arc::new(LocalEvents::new(
             &dir.join("eventbridge"),
             &cfg.aws.source,

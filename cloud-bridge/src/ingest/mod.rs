@@ -1,0 +1,483 @@
+//! Gateway-less ingest: device messages that reach the cloud without a gateway (a phone app
+//! over HTTP, a cellular device on AWS IoT Core, an EventBridge event) go through the same
+//! engine the gateways run, with each device's engine state in the [`DeviceStore`].
+//!
+//! ```text
+//! HTTP (http.rs) ─┐                                       ┌─▶ S3 events/…/gateway={ingest}/dev-….ndjson
+//! Lambda (API GW, ├─▶ Ingest::handle ─▶ Engine::process ──┼─▶ device item committed (version + 1)
+//!  IoT rule, EB)  │   (device state                       ├─▶ EventBridge (EventProcessed, AnomalyDetected, MissedEvents)
+//! cloud broker ───┘    from the store)                    └─▶ refused: SQS DLQ (stage, reason) + 400
+//! ```
+//!
+//! # One event, exactly once: compute, write, commit
+//! 1. Read the device's item (strongly consistent): version `v`, the engine state, and any
+//!    events a crashed instance committed but may not have published (sent now, first).
+//! 2. Run the engine on the message against that state: a result, a duplicate, or a
+//!    rejection (the message's `seq` is recorded either way, as on a gateway).
+//! 3. A result is written to S3 under a key that is a function of the message alone
+//!    (device, seq, id, ts: [`ObjectKey::device_event`]), so every attempt at one event
+//!    writes the same object; a rejection goes to the SQS DLQ (its id is a function of the
+//!    message, so a second attempt is the same DLQ message).
+//! 4. Commit the new state, with the events to publish, as version `v + 1`, conditional on
+//!    the item still being at `v`. Then publish the events and clear them from the item.
+//!
+//! Only after the commit is the message answered as stored. A crash before the commit leaves
+//! at most an object that the client's resend (or the DLQ processor) writes again under the
+//! same key: never two records of one event. A crash after the commit leaves the events in the
+//! item, published by the next message of that device. A resend of a committed event is a
+//! duplicate for the engine: nothing is written, and it is answered as stored again.
+//!
+//! # Per-device order
+//! The conditional commit serialises a device's events across any number of bridges and
+//! Lambda instances. When two events of one device arrive at two instances at once, both
+//! compute against version `v`; the first commit wins; the second fails its condition,
+//! re-reads, and recomputes against the state that now holds the first event: its `delta`
+//! is taken against the reading that is really previous (an older `ts` is handled as the
+//! engine handles it on a gateway: `late` or `out_of_order`), and its object is rewritten
+//! under its own key before its commit. Events are processed in arrival order, so a device
+//! that needs its own order kept sends its next event after the previous answer.
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, bail};
+use base64::Engine as _;
+use engine::missed::{DeviceGaps, MissedRecord};
+use engine::{DeviceState, Engine, Input, Outcome, Rejection, State};
+use proto::{EventResult, Stage, Status, Subject, Via};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::anomaly::live::LiveModels;
+use crate::backend::{DeadLetterQueue, DeviceItem, DeviceOrigin, DeviceStore, DlqMessage, Entry};
+use crate::config::IngestConfig;
+use crate::detail::DetailType;
+use crate::layout::ObjectKey;
+use crate::metrics::Metrics;
+use crate::sink::Sink;
+
+pub mod apigw;
+pub mod auth;
+pub mod http;
+pub mod source;
+
+/// A device that keeps losing the race for its own item (hundreds of concurrent events) is
+/// answered "try again" rather than spinning.
+const MAX_ROUNDS: u32 = 50;
+
+/// One device message as it reached the cloud.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    pub device: &'a str,
+    pub event_type: &'a str,
+    /// The message as the device sent it (JSON or CBOR, told apart by the engine).
+    pub payload: &'a [u8],
+    pub via: Via,
+    /// Arrival time, epoch ms.
+    pub received_at: i64,
+    /// A DLQ retry: exempt from the duplicate checks.
+    pub replay: bool,
+}
+
+/// What became of a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    /// Stored in S3 and committed.
+    Stored {
+        event_id: String,
+        key: String,
+        status: Status,
+        flags: Vec<String>,
+    },
+    /// Seen before (stored or dead-lettered then): nothing written.
+    Duplicate { event_id: String, reason: String },
+    /// Refused by the engine (or before it): dead-lettered.
+    Rejected {
+        stage: Stage,
+        reason: String,
+        subject: Subject,
+        event_id: Option<String>,
+    },
+}
+
+/// What the cloud remembers of one device (CBOR in its item).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Memory {
+    state: DeviceState,
+    /// Its open `seq` gaps and when each was first seen.
+    #[serde(default)]
+    gaps: Option<DeviceGaps>,
+    /// Missed-event records declared so far (the last id).
+    #[serde(default)]
+    missed: u64,
+}
+
+/// The gateway-less pipeline: one per bridge process or Lambda instance, shared by every
+/// entry point.
+#[derive(Debug)]
+pub struct Ingest {
+    pub engine: Arc<Engine>,
+    devices: Arc<dyn DeviceStore>,
+    sink: Sink,
+    dlq: Arc<dyn DeadLetterQueue>,
+    models: Option<Arc<LiveModels>>,
+    pub metrics: Arc<Metrics>,
+    /// `ingest.name`: the results' `gateway`.
+    pub name: String,
+    missed_after_ms: i64,
+}
+
+impl Ingest {
+    pub fn new(
+        cfg: &IngestConfig,
+        devices: Arc<dyn DeviceStore>,
+        sink: Sink,
+        dlq: Arc<dyn DeadLetterQueue>,
+        models: Option<Arc<LiveModels>>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Ingest> {
+        let spec = cfg
+            .spec
+            .as_ref()
+            .context("ingest: the engine config was not loaded")?;
+        Ok(Ingest {
+            engine: Arc::new(Engine::new(spec).context("ingest.engine_config")?),
+            devices,
+            sink,
+            dlq,
+            models,
+            metrics,
+            name: cfg.name.clone(),
+            missed_after_ms: (cfg.missed_after_s as i64).saturating_mul(1000),
+        })
+    }
+
+    /// Processes one message (see the module doc). An error is a failure of the backend
+    /// (S3, DynamoDB, SQS, EventBridge): nothing was committed, and the same message may be
+    /// sent again.
+    pub async fn handle(&self, m: &Message<'_>) -> anyhow::Result<Reply> {
+        if let Err(reason) = check_names(m) {
+            if m.replay {
+                return Ok(rejected(decode_rejection(reason)));
+            }
+            return self.refuse_message(m, reason).await;
+        }
+        let topic = self.engine.topic().topic_for(m.device, m.event_type);
+        for _ in 0..MAX_ROUNDS {
+            let item = self.devices.read(&self.name, m.device).await?;
+            self.publish_unsent(m.device, &item).await?;
+            let memory: Memory = if item.state.is_empty() {
+                Memory::default()
+            } else {
+                proto::wire::decode(&item.state).with_context(|| {
+                    format!("device {}: its stored state does not decode", m.device)
+                })?
+            };
+            let mut state = State::new();
+            state.insert(m.device.to_string(), memory.state);
+            let outcome = self.engine.process(
+                &mut state,
+                &Input {
+                    topic: &topic,
+                    payload: m.payload,
+                    received_at: m.received_at,
+                    gateway: &self.name,
+                    via: m.via,
+                    replay: m.replay,
+                },
+            );
+            let new_state = state.remove(m.device).unwrap_or_default();
+            let mut memory = Memory {
+                state: new_state,
+                gaps: memory.gaps,
+                missed: memory.missed,
+            };
+            let (reply, mut entries) = match outcome {
+                Outcome::Duplicate {
+                    event_id, reason, ..
+                } => {
+                    self.metrics.ingest_duplicates.increment(1);
+                    return Ok(Reply::Duplicate { event_id, reason });
+                }
+                Outcome::Accepted { mut result, .. } => {
+                    let (key, entries) = self.write_result(&mut result).await?;
+                    let reply = Reply::Stored {
+                        event_id: result.event_id,
+                        key,
+                        status: result.status,
+                        flags: result.flags,
+                    };
+                    (reply, entries)
+                }
+                // A replay is the DLQ processor's final retry: it stores a second refusal
+                // under failures/ itself, so it is not dead-lettered again (no loop).
+                Outcome::Rejected(rej) if m.replay => (rejected(rej), Vec::new()),
+                Outcome::Rejected(rej) => {
+                    let entries = self.dead_letter(m, &rej).await?;
+                    (rejected(rej), entries)
+                }
+            };
+            entries.extend(self.missed_events(m.device, &mut memory, m.received_at)?);
+            let bytes = proto::wire::encode(&memory);
+            if !self
+                .devices
+                .commit(&self.name, m.device, item.version, &bytes, &entries)
+                .await?
+            {
+                self.metrics.device_conflicts.increment(1);
+                continue;
+            }
+            match &reply {
+                Reply::Stored { status, .. } => {
+                    self.metrics.ingested.increment(1);
+                    self.metrics.s3_objects.increment(1);
+                    if *status == Status::Anomaly {
+                        self.metrics.anomalies.increment(1);
+                    }
+                }
+                Reply::Rejected { .. } => {
+                    self.metrics.ingest_rejected.increment(1);
+                    self.metrics.dead_lettered.increment(1);
+                }
+                Reply::Duplicate { .. } => {}
+            }
+            // Committed: the message is safe. Publishing now is the common case; if it fails,
+            // the events wait in the item for the device's next message.
+            let committed = DeviceItem {
+                version: item.version + 1,
+                state: Vec::new(),
+                unsent: entries,
+            };
+            if let Err(e) = self.publish_unsent(m.device, &committed).await {
+                self.metrics.aws_errors.increment(1);
+                warn!(device = m.device, error = %format!("{e:#}"),
+                    "events of a stored message not published yet; the device's next message sends them");
+            }
+            return Ok(reply);
+        }
+        bail!(
+            "device {}: {MAX_ROUNDS} other events of this device were committed first; try again",
+            m.device
+        )
+    }
+
+    /// Dead-letters what is not a device message at all (a batch body that is not a batch, an
+    /// element without its device), stage `decode`, as `device`'s.
+    pub async fn refuse(
+        &self,
+        device: &str,
+        event_type: &str,
+        payload: &[u8],
+        via: Via,
+        received_at: i64,
+        reason: &str,
+    ) -> anyhow::Result<Reply> {
+        let m = Message {
+            device,
+            event_type,
+            payload,
+            via,
+            received_at,
+            replay: false,
+        };
+        self.refuse_message(&m, reason.to_string()).await
+    }
+
+    async fn refuse_message(&self, m: &Message<'_>, reason: String) -> anyhow::Result<Reply> {
+        let rej = decode_rejection(reason);
+        let entries = self.dead_letter(m, &rej).await?;
+        self.sink.put_events(entries).await?;
+        self.metrics.ingest_rejected.increment(1);
+        self.metrics.dead_lettered.increment(1);
+        Ok(rejected(rej))
+    }
+
+    /// Scores the result, writes its object; the events to publish with it.
+    async fn write_result(&self, r: &mut EventResult) -> anyhow::Result<(String, Vec<Entry>)> {
+        if let Some(live) = &self.models {
+            let models = live
+                .get(&*self.sink.objects, &self.sink.cfg.aws.prefix)
+                .await;
+            if !models.is_empty() {
+                crate::anomaly::live::apply(&models, r);
+            }
+        }
+        let key = ObjectKey::device_event(&self.name, r).to_key(&self.sink.cfg.aws.prefix);
+        let line = serde_json::to_string(&*r).context("encoding a result as JSON")?;
+        let mut body = Vec::with_capacity(line.len() + 1);
+        body.extend_from_slice(line.as_bytes());
+        body.push(b'\n');
+        self.sink
+            .put_object(&key, body, "application/x-ndjson")
+            .await?;
+        crate::fault::after_put().await;
+        let mut entries = vec![(DetailType::EventProcessed, line.clone())];
+        match r.status {
+            Status::Anomaly => entries.push((DetailType::AnomalyDetected, line)),
+            Status::Corrected => entries.push((DetailType::EventCorrected, line)),
+            Status::Ok => {}
+        }
+        Ok((key, entries))
+    }
+
+    /// Sends the refused message to the DLQ; its `EventDeadLettered` event.
+    async fn dead_letter(&self, m: &Message<'_>, rej: &Rejection) -> anyhow::Result<Vec<Entry>> {
+        let msg = dlq_message(&self.name, m, rej);
+        crate::dlq::send(&*self.dlq, std::slice::from_ref(&msg)).await
+    }
+
+    /// Brings the device's gaps up to date with its tracker and declares those open longer
+    /// than `missed_after_s` (or that can no longer arrive): their MissedEvents.
+    fn missed_events(
+        &self,
+        device: &str,
+        memory: &mut Memory,
+        now: i64,
+    ) -> anyhow::Result<Vec<Entry>> {
+        let seq = memory.state.seq();
+        let gaps = memory.gaps.get_or_insert_with(|| DeviceGaps::new(seq));
+        let change = gaps.reconcile(seq, now);
+        let mut next = memory.missed;
+        let mut declared: Vec<(u64, engine::SeqRange, i64)> = change
+            .lost
+            .iter()
+            .map(|g| {
+                next += 1;
+                (next, g.range(), g.first_seen)
+            })
+            .collect();
+        for g in gaps.declare_due(self.missed_after_ms, now, || {
+            next += 1;
+            next
+        }) {
+            declared.push((g.missed.unwrap_or(next), g.range(), g.first_seen));
+        }
+        memory.missed = next;
+        let mut entries = Vec::with_capacity(declared.len());
+        for (id, range, first_seen) in declared {
+            let record = MissedRecord::new(id, device, range, first_seen, now);
+            let mut detail = serde_json::to_value(&record)?;
+            if let Some(o) = detail.as_object_mut() {
+                o.insert("kind".into(), json!("device"));
+                o.insert("gateway".into(), json!(self.name));
+            }
+            self.metrics.missed_events.increment(range.len());
+            info!(
+                device,
+                first = range.first,
+                last = range.last,
+                "gateway-less device: seq range reported as MissedEvents"
+            );
+            entries.push((DetailType::MissedEvents, detail.to_string()));
+        }
+        Ok(entries)
+    }
+
+    /// Publishes what the item holds unpublished and clears it (a no-op when nothing is).
+    async fn publish_unsent(&self, device: &str, item: &DeviceItem) -> anyhow::Result<()> {
+        if item.unsent.is_empty() {
+            return Ok(());
+        }
+        self.sink.put_events(item.unsent.clone()).await?;
+        // False: a newer commit replaced them already; either way they are sent.
+        self.devices
+            .clear_unsent(&self.name, device, item.version)
+            .await?;
+        Ok(())
+    }
+}
+
+/// A refusal before the engine: the message as a whole.
+fn decode_rejection(reason: String) -> Rejection {
+    Rejection {
+        stage: Stage::Decode,
+        reason,
+        subject: Subject::Document,
+        device: None,
+        event_id: None,
+        event_type: None,
+        gap: None,
+        transient: false,
+    }
+}
+
+fn rejected(rej: Rejection) -> Reply {
+    Reply::Rejected {
+        stage: rej.stage,
+        reason: rej.reason,
+        subject: rej.subject,
+        event_id: rej.event_id,
+    }
+}
+
+/// The names that become keys (the DynamoDB item, the S3 key, the topic) are checked before
+/// anything is read: one topic level each, of a bounded length.
+fn check_names(m: &Message<'_>) -> Result<(), String> {
+    let level = |what: &str, v: &str| {
+        if v.is_empty() || v.contains(['/', '+', '#']) || v.chars().any(char::is_control) {
+            return Err(format!(
+                "{what} '{}' must be one topic level (no '/', '+', '#', control characters)",
+                v.escape_debug()
+            ));
+        }
+        if v.len() > engine::state::MAX_DEVICE_ID_BYTES {
+            return Err(format!(
+                "{what} is {} bytes long; at most {} are allowed",
+                v.len(),
+                engine::state::MAX_DEVICE_ID_BYTES
+            ));
+        }
+        Ok(())
+    };
+    level("device", m.device)?;
+    level("event type", m.event_type)
+}
+
+/// The DLQ message of a refused device message: its id is a function of the message (the
+/// event id when the envelope had one), so a second attempt is the same message.
+pub fn dlq_message(ingest: &str, m: &Message<'_>, rej: &Rejection) -> DlqMessage {
+    let at = proto::timestamp::format_rfc3339(m.received_at);
+    let what = match &rej.event_id {
+        Some(e) => e.clone(),
+        None => format!(
+            "{:016x}",
+            crate::fnv1a(
+                &[
+                    m.device.as_bytes(),
+                    &[0],
+                    m.event_type.as_bytes(),
+                    &[0],
+                    m.payload
+                ]
+                .concat()
+            )
+        ),
+    };
+    let bytes = base64::engine::general_purpose::STANDARD.encode(m.payload);
+    DlqMessage {
+        id: format!("{}:{ingest}:{what}", rej.stage),
+        event_id: rej.event_id.clone(),
+        device: Some(m.device.to_string()),
+        stage: rej.stage,
+        reason: rej.reason.clone(),
+        attempts: 1,
+        first_seen: at.clone(),
+        last_seen: at,
+        payload: match std::str::from_utf8(m.payload) {
+            Ok(text) => text.to_string(),
+            Err(_) => bytes.clone(),
+        },
+        gateway: Some(ingest.to_string()),
+        edge_seq: None,
+        object_key: None,
+        previous: None,
+        subject: Some(rej.subject.clone()),
+        message: Some(DeviceOrigin {
+            device: m.device.to_string(),
+            event_type: m.event_type.to_string(),
+            via: m.via,
+            received_at: m.received_at,
+            bytes,
+        }),
+    }
+}

@@ -30,7 +30,7 @@
 //! - σ is floored at half the field's resolution (the smallest change seen);
 //! - a **level step** (two readings in a row off the forecast on the same side and agreeing
 //!   with each other) moves the baselines to the new level at once; on a *steppy* field (one
-//!   that made such steps lately, see [`STEPPY_RATE`]) an outlier is held for the next reading
+//!   that made such steps lately, `STEPPY_RATE`) an outlier is held for the next reading
 //!   and flagged as a spike only when that one came back;
 //! - a reading whose previous one is missing (gap, rejected or late message) is not judged;
 //! - a drift in two watched fields at once is a change of regime, accepted.

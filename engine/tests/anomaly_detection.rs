@@ -47,6 +47,9 @@
 //!
 //! Three seeds; each must give recall ≥ 0.8 per class and precision ≥ 0.8.
 
+mod anomaly_common;
+
+use anomaly_common::Table;
 use engine::{Engine, EngineSpec, Input, Outcome, State};
 use proto::Status;
 use serde_json::json;
@@ -371,6 +374,8 @@ struct Report {
     alarms: usize,
     true_alarms: usize,
     readings: usize,
+    /// Precision and recall per kind and per event type (`anomaly_common`).
+    table: Table,
 }
 
 fn measure(seed: u64) -> Report {
@@ -405,6 +410,7 @@ fn measure(seed: u64) -> Report {
         alarms: 0,
         true_alarms: 0,
         readings: 0,
+        table: Table::default(),
     };
     for d in 0..2 * DEVICES_PER_TYPE {
         let (device, ty, ch) = if d < DEVICES_PER_TYPE {
@@ -438,6 +444,17 @@ fn measure(seed: u64) -> Report {
                 );
             }
         }
+        let labels: Vec<anomaly_common::Label> = stream
+            .episodes
+            .iter()
+            .map(|e| anomaly_common::Label {
+                kind: CLASSES.iter().position(|c| *c == e.class).unwrap_or(0),
+                detect: e.detect.clone(),
+                window: e.window.clone(),
+            })
+            .collect();
+        let flags: Vec<Vec<String>> = outcome.iter().map(|(_, f)| f.clone()).collect();
+        report.table.add(ty, &flags, &labels);
         let mut alarm_true: Option<bool> = None;
         for (i, (flagged, flags)) in outcome.iter().enumerate() {
             if !flagged {
@@ -477,8 +494,10 @@ fn detectors_find_labelled_anomalies_on_three_seeds() {
             .map(|x| x.trim().parse().expect("a seed"))
             .collect()
     });
-    for seed in seeds {
+    let mut all = Table::default();
+    for &seed in &seeds {
         let r = measure(seed);
+        all.merge(&r.table);
         let precision = ratio(r.true_flags, r.flagged);
         let alarm_precision = ratio(r.true_alarms, r.alarms);
         println!(
@@ -515,5 +534,9 @@ fn detectors_find_labelled_anomalies_on_three_seeds() {
             failures.push(format!("seed {seed}: alarm precision {alarm_precision:.3}"));
         }
     }
+    println!(
+        "{}",
+        all.render(&format!("anomaly_detection.rs, seeds {seeds:?}"))
+    );
     assert!(failures.is_empty(), "{failures:#?}");
 }

@@ -25,12 +25,23 @@
 //!   mV does not). A field that changes in fewer than [`MIN_CHANGE_RATE`] of its samples is
 //!   never called stuck.
 //!
+//! Rules that keep legitimate behaviour from reading as an anomaly (issue 17, measured on
+//! `tests/anomaly_fleet.rs`):
+//! - σ is floored at half the field's resolution (the smallest change seen);
+//! - a **level step** (two readings in a row off the forecast on the same side and agreeing
+//!   with each other) moves the baselines to the new level at once; on a *steppy* field (one
+//!   that made such steps lately, `STEPPY_RATE`) an outlier is held for the next reading
+//!   and flagged as a spike only when that one came back;
+//! - a reading whose previous one is missing (gap, rejected or late message) is not judged;
+//! - a drift in two watched fields at once is a change of regime, accepted.
+//!
 //! The event's `anomaly_score` is the maximum score over fields and detectors (0 during
-//! warm-up and when nothing is configured); each firing detector adds the flag
+//! warm-up and when nothing is configured; at most [`HELD_SCORE`] for readings not judged or
+//! held); it is ≥ 1 exactly when a detector fires, and each firing detector adds the flag
 //! `anomaly:{spike|drift|stuck}:{field}`.
 //!
 //! # Invariants
-//! - **Bounded.** A [`FieldDetector`] is 11 numbers whatever the stream's length.
+//! - **Bounded.** A [`FieldDetector`] is 17 numbers whatever the stream's length.
 //! - **Not poisoned.** Residuals update the baselines clipped to ±[`CLIP`]·σ (winsorized), and
 //!   while a field is stuck the baselines only extrapolate.
 //! - **Deterministic and total.** No clock, no randomness; a non-finite value is ignored (no
@@ -60,6 +71,24 @@ const TREND_BETA: f64 = 0.1;
 const SCALE_GAIN: f64 = 0.02;
 /// Scores are capped here so that a zero scale cannot produce infinities.
 const MAX_SCORE: f64 = 1e6;
+/// The score of a reading the detectors do not judge (after a missing or late reading, out
+/// of order) or hold for confirmation: just below 1, so it never flags but a user's lower
+/// cut-off still sees it.
+pub const HELD_SCORE: f64 = 0.99;
+/// A level step: two readings in a row at least this fraction of `z_threshold` off the
+/// forecast on the same side, and within it of each other.
+const STEP_Z: f64 = 0.5;
+/// Gain of the step rate: about the last thousand samples.
+const STEP_GAIN: f64 = 1e-3;
+/// Above this rate of accepted level steps a field is *steppy* (a meter's power as appliances
+/// switch, a receiver's accuracy at covered stops): an outlier is held until the next reading
+/// says whether it came back (a spike, flagged then) or stayed (a step, accepted). One step
+/// makes a field steppy for about a thousand samples.
+const STEPPY_RATE: f64 = 0.35 * STEP_GAIN;
+/// A drift seen at once in another watched field of the same event (its drift score at least
+/// this) is a change of regime (a heater: the temperature rises and the humidity falls), not
+/// one sensor's drift: it is accepted, not flagged.
+const REGIME_DRIFT: f64 = 0.3;
 
 /// What kind of anomaly a detector looks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +182,28 @@ pub struct FieldDetector {
     /// EW fraction of samples that differed from the one before (runs are folded in when
     /// they end, so a stuck run does not lower it while it lasts).
     change_rate: f64,
+    // Added in issue 17; states written before load them as 0 (`serde(default)`); short
+    // keys keep a persisted detector within its 200 bytes of CBOR.
+    /// The smallest change between consecutive values seen (0: none yet): the field's
+    /// resolution, a floor under σ so that a coarse sensor's 1-unit steps are not spikes.
+    #[serde(default, rename = "q")]
+    quantum: f64,
+    /// The last outlier's value and its signed z (0: the last reading was no outlier), so the
+    /// next reading can tell a spike (it came back) from a level step (it stayed).
+    #[serde(default, rename = "h")]
+    held: f64,
+    #[serde(default, rename = "hz")]
+    held_z: f64,
+    /// The held outlier is the jump back at the end of a stuck run.
+    #[serde(default, rename = "hs")]
+    held_after_stuck: bool,
+    /// EW rate of accepted level steps per sample.
+    #[serde(default, rename = "sr")]
+    step_rate: f64,
+    /// The seq of the last reading learned from (0: none): a reading whose predecessor is
+    /// missing (a gap, a rejected or late message) is scored but not judged.
+    #[serde(default, rename = "sq")]
+    seq: u64,
 }
 
 /// One field's verdict on one sample: each detector's statistic over its threshold.
@@ -166,6 +217,13 @@ pub struct Scores {
     cusum_lo: f64,
     /// False during warm-up: the scores are for information, nothing fires.
     pub armed: bool,
+    /// This reading confirms the held outlier before it as a level step: the baselines move
+    /// to the new level.
+    step: bool,
+    /// This reading is an outlier (|z| ≥ `z_threshold`): kept for the next one to judge.
+    outlier_z: f64,
+    /// A change of regime across fields: the slow baseline adopts the fast one.
+    regime: bool,
 }
 
 impl Scores {
@@ -179,6 +237,22 @@ impl Scores {
         .into_iter()
         .filter(move |(_, s)| self.armed && *s >= 1.0)
         .map(|(k, _)| k)
+    }
+
+    /// Not judged (see [`Detectors::run`]): every score capped just below 1.
+    fn hold(&mut self) {
+        self.spike = self.spike.min(HELD_SCORE);
+        self.drift = self.drift.min(HELD_SCORE);
+        self.stuck = self.stuck.min(HELD_SCORE);
+    }
+
+    /// A drift shared with another field: a change of regime, accepted (the slow baseline
+    /// adopts the fast one, as after an alarm) and not flagged.
+    fn regime(&mut self) {
+        self.drift = self.drift.min(HELD_SCORE);
+        self.cusum_hi = 0.0;
+        self.cusum_lo = 0.0;
+        self.regime = true;
     }
 
     /// The largest score (0 while not armed).
@@ -197,10 +271,23 @@ fn ratio(stat: f64, threshold: f64) -> f64 {
 }
 
 impl FieldDetector {
-    /// The robust noise scale σ, floored so that a field that never varied still gives
-    /// finite scores.
+    /// The robust noise scale σ, floored at half the field's resolution (a sensor that
+    /// reports whole percent cannot be more precise than that, however often it repeats) and
+    /// so that a field that never varied still gives finite scores.
     fn sigma(&self) -> f64 {
-        (1.2533 * self.mad).max(1e-9 * self.level.abs().max(1.0))
+        (1.2533 * self.mad)
+            .max(0.5 * self.quantum)
+            .max(1e-9 * self.level.abs().max(1.0))
+    }
+
+    /// Whether level steps are this field's nature (see [`STEPPY_RATE`]).
+    fn steppy(&self) -> bool {
+        self.step_rate > STEPPY_RATE
+    }
+
+    /// Whether the reading numbered `seq` directly follows the last one learned from.
+    pub fn follows(&self, seq: u64) -> bool {
+        self.seq == 0 || seq == self.seq.wrapping_add(1)
     }
 
     fn forecast(&self) -> f64 {
@@ -232,9 +319,43 @@ impl FieldDetector {
             return Scores::default();
         }
         let sigma = self.sigma();
-        let spike = ratio((x - self.forecast()).abs() / sigma, p.z_threshold);
+        let z = (x - self.forecast()) / sigma;
+        let mut spike = ratio(z.abs(), p.z_threshold);
+        // Held for the next reading to judge from half the spike threshold on: a step too
+        // small to be a spike still outruns the baselines and would read as a drift.
+        let mut outlier_z = if z.abs() >= STEP_Z * p.z_threshold {
+            z
+        } else {
+            0.0
+        };
+        let mut step = false;
+        if self.held_z != 0.0 {
+            // The reading before was an outlier: did this one stay with it or come back?
+            let from_held = (x - self.held) / sigma;
+            if z.signum() == self.held_z.signum()
+                && z.abs() >= STEP_Z * p.z_threshold
+                && from_held.abs() < STEP_Z * p.z_threshold
+            {
+                // It stayed: a level step, the new level is the process.
+                step = true;
+                outlier_z = 0.0;
+                spike = ratio(from_held.abs(), p.z_threshold);
+            } else if self.steppy()
+                && self.held_z.abs() >= p.z_threshold
+                && z.abs() < STEP_Z * p.z_threshold
+            {
+                // It came back: the held outlier was a spike, flagged now.
+                spike = spike.max(ratio(self.held_z.abs(), p.z_threshold));
+            }
+        } else if self.steppy() && z.abs() >= p.z_threshold {
+            spike = spike.min(HELD_SCORE);
+        }
         let armed = self.n >= p.warmup;
-        let (cusum_hi, cusum_lo) = if armed {
+        // An outlier held for the next reading to judge does not enter the sums: it is a
+        // spike or the first reading of a step, and neither is evidence of a creep.
+        let (cusum_hi, cusum_lo) = if armed && outlier_z != 0.0 {
+            (self.cusum_hi, self.cusum_lo)
+        } else if armed && !step {
             let z = ((x - self.slow_forecast()) / sigma).clamp(-CLIP, CLIP);
             (
                 (self.cusum_hi + z - DRIFT_K).max(0.0),
@@ -259,7 +380,17 @@ impl FieldDetector {
             cusum_hi,
             cusum_lo,
             armed,
+            step,
+            outlier_z,
+            regime: false,
         }
+    }
+
+    /// Learns from `x`, the reading numbered `seq`, which [`score`](Self::score) gave `s`.
+    /// `x` must be finite.
+    pub fn update_seq(&mut self, x: f64, seq: u64, s: &Scores, p: &Params) {
+        self.update(x, s, p);
+        self.seq = seq;
     }
 
     /// Learns from `x`, which [`score`](Self::score) gave `s`. `x` must be finite.
@@ -280,7 +411,12 @@ impl FieldDetector {
 
         // Stuck run and change rate.
         let repeat = x.to_bits() == self.last.to_bits();
+        let change = (x - self.last).abs();
+        if !repeat && change > 0.0 && (self.quantum == 0.0 || change < self.quantum) {
+            self.quantum = change;
+        }
         let rate_gain = SCALE_GAIN.max(1.0 / n);
+        let mut ended_stuck = false;
         if repeat {
             self.run = self.run.saturating_add(1);
         } else {
@@ -290,6 +426,7 @@ impl FieldDetector {
                 && self
                     .stuck_needed(p)
                     .is_some_and(|needed| f64::from(self.run) >= needed);
+            ended_stuck = was_stuck;
             let repeats = if was_stuck {
                 0
             } else {
@@ -316,6 +453,24 @@ impl FieldDetector {
         };
         let a = p.alpha.max(1.0 / n);
         let e = x - self.forecast();
+        // A stuck run ends in a jump back to the process: a step, but not the field's nature.
+        let counted = s.step && !self.held_after_stuck;
+        self.step_rate += STEP_GAIN * (f64::from(u8::from(counted)) - self.step_rate);
+        self.held_z = if stuck { 0.0 } else { s.outlier_z };
+        self.held = x;
+        self.held_after_stuck = ended_stuck;
+        if s.step && !stuck {
+            // The held outlier and this reading agree on a new level: move there at once
+            // rather than creep towards it at CLIP·σ per sample (and flag all the way).
+            self.level = x;
+            self.trend = 0.0;
+            self.slow_level = x;
+            self.slow_trend = 0.0;
+            self.cusum_hi = 0.0;
+            self.cusum_lo = 0.0;
+            self.sanitize();
+            return;
+        }
         if stuck {
             self.level += self.trend;
             self.slow_level += self.slow_trend;
@@ -330,7 +485,7 @@ impl FieldDetector {
         }
 
         // Drift: until warm-up ends the slow baseline shadows the fast one.
-        if !s.armed || (s.drift >= 1.0 && !stuck) {
+        if !s.armed || ((s.drift >= 1.0 || s.regime) && !stuck) {
             self.adopt_fast();
         } else if !stuck {
             self.cusum_hi = s.cusum_hi;
@@ -359,6 +514,10 @@ impl FieldDetector {
             self.cusum_hi,
             self.cusum_lo,
             self.change_rate,
+            self.quantum,
+            self.held,
+            self.held_z,
+            self.step_rate,
         ]
         .iter()
         .all(|v| v.is_finite());
@@ -461,19 +620,26 @@ impl Detectors {
 
     /// Scores the event's watched fields and, when `learn`, updates their detectors in
     /// `state`. A field that is absent, non-numeric (a derived string or boolean) or not
-    /// finite is skipped.
+    /// finite is skipped. `seq` is the event's: an in-order event whose field's last learned
+    /// reading is not the one just before it (a gap, a rejected or late message in between:
+    /// the baselines may be stale) is scored but not judged, its score capped at
+    /// [`HELD_SCORE`]. Events not learned from (late, replayed) are judged against the
+    /// current state as before.
     pub fn run(
         &self,
         state: &mut TypeDetectors,
         data: &proto::Fields,
         derived: &[EvalValue],
         learn: bool,
+        seq: u64,
     ) -> Verdict {
         let mut verdict = Verdict::default();
         if learn && state.len() > self.fields.len() {
             // The config lost fields since the state was written: keep memory bounded.
             state.retain(|k, _| self.fields.iter().any(|w| &w.name == k));
         }
+        // Score every field first: the regime rule looks across them.
+        let mut scored: Vec<(&Watched, f64, Scores)> = Vec::with_capacity(self.fields.len());
         for w in &self.fields {
             let x = match w.source {
                 Source::Data => data.get(&w.name).and_then(serde_json::Value::as_f64),
@@ -487,9 +653,27 @@ impl Detectors {
                 continue;
             };
             let s = match state.get(&w.name) {
-                Some(d) => d.score(x, &self.params),
+                Some(d) => {
+                    let mut s = d.score(x, &self.params);
+                    if learn && !d.follows(seq) {
+                        s.hold();
+                    }
+                    s
+                }
                 None => Scores::default(),
             };
+            scored.push((w, x, s));
+        }
+        let drifting = scored
+            .iter()
+            .filter(|(_, _, s)| s.armed && s.drift >= REGIME_DRIFT)
+            .count();
+        if drifting >= 2 {
+            for (_, _, s) in &mut scored {
+                s.regime();
+            }
+        }
+        for (w, x, s) in scored {
             for kind in s.fired() {
                 verdict
                     .flags
@@ -498,10 +682,10 @@ impl Detectors {
             verdict.score = verdict.score.max(s.max());
             if learn {
                 match state.get_mut(&w.name) {
-                    Some(d) => d.update(x, &s, &self.params),
+                    Some(d) => d.update_seq(x, seq, &s, &self.params),
                     None => {
                         let mut d = FieldDetector::default();
-                        d.update(x, &s, &self.params);
+                        d.update_seq(x, seq, &s, &self.params);
                         state.insert(w.name.clone(), d);
                     }
                 }

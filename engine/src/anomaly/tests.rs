@@ -283,20 +283,20 @@ fn run_skips_missing_and_non_numeric_values_and_learns_only_when_asked() {
     let mut state = TypeDetectors::new();
     let data: proto::Fields = serde_json::from_str(r#"{"v": 1.5}"#).unwrap();
     // Derived `p` is a boolean here: skipped.
-    let v = d.run(&mut state, &data, &[EvalValue::Boolean(true)], true);
+    let v = d.run(&mut state, &data, &[EvalValue::Boolean(true)], true, 1);
     assert_eq!(v, Verdict::default());
     assert_eq!(state.len(), 1);
     assert_eq!(state["v"].samples(), 1);
-    d.run(&mut state, &data, &[EvalValue::Float(2.0)], false);
+    d.run(&mut state, &data, &[EvalValue::Float(2.0)], false, 2);
     assert_eq!(state.len(), 1, "not learning: nothing new");
-    d.run(&mut state, &data, &[EvalValue::Float(f64::NAN)], true);
+    d.run(&mut state, &data, &[EvalValue::Float(f64::NAN)], true, 2);
     assert_eq!(state.len(), 1, "NaN is skipped");
-    d.run(&mut state, &data, &[EvalValue::Float(2.0)], true);
+    d.run(&mut state, &data, &[EvalValue::Float(2.0)], true, 3);
     assert_eq!(state["p"].samples(), 1);
     assert_eq!(state["v"].samples(), 3);
     // A field dropped from the config is pruned.
     state.insert("gone".into(), FieldDetector::default());
-    d.run(&mut state, &data, &[], true);
+    d.run(&mut state, &data, &[], true, 4);
     assert!(!state.contains_key("gone"));
 }
 

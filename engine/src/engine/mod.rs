@@ -514,7 +514,13 @@ impl Engine {
         let (mut status, mut anomaly_score) = (Status::Ok, 0.0);
         if let Some(d) = &t.anomaly {
             let learn = !out_of_order && !late && !input.replay;
-            let verdict = d.run(entry.state.detectors_mut(etype), &msg.data, &derived, learn);
+            let verdict = d.run(
+                entry.state.detectors_mut(etype),
+                &msg.data,
+                &derived,
+                learn,
+                msg.seq,
+            );
             if !verdict.flags.is_empty() {
                 status = Status::Anomaly;
                 flags.extend(verdict.flags);

@@ -72,7 +72,9 @@ fn default_missed_after() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
-    /// Port 0 picks a free one (logged at start-up).
+    /// Where `run` listens (the Lambda takes API Gateway's requests instead). Port 0 picks a
+    /// free one (logged at start-up: `http listening addr=…`).
+    #[serde(default = "default_listen")]
     pub listen: std::net::SocketAddr,
     /// Larger request bodies are refused with 413.
     #[serde(default = "default_max_body")]
@@ -94,6 +96,9 @@ pub struct HttpConfig {
     pub device_claim: String,
 }
 
+fn default_listen() -> std::net::SocketAddr {
+    std::net::SocketAddr::from(([127, 0, 0, 1], 8080))
+}
 fn default_max_body() -> usize {
     256 * 1024
 }

@@ -274,3 +274,138 @@ async fn lambda_runtime_loop_end_to_end() {
         .sum();
     assert_eq!(processed, 30, "{emf}");
 }
+
+/// A recorded event of `tests/events/`.
+fn recorded(name: &str) -> Value {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/events")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_takes_device_messages_from_api_gateway_iot_rules_and_eventbridge() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let names = AwsNames::unique("lambdadev");
+    let keys = dir.path().join("api-keys");
+    std::fs::write(
+        &keys,
+        cloud_bridge::ingest::auth::key_line("meter-p1", "test-key-phone-1-0123456789abcdef"),
+    )
+    .unwrap();
+    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/edge-agent.toml");
+    let cfg = write_config(
+        dir.path(),
+        "lambda.toml",
+        &format!(
+            "{}\n[ingest]\nengine_config = \"{}\"\n\n[http]\napi_keys = \"{}\"\n",
+            bridge_config(&endpoint, &names, None, "unused"),
+            engine.display(),
+            keys.display()
+        ),
+    );
+    provision(&cfg);
+    let aws = TestAws::new(&endpoint).await;
+
+    let apigw = recorded("apigw-v2-device-event.json");
+    let mut unauthenticated = apigw.clone();
+    unauthenticated["headers"]
+        .as_object_mut()
+        .unwrap()
+        .remove("x-api-key");
+    let iot = recorded("iot-rule-device-event.json");
+    // The same device publishing CBOR: the rule base64-encodes the payload.
+    let mut cbor = Vec::new();
+    ciborium::into_writer(
+        &json!({"id": "i2", "seq": 2, "ts": 1_764_064_860_000_i64,
+                "data": {"energy_kwh": 70.25, "voltage_v": 229.0, "current_a": 0.8}}),
+        &mut cbor,
+    )
+    .unwrap();
+    let iot_cbor = json!({
+        "topic": "devices/meter-iot1/events/meter",
+        "payload": base64::engine::general_purpose::STANDARD.encode(&cbor),
+    });
+    let eb = recorded("eventbridge-device-event.json");
+    let mut api = RuntimeApi::start(vec![
+        apigw.clone(),
+        apigw,
+        unauthenticated,
+        iot,
+        iot_cbor,
+        eb,
+    ])
+    .await;
+    let mut child = std::process::Command::new(BIN)
+        .arg("lambda")
+        .env("CLOUD_BRIDGE_CONFIG", &cfg)
+        .env("AWS_LAMBDA_RUNTIME_API", &api.addr)
+        .env("AWS_LAMBDA_FUNCTION_NAME", "cloud-bridge")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/cloud-bridge")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .stdout(std::fs::File::create(dir.path().join("lambda.stdout")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("lambda.log")).unwrap())
+        .spawn()
+        .unwrap();
+
+    let http_body = |o: &Outcome| -> Value {
+        serde_json::from_str(o.body["body"].as_str().unwrap_or("null")).unwrap()
+    };
+    let stored = api.next_outcome().await;
+    assert_eq!(stored.kind, "response", "{stored:?}");
+    assert_eq!(stored.body["statusCode"], 202, "{stored:?}");
+    assert_eq!(http_body(&stored)["event_id"], "meter-p1/a1");
+    let again = api.next_outcome().await;
+    assert_eq!(again.body["statusCode"], 202, "{again:?}");
+    assert_eq!(http_body(&again)["duplicate"], true, "{again:?}");
+    let refused = api.next_outcome().await;
+    assert_eq!(refused.body["statusCode"], 401, "{refused:?}");
+    for (what, id) in [
+        ("iot json", "meter-iot1/i1"),
+        ("iot cbor", "meter-iot1/i2"),
+        ("eventbridge", "meter-eb1/b1"),
+    ] {
+        let o = api.next_outcome().await;
+        assert_eq!(o.kind, "response", "{what}: {o:?}");
+        assert_eq!(o.body["stored"], true, "{what}: {o:?}");
+        assert_eq!(o.body["event_id"], id, "{what}: {o:?}");
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let mut via: Vec<(String, String)> = aws
+        .stored(&names.bucket)
+        .await
+        .into_iter()
+        .map(|(_, r)| (r.event_id, r.via.as_str().to_string()))
+        .collect();
+    via.sort();
+    assert_eq!(
+        via,
+        [
+            ("meter-eb1/b1".to_string(), "eventbridge".to_string()),
+            ("meter-iot1/i1".to_string(), "iot".to_string()),
+            ("meter-iot1/i2".to_string(), "iot".to_string()),
+            ("meter-p1/a1".to_string(), "http".to_string()),
+        ]
+    );
+    let i2 = aws
+        .stored(&names.bucket)
+        .await
+        .into_iter()
+        .find(|(_, r)| r.event_id == "meter-iot1/i2")
+        .unwrap()
+        .1;
+    assert_eq!(
+        i2.result["consumption_kwh"],
+        json!(0.25),
+        "the CBOR event's delta is against the JSON one"
+    );
+}

@@ -61,6 +61,8 @@ pub fn bridge_config(
     args: &DemoArgs,
     cloud_port: u16,
     engine: &engine::EngineSpec,
+    http_port: u16,
+    api_keys: &Path,
 ) -> anyhow::Result<cloud_bridge::config::Config> {
     let local = cloud_bridge::config::Config::parse(&format!(
         r#"
@@ -76,7 +78,12 @@ table = "local"
 dlq_queue = "local"
 [metrics]
 emf = "off"
-"#
+[ingest]
+[http]
+listen = "127.0.0.1:{http_port}"
+api_keys = "{}"
+"#,
+        api_keys.display()
     ))
     .map_err(anyhow::Error::msg)?;
     let mut c = match &args.cloud_config {
@@ -86,9 +93,17 @@ emf = "off"
                 .map_err(|e| anyhow::anyhow!("--cloud-config: {e}"))?;
             c.mqtt = local.mqtt;
             c.metrics = local.metrics;
+            c.ingest = c.ingest.or(local.ingest);
+            c.http = local.http;
             c
         }
     };
+    // The phone app's events go through the engine the agent runs.
+    if let Some(i) = c.ingest.as_mut()
+        && i.spec.is_none()
+    {
+        i.spec = Some(engine.clone());
+    }
     if c.verify.is_none() {
         c.verify = Some(cloud_bridge::config::VerifyConfig {
             engine_config: "(the agent's config)".into(),

@@ -38,6 +38,7 @@ use edge_agent::ingest::Mode;
 
 mod cloud;
 mod out;
+mod phone;
 mod simulator;
 mod summary;
 
@@ -195,7 +196,18 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let gateway = cfg.gateway_id.clone();
     let metrics_url = format!("http://{}/metrics", cfg.metrics.listen);
-    let bcfg = Arc::new(bridge_config(&args, cloud_port, &cfg.engine)?);
+    // The phone app's API key: only its hash is in the bridge's key file.
+    let (phone_key, key_line) = cloud_bridge::ingest::auth::new_key(phone::DEVICE)?;
+    let api_keys = out.join("phone-api-keys");
+    std::fs::write(&api_keys, format!("{key_line}\n")).context("writing the phone's API key")?;
+    let http_port = free_port()?;
+    let bcfg = Arc::new(bridge_config(
+        &args,
+        cloud_port,
+        &cfg.engine,
+        http_port,
+        &api_keys,
+    )?);
 
     start_cloud_broker(cloud_port)?;
 
@@ -282,6 +294,10 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     );
     println!("  agent metrics    {metrics_url}");
     println!("  cloud broker     mqtt://127.0.0.1:{cloud_port}  (rumqttd in-process, plain TCP)");
+    println!(
+        "  phone app        http://127.0.0.1:{http_port}/v1/devices/{}/events/meter  (no gateway: straight to the bridge)",
+        phone::DEVICE
+    );
     if local {
         println!(
             "  cloud storage    {0}/events/ (results), {0}/failures/ (cloud DLQ), {0}/eventbridge/ (events)",
@@ -313,8 +329,19 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
         sim_stop.clone(),
     ));
 
+    let phone_stats = Arc::new(phone::PhoneStats::default());
+    let phone_stop = CancellationToken::new();
+    let phone = tokio::spawn(phone::run(
+        format!("http://127.0.0.1:{http_port}"),
+        phone_key,
+        Duration::from_millis(500),
+        Arc::clone(&phone_stats),
+        phone_stop.clone(),
+    ));
+
     let parts = Parts {
         sim: &sim_stats,
+        phone: &phone_stats,
         agent: &handles,
         bridge: &bridge_metrics,
         acked_base: start_depth.acked_through,
@@ -344,12 +371,14 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     let ran = started.elapsed();
     println!(
-        "stopping ({stopped_by}): devices, then the agent (the uplink drains), then the bridge…"
+        "stopping ({stopped_by}): devices and the phone app, then the agent (the uplink drains), then the bridge…"
     );
     let _ = std::io::stdout().flush();
 
     sim_stop.cancel();
     sim.await?;
+    phone_stop.cancel();
+    phone.await?;
     agent_stop.cancel();
     agent.await?.context("the agent")?;
     // The bridge stops once it has stored everything the agent committed (or after a while).

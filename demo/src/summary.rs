@@ -13,11 +13,14 @@ use edge_agent::agent::Handles;
 use serde_json::json;
 
 use crate::cloud::count_records;
+use crate::phone::PhoneStats;
 use crate::simulator::{self, DLQ_STAGES, SimStats};
 
 /// Figures for a summary line, read from the parts as they run.
 pub struct Parts<'a> {
     pub sim: &'a SimStats,
+    /// The gateway-less phone app.
+    pub phone: &'a PhoneStats,
     pub agent: &'a Handles,
     pub bridge: &'a Metrics,
     /// The outbox's acknowledged mark at start (a re-used `--out` has history).
@@ -52,7 +55,7 @@ impl Parts<'_> {
             .collect::<Vec<_>>()
             .join(", ");
         format!(
-            "[{:>4}s] devices {} | published {} | accepted {} | DLQ {dlq}{} | dup {} | gaps {} | outbox {} | uplinked {} | cloud {} stored, {} objects",
+            "[{:>4}s] devices {} | published {} | accepted {} | DLQ {dlq}{} | dup {} | gaps {} | outbox {} | uplinked {} | cloud {} stored, {} objects | phone {} stored, {} refused",
             elapsed.as_secs(),
             load(&self.sim.connected),
             load(&self.sim.acked),
@@ -68,6 +71,8 @@ impl Parts<'_> {
             depth.acked_through.saturating_sub(self.acked_base),
             self.bridge.get(metrics::PROCESSED),
             self.bridge.get(metrics::S3_OBJECTS),
+            self.bridge.get(metrics::INGESTED),
+            self.bridge.get(metrics::INGEST_REJECTED),
         )
     }
 }
@@ -102,13 +107,14 @@ pub async fn finish(
         .collect();
     let uplinked = depth.acked_through.saturating_sub(parts.acked_base);
     let b = parts.bridge;
-    let new_objects: Vec<String> = backend
+    // The gateway's objects and the phone app's (one object per gateway-less event, `dev-…`).
+    let (phone_objects, new_objects): (Vec<String>, Vec<String>) = backend
         .objects
         .list("events/")
         .await?
         .into_iter()
         .filter(|k| !events_before.contains(k))
-        .collect();
+        .partition(|k| k.rsplit('/').next().is_some_and(|n| n.starts_with("dev-")));
     let failures = backend.objects.list("failures/").await?.len() as u64;
     let (records, distinct) = if local {
         count_records(out, &new_objects)?
@@ -140,6 +146,37 @@ pub async fn finish(
             "duplicates: {dups} recognised, {} re-sent",
             load(&sim.duplicates)
         ));
+    }
+    let phone = parts.phone;
+    let (p_posted, p_stored, p_dups, p_refused) = (
+        load(&phone.posted),
+        load(&phone.stored),
+        load(&phone.duplicates),
+        load(&phone.refused),
+    );
+    if p_posted != p_stored + p_dups + p_refused {
+        problems.push(format!(
+            "phone: {p_posted} answered ≠ {p_stored} stored + {p_dups} duplicates + {p_refused} refused"
+        ));
+    }
+    for (what, app, bridge) in [
+        ("stored", p_stored, b.get(metrics::INGESTED)),
+        ("refused", p_refused, b.get(metrics::INGEST_REJECTED)),
+        ("duplicates", p_dups, b.get(metrics::INGEST_DUPLICATES)),
+    ] {
+        if app != bridge {
+            problems.push(format!(
+                "phone: the app saw {app} {what}, the bridge counted {bridge}"
+            ));
+        }
+    }
+    if local {
+        let (records, distinct) = count_records(out, &phone_objects)?;
+        if records != p_stored || distinct != records {
+            problems.push(format!(
+                "phone: {records} records ({distinct} distinct) in the cloud for {p_stored} stored"
+            ));
+        }
     }
     let drained = depth.entries == 0 && hwm >= head;
     if drained && parts.fresh && (records != accepted || distinct != records) {
@@ -186,6 +223,10 @@ pub async fn finish(
         b.get(metrics::INCORRECT),
         b.get(metrics::CORRECTED),
         b.get(metrics::ANOMALIES),
+    );
+    println!(
+        "  phone    {p_posted} readings posted over HTTP without a gateway: {p_stored} stored once each, {p_refused} refused (400, dead-lettered; {} invalid sent), {p_dups} re-sends answered as stored",
+        load(&phone.invalid_sent),
     );
     if local {
         println!(
@@ -243,6 +284,15 @@ pub async fn finish(
             "corrected": b.get(metrics::CORRECTED),
             "anomalies": b.get(metrics::ANOMALIES),
             "hwm": hwm,
+        },
+        "phone": {
+            "posted": p_posted,
+            "stored": p_stored,
+            "duplicates": p_dups,
+            "refused": p_refused,
+            "invalid_sent": load(&phone.invalid_sent),
+            "retries": load(&phone.retries),
+            "objects": phone_objects.len(),
         },
         "drained": drained,
         "problems": problems,

@@ -235,6 +235,8 @@ impl Ingest {
                         self.metrics.anomalies.increment(1);
                     }
                 }
+                // A replay's refusal was counted when it was first refused.
+                Reply::Rejected { .. } if m.replay => {}
                 Reply::Rejected { .. } => {
                     self.metrics.ingest_rejected.increment(1);
                     self.metrics.dead_lettered.increment(1);

@@ -16,6 +16,10 @@
 //! stored tail against what the gateway's broker acknowledged and carries the gateway's
 //! missed-event records, each announced once as `MissedEvents` (`kind: device`).
 //!
+//! Devices with no gateway send their messages straight to the cloud ([`ingest`]: HTTP,
+//! AWS IoT Core, EventBridge): the bridge runs the gateways' engine on them, with each
+//! device's state in DynamoDB, and stores each result once in S3 like a gateway's.
+//!
 //! # Invariants
 //! - A message is acknowledged to the broker (or an invocation answered with success) only
 //!   after every result in it is in S3, its events were accepted by EventBridge and the
@@ -31,6 +35,9 @@
 //!   number of bridges (and Lambda instances) can run side by side.
 //! - EventBridge delivery is at-least-once (a crash between PutEvents and the commit resends);
 //!   consumers de-duplicate by `event_id`.
+//! - A gateway-less event is answered as stored only once its object is in S3 and its
+//!   device's state is committed; each is in exactly one object, and a device's events commit
+//!   one at a time against the state before them.
 
 pub mod anomaly;
 pub mod backend;

@@ -9,6 +9,8 @@ twice about one run in six). One lock around every DynamoDB request gives the em
 per-item atomicity the real service has. Everything else stays concurrent.
 
 Usage: aws-emulator-serve.py HOST PORT
+PORT 0 picks a free port; either way the first line on stdout, once the socket listens, is
+"aws-emulator listening on http://HOST:PORT" with the port it got (tests/src/moto.rs reads it).
 """
 
 import sys
@@ -19,7 +21,7 @@ from moto.moto_server.werkzeug_app import (
     MotoRequestHandler,
     create_backend_app,
 )
-from werkzeug.serving import run_simple
+from werkzeug.serving import make_server
 
 DYNAMODB = threading.Lock()
 app = DomainDispatcherApplication(create_backend_app)
@@ -35,4 +37,7 @@ def serialized(environ, start_response):
 
 if __name__ == "__main__":
     host, port = sys.argv[1], int(sys.argv[2])
-    run_simple(host, port, serialized, threaded=True, request_handler=MotoRequestHandler)
+    # run_simple's server, made here so that the bound port (port 0: a free one) can be told.
+    server = make_server(host, port, serialized, threaded=True, request_handler=MotoRequestHandler)
+    print(f"aws-emulator listening on http://{host}:{server.port}", flush=True)
+    server.serve_forever()

@@ -287,3 +287,37 @@ fn a_flood_of_sockets_from_one_address_is_capped_and_others_still_connect() {
     drop(idle);
     assert!(agent.stop().success());
 }
+
+/// The agent binds port 0 and reports what it got; a restart binds the same ports again, and
+/// when another process holds one meanwhile, the start is tried again until it is free.
+#[test]
+fn a_restart_keeps_the_reported_ports_and_waits_out_a_taken_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::embedded(dir.path(), |_| {});
+    let (mqtt, metrics) = (agent.mqtt_port, agent.metrics_port);
+    assert!(mqtt != 0 && metrics != 0 && mqtt != metrics);
+    mosquitto_pub(mqtt, METER, &meter("a1", 1, 100.0), 1);
+    assert_eq!(agent.metric("edge_accepted_total"), 1.0);
+    assert!(agent.stop().success());
+
+    // Someone else listens on the agent's MQTT port while it is down.
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", mqtt)).unwrap();
+    std::thread::scope(|s| {
+        let log = dir.path().join("agent.log");
+        let before = std::fs::read_to_string(&log).unwrap().len();
+        let restart = s.spawn(|| agent.restart());
+        // The first start fails on the taken port; then the port is given back.
+        wait_for(
+            "a start refused on the taken port",
+            Duration::from_secs(30),
+            || std::fs::read_to_string(&log).unwrap()[before..].contains("Address already in use"),
+        );
+        drop(squatter);
+        restart.join().unwrap();
+    });
+    assert_eq!((agent.mqtt_port, agent.metrics_port), (mqtt, metrics));
+    mosquitto_pub(mqtt, METER, &meter("a2", 2, 100.25), 1);
+    assert_eq!(agent.metric("edge_accepted_total"), 1.0, "a fresh process");
+    assert!(agent.stop().success());
+    assert_eq!(agent.outbox().len(), 2);
+}

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use e2e::mosquitto_pub::{Client, publish};
-use e2e::{Agent, Pki, free_port, http_get, meter, set, wait_for};
+use e2e::{Agent, Pki, http_get, meter, set, wait_for};
 
 /// One metric's value for one `reason` label.
 fn reason(agent: &Agent, name: &str, why: &str) -> f64 {
@@ -36,8 +36,8 @@ fn path(p: &Path) -> toml::Value {
     p.display().to_string().into()
 }
 
-/// An agent with `auth` and a TLS listener on a free port (server certificate from `pki`,
-/// `client_ca` = `pki`'s CA when `client_ca`); returns it and the TLS port.
+/// An agent with `auth` and a TLS listener on port 0 (server certificate from `pki`,
+/// `client_ca` = `pki`'s CA when `client_ca`); returns it and the TLS port it got.
 fn agent_with_tls(
     dir: &Path,
     pki: &Pki,
@@ -45,12 +45,11 @@ fn agent_with_tls(
     client_ca: bool,
     tweak: impl FnOnce(&mut toml::Table),
 ) -> (Agent, u16) {
-    let tls_port = free_port();
     let agent = Agent::embedded(dir, |cfg| {
         set(cfg, &["broker", "embedded", "auth"], auth.into());
         let tls = ["broker", "embedded", "tls"];
         let at = |k: &'static str| [tls[0], tls[1], tls[2], k];
-        set(cfg, &at("listen"), format!("127.0.0.1:{tls_port}").into());
+        set(cfg, &at("listen"), "127.0.0.1:0".into());
         set(cfg, &at("cert"), path(&pki.server_cert));
         set(cfg, &at("key"), path(&pki.server_key));
         if client_ca {
@@ -58,7 +57,24 @@ fn agent_with_tls(
         }
         tweak(cfg);
     });
+    let tls_port = agent.tls_port.expect("the TLS listener");
     (agent, tls_port)
+}
+
+/// The agent opened no plain TCP listener: its ready line reports none (`mqtt=`), and it
+/// logged none. (Its `listen` is port 0, so there is no port to try a connection on.)
+fn assert_no_plain_listener(agent: &Agent) {
+    assert_eq!(agent.mqtt_port, 0, "a plain listener is reported");
+    let log = agent.log_text();
+    let ready = log.lines().filter(|l| l.contains("edge-agent ready"));
+    assert!(ready.clone().count() > 0, "{log}");
+    for line in ready {
+        assert!(
+            line.contains(" mqtt_tls=") && !line.contains(" mqtt="),
+            "{line}"
+        );
+    }
+    assert!(!log.contains("listening (plain TCP)"), "{log}");
 }
 
 fn device_add(agent: &Agent, id: &str, password: &str) {
@@ -182,13 +198,7 @@ fn certificate_auth_identifies_devices_by_cn_and_refuses_other_cas() {
     assert!(publish(port, as_m3, &topic("meter-3"), &meter("s", 1, 3.0)));
 
     // Certificate auth has no plain listener.
-    let plain = Client::default();
-    assert!(!publish(
-        agent.mqtt_port,
-        plain,
-        &topic("meter-1"),
-        &meter("z", 3, 1.02)
-    ));
+    assert_no_plain_listener(&agent);
 
     assert!(agent.stop().success());
     assert_eq!(
@@ -320,16 +330,11 @@ fn password_over_tls_and_no_plain_listener() {
     wait_reason(&agent, AUTH, "no_credentials", 1.0);
 
     // TLS on means the clear-text port is off (`plain` unset).
+    assert_no_plain_listener(&agent);
     let plain = Client {
         login: Some(("meter-1", secret)),
         ..Client::default()
     };
-    assert!(!publish(
-        agent.mqtt_port,
-        plain,
-        topic,
-        &meter("p", 2, 1.01)
-    ));
     // Plain MQTT to the TLS port is a failed handshake, counted.
     assert!(!publish(port, plain, topic, &meter("q", 2, 1.01)));
     wait_reason(&agent, TLS, "not_tls", 1.0);

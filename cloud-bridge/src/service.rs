@@ -91,6 +91,18 @@ pub async fn run_with(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_on(cfg, backend, metrics, shutdown, None).await
+}
+
+/// [`run_with`], serving `[http]` on `listener` when given (bound by the caller, so it knows
+/// the port before the bridge starts: the demo binds port 0) instead of binding `http.listen`.
+pub async fn run_on(
+    cfg: Arc<Config>,
+    backend: Backend,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    listener: Option<tokio::net::TcpListener>,
+) -> anyhow::Result<()> {
     if cfg.mqtt.is_none() && cfg.http.is_none() {
         anyhow::bail!("[mqtt]: required by `cloud-bridge run` (or an [http] listener)");
     }
@@ -105,9 +117,12 @@ pub async fn run_with(
 
     let http = match (&cfg.http, &pipeline.ingest) {
         (Some(h), Some(ingest)) => {
-            let listener = tokio::net::TcpListener::bind(h.listen)
-                .await
-                .with_context(|| format!("http.listen: cannot listen on {}", h.listen))?;
+            let listener = match listener {
+                Some(l) => l,
+                None => tokio::net::TcpListener::bind(h.listen)
+                    .await
+                    .with_context(|| format!("http.listen: cannot listen on {}", h.listen))?,
+            };
             let api = crate::ingest::http::Api {
                 ingest: Arc::clone(ingest),
                 auth: Arc::new(crate::ingest::auth::Auth::load(h)?),

@@ -10,8 +10,32 @@ use anyhow::{Context as _, bail};
 
 use crate::DemoArgs;
 
-/// The in-process cloud broker: rumqttd with one MQTT 3.1.1 listener on loopback, plain TCP.
-pub fn start_cloud_broker(port: u16) -> anyhow::Result<()> {
+/// The in-process cloud broker: rumqttd with one MQTT 3.1.1 listener on loopback, plain TCP;
+/// returns its port.
+///
+/// rumqttd binds its listener inside its own server thread and reports neither the address nor
+/// a failure to bind (the thread logs it and ends), so the port is one that was free a moment
+/// ago: if another process takes it first, the server thread ends and the broker is started
+/// again on another port (a few times). The agent binds port 0 itself.
+pub fn start_cloud_broker() -> anyhow::Result<u16> {
+    const ATTEMPTS: usize = 5;
+    for _ in 0..ATTEMPTS {
+        let port = {
+            let l = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+                .context("finding a free port")?;
+            l.local_addr()?.port()
+        };
+        if start_broker_on(port)? {
+            return Ok(port);
+        }
+        tracing::warn!(port, "the cloud broker's port was taken: another port");
+    }
+    bail!("the cloud broker found no free port in {ATTEMPTS} attempts")
+}
+
+/// Starts rumqttd on `port`; false if its server ended before it accepted a connection (the
+/// port was taken).
+fn start_broker_on(port: u16) -> anyhow::Result<bool> {
     let text = format!(
         r#"
 id = 0
@@ -34,6 +58,8 @@ dynamic_filters = true
 "#
     );
     let cfg: rumqttd::Config = toml::from_str(&text).context("the cloud broker's config")?;
+    // `Broker::start` returns only when its server threads have ended: a failed bind.
+    let (ended_tx, ended) = std::sync::mpsc::channel::<()>();
     std::thread::Builder::new()
         .name("cloud-broker".into())
         .spawn(move || {
@@ -41,18 +67,24 @@ dynamic_filters = true
             if let Err(e) = broker.start() {
                 tracing::error!(error = %e, "the cloud broker stopped");
             }
+            let _ = ended_tx.send(());
         })
         .context("starting the cloud broker")?;
     // Ready when it accepts connections.
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+    loop {
+        if ended.try_recv().is_ok() {
+            return Ok(false);
+        }
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(true);
+        }
         if Instant::now() > deadline {
             bail!("the cloud broker did not start listening on {addr}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(())
 }
 
 /// The demo's bridge: local broker and backend (or `--cloud-config`), and it re-verifies

@@ -23,7 +23,7 @@
 
 use std::collections::HashSet;
 use std::io::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,12 +98,6 @@ fn start(args: DemoArgs) -> anyhow::Result<()> {
     runtime.block_on(run(args))
 }
 
-/// A port the OS considers free on loopback now (for the servers that cannot report theirs).
-fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
 fn init_logs(path: &Path) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let file = std::fs::OpenOptions::new()
@@ -138,7 +132,8 @@ fn agent_config(
     cfg.broker.embedded.username = None;
     cfg.broker.embedded.password = None;
     cfg.metrics.enabled = true;
-    cfg.metrics.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    // Port 0: the agent binds a free port and reports it (`Handles::metrics_addr`).
+    cfg.metrics.listen = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     cfg.uplink = edge_agent::uplink::UplinkConfig {
         enabled: true,
         host: "127.0.0.1".into(),
@@ -187,7 +182,7 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let out = out.canonicalize()?;
     init_logs(&out.join("demo.log"))?;
 
-    let cloud_port = free_port()?;
+    let cloud_port = start_cloud_broker()?;
     let mut cfg = agent_config(&args, out.join("agent"), cloud_port)?;
     if args.cloud_config.is_some() {
         // The cloud keeps its per-gateway state across demos; each demo's agent starts a new
@@ -195,12 +190,15 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
         cfg.gateway_id = format!("{}-demo-{}", cfg.gateway_id, simulator::now_ms() / 1000);
     }
     let gateway = cfg.gateway_id.clone();
-    let metrics_url = format!("http://{}/metrics", cfg.metrics.listen);
     // The phone app's API key: only its hash is in the bridge's key file.
     let (phone_key, key_line) = cloud_bridge::ingest::auth::new_key(phone::DEVICE)?;
     let api_keys = out.join("phone-api-keys");
     std::fs::write(&api_keys, format!("{key_line}\n")).context("writing the phone's API key")?;
-    let http_port = free_port()?;
+    // Bound here, before the bridge starts, so the phone app knows the port.
+    let http = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .context("binding the bridge's HTTP listener")?;
+    let http_port = http.local_addr()?.port();
     let bcfg = Arc::new(bridge_config(
         &args,
         cloud_port,
@@ -208,8 +206,6 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
         http_port,
         &api_keys,
     )?);
-
-    start_cloud_broker(cloud_port)?;
 
     // The bridge's backend: the local directory, or AWS/the emulator.
     let bridge_metrics = Arc::new(Metrics::default());
@@ -227,11 +223,12 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let events_before: HashSet<String> =
         backend.objects.list("events/").await?.into_iter().collect();
     let bridge_stop = CancellationToken::new();
-    let bridge = tokio::spawn(cloud_bridge::service::run_with(
+    let bridge = tokio::spawn(cloud_bridge::service::run_on(
         Arc::clone(&bcfg),
         backend.clone(),
         Arc::clone(&bridge_metrics),
         bridge_stop.clone(),
+        Some(http),
     ));
 
     // A broken gateway's message first, and dead-lettered before the agent's results flow:
@@ -280,6 +277,10 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let endpoint = handles
         .ingest_addr
         .context("the demo needs the embedded endpoint")?;
+    let metrics_url = match handles.metrics_addr {
+        Some(addr) => format!("http://{addr}/metrics"),
+        None => "off".into(),
+    };
     let start_depth = handles.outbox.depth();
 
     let data_dir = out.join("agent");

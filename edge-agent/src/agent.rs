@@ -35,9 +35,17 @@ pub struct Hooks {
 }
 
 /// A running agent's handles, read-only: for a live summary.
+///
+/// The addresses are the bound ones, so a port 0 in the config reads here as the port it got
+/// (the same addresses the `edge-agent ready` log line reports).
 pub struct Handles {
-    /// The embedded endpoint's address (`None` with an external broker).
+    /// The embedded endpoint's address: its plain listener's, or its TLS listener's when it
+    /// serves TLS only (`None` with an external broker).
     pub ingest_addr: Option<SocketAddr>,
+    /// The embedded endpoint's TLS listener (`None` without `[broker.embedded.tls]`).
+    pub ingest_tls_addr: Option<SocketAddr>,
+    /// The Prometheus endpoint (`None` with `metrics.enabled = false`).
+    pub metrics_addr: Option<SocketAddr>,
     pub live: Arc<Live>,
     pub outbox: Outbox,
     pub reader: StoreReader,
@@ -74,7 +82,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     crate::ingest::embedded::tls::install_provider();
     let engine = cfg.engine()?;
     // Metrics first: the store and outbox publish their gauges as they open.
-    telemetry::init_metrics(&cfg.metrics)?;
+    let metrics_addr = telemetry::init_metrics(&cfg.metrics)?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("data_dir: cannot create {}", cfg.data_dir.display()))?;
     let mut store = open_store(&cfg.data_dir)?;
@@ -140,9 +148,14 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
         }),
     };
     let mut ingest = ingest::start(&cfg.broker, devices, refused, tx, shutdown.clone()).await?;
+    // The bound addresses (a port 0 in the config is the free port it got), each only when
+    // that listener runs: `mqtt` (plain), `mqtt_tls`, `metrics`.
     tracing::info!(
         gateway = %cfg.gateway_id,
         data_dir = %cfg.data_dir.display(),
+        mqtt = ingest.plain_addr().map(tracing::field::display),
+        mqtt_tls = ingest.tls_addr().map(tracing::field::display),
+        metrics = metrics_addr.map(tracing::field::display),
         outbox = outbox.depth().entries,
         dlq = counters.dlq_entries,
         "edge-agent ready"
@@ -153,6 +166,8 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     if let Some(ready) = hooks.ready {
         let _ = ready.send(Handles {
             ingest_addr: ingest.local_addr(),
+            ingest_tls_addr: ingest.tls_addr(),
+            metrics_addr,
             live,
             outbox: outbox.clone(),
             reader,

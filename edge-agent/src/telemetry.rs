@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use metrics::{describe_counter, describe_gauge, describe_histogram};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
 
@@ -122,13 +122,26 @@ pub fn init_logs(cfg: &LogConfig) {
     };
 }
 
-/// Starts the `/metrics` endpoint. Must run inside the tokio runtime.
-pub fn init_metrics(cfg: &MetricsConfig) -> anyhow::Result<()> {
+/// Starts the `/metrics` endpoint and returns the address it is bound to (`None` when metrics
+/// are off); port 0 in `metrics.listen` picks a free port, which this address reports. Must run
+/// inside the tokio runtime.
+///
+/// The listener is bound here (not by the exporter, whose own listener cannot say which port
+/// it got) and served with hyper, as the exporter would: `/health` answers `OK`, any other path
+/// the text exposition.
+pub fn init_metrics(cfg: &MetricsConfig) -> anyhow::Result<Option<SocketAddr>> {
     if !cfg.enabled {
-        return Ok(());
+        return Ok(None);
     }
-    PrometheusBuilder::new()
-        .with_http_listener(cfg.listen)
+    let context = || format!("metrics.listen: cannot serve metrics on {}", cfg.listen);
+    let listener = std::net::TcpListener::bind(cfg.listen)
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)
+        })
+        .with_context(context)?;
+    let addr = listener.local_addr().with_context(context)?;
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(STAGE_SECONDS.into()),
             &[
@@ -140,10 +153,65 @@ pub fn init_metrics(cfg: &MetricsConfig) -> anyhow::Result<()> {
             Matcher::Full(BATCH_SIZE.into()),
             &[1.0, 10.0, 100.0, 500.0, 1000.0, 2000.0, 4000.0, 8000.0],
         )?
-        .install()
-        .with_context(|| format!("metrics.listen: cannot serve metrics on {}", cfg.listen))?;
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    // What the exporter's own runtime would do: drain histograms now and then.
+    tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        }
+    });
+    tokio::spawn(serve_metrics(listener, handle));
     describe();
-    Ok(())
+    Ok(Some(addr))
+}
+
+/// The `/metrics` endpoint: one hyper HTTP/1 connection per accepted socket.
+async fn serve_metrics(listener: tokio::net::TcpListener, handle: PrometheusHandle) {
+    use hyper::server::conn::http1;
+    use hyper::service::service_fn;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors, say: try again shortly rather than spin.
+                tracing::warn!(error = %e, "metrics: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| metrics_reply(req, handle.clone()));
+            let io = hyper_util::rt::TokioIo::new(stream);
+            if let Err(e) = http1::Builder::new().serve_connection(io, service).await {
+                tracing::debug!(error = %e, "metrics: connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn metrics_reply(
+    req: hyper::Request<hyper::body::Incoming>,
+    handle: PrometheusHandle,
+) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    let body = match req.uri().path() {
+        "/health" => "OK".to_string(),
+        _ => tokio::task::spawn_blocking(move || handle.render())
+            .await
+            .unwrap_or_default(),
+    };
+    let mut reply = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    reply.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    Ok(reply)
 }
 
 fn describe() {

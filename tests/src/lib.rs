@@ -2,6 +2,11 @@
 //! mosquitto where a test needs one) on free loopback ports in a temporary directory, and
 //! reads the outcome back through the agent's own CLI.
 //!
+//! The agent binds port 0 and says which ports it got in its `edge-agent ready` line, so no
+//! other process can take them between our choice and its bind; a restart keeps them. mosquitto
+//! cannot report a port 0, so it gets a free port and its start is retried on another one when
+//! that turns out to be taken. (moto, `src/moto.rs`, binds port 0 and says which it got.)
+//!
 //! `EDGE_AGENT_BIN` overrides the binary (e.g. an ARM build run under qemu-user).
 
 use std::io::{Read, Write};
@@ -74,12 +79,38 @@ fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// A port that was free a moment ago (bind to 0, read, release): another process may take it
+/// before whoever it is meant for binds it. Only for servers that cannot bind port 0 and report
+/// the port they got (mosquitto: its `listener 0` is a Unix socket), and then with a retry of
+/// the start when the port is taken ([`Mosquitto`]); the agent binds port 0 itself.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// How often a start whose port was taken in the meantime is tried again, and the first pause
+/// (doubling) between tries.
+const BIND_ATTEMPTS: u32 = 5;
+const BIND_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Whether a server's start-up output says a port was taken (EADDRINUSE).
+fn addr_in_use(log: &str) -> bool {
+    log.contains("Address already in use") || log.contains("os error 98")
+}
+
+/// The value of field `name` in a tracing line: text (`name=value`) or JSON (`"name":"value"`).
+fn log_field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let text = format!("{name}=");
+    let json = format!("\"{name}\":\"");
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(text.as_str()))
+        .or_else(|| {
+            let at = line.find(&json)? + json.len();
+            line[at..].split('"').next()
+        })
 }
 
 pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
@@ -91,11 +122,19 @@ pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 }
 
 /// A running `edge-agent run`, with its config and data under `dir`.
+///
+/// Its listeners start on port 0: the ports it got come from its `edge-agent ready` line and
+/// are then written into its config, so a restart (or a test that edits the config) keeps
+/// them and publishers reconnect to the same port.
 pub struct Agent {
     child: Option<Child>,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// The embedded endpoint's plain listener (0 when it serves TLS only), or with an external
+    /// broker that broker's port.
     pub mqtt_port: u16,
+    /// The embedded endpoint's TLS listener, when it has one.
+    pub tls_port: Option<u16>,
     pub metrics_port: u16,
     log: PathBuf,
     /// The log line that says the agent takes messages: with an external broker that is the
@@ -119,14 +158,10 @@ impl Agent {
         env: &[(&str, &str)],
         tweak: impl FnOnce(&mut toml::Table),
     ) -> Agent {
-        let mqtt_port = free_port();
-        Self::start(dir, mqtt_port, env, |cfg| {
+        // Port 0: the agent reports the port it got (`Agent::mqtt_port` after the start).
+        Self::start(dir, 0, env, |cfg| {
             set(cfg, &["broker", "mode"], "embedded".into());
-            set(
-                cfg,
-                &["broker", "embedded", "listen"],
-                format!("127.0.0.1:{mqtt_port}").into(),
-            );
+            set(cfg, &["broker", "embedded", "listen"], "127.0.0.1:0".into());
             tweak(cfg);
         })
     }
@@ -156,18 +191,13 @@ impl Agent {
         env: &[(&str, &str)],
         tweak: impl FnOnce(&mut toml::Table),
     ) -> Agent {
-        let metrics_port = free_port();
         let mut cfg = example_config();
         set(
             &mut cfg,
             &["data_dir"],
             dir.join("data").display().to_string().into(),
         );
-        set(
-            &mut cfg,
-            &["metrics", "listen"],
-            format!("127.0.0.1:{metrics_port}").into(),
-        );
+        set(&mut cfg, &["metrics", "listen"], "127.0.0.1:0".into());
         tweak(&mut cfg);
         let external = cfg["broker"]["mode"].as_str() == Some("external");
         let config = dir.join("edge-agent.toml");
@@ -177,7 +207,8 @@ impl Agent {
             dir: dir.to_path_buf(),
             config,
             mqtt_port,
-            metrics_port,
+            tls_port: None,
+            metrics_port: 0,
             log: dir.join("agent.log"),
             ready_line: if external {
                 "subscribed"
@@ -194,17 +225,104 @@ impl Agent {
         agent
     }
 
-    /// (Re)starts the process with the same config and data, and waits until it is ready.
+    /// (Re)starts the process with the same config, data and ports, and waits until it is
+    /// ready.
+    ///
+    /// A restart binds the ports of the first start again; if another process took one while
+    /// the agent was down (unlikely, but a parallel run makes many ephemeral ports), the start
+    /// is tried again a few times, with a short backoff, for that error only.
     pub fn restart(&mut self) {
-        self.spawn();
-        let offset = self.log_offset;
-        let ready_line = self.ready_line;
-        wait_for(ready_line, Duration::from_secs(30), || {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+        let mut pause = BIND_BACKOFF;
+        for attempt in 1..=BIND_ATTEMPTS {
+            self.spawn();
+            let Err(status) = self.wait_ready() else {
+                self.learn_ports();
+                return;
+            };
+            let this_start = self.log_text()[self.log_offset..].to_string();
+            if attempt == BIND_ATTEMPTS || !addr_in_use(&this_start) {
                 panic!("edge-agent exited early ({status}):\n{}", self.log_text());
             }
-            self.log_text()[offset..].contains(ready_line)
-        });
+            eprintln!(
+                "edge-agent: a port is taken (attempt {attempt}), starting again: {this_start}"
+            );
+            std::thread::sleep(pause);
+            pause *= 2;
+        }
+    }
+
+    /// Waits for this start's ready lines; the exit status if the process ends first.
+    fn wait_ready(&mut self) -> Result<(), ExitStatus> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Err(status);
+            }
+            let log = self.log_text();
+            let this_start = &log[self.log_offset.min(log.len())..];
+            // With an external broker `ready_line` is the subscription; the ports are on the
+            // `edge-agent ready` line either way.
+            if this_start.contains(self.ready_line) && this_start.contains("edge-agent ready") {
+                return Ok(());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out waiting for {}:\n{log}",
+                self.ready_line
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Reads the bound ports from this start's `edge-agent ready` line and writes them into
+    /// the config in place of port 0, so the next start binds them again.
+    fn learn_ports(&mut self) {
+        let log = self.log_text();
+        let line = log[self.log_offset..]
+            .lines()
+            .find(|l| l.contains("edge-agent ready"))
+            .expect("the ready line")
+            .to_string();
+        let port = |name: &str| {
+            log_field(&line, name).map(|addr| {
+                let port = addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok());
+                (
+                    addr.to_string(),
+                    port.unwrap_or_else(|| panic!("{name} in: {line}")),
+                )
+            })
+        };
+        let (plain, tls, metrics) = (port("mqtt"), port("mqtt_tls"), port("metrics"));
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let mut cfg: toml::Table = text.parse().unwrap();
+        let embedded = cfg["broker"]["mode"].as_str() != Some("external");
+        if embedded {
+            self.mqtt_port = plain.as_ref().map_or(0, |p| p.1);
+            self.tls_port = tls.as_ref().map(|p| p.1);
+            if let Some((addr, _)) = &plain {
+                set(
+                    &mut cfg,
+                    &["broker", "embedded", "listen"],
+                    addr.as_str().into(),
+                );
+            }
+            if let Some((addr, _)) = &tls {
+                set(
+                    &mut cfg,
+                    &["broker", "embedded", "tls", "listen"],
+                    addr.as_str().into(),
+                );
+            }
+        }
+        if let Some((addr, port)) = &metrics {
+            self.metrics_port = *port;
+            set(&mut cfg, &["metrics", "listen"], addr.as_str().into());
+        }
+        let pinned = toml::to_string(&cfg).unwrap();
+        if pinned != text {
+            std::fs::write(&self.config, pinned).unwrap();
+        }
     }
 
     /// Starts the process expecting it to refuse to run; returns how it exited and what it
@@ -542,7 +660,24 @@ impl Mosquitto {
         }
     }
 
+    /// mosquitto cannot listen on port 0 and say which port it got (`listener 0` is a Unix
+    /// socket), so its ports are [`free_port`]s: if one is taken before mosquitto binds it, it
+    /// exits saying so, and it is started again on new ports.
     fn with_config(dir: &Path, pki: Option<&pki::Pki>, acl: Option<&str>) -> Mosquitto {
+        for attempt in 1..=BIND_ATTEMPTS {
+            let mut m = Self::configure(dir, pki, acl);
+            match m.try_start() {
+                Ok(()) => return m,
+                Err(log) if attempt < BIND_ATTEMPTS => {
+                    eprintln!("mosquitto: a port is taken (attempt {attempt}), new ports: {log}");
+                }
+                Err(log) => panic!("mosquitto: no free port in {BIND_ATTEMPTS} attempts: {log}"),
+            }
+        }
+        unreachable!()
+    }
+
+    fn configure(dir: &Path, pki: Option<&pki::Pki>, acl: Option<&str>) -> Mosquitto {
         let port = free_port();
         // Started as root, mosquitto drops to the `mosquitto` user, which cannot write its
         // persistence file into our temporary directory (sessions would be lost on restart):
@@ -582,38 +717,38 @@ impl Mosquitto {
         });
         let conf = dir.join("mosquitto.conf");
         std::fs::write(&conf, conf_text).unwrap();
-        let mut m = Mosquitto {
+        Mosquitto {
             child: None,
             port,
             tls_port,
             conf,
             log: dir.join("mosquitto.log"),
             acl,
-        };
-        m.restart();
-        m
+        }
     }
 
-    /// Starts it again on the same ports (after [`Mosquitto::stop`]).
+    /// Starts it again on the same ports (after [`Mosquitto::stop`]). If another process took
+    /// one meanwhile, tries again a few times with a short backoff (only for that error).
     pub fn restart(&mut self) {
+        let mut pause = BIND_BACKOFF;
+        for attempt in 1..=BIND_ATTEMPTS {
+            match self.try_start() {
+                Ok(()) => return,
+                Err(log) if attempt < BIND_ATTEMPTS => {
+                    eprintln!("mosquitto: a port is taken (attempt {attempt}), again: {log}");
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                }
+                Err(log) => panic!("mosquitto: its ports stayed taken: {log}"),
+            }
+        }
+    }
+
+    /// One start; `Err(this start's log)` if a port was taken.
+    fn try_start(&mut self) -> Result<(), String> {
         assert!(self.child.is_none());
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        let child = Command::new(mosquitto_binary())
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("mosquitto (Debian package mosquitto) must be installed");
-        self.child = Some(child);
-        let port = self.port;
-        wait_for("mosquitto to listen", Duration::from_secs(10), || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
+        self.child = Some(spawn_mosquitto(&self.conf, &self.log)?);
+        Ok(())
     }
 
     /// SIGTERM (mosquitto saves its sessions) and wait.
@@ -629,6 +764,54 @@ impl Mosquitto {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Starts mosquitto with `conf`, its output appended to `log`, and waits until it says it is
+/// running, i.e. every listener is open (so a connect cannot reach another process that holds
+/// the port). `Err(this start's log)` when it exits because a port is taken; panics on any
+/// other early exit. The config must log `information` (mosquitto's default without
+/// `log_type`), which is where the "running" line is.
+pub fn spawn_mosquitto(conf: &Path, log: &Path) -> Result<Child, String> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let offset = file.metadata().unwrap().len() as usize;
+    let mut child = Command::new(mosquitto_binary())
+        .arg("-c")
+        .arg(conf)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .expect("mosquitto (Debian package mosquitto) must be installed");
+    let this_start = || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        text.get(offset..).unwrap_or_default().to_string()
+    };
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let text = this_start();
+            if addr_in_use(&text) {
+                return Err(text);
+            }
+            panic!("mosquitto exited ({status}):\n{text}");
+        }
+        if this_start()
+            .lines()
+            .any(|l| l.contains("mosquitto version") && l.ends_with(" running"))
+        {
+            return Ok(child);
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("mosquitto did not start:\n{}", this_start());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

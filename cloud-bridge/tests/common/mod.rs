@@ -4,9 +4,8 @@
 #![allow(dead_code)]
 
 use std::io::Write as _;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -26,13 +25,9 @@ macro_rules! require_aws {
     };
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A port that was free a moment ago; see [`e2e::free_port`] for why only mosquitto's start
+/// uses it, and with a retry.
+pub use e2e::free_port;
 
 pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -79,45 +74,43 @@ impl Broker {
         Self::start(dir, server_pki, client_ca, Some(acl))
     }
 
+    /// mosquitto cannot listen on port 0 and report the port, so it gets a [`free_port`]; when
+    /// another process takes that port first, mosquitto exits saying so and is started again on
+    /// another one.
     fn start(dir: &Path, server_pki: &Pki, client_ca: &Path, acl: Option<&str>) -> Broker {
-        let mosquitto = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is installed (tests/run.sh installs it)");
         let (cert, key) = server_pki.issue("broker", true);
-        let port = free_port();
-        let conf = dir.join(format!("mosquitto-{port}.conf"));
-        let log = dir.join(format!("mosquitto-{port}.log"));
-        let mut f = std::fs::File::create(&conf).unwrap();
-        writeln!(
-            f,
-            "listener {port} 127.0.0.1\n\
-             cafile {}\ncertfile {}\nkeyfile {}\n\
-             require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n\
-             max_inflight_messages 0\nmax_queued_messages 1000000\npersistence false\n\
-             log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice",
-            client_ca.display(),
-            cert.display(),
-            key.display()
-        )
-        .unwrap();
-        if let Some(acl) = acl {
-            let file = dir.join(format!("mosquitto-{port}.acl"));
-            std::fs::write(&file, acl).unwrap();
-            writeln!(f, "\nacl_file {}", file.display()).unwrap();
+        let mut taken = Vec::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let conf = dir.join(format!("mosquitto-{port}.conf"));
+            let log = dir.join(format!("mosquitto-{port}.log"));
+            let mut f = std::fs::File::create(&conf).unwrap();
+            // `information` too: the "running" line the start waits for.
+            writeln!(
+                f,
+                "listener {port} 127.0.0.1\n\
+                 cafile {}\ncertfile {}\nkeyfile {}\n\
+                 require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n\
+                 max_inflight_messages 0\nmax_queued_messages 1000000\npersistence false\n\
+                 log_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n\
+                 log_type information",
+                client_ca.display(),
+                cert.display(),
+                key.display()
+            )
+            .unwrap();
+            if let Some(acl) = acl {
+                let file = dir.join(format!("mosquitto-{port}.acl"));
+                std::fs::write(&file, acl).unwrap();
+                writeln!(f, "\nacl_file {}", file.display()).unwrap();
+            }
+            drop(f);
+            match e2e::spawn_mosquitto(&conf, &log) {
+                Ok(child) => return Broker { child, port, log },
+                Err(text) => taken.push(text),
+            }
         }
-        drop(f);
-        let child = Command::new(mosquitto)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start mosquitto");
-        wait_for("mosquitto to listen", Duration::from_secs(10), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        Broker { child, port, log }
+        panic!("mosquitto: no free port in 5 attempts: {taken:?}");
     }
 }
 

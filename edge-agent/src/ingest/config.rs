@@ -401,7 +401,8 @@ impl EmbeddedConfig {
                         "auth = \"certificate\" has no plain listener (a certificate needs TLS)",
                     ));
                 }
-                if self.serves_plain() && tls.listen == self.listen {
+                // Port 0 is a free port picked at bind time, so two of them never clash.
+                if self.serves_plain() && tls.listen.port() != 0 && tls.listen == self.listen {
                     return Err(Invalid::at(
                         "broker.embedded.tls.listen",
                         format!(
@@ -632,6 +633,12 @@ mod tests {
             "[broker.embedded]\nplain = true\nlisten = \"127.0.0.1:8883\"\n{tls}"
         ));
         assert!(e.starts_with("broker.embedded.tls.listen:"), "{e}");
+        // Port 0 on both: two free ports picked at bind time, not one address twice.
+        let c = embedded(&format!(
+            "[broker.embedded]\nplain = true\nlisten = \"127.0.0.1:0\"\n{tls}listen = \"127.0.0.1:0\"\n"
+        ))
+        .unwrap();
+        assert!(c.serves_plain());
 
         // TLS turns the plain listener off unless it is asked for.
         let c = embedded(&format!("[broker.embedded]\nauth = \"password\"\n{tls}")).unwrap();

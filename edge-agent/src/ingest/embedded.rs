@@ -166,6 +166,11 @@ impl EmbeddedServer {
         }
     }
 
+    /// The plain listener's address, if there is one.
+    pub fn plain_local_addr(&self) -> Option<SocketAddr> {
+        self.listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// The TLS listener's address, if there is one.
     pub fn tls_local_addr(&self) -> Option<SocketAddr> {
         self.tls.as_ref().and_then(|(l, _)| l.local_addr().ok())

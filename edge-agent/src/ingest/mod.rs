@@ -327,7 +327,9 @@ impl Shutdown {
 pub struct Ingest {
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     finished: bool,
-    local_addr: Option<std::net::SocketAddr>,
+    /// The embedded endpoint's bound plain and TLS listeners (none with an external broker).
+    plain_addr: Option<std::net::SocketAddr>,
+    tls_addr: Option<std::net::SocketAddr>,
 }
 
 /// What the embedded endpoint refused, by reason: TLS handshakes
@@ -359,31 +361,44 @@ pub async fn start(
     shutdown: Shutdown,
 ) -> anyhow::Result<Ingest> {
     let token = shutdown.token();
-    let (task, local_addr) = match cfg.mode {
+    let (task, plain_addr, tls_addr) = match cfg.mode {
         Mode::Embedded => {
             let server = embedded::EmbeddedServer::bind(cfg.embedded.clone())
                 .await?
                 .with_devices(devices)
                 .with_refused(refused);
-            let addr = server.local_addr()?;
-            (tokio::spawn(server.run(tx, token)), Some(addr))
+            let (plain, tls) = (server.plain_local_addr(), server.tls_local_addr());
+            (tokio::spawn(server.run(tx, token)), plain, tls)
         }
         Mode::External => {
             let client = external::ExternalClient::new(cfg.external.clone())?;
-            (tokio::spawn(client.run(tx, token)), None)
+            (tokio::spawn(client.run(tx, token)), None, None)
         }
     };
     Ok(Ingest {
         task,
         finished: false,
-        local_addr,
+        plain_addr,
+        tls_addr,
     })
 }
 
 impl Ingest {
-    /// The embedded endpoint's bound address (`None` in external mode).
+    /// The embedded endpoint's bound address: the plain listener's, or the TLS listener's
+    /// when there is no plain one (`None` in external mode).
     pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        self.local_addr
+        self.plain_addr.or(self.tls_addr)
+    }
+
+    /// The embedded endpoint's plain TCP listener, as bound (so a configured port 0 reads as
+    /// the port it got); `None` when it serves TLS only, or in external mode.
+    pub fn plain_addr(&self) -> Option<std::net::SocketAddr> {
+        self.plain_addr
+    }
+
+    /// The embedded endpoint's TLS listener, as bound; `None` without one.
+    pub fn tls_addr(&self) -> Option<std::net::SocketAddr> {
+        self.tls_addr
     }
 
     /// Resolves when the source stops: after a [`Shutdown::trigger`], or on its own with the

@@ -18,7 +18,13 @@ use super::{AckSet, Inbound};
 
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A port that was free a moment ago (bind to 0, read, release).
+/// Starts of mosquitto tried when its port turns out to be taken.
+const BIND_ATTEMPTS: u32 = 5;
+
+/// A port that was free a moment ago (bind to 0, read, release): another process may take it
+/// before mosquitto binds it. Only for [`Mosquitto`], which cannot listen on port 0 and report
+/// the port (its `listener 0` is a Unix socket), and whose start is retried on another port when
+/// it is taken; the endpoints under test bind port 0 themselves.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -65,22 +71,37 @@ impl Mosquitto {
             port: free_port(),
             dir: tempfile::tempdir().unwrap(),
         };
-        m.spawn().await;
+        // Taken before mosquitto bound it: another port.
+        for _ in 1..BIND_ATTEMPTS {
+            if m.spawn().await {
+                return Some(m);
+            }
+            m.port = free_port();
+        }
+        assert!(
+            m.spawn().await,
+            "mosquitto: no free port in {BIND_ATTEMPTS} attempts"
+        );
         Some(m)
     }
 
-    async fn spawn(&mut self) {
+    /// Starts mosquitto on `self.port` and waits until it says it is running (its listener is
+    /// open, so a connect cannot reach another process holding the port); false when it exits
+    /// because the port is taken.
+    async fn spawn(&mut self) -> bool {
         let conf = self.dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
             format!(
                 "listener {} 127.0.0.1\nallow_anonymous true\nmax_inflight_messages 0\n\
-                 persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n",
+                 persistence false\nlog_dest stderr\nlog_type error\nlog_type warning\n\
+                 log_type information\n",
                 self.port
             ),
         )
         .unwrap();
-        let log = std::fs::File::create(self.dir.path().join("mosquitto.log")).unwrap();
+        let path = self.dir.path().join("mosquitto.log");
+        let log = std::fs::File::create(&path).unwrap();
         let child = Command::new(find_bin("mosquitto").unwrap())
             .arg("-c")
             .arg(&conf)
@@ -91,15 +112,22 @@ impl Mosquitto {
             .expect("starting mosquitto");
         self.child = Some(child);
         let deadline = Instant::now() + WAIT;
-        while TcpStream::connect(("127.0.0.1", self.port)).await.is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                let log = std::fs::read_to_string(self.dir.path().join("mosquitto.log"));
-                panic!("mosquitto exited with {status}: {log:?}");
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if text
+                .lines()
+                .any(|l| l.contains("mosquitto version") && l.ends_with(" running"))
+            {
+                return true;
             }
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not start listening"
-            );
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                if text.contains("Address already in use") {
+                    return false;
+                }
+                panic!("mosquitto exited with {status}: {text}");
+            }
+            assert!(Instant::now() < deadline, "mosquitto did not start: {text}");
             sleep(Duration::from_millis(20)).await;
         }
     }
@@ -112,10 +140,23 @@ impl Mosquitto {
         }
     }
 
-    /// Starts a fresh broker process on the same port.
+    /// Starts a fresh broker process on the same port (the client under test reconnects to
+    /// it); if another process took the port meanwhile, tries again with a short backoff.
     pub async fn restart(&mut self) {
         self.kill();
-        self.spawn().await;
+        let mut pause = Duration::from_millis(100);
+        for _ in 1..BIND_ATTEMPTS {
+            if self.spawn().await {
+                return;
+            }
+            sleep(pause).await;
+            pause *= 2;
+        }
+        assert!(
+            self.spawn().await,
+            "mosquitto: port {} stayed taken",
+            self.port
+        );
     }
 }
 

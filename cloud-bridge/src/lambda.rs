@@ -279,15 +279,42 @@ fn device_answer(reply: &crate::ingest::Reply) -> Value {
 async fn handle_iot(p: &Pipeline, event: serde_json::Map<String, Value>) -> anyhow::Result<Value> {
     let ing = ingest(p)?;
     let received_at = crate::now_ms();
+    let raw = Value::Object(event.clone()).to_string();
+    // An event that names no device topic is dead-lettered, not failed: a retry of the same
+    // event could only fail again.
     let (topic, payload) = match crate::ingest::source::iot_rule(event) {
         Ok(t) => t,
-        Err(reason) => bail!("IoT rule event: {reason}"),
+        Err(reason) => {
+            let reason = format!("IoT rule event: {reason}");
+            let r = ing
+                .refuse(
+                    "unknown",
+                    "",
+                    raw.as_bytes(),
+                    proto::Via::Iot,
+                    received_at,
+                    &reason,
+                )
+                .await?;
+            return Ok(device_answer(&r));
+        }
     };
     let Some((device, event_type)) = ing.engine.topic().matches(&topic) else {
-        bail!(
+        let reason = format!(
             "IoT rule event: topic '{topic}' is not a device topic ({})",
             ing.engine.topic().as_str()
         );
+        let r = ing
+            .refuse(
+                "unknown",
+                "",
+                &payload,
+                proto::Via::Iot,
+                received_at,
+                &reason,
+            )
+            .await?;
+        return Ok(device_answer(&r));
     };
     let m = crate::ingest::Message {
         device,

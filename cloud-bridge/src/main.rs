@@ -171,7 +171,14 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { config } => match load(&config) {
-            Ok(_) => {
+            Ok(cfg) => {
+                // The credential files are read at start-up; check them here too.
+                if let Some(h) = &cfg.http
+                    && let Err(e) = cloud_bridge::ingest::auth::Auth::load(h)
+                {
+                    eprintln!("cloud-bridge: invalid config: {}: {e:#}", config.display());
+                    return ExitCode::from(2);
+                }
                 println!("{}: ok", config.display());
                 ExitCode::SUCCESS
             }

@@ -207,6 +207,9 @@ async fn mqtt_loop(
     let inflight = Arc::new(Semaphore::new(mqtt.max_inflight));
     let worker_stop = CancellationToken::new();
     let mut workers: HashMap<String, mpsc::UnboundedSender<Message>> = HashMap::new();
+    // Gateway-less devices on the broker: one worker each, so a device's messages are
+    // processed in the order they arrived.
+    let mut devices: HashMap<String, mpsc::UnboundedSender<Delivery>> = HashMap::new();
     let mut tasks = JoinSet::new();
     let mut pending_acks: Vec<Publish> = Vec::new();
     let mut generation = 0u64;
@@ -242,6 +245,7 @@ async fn mqtt_loop(
                 draining = true;
                 drain_deadline = Some(Instant::now() + Duration::from_millis(mqtt.shutdown_grace_ms));
                 workers.clear();
+                devices.clear();
                 worker_stop.cancel();
             }
             _ = sleep_until(drain_deadline.unwrap_or_else(Instant::now)), if drain_deadline.is_some() => {
@@ -292,7 +296,7 @@ async fn mqtt_loop(
                     // Bounded: at the limit, stop reading from the broker until acks free room.
                     let permit = Arc::clone(&inflight).acquire_owned().await.expect("semaphore open");
                     let delivery = Delivery { generation, publish: p, _permit: permit };
-                    dispatch(delivery, pipeline, &client, &ack_tx, &worker_stop, &mut workers, &mut tasks);
+                    dispatch(delivery, pipeline, &client, &ack_tx, &worker_stop, &mut workers, &mut devices, &mut tasks);
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -354,6 +358,7 @@ fn flush_acks(client: &AsyncClient, pending: &mut Vec<Publish>, metrics: &Metric
 
 /// Decodes a message and hands it to its gateway's worker (started on first use), or
 /// dead-letters it.
+#[allow(clippy::too_many_arguments)]
 fn dispatch(
     d: Delivery,
     pipeline: &Pipeline,
@@ -361,18 +366,32 @@ fn dispatch(
     ack_tx: &mpsc::UnboundedSender<Vec<Delivery>>,
     stop: &CancellationToken,
     workers: &mut HashMap<String, mpsc::UnboundedSender<Message>>,
+    devices: &mut HashMap<String, mpsc::UnboundedSender<Delivery>>,
     tasks: &mut JoinSet<()>,
 ) {
     let topic = d.publish.topic.clone();
     if let Some(ingest) = &pipeline.ingest
-        && ingest.engine.topic().matches(&topic).is_some()
+        && let Some((device, _)) = ingest.engine.topic().matches(&topic)
     {
-        tasks.spawn(device_message(
-            Arc::clone(ingest),
-            d,
-            ack_tx.clone(),
-            stop.clone(),
-        ));
+        let d = match devices.get(device) {
+            Some(tx) => match tx.send(d) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(d)) => d,
+            },
+            None => d,
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<Delivery>();
+        let _ = tx.send(d);
+        devices.insert(device.to_string(), tx);
+        let (ingest, ack_tx, stop) = (Arc::clone(ingest), ack_tx.clone(), stop.clone());
+        tasks.spawn(async move {
+            while let Some(d) = rx.recv().await {
+                device_message(Arc::clone(&ingest), d, ack_tx.clone(), stop.clone()).await;
+                if stop.is_cancelled() {
+                    return;
+                }
+            }
+        });
         return;
     }
     let parsed = if proto::uplink::status_gateway_of(&topic).is_some() {

@@ -454,3 +454,148 @@ async fn two_bridges_share_one_device_exactly_once() {
         assert_eq!(r.result["consumption_kwh"], json!(0.5), "seq {seq}: {r:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_on_the_cloud_broker_are_taken_from_their_topics() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cloud");
+    let broker = Broker::start_tls(dir.path(), &pki, &pki.ca);
+    let names = AwsNames::unique("ingestmqtt");
+    let (c, k) = pki.issue("bridge-mqtt", false);
+    let engine = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/edge-agent.toml");
+    let text = format!(
+        "{}\n[dlq]\nprocess = false\n\n[ingest]\nengine_config = \"{}\"\nmqtt = true\n",
+        bridge_config(
+            &endpoint,
+            &names,
+            Some((broker.port, &pki.ca, &c, &k)),
+            "bridge-mqtt"
+        ),
+        engine.display()
+    );
+    let cfg = write_config(dir.path(), "mqtt.toml", &text);
+    provision(&cfg);
+    let aws = TestAws::new(&endpoint).await;
+    let bridge = Bridge::start(&cfg, dir.path().join("mqtt.log"), &[]);
+    bridge.wait_log("subscribed", Duration::from_secs(30));
+
+    let (dc, dk) = pki.issue("meter-cell1", false);
+    let device = TestClient::connect(
+        "meter-cell1",
+        broker.port,
+        Tls {
+            ca: &pki.ca,
+            cert: Some((&dc, &dk)),
+        },
+    );
+    let t0 = now_ms() - 3_600_000;
+    let mut bad = meter("c3", 3, t0 + 2 * MIN, 20.5);
+    bad["data"]["current_a"] = json!("lots");
+    for msg in [
+        meter("c1", 1, t0, 20.0),
+        meter("c2", 2, t0 + MIN, 20.25),
+        meter("c2", 2, t0 + MIN, 20.25),
+        bad,
+    ] {
+        device
+            .client
+            .publish(
+                "devices/meter-cell1/events/meter",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                msg.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    device.wait_acked(4).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let results = loop {
+        let r = stored(&aws, &names.bucket).await;
+        if r.len() >= 2 || std::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let ids: Vec<&str> = results.keys().map(String::as_str).collect();
+    assert_eq!(ids, ["meter-cell1/c1", "meter-cell1/c2"]);
+    assert!(results.values().all(|r| r.via == Via::Iot));
+    assert_eq!(
+        results["meter-cell1/c2"].result["consumption_kwh"],
+        json!(0.25)
+    );
+    // The refused one is in the DLQ (its processor is off here). The device's PUBACKs come
+    // from the broker, not the bridge, so both outcomes are polled for.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let listing = bridge_json(&cfg, &["dlq", "list", "--json"]);
+        let reasons: Vec<String> = listing["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["reason"].as_str().unwrap().to_string())
+            .collect();
+        if reasons.iter().any(|r| r.contains("current_a")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{listing}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_speaks_for_its_subject() {
+    use base64::Engine as _;
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let names = AwsNames::unique("ingestjwt");
+    // An ES256 key pair: its public half in the JWKS, the private half signs the tokens.
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = kp.public_key_raw();
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let jwks = json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "app-1",
+        "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}]});
+    std::fs::write(dir.path().join("jwks.json"), jwks.to_string()).unwrap();
+    let engine = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/edge-agent.toml");
+    let text = format!(
+        "{}\n[ingest]\nengine_config = \"{}\"\n\n[http]\nlisten = \"127.0.0.1:0\"\njwks = \"{}\"\n\
+         jwt_audience = \"edge-pipeline\"\n",
+        bridge_config(&endpoint, &names, None, "unused"),
+        engine.display(),
+        dir.path().join("jwks.json").display()
+    );
+    let cfg = write_config(dir.path(), "jwt.toml", &text);
+    provision(&cfg);
+    let aws = TestAws::new(&endpoint).await;
+    let (_b, base) = start(dir.path(), &cfg, "jwt", &[]);
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(kp.serialize_pem().as_bytes()).unwrap();
+    let token = |sub: &str, aud: &str| {
+        let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        h.kid = Some("app-1".into());
+        let claims = json!({"sub": sub, "aud": aud, "exp": now_ms() / 1000 + 600});
+        jsonwebtoken::encode(&h, &claims, &enc).unwrap()
+    };
+    let url = format!("{base}/v1/devices/meter-j1/events/meter");
+    let msg = meter("j1", 1, now_ms() - 60_000, 5.0).to_string();
+    let bearer = |t: String| format!("Authorization: Bearer {t}");
+    let (code, body) = curl(
+        &url,
+        &[&bearer(token("meter-j1", "edge-pipeline"))],
+        msg.as_bytes(),
+    );
+    assert_eq!(code, 202, "{body}");
+    let (code, _) = curl(
+        &url,
+        &[&bearer(token("meter-j2", "edge-pipeline"))],
+        msg.as_bytes(),
+    );
+    assert_eq!(code, 403, "another device's token");
+    let (code, body) = curl(&url, &[&bearer(token("meter-j1", "other"))], msg.as_bytes());
+    assert_eq!(code, 401, "wrong audience: {body}");
+    assert_eq!(stored(&aws, &names.bucket).await.len(), 1);
+}

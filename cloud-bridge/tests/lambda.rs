@@ -337,6 +337,8 @@ async fn lambda_takes_device_messages_from_api_gateway_iot_rules_and_eventbridge
         iot,
         iot_cbor,
         eb,
+        // Not a device topic: dead-lettered (an answer, not a failure Lambda would retry).
+        json!({"topic": "sensors/x", "id": "z"}),
     ])
     .await;
     let mut child = std::process::Command::new(BIN)
@@ -377,6 +379,16 @@ async fn lambda_takes_device_messages_from_api_gateway_iot_rules_and_eventbridge
         assert_eq!(o.body["stored"], true, "{what}: {o:?}");
         assert_eq!(o.body["event_id"], id, "{what}: {o:?}");
     }
+    let stray = api.next_outcome().await;
+    assert_eq!(stray.kind, "response", "{stray:?}");
+    assert_eq!(stray.body["dead_lettered"], true, "{stray:?}");
+    assert!(
+        stray.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not a device topic"),
+        "{stray:?}"
+    );
     let _ = child.kill();
     let _ = child.wait();
 

@@ -148,6 +148,25 @@ async fn serve(
     }
 }
 
+/// `cloud-bridge lambda` against the test Runtime API at `addr`, as Lambda starts it.
+fn start_lambda(cfg: &std::path::Path, addr: &str, dir: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(BIN)
+        .arg("lambda")
+        .env("CLOUD_BRIDGE_CONFIG", cfg)
+        .env("AWS_LAMBDA_RUNTIME_API", addr)
+        .env("AWS_LAMBDA_FUNCTION_NAME", "cloud-bridge")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/cloud-bridge")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .stdout(std::fs::File::create(dir.join("lambda.stdout")).unwrap())
+        .stderr(std::fs::File::create(dir.join("lambda.log")).unwrap())
+        .spawn()
+        .unwrap()
+}
+
 async fn futures_pending() {
     std::future::pending::<()>().await
 }
@@ -194,21 +213,7 @@ async fn lambda_runtime_loop_end_to_end() {
     ];
     let mut api = RuntimeApi::start(events).await;
 
-    let mut child = std::process::Command::new(BIN)
-        .arg("lambda")
-        .env("CLOUD_BRIDGE_CONFIG", &cfg)
-        .env("AWS_LAMBDA_RUNTIME_API", &api.addr)
-        .env("AWS_LAMBDA_FUNCTION_NAME", "cloud-bridge")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/cloud-bridge")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .stdout(std::fs::File::create(dir.path().join("lambda.stdout")).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("lambda.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = start_lambda(&cfg, &api.addr, dir.path());
 
     let first = api.next_outcome().await;
     assert_eq!(
@@ -341,21 +346,7 @@ async fn lambda_takes_device_messages_from_api_gateway_iot_rules_and_eventbridge
         json!({"topic": "sensors/x", "id": "z"}),
     ])
     .await;
-    let mut child = std::process::Command::new(BIN)
-        .arg("lambda")
-        .env("CLOUD_BRIDGE_CONFIG", &cfg)
-        .env("AWS_LAMBDA_RUNTIME_API", &api.addr)
-        .env("AWS_LAMBDA_FUNCTION_NAME", "cloud-bridge")
-        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/cloud-bridge")
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .stdout(std::fs::File::create(dir.path().join("lambda.stdout")).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("lambda.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = start_lambda(&cfg, &api.addr, dir.path());
 
     let http_body = |o: &Outcome| -> Value {
         serde_json::from_str(o.body["body"].as_str().unwrap_or("null")).unwrap()

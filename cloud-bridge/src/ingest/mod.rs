@@ -158,7 +158,7 @@ impl Ingest {
     pub async fn handle(&self, m: &Message<'_>) -> anyhow::Result<Reply> {
         if let Err(reason) = check_names(m) {
             if m.replay {
-                return Ok(rejected(decode_rejection(reason)));
+                return Ok(rejected(Rejection::of_message(reason)));
             }
             return self.refuse_message(m, reason).await;
         }
@@ -286,7 +286,7 @@ impl Ingest {
     }
 
     async fn refuse_message(&self, m: &Message<'_>, reason: String) -> anyhow::Result<Reply> {
-        let rej = decode_rejection(reason);
+        let rej = Rejection::of_message(reason);
         let entries = self.dead_letter(m, &rej).await?;
         self.sink.put_events(entries).await?;
         self.metrics.ingest_rejected.increment(1);
@@ -386,20 +386,6 @@ impl Ingest {
             .clear_unsent(&self.name, device, item.version)
             .await?;
         Ok(())
-    }
-}
-
-/// A refusal before the engine: the message as a whole.
-fn decode_rejection(reason: String) -> Rejection {
-    Rejection {
-        stage: Stage::Decode,
-        reason,
-        subject: Subject::Document,
-        device: None,
-        event_id: None,
-        event_type: None,
-        gap: None,
-        transient: false,
     }
 }
 

@@ -100,6 +100,22 @@ pub struct Rejection {
     pub transient: bool,
 }
 
+impl Rejection {
+    /// The message as a whole, refused before its device is known (stage `decode`).
+    pub fn of_message(reason: String) -> Rejection {
+        Rejection {
+            stage: Stage::Decode,
+            reason,
+            subject: Subject::Document,
+            device: None,
+            event_id: None,
+            event_type: None,
+            gap: None,
+            transient: false,
+        }
+    }
+}
+
 /// Why a type's evaluation refused an event: the error of the stage that refused it.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 enum Failure {
@@ -321,20 +337,11 @@ impl Engine {
     /// an unknown type still takes its seq. Deterministic, and never panics.
     pub fn process(&self, state: &mut State, input: &Input<'_>) -> Outcome {
         let Some((device, etype)) = self.topic.matches(input.topic) else {
-            return Outcome::Rejected(Rejection {
-                stage: Stage::Decode,
-                reason: format!(
-                    "topic '{}' does not match the pattern '{}'",
-                    truncate(input.topic),
-                    self.topic
-                ),
-                subject: Subject::Document,
-                device: None,
-                event_id: None,
-                event_type: None,
-                gap: None,
-                transient: false,
-            });
+            return Outcome::Rejected(Rejection::of_message(format!(
+                "topic '{}' does not match the pattern '{}'",
+                truncate(input.topic),
+                self.topic
+            )));
         };
         if device.len() > MAX_DEVICE_ID_BYTES {
             // Before anything is kept under it: a device id is a state key and part of every

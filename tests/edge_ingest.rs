@@ -297,7 +297,10 @@ fn a_restart_keeps_the_reported_ports_and_waits_out_a_taken_one() {
     let (mqtt, metrics) = (agent.mqtt_port, agent.metrics_port);
     assert!(mqtt != 0 && metrics != 0 && mqtt != metrics);
     mosquitto_pub(mqtt, METER, &meter("a1", 1, 100.0), 1);
-    assert_eq!(agent.metric("edge_accepted_total"), 1.0);
+    // Counted just after the ack goes out.
+    wait_for("a1 to be counted", Duration::from_secs(10), || {
+        agent.metric("edge_accepted_total") == 1.0
+    });
     assert!(agent.stop().success());
 
     // Someone else listens on the agent's MQTT port while it is down.
@@ -317,7 +320,11 @@ fn a_restart_keeps_the_reported_ports_and_waits_out_a_taken_one() {
     });
     assert_eq!((agent.mqtt_port, agent.metrics_port), (mqtt, metrics));
     mosquitto_pub(mqtt, METER, &meter("a2", 2, 100.25), 1);
-    assert_eq!(agent.metric("edge_accepted_total"), 1.0, "a fresh process");
+    wait_for(
+        "a2 to be counted by the fresh process",
+        Duration::from_secs(10),
+        || agent.metric("edge_accepted_total") == 1.0,
+    );
     assert!(agent.stop().success());
     assert_eq!(agent.outbox().len(), 2);
 }

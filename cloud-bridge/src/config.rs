@@ -53,9 +53,14 @@ pub struct IngestConfig {
     #[serde(default)]
     pub mqtt: bool,
     /// A gap in a device's `seq` still open after this long is reported as MissedEvents
-    /// (at the device's next message; the agent's `missed_after_s`).
+    /// (the agent's `missed_after_s`): at the device's next message, or by the sweep if the
+    /// device went silent.
     #[serde(default = "default_missed_after")]
     pub missed_after_s: u64,
+    /// How often `run` sweeps for silent devices with a gap due (0: never; the Lambda is
+    /// swept by a scheduled `IngestSweep` event, or `cloud-bridge sweep` by hand).
+    #[serde(default = "default_sweep_every")]
+    pub sweep_every_s: u64,
     /// The parsed engine spec (filled by [`Config::load`]).
     #[serde(skip)]
     pub spec: Option<engine::EngineSpec>,
@@ -66,6 +71,9 @@ fn default_ingest_name() -> String {
 }
 fn default_missed_after() -> u64 {
     300
+}
+fn default_sweep_every() -> u64 {
+    60
 }
 
 /// `[http]`: `POST /v1/devices/{device}/events/{type}` and `POST /v1/events:batch`.

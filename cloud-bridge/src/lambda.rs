@@ -27,6 +27,9 @@
 //!     AS topic …`). IoT Core authenticated the device; the topic names it.
 //!   - EventBridge events with `detail-type: "DeviceEvent"` whose detail is a device message
 //!     with its `device` and `type`.
+//!   - `detail-type: "IngestSweep"` (a scheduled rule's constant input): declares the overdue
+//!     gaps of devices that went silent ([`crate::ingest::Ingest::sweep`]); the response is
+//!     the sweep's report.
 //!
 //!   A stored or duplicate message answers `{"event_id", "stored": true}`, a refused one
 //!   `{"error", "stage", "dead_lettered": true}` (it is in the DLQ: not an invocation
@@ -168,6 +171,10 @@ pub async fn handle_with(
         } if detail_type == DEVICE_EVENT => {
             return handle_device_event(p, &detail).await;
         }
+        Payload::EventBridge { detail_type, .. } if detail_type == INGEST_SWEEP => {
+            let report = ingest(p)?.sweep(crate::now_ms(), SWEEP_LIMIT).await?;
+            return Ok(serde_json::to_value(report)?);
+        }
         Payload::EventBridge {
             detail_type,
             detail,
@@ -226,6 +233,12 @@ pub async fn handle_with(
 
 /// The detail-type of an EventBridge event that carries a device message.
 pub const DEVICE_EVENT: &str = "DeviceEvent";
+
+/// The detail-type of the scheduled event that sweeps for silent gateway-less devices.
+pub const INGEST_SWEEP: &str = "IngestSweep";
+
+/// Devices one sweep invocation visits at most (the schedule's next one takes the rest).
+const SWEEP_LIMIT: usize = 1000;
 
 fn ingest(p: &Pipeline) -> anyhow::Result<&crate::ingest::Ingest> {
     p.ingest

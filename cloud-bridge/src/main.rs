@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use cloud_bridge::config::{Config, LogConfig};
 use cloud_bridge::render;
@@ -66,6 +67,18 @@ enum Command {
         /// Only this gateway's objects.
         #[arg(long)]
         gateway: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Gateway-less devices that went silent: declare their gaps open longer than
+    /// `ingest.missed_after_s`, publish what a crashed instance left unpublished (what `run`
+    /// does every `ingest.sweep_every_s`, and the Lambda on its `IngestSweep` schedule).
+    Sweep {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Most devices to visit (the rest stay due for the next sweep).
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
         #[arg(long)]
         json: bool,
     },
@@ -279,6 +292,35 @@ fn main() -> ExitCode {
                     .days(&since, until.as_deref(), gateway.as_deref(), "cli")
                     .await?;
                 let text = render::correction_run(&r);
+                Ok((serde_json::to_value(r)?, text))
+            },
+            json,
+        ),
+        Command::Sweep {
+            config,
+            limit,
+            json,
+        } => tool(
+            &config,
+            "sweep",
+            move |p, _| async move {
+                let ingest = p
+                    .ingest
+                    .clone()
+                    .context("[ingest]: required to sweep gateway-less devices")?;
+                let r = ingest.sweep(cloud_bridge::now_ms(), limit).await?;
+                let text = format!(
+                    "{} devices due: {} gaps declared missed, {} events published, {} busy{}\n",
+                    r.due,
+                    r.declared,
+                    r.published,
+                    r.busy,
+                    if r.more {
+                        " (more are due: run again)"
+                    } else {
+                        ""
+                    }
+                );
                 Ok((serde_json::to_value(r)?, text))
             },
             json,

@@ -4,12 +4,15 @@
 
 use anyhow::Context as _;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    AttributeDefinition, BillingMode, CreateGlobalSecondaryIndexAction, GlobalSecondaryIndex,
+    GlobalSecondaryIndexUpdate, KeySchemaElement, KeyType, Projection, ProjectionType,
+    ScalarAttributeType,
 };
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 use serde_json::{Value, json};
 
 use crate::backend::aws::Aws;
+use crate::backend::aws::devices::SWEEP_INDEX;
 use crate::config::Config;
 
 /// Creates what is missing; returns `{"bucket": "created"|"exists", "event_bus": ..., ...}`.
@@ -79,49 +82,67 @@ pub async fn provision(cfg: &Config, aws: &Aws) -> anyhow::Result<Value> {
         }
     };
 
-    let table = if aws
+    let table = match aws
         .dynamodb
         .describe_table()
         .table_name(&a.table)
         .send()
         .await
-        .is_ok()
     {
-        "exists"
-    } else {
-        let r = aws
-            .dynamodb
-            .create_table()
-            .table_name(&a.table)
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name("pk")
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()?,
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name("pk")
-                    .key_type(KeyType::Hash)
-                    .build()?,
-            )
-            .billing_mode(BillingMode::PayPerRequest)
-            .send()
-            .await;
-        match r {
-            Ok(_) => {
-                wait_table_active(aws, &a.table).await?;
-                "created"
-            }
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|se| se.is_resource_in_use_exception()) =>
-            {
-                "exists"
-            }
-            Err(e) => {
-                return Err(crate::backend::aws::err(e))
-                    .with_context(|| format!("creating table {}", a.table));
+        Ok(d) if has_sweep_index(d.table()) => "exists",
+        // A table of an older bridge: the gateway-less devices' sweep needs its index.
+        Ok(_) => {
+            let index = CreateGlobalSecondaryIndexAction::builder()
+                .index_name(SWEEP_INDEX)
+                .set_key_schema(Some(sweep_keys()?))
+                .projection(keys_only())
+                .build()?;
+            aws.dynamodb
+                .update_table()
+                .table_name(&a.table)
+                .set_attribute_definitions(Some(attributes()?))
+                .global_secondary_index_updates(
+                    GlobalSecondaryIndexUpdate::builder().create(index).build(),
+                )
+                .send()
+                .await
+                .map_err(crate::backend::aws::err)
+                .with_context(|| format!("adding index {SWEEP_INDEX} to table {}", a.table))?;
+            wait_table_active(aws, &a.table).await?;
+            "index added"
+        }
+        Err(_) => {
+            let r = aws
+                .dynamodb
+                .create_table()
+                .table_name(&a.table)
+                .set_attribute_definitions(Some(attributes()?))
+                .key_schema(key("pk", KeyType::Hash)?)
+                .global_secondary_indexes(
+                    GlobalSecondaryIndex::builder()
+                        .index_name(SWEEP_INDEX)
+                        .set_key_schema(Some(sweep_keys()?))
+                        .projection(keys_only())
+                        .build()?,
+                )
+                .billing_mode(BillingMode::PayPerRequest)
+                .send()
+                .await;
+            match r {
+                Ok(_) => {
+                    wait_table_active(aws, &a.table).await?;
+                    "created"
+                }
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|se| se.is_resource_in_use_exception()) =>
+                {
+                    "exists"
+                }
+                Err(e) => {
+                    return Err(crate::backend::aws::err(e))
+                        .with_context(|| format!("creating table {}", a.table));
+                }
             }
         }
     };
@@ -154,8 +175,51 @@ pub async fn provision(cfg: &Config, aws: &Aws) -> anyhow::Result<Value> {
     }))
 }
 
+/// The table's key `pk` and the sweep index's keys (see [`crate::backend::aws::devices`]).
+fn attributes() -> anyhow::Result<Vec<AttributeDefinition>> {
+    let def = |name: &str, t: ScalarAttributeType| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(t)
+            .build()
+    };
+    Ok(vec![
+        def("pk", ScalarAttributeType::S)?,
+        def("sweep", ScalarAttributeType::S)?,
+        def("due", ScalarAttributeType::N)?,
+    ])
+}
+
+fn key(name: &str, t: KeyType) -> anyhow::Result<KeySchemaElement> {
+    Ok(KeySchemaElement::builder()
+        .attribute_name(name)
+        .key_type(t)
+        .build()?)
+}
+
+fn sweep_keys() -> anyhow::Result<Vec<KeySchemaElement>> {
+    Ok(vec![
+        key("sweep", KeyType::Hash)?,
+        key("due", KeyType::Range)?,
+    ])
+}
+
+fn keys_only() -> Projection {
+    Projection::builder()
+        .projection_type(ProjectionType::KeysOnly)
+        .build()
+}
+
+fn has_sweep_index(t: Option<&aws_sdk_dynamodb::types::TableDescription>) -> bool {
+    t.is_some_and(|t| {
+        t.global_secondary_indexes()
+            .iter()
+            .any(|i| i.index_name() == Some(SWEEP_INDEX))
+    })
+}
+
 async fn wait_table_active(aws: &Aws, table: &str) -> anyhow::Result<()> {
-    use aws_sdk_dynamodb::types::TableStatus;
+    use aws_sdk_dynamodb::types::{IndexStatus, TableStatus};
     for _ in 0..120 {
         let d = aws
             .dynamodb
@@ -164,7 +228,13 @@ async fn wait_table_active(aws: &Aws, table: &str) -> anyhow::Result<()> {
             .send()
             .await
             .map_err(crate::backend::aws::err)?;
-        if d.table().and_then(|t| t.table_status()) == Some(&TableStatus::Active) {
+        let t = d.table();
+        let indexes_active = t.is_some_and(|t| {
+            t.global_secondary_indexes()
+                .iter()
+                .all(|i| i.index_status().is_none_or(|s| *s == IndexStatus::Active))
+        });
+        if t.and_then(|t| t.table_status()) == Some(&TableStatus::Active) && indexes_active {
             return Ok(());
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;

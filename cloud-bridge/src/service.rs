@@ -146,6 +146,13 @@ pub async fn run_on(
         ))
     });
 
+    let sweeper = pipeline
+        .ingest
+        .clone()
+        .zip(cfg.ingest.as_ref().map(|i| i.sweep_every_s))
+        .filter(|(_, every)| *every > 0)
+        .map(|(ingest, every)| tokio::spawn(sweep_loop(ingest, every, shutdown.clone())));
+
     let monitor = cfg
         .monitor
         .enabled
@@ -185,6 +192,10 @@ pub async fn run_on(
     if let Some(t) = monitor {
         t.abort();
     }
+    if let Some(t) = sweeper {
+        // A sweep cut short leaves its devices due: the next sweep (any bridge's) takes them.
+        t.abort();
+    }
     if let Some(t) = dlq_processor {
         // It stops at the shutdown token; a message it was handling is retried later.
         t.abort();
@@ -192,6 +203,33 @@ pub async fn run_on(
     metrics.flush(&cfg.metrics, "service");
     info!("cloud-bridge stopped");
     Ok(())
+}
+
+/// Devices swept per pass; a full pass is followed by the next at once.
+const SWEEP_LIMIT: usize = 1000;
+
+/// Sweeps for silent gateway-less devices every `every_s` (see [`crate::ingest::Ingest::sweep`]).
+async fn sweep_loop(ingest: Arc<crate::ingest::Ingest>, every_s: u64, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(every_s));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        loop {
+            match ingest.sweep(crate::now_ms(), SWEEP_LIMIT).await {
+                // Go on at once only while passes make progress (a busy device stays due).
+                Ok(r) if r.more && (r.declared > 0 || r.published > 0) => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    ingest.metrics.aws_errors.increment(1);
+                    warn!(error = %format!("{e:#}"), "sweep of gateway-less devices failed; retried at the next tick");
+                    break;
+                }
+            }
+        }
+    }
 }
 
 /// The MQTT side of `run`: the shared subscriptions, the gateways' workers, the acks.

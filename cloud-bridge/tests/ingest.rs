@@ -24,6 +24,17 @@ fn now_ms() -> i64 {
 /// A bridge config for HTTP ingest: the repository's engine config, gaps reported at once,
 /// two devices' API keys, port 0.
 fn ingest_config(dir: &Path, endpoint: &str, names: &AwsNames, name: &str) -> PathBuf {
+    ingest_config_with(dir, endpoint, names, name, "missed_after_s = 0")
+}
+
+/// [`ingest_config`] with `settings` in its `[ingest]` table.
+fn ingest_config_with(
+    dir: &Path,
+    endpoint: &str,
+    names: &AwsNames,
+    name: &str,
+    settings: &str,
+) -> PathBuf {
     let keys = dir.join("api-keys");
     std::fs::write(
         &keys,
@@ -36,7 +47,7 @@ fn ingest_config(dir: &Path, endpoint: &str, names: &AwsNames, name: &str) -> Pa
     .unwrap();
     let engine = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/edge-agent.toml");
     let text = format!(
-        "{}\n[ingest]\nengine_config = \"{}\"\nmissed_after_s = 0\n\n\
+        "{}\n[ingest]\nengine_config = \"{}\"\n{settings}\n\n\
          [dlq]\nprocess = false\n\n[http]\nlisten = \"127.0.0.1:0\"\napi_keys = \"{}\"\nmax_body_bytes = 4096\nmax_batch = 20\n",
         bridge_config(endpoint, names, None, "unused"),
         engine.display(),
@@ -598,4 +609,198 @@ async fn a_jwt_speaks_for_its_subject() {
     let (code, body) = curl(&url, &[&bearer(token("meter-j1", "other"))], msg.as_bytes());
     assert_eq!(code, 401, "wrong audience: {body}");
     assert_eq!(stored(&aws, &names.bucket).await.len(), 1);
+}
+
+/// `cloud-bridge sweep --json` on two processes at once (two bridges' schedules firing
+/// together); their reports.
+fn two_sweeps(cfg: &Path) -> [Value; 2] {
+    let spawn = || {
+        Command::new(BIN)
+            .args(["sweep", "--json", "--config"])
+            .arg(cfg)
+            .env("AWS_ACCESS_KEY_ID", "test")
+            .env("AWS_SECRET_ACCESS_KEY", "test")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    [a, b].map(|c| {
+        let out = c.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "sweep: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    })
+}
+
+/// A device that goes silent with a gap open: nothing of its own declares the gap, the sweep
+/// does, once, though two sweeps run at once; and not before `missed_after_s`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_device_s_gap_is_declared_by_the_sweep_exactly_once() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let names = AwsNames::unique("sweep");
+    let cfg = ingest_config_with(
+        dir.path(),
+        &endpoint,
+        &names,
+        "sweep",
+        "missed_after_s = 2\nsweep_every_s = 0",
+    );
+    assert_eq!(provision(&cfg)["table"]["state"], "created");
+    let aws = TestAws::new(&endpoint).await;
+    let queue = aws.capture_events(&names.bus, "iot.edge-pipeline").await;
+    let (_bridge, base) = start(dir.path(), &cfg, "sweep", &[]);
+    let t0 = now_ms() - 3_600_000;
+    let sent = now_ms();
+    assert_eq!(
+        post_one(&base, KEY, "meter-p1", &meter("e1", 1, t0, 10.0)).0,
+        202
+    );
+    assert_eq!(
+        post_one(&base, KEY, "meter-p1", &meter("e3", 3, t0 + 2 * MIN, 11.0)).0,
+        202
+    );
+    // The device says nothing more. Sweep until the gap falls due.
+    let declared = loop {
+        let reports = two_sweeps(&cfg);
+        let declared: u64 = reports
+            .iter()
+            .map(|r| r["declared"].as_u64().unwrap())
+            .sum();
+        if declared > 0 {
+            assert!(
+                now_ms() >= sent + 2000,
+                "declared before missed_after_s: {reports:?}"
+            );
+            break declared;
+        }
+        assert!(now_ms() < sent + 60_000, "never declared: {reports:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(declared, 1, "two sweeps at once declare a gap once");
+    let events = aws
+        .read_events(&queue, Duration::from_secs(30), |ev| {
+            ev.iter().any(|e| e["detail-type"] == "MissedEvents")
+        })
+        .await;
+    let missed: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["detail-type"] == "MissedEvents")
+        .map(|e| &e["detail"])
+        .collect();
+    assert_eq!(missed.len(), 1, "{missed:?}");
+    assert_eq!(
+        (
+            &missed[0]["device"],
+            &missed[0]["first_seq"],
+            &missed[0]["last_seq"]
+        ),
+        (&json!("meter-p1"), &json!(2), &json!(2))
+    );
+    // Nothing is due any more.
+    let again = bridge_json(&cfg, &["sweep", "--json"]);
+    assert_eq!(
+        (&again["due"], &again["declared"]),
+        (&json!(0), &json!(0)),
+        "{again}"
+    );
+}
+
+/// EventBridge refuses the events of a stored message: the answer is still 202 (the event is
+/// committed), and the sweep publishes them though the device sends nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_eventbridge_refused_are_published_by_the_sweep() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let names = AwsNames::unique("unsent");
+    let cfg = ingest_config_with(dir.path(), &endpoint, &names, "good", "sweep_every_s = 0");
+    provision(&cfg);
+    // The same, but on an event bus that does not exist.
+    let broken = write_config(
+        dir.path(),
+        "broken.toml",
+        &std::fs::read_to_string(&cfg).unwrap().replace(
+            &format!("event_bus = \"{}\"", names.bus),
+            "event_bus = \"no-such-bus\"",
+        ),
+    );
+    let aws = TestAws::new(&endpoint).await;
+    let queue = aws.capture_events(&names.bus, "iot.edge-pipeline").await;
+    let (bridge, base) = start(dir.path(), &broken, "broken", &[]);
+    let (code, body) = post_one(&base, KEY, "meter-p1", &meter("e1", 1, now_ms() - MIN, 5.0));
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(stored(&aws, &names.bucket).await.len(), 1);
+    bridge.wait_log("not published yet", Duration::from_secs(30));
+    drop(bridge);
+
+    let report = bridge_json(&cfg, &["sweep", "--json"]);
+    assert_eq!(
+        (&report["due"], &report["published"]),
+        (&json!(1), &json!(1)),
+        "{report}"
+    );
+    let events = aws
+        .read_events(&queue, Duration::from_secs(30), |ev| {
+            ev.iter().any(|e| e["detail-type"] == "EventProcessed")
+        })
+        .await;
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["detail-type"] == "EventProcessed")
+            .map(|e| e["detail"]["event_id"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!("meter-p1/e1")]
+    );
+    let again = bridge_json(&cfg, &["sweep", "--json"]);
+    assert_eq!(again["due"], 0, "{again}");
+}
+
+/// A table provisioned by an older bridge (no sweep index) gets the index from `provision`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provision_adds_the_sweep_index_to_an_older_table() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let names = AwsNames::unique("oldtable");
+    let cfg = ingest_config_with(dir.path(), &endpoint, &names, "old", "sweep_every_s = 0");
+    let aws = TestAws::new(&endpoint).await;
+    aws.ddb
+        .create_table()
+        .table_name(&names.table)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("pk")
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+        )
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("pk")
+                .key_type(KeyType::Hash)
+                .build()
+                .unwrap(),
+        )
+        .billing_mode(BillingMode::PayPerRequest)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(provision(&cfg)["table"]["state"], "index added");
+    assert_eq!(provision(&cfg)["table"]["state"], "exists");
+    let report = bridge_json(&cfg, &["sweep", "--json"]);
+    assert_eq!(report["due"], 0, "{report}");
 }

@@ -344,6 +344,8 @@ async fn lambda_takes_device_messages_from_api_gateway_iot_rules_and_eventbridge
         eb,
         // Not a device topic: dead-lettered (an answer, not a failure Lambda would retry).
         json!({"topic": "sensors/x", "id": "z"}),
+        // The schedule's sweep for silent devices (none has a gap due).
+        recorded("scheduled-ingest-sweep.json"),
     ])
     .await;
     let mut child = start_lambda(&cfg, &api.addr, dir.path());
@@ -379,6 +381,13 @@ async fn lambda_takes_device_messages_from_api_gateway_iot_rules_and_eventbridge
             .unwrap()
             .contains("not a device topic"),
         "{stray:?}"
+    );
+    let sweep = api.next_outcome().await;
+    assert_eq!(sweep.kind, "response", "{sweep:?}");
+    assert_eq!(
+        (&sweep.body["due"], &sweep.body["declared"]),
+        (&json!(0), &json!(0)),
+        "{sweep:?}"
     );
     let _ = child.kill();
     let _ = child.wait();

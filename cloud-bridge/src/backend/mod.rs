@@ -187,6 +187,9 @@ pub struct DeviceItem {
     /// Empty when the device has no item.
     pub state: Vec<u8>,
     pub unsent: Vec<Entry>,
+    /// When the item next needs a visit without a message of its device (epoch ms): a gap
+    /// falls due, or events wait unpublished. See [`DeviceStore::due`].
+    pub due: Option<i64>,
 }
 
 /// The state of gateway-less devices, one item per (ingest name, device). Every write is
@@ -195,8 +198,8 @@ pub struct DeviceItem {
 pub trait DeviceStore: Send + Sync + Debug {
     /// The current item (strongly consistent); version 0 if there is none.
     fn read<'a>(&'a self, ingest: &'a str, device: &'a str) -> BoxFuture<'a, DeviceItem>;
-    /// Writes `state` and `unsent` as version `seen + 1` if the item is still at version
-    /// `seen` (0: still absent). False, and nothing written, otherwise.
+    /// Writes `state`, `unsent` and `due` as version `seen + 1` if the item is still at
+    /// version `seen` (0: still absent). False, and nothing written, otherwise.
     fn commit<'a>(
         &'a self,
         ingest: &'a str,
@@ -204,15 +207,29 @@ pub trait DeviceStore: Send + Sync + Debug {
         seen: u64,
         state: &'a [u8],
         unsent: &'a [Entry],
+        due: Option<i64>,
     ) -> BoxFuture<'a, bool>;
-    /// Forgets the unsent events (they were published) if the item is still at `version`;
-    /// the version stays as it is.
+    /// Forgets the unsent events (they were published) and sets `due` if the item is still
+    /// at `version`; the version stays as it is.
     fn clear_unsent<'a>(
         &'a self,
         ingest: &'a str,
         device: &'a str,
         version: u64,
+        due: Option<i64>,
     ) -> BoxFuture<'a, bool>;
+    /// Marks the item due at `due` if it is still at `version` (its events could not be
+    /// published: the sweep retries them).
+    fn mark_due<'a>(
+        &'a self,
+        ingest: &'a str,
+        device: &'a str,
+        version: u64,
+        due: i64,
+    ) -> BoxFuture<'a, bool>;
+    /// Up to `limit` devices of `ingest` whose item is due at `now` or earlier: the devices
+    /// that went silent with a gap to declare or events to publish (the sweep's work list).
+    fn due<'a>(&'a self, ingest: &'a str, now: i64, limit: usize) -> BoxFuture<'a, Vec<String>>;
 }
 
 /// Unsent events as stored in a device item: `[["EventProcessed", "{…}"], …]`.

@@ -65,6 +65,9 @@ pub mod source;
 /// answered "try again" rather than spinning.
 const MAX_ROUNDS: u32 = 50;
 
+/// A sweep gives up on a device after this many lost races (its own messages are arriving).
+const SWEEP_ROUNDS: u32 = 3;
+
 /// One device message as it reached the cloud.
 #[derive(Debug, Clone, Copy)]
 pub struct Message<'a> {
@@ -165,14 +168,9 @@ impl Ingest {
         let topic = self.engine.topic().topic_for(m.device, m.event_type);
         for _ in 0..MAX_ROUNDS {
             let item = self.devices.read(&self.name, m.device).await?;
-            self.publish_unsent(m.device, &item).await?;
-            let memory: Memory = if item.state.is_empty() {
-                Memory::default()
-            } else {
-                proto::wire::decode(&item.state).with_context(|| {
-                    format!("device {}: its stored state does not decode", m.device)
-                })?
-            };
+            let memory = decode_memory(m.device, &item)?;
+            self.publish_unsent(m.device, &item, self.gap_due(&memory))
+                .await?;
             let mut state = State::new();
             state.insert(m.device.to_string(), memory.state);
             let outcome = self.engine.process(
@@ -219,9 +217,10 @@ impl Ingest {
             };
             entries.extend(self.missed_events(m.device, &mut memory, m.received_at)?);
             let bytes = proto::wire::encode(&memory);
+            let due = self.gap_due(&memory);
             if !self
                 .devices
-                .commit(&self.name, m.device, item.version, &bytes, &entries)
+                .commit(&self.name, m.device, item.version, &bytes, &entries, due)
                 .await?
             {
                 self.metrics.device_conflicts.increment(1);
@@ -249,12 +248,10 @@ impl Ingest {
                 version: item.version + 1,
                 state: Vec::new(),
                 unsent: entries,
+                due,
             };
-            if let Err(e) = self.publish_unsent(m.device, &committed).await {
-                self.metrics.aws_errors.increment(1);
-                warn!(device = m.device, error = %format!("{e:#}"),
-                    "events of a stored message not published yet; the device's next message sends them");
-            }
+            self.publish_committed(m.device, &committed, &memory, m.received_at)
+                .await;
             return Ok(reply);
         }
         bail!(
@@ -375,18 +372,160 @@ impl Ingest {
         Ok(entries)
     }
 
-    /// Publishes what the item holds unpublished and clears it (a no-op when nothing is).
-    async fn publish_unsent(&self, device: &str, item: &DeviceItem) -> anyhow::Result<()> {
+    /// Publishes what the item holds unpublished and clears it, leaving it due at `due` (a
+    /// no-op when nothing is unpublished).
+    async fn publish_unsent(
+        &self,
+        device: &str,
+        item: &DeviceItem,
+        due: Option<i64>,
+    ) -> anyhow::Result<()> {
         if item.unsent.is_empty() {
             return Ok(());
         }
         self.sink.put_events(item.unsent.clone()).await?;
         // False: a newer commit replaced them already; either way they are sent.
         self.devices
-            .clear_unsent(&self.name, device, item.version)
+            .clear_unsent(&self.name, device, item.version, due)
             .await?;
         Ok(())
     }
+
+    /// When the device's earliest undeclared gap falls due.
+    fn gap_due(&self, memory: &Memory) -> Option<i64> {
+        memory
+            .gaps
+            .as_ref()
+            .and_then(|g| g.next_due(self.missed_after_ms))
+    }
+
+    /// After a commit: publishes its events and clears them. If EventBridge fails, the item
+    /// is marked due now, so the sweep publishes them even if the device sends nothing more.
+    async fn publish_committed(
+        &self,
+        device: &str,
+        committed: &DeviceItem,
+        memory: &Memory,
+        now: i64,
+    ) {
+        let Err(e) = self
+            .publish_unsent(device, committed, self.gap_due(memory))
+            .await
+        else {
+            return;
+        };
+        self.metrics.aws_errors.increment(1);
+        warn!(device, error = %format!("{e:#}"),
+            "events of a commit not published yet; the device's next message or the sweep sends them");
+        if let Err(e) = self
+            .devices
+            .mark_due(&self.name, device, committed.version, now)
+            .await
+        {
+            warn!(device, error = %format!("{e:#}"),
+                "could not mark the device due for the sweep either; its next message sends them");
+        }
+    }
+
+    /// Visits the devices that are due at `now` without a message of their own (up to
+    /// `limit`): declares the gaps open longer than `missed_after_s` of devices that went
+    /// silent, and publishes the events a crashed instance committed but did not publish.
+    /// Safe on any number of bridges and Lambdas at once: a declaration is committed like
+    /// a message, conditional on the version read, and only the winner publishes it.
+    pub async fn sweep(&self, now: i64, limit: usize) -> anyhow::Result<SweepReport> {
+        let devices = self.devices.due(&self.name, now, limit).await?;
+        let mut report = SweepReport {
+            due: devices.len(),
+            more: devices.len() == limit,
+            ..SweepReport::default()
+        };
+        for device in &devices {
+            self.sweep_device(device, now, &mut report).await?;
+        }
+        if report.declared > 0 || report.published > 0 {
+            info!(?report, "sweep of gateway-less devices");
+        }
+        Ok(report)
+    }
+
+    async fn sweep_device(
+        &self,
+        device: &str,
+        now: i64,
+        report: &mut SweepReport,
+    ) -> anyhow::Result<()> {
+        // A device whose messages keep winning the race is busy: its own messages declare.
+        for _ in 0..SWEEP_ROUNDS {
+            let item = self.devices.read(&self.name, device).await?;
+            let mut memory = decode_memory(device, &item)?;
+            let before = self.gap_due(&memory);
+            if !item.unsent.is_empty() {
+                // Unpublished and not marked due: an instance committed them a moment ago
+                // and is publishing them (it marks the item if that fails).
+                if item.due.is_none_or(|d| d > now) {
+                    report.busy += 1;
+                    return Ok(());
+                }
+                self.publish_unsent(device, &item, before).await?;
+                report.published += item.unsent.len();
+            }
+            let entries = self.missed_events(device, &mut memory, now)?;
+            if entries.is_empty() {
+                // Listed but nothing to declare: a stale `due` (its gaps were filled).
+                if item.unsent.is_empty() && item.due != before {
+                    self.devices
+                        .clear_unsent(&self.name, device, item.version, before)
+                        .await?;
+                }
+                return Ok(());
+            }
+            let due = self.gap_due(&memory);
+            let bytes = proto::wire::encode(&memory);
+            if !self
+                .devices
+                .commit(&self.name, device, item.version, &bytes, &entries, due)
+                .await?
+            {
+                self.metrics.device_conflicts.increment(1);
+                continue;
+            }
+            report.declared += entries.len();
+            let committed = DeviceItem {
+                version: item.version + 1,
+                state: Vec::new(),
+                unsent: entries,
+                due,
+            };
+            self.publish_committed(device, &committed, &memory, now)
+                .await;
+            return Ok(());
+        }
+        report.busy += 1;
+        Ok(())
+    }
+}
+
+/// What one [`Ingest::sweep`] pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    /// Devices listed as due.
+    pub due: usize,
+    /// MissedEvents declared.
+    pub declared: usize,
+    /// Events published that a crashed instance had left unpublished.
+    pub published: usize,
+    /// Devices another instance was committing at the same time (it publishes and declares).
+    pub busy: usize,
+    /// The pass stopped at its limit: more devices may be due.
+    pub more: bool,
+}
+
+fn decode_memory(device: &str, item: &DeviceItem) -> anyhow::Result<Memory> {
+    if item.state.is_empty() {
+        return Ok(Memory::default());
+    }
+    proto::wire::decode(&item.state)
+        .with_context(|| format!("device {device}: its stored state does not decode"))
 }
 
 fn rejected(rej: Rejection) -> Reply {
@@ -467,5 +606,152 @@ pub fn dlq_message(ingest: &str, m: &Message<'_>, rej: &Rejection) -> DlqMessage
             received_at: m.received_at,
             bytes,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const MIN: i64 = 60_000;
+    const T0: i64 = 1_780_000_000_000;
+
+    /// An ingest over the local backend in `dir`, gaps due after a minute.
+    fn ingest(dir: &std::path::Path) -> Arc<Ingest> {
+        let engine =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/edge-agent.toml");
+        let path = dir.join("bridge.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[aws]\nbucket = \"b\"\nevent_bus = \"bus\"\ntable = \"t\"\ndlq_queue = \"q\"\n\n\
+                 [ingest]\nengine_config = \"{}\"\nmissed_after_s = 60\n",
+                engine.display()
+            ),
+        )
+        .unwrap();
+        let cfg = Arc::new(Config::load(&path).unwrap());
+        let backend = crate::backend::local::backend(dir, &cfg).unwrap();
+        let p = crate::pipeline::Pipeline::with_backend(
+            backend,
+            cfg,
+            Arc::new(Metrics::default()),
+            "test".into(),
+        );
+        p.ingest.clone().unwrap()
+    }
+
+    async fn send(ingest: &Ingest, seq: u64, at: i64) -> Reply {
+        let payload = json!({"id": format!("e{seq}"), "seq": seq, "ts": T0 + seq as i64 * MIN,
+            "data": {"energy_kwh": 100.0 + seq as f64 * 0.5, "voltage_v": 230.0, "current_a": 2.0}})
+        .to_string();
+        ingest
+            .handle(&Message {
+                device: "meter-s1",
+                event_type: "meter",
+                payload: payload.as_bytes(),
+                via: Via::Http,
+                received_at: at,
+                replay: false,
+            })
+            .await
+            .unwrap()
+    }
+
+    /// The MissedEvents published into the local backend's event files.
+    fn missed(dir: &std::path::Path) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for day in std::fs::read_dir(dir.join("eventbridge")).unwrap() {
+            let Ok(text) = std::fs::read_to_string(day.unwrap().path().join("MissedEvents.ndjson"))
+            else {
+                continue;
+            };
+            out.extend(
+                text.lines().map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l).unwrap()["detail"].clone()
+                }),
+            );
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn the_sweep_declares_a_silent_device_s_gap_once_and_not_before_it_is_due() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingest = ingest(dir.path());
+        let at = T0 + 10 * MIN;
+        assert!(matches!(send(&ingest, 1, at).await, Reply::Stored { .. }));
+        // Seq 2 is missing from here on; the device then goes silent.
+        assert!(matches!(
+            send(&ingest, 3, at + 1000).await,
+            Reply::Stored { .. }
+        ));
+        let item = ingest.devices.read("cloud", "meter-s1").await.unwrap();
+        assert_eq!(item.due, Some(at + 1000 + MIN), "due when the gap is");
+
+        let early = ingest.sweep(at + 1000 + MIN - 1, 100).await.unwrap();
+        assert_eq!(
+            early,
+            SweepReport::default(),
+            "nothing is due a millisecond early"
+        );
+        assert!(missed(dir.path()).is_empty());
+
+        let report = ingest.sweep(at + 2 * MIN, 100).await.unwrap();
+        assert_eq!((report.due, report.declared), (1, 1), "{report:?}");
+        let declared = missed(dir.path());
+        assert_eq!(declared.len(), 1, "{declared:?}");
+        assert_eq!(
+            (
+                &declared[0]["device"],
+                &declared[0]["first_seq"],
+                &declared[0]["last_seq"],
+                &declared[0]["kind"]
+            ),
+            (&json!("meter-s1"), &json!(2), &json!(2), &json!("device"))
+        );
+        let item = ingest.devices.read("cloud", "meter-s1").await.unwrap();
+        assert_eq!(
+            (item.due, item.unsent.len()),
+            (None, 0),
+            "published and no longer due"
+        );
+
+        // Later sweeps find nothing; the late seq 2 is stored, flagged late, not declared again.
+        assert_eq!(
+            ingest.sweep(at + 10 * MIN, 100).await.unwrap(),
+            SweepReport::default()
+        );
+        match send(&ingest, 2, at + 11 * MIN).await {
+            Reply::Stored { flags, .. } => assert!(flags.iter().any(|f| f == "late"), "{flags:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(missed(dir.path()).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_stale_due_is_cleared_without_declaring_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingest = ingest(dir.path());
+        let at = T0 + 10 * MIN;
+        send(&ingest, 1, at).await;
+        let item = ingest.devices.read("cloud", "meter-s1").await.unwrap();
+        assert_eq!(item.due, None);
+        // As after a publish failure whose retry was then sent by the device's next message.
+        assert!(
+            ingest
+                .devices
+                .mark_due("cloud", "meter-s1", item.version, at)
+                .await
+                .unwrap()
+        );
+        let report = ingest.sweep(at + MIN, 100).await.unwrap();
+        assert_eq!((report.due, report.declared, report.published), (1, 0, 0));
+        assert_eq!(
+            ingest.devices.read("cloud", "meter-s1").await.unwrap().due,
+            None
+        );
+        assert_eq!(ingest.sweep(at + 2 * MIN, 100).await.unwrap().due, 0);
     }
 }

@@ -9,7 +9,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 
 mod client;
-mod devices;
+pub mod devices;
 mod eventbridge;
 mod history;
 mod s3;

@@ -1,6 +1,7 @@
 //! Gateway-less devices' state in `dir/state/devices/{ingest hex}-{device hex}.json`, one
 //! file per device (temporary file + fsync + rename), with DynamoDB's version condition
-//! under an in-process lock: one bridge process per directory.
+//! under an in-process lock: one bridge process per directory. The sweep's work list is a scan
+//! of the directory (the local backend serves one machine's devices).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -10,7 +11,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{BoxFuture, DeviceItem, DeviceStore, Entry, decode_entries, encode_entries};
-use crate::hex_name;
+use crate::{hex_name, unhex_name};
 
 #[derive(Debug, Serialize, Deserialize)]
 struct File {
@@ -19,6 +20,8 @@ struct File {
     state: String,
     #[serde(default)]
     unsent: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    due: Option<i64>,
 }
 
 #[derive(Debug)]
@@ -41,16 +44,22 @@ impl DirDevices {
             .join(format!("{}-{}.json", hex_name(ingest), hex_name(device)))
     }
 
-    fn load(&self, path: &Path) -> anyhow::Result<DeviceItem> {
+    /// The file at `path`; `None` if there is none.
+    fn read_file(path: &Path) -> anyhow::Result<Option<File>> {
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Ok(DeviceItem::default());
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        let f: File = serde_json::from_slice(&bytes)
-            .with_context(|| format!("{}: not a device state file", path.display()))?;
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .with_context(|| format!("{}: not a device state file", path.display()))
+    }
+
+    fn load(&self, path: &Path) -> anyhow::Result<DeviceItem> {
+        let Some(f) = Self::read_file(path)? else {
+            return Ok(DeviceItem::default());
+        };
         Ok(DeviceItem {
             version: f.version,
             state: base64::engine::general_purpose::STANDARD
@@ -61,6 +70,7 @@ impl DirDevices {
             } else {
                 decode_entries(&f.unsent)?
             },
+            due: f.due,
         })
     }
 
@@ -93,6 +103,7 @@ impl DeviceStore for DirDevices {
         seen: u64,
         state: &'a [u8],
         unsent: &'a [Entry],
+        due: Option<i64>,
     ) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -110,6 +121,7 @@ impl DeviceStore for DirDevices {
                     } else {
                         encode_entries(unsent)
                     },
+                    due,
                 },
             )?;
             Ok(true)
@@ -121,6 +133,7 @@ impl DeviceStore for DirDevices {
         ingest: &'a str,
         device: &'a str,
         version: u64,
+        due: Option<i64>,
     ) -> BoxFuture<'a, bool> {
         Box::pin(async move {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -135,9 +148,58 @@ impl DeviceStore for DirDevices {
                     version,
                     state: base64::engine::general_purpose::STANDARD.encode(&item.state),
                     unsent: String::new(),
+                    due,
                 },
             )?;
             Ok(true)
+        })
+    }
+
+    fn mark_due<'a>(
+        &'a self,
+        ingest: &'a str,
+        device: &'a str,
+        version: u64,
+        due: i64,
+    ) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let path = self.path(ingest, device);
+            let Some(mut f) = Self::read_file(&path)?.filter(|f| f.version == version) else {
+                return Ok(false);
+            };
+            f.due = Some(due);
+            self.store(&path, &f)?;
+            Ok(true)
+        })
+    }
+
+    fn due<'a>(&'a self, ingest: &'a str, now: i64, limit: usize) -> BoxFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let prefix = format!("{}-", hex_name(ingest));
+            let entries = std::fs::read_dir(&self.dir)
+                .with_context(|| format!("listing {}", self.dir.display()))?;
+            let mut out = Vec::new();
+            for entry in entries {
+                let path = entry?.path();
+                let Some(device) = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .and_then(|n| n.strip_prefix(&prefix)?.strip_suffix(".json"))
+                    .and_then(unhex_name)
+                else {
+                    continue;
+                };
+                if self.load(&path)?.due.is_some_and(|d| d <= now) {
+                    out.push(device);
+                    if out.len() == limit {
+                        break;
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
         })
     }
 }

@@ -38,6 +38,9 @@ pub enum Object {
     /// A store the gateway found damaged and moved aside at `at` (epoch ms): the results it
     /// had not sent are only in that copy, on the gateway.
     Quarantine { at: i64 },
+    /// A gateway-less device's stored engine state that did not decode, moved aside at
+    /// version `version` of its item (the device starts afresh; JSON with the bytes in base64).
+    DeviceState { device: String, version: u64 },
     /// A file name the bridge does not write (someone else's object in the bucket).
     Other { name: String },
 }
@@ -47,7 +50,10 @@ impl Object {
     fn area(&self) -> &'static str {
         match self {
             Object::Range { .. } | Object::Recalculated { .. } | Object::Device { .. } => EVENTS,
-            Object::Uplink { .. } | Object::GivenUp { .. } | Object::Quarantine { .. } => FAILURES,
+            Object::Uplink { .. }
+            | Object::GivenUp { .. }
+            | Object::Quarantine { .. }
+            | Object::DeviceState { .. } => FAILURES,
             Object::Other { .. } => "",
         }
     }
@@ -64,6 +70,10 @@ impl Object {
             Object::Uplink { hash } => format!("uplink-{hash:016x}.json"),
             Object::GivenUp { id } => format!("dlq-{id}.json"),
             Object::Quarantine { at } => format!("quarantine-{at}.json"),
+            Object::DeviceState { device, version } => format!(
+                "device-state-{}-{version:020}.json",
+                crate::hex_name(device)
+            ),
             Object::Other { name } => name.clone(),
         }
     }
@@ -120,6 +130,13 @@ fn parse_failure_name(name: &str) -> Option<Object> {
     if let Some(at) = stem.strip_prefix("quarantine-") {
         return Some(Object::Quarantine {
             at: at.parse().ok()?,
+        });
+    }
+    if let Some(rest) = stem.strip_prefix("device-state-") {
+        let (device, version) = rest.split_once('-')?;
+        return Some(Object::DeviceState {
+            device: crate::unhex_name(device)?,
+            version: version.parse().ok()?,
         });
     }
     Some(Object::GivenUp {
@@ -194,6 +211,22 @@ impl ObjectKey {
                 id: id.to_string(),
             },
         }
+    }
+
+    /// The start of the keys [`ObjectKey::device_event`] gives `device`'s event `seq` of
+    /// time `ts` (whatever its id): to find a stored event from a reading.
+    pub fn device_event_prefix(
+        prefix: &str,
+        ingest: &str,
+        device: &str,
+        seq: u64,
+        ts: i64,
+    ) -> String {
+        format!(
+            "{prefix}{EVENTS}dt={}/gateway={ingest}/dev-{}-{seq:020}-",
+            date_of(ts),
+            crate::hex_name(device)
+        )
     }
 
     /// The first `edge_seq` the object holds, where its name tells.

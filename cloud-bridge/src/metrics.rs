@@ -70,6 +70,7 @@ pub const INGEST_REJECTED: &str = "ingest_rejected";
 pub const INGEST_DUPLICATES: &str = "ingest_duplicates";
 /// Another instance committed an event of the same device first (recomputed).
 pub const DEVICE_CONFLICTS: &str = "device_conflicts";
+pub const DEVICE_STATES_QUARANTINED: &str = "device_states_quarantined";
 /// HTTP requests refused for their credentials (401/403).
 pub const HTTP_UNAUTHORIZED: &str = "http_unauthorized";
 /// Derived on each line: incorrect share of verified, what the monitor and an alarm watch.
@@ -158,6 +159,8 @@ pub struct Metrics {
     pub ingest_rejected: Counter,
     pub ingest_duplicates: Counter,
     pub device_conflicts: Counter,
+    /// Gateway-less devices whose stored state did not decode (moved to failures/).
+    pub device_states_quarantined: Counter,
     pub http_unauthorized: Counter,
     /// The totals at the last EMF line: each line carries the difference, while the
     /// counters themselves only grow (the monitor reads them too).
@@ -208,6 +211,7 @@ impl Metrics {
             ingest_rejected: c(INGEST_REJECTED),
             ingest_duplicates: c(INGEST_DUPLICATES),
             device_conflicts: c(DEVICE_CONFLICTS),
+            device_states_quarantined: c(DEVICE_STATES_QUARANTINED),
             http_unauthorized: c(HTTP_UNAUTHORIZED),
             recorder,
             emitted: Mutex::default(),

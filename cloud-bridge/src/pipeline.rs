@@ -124,19 +124,19 @@ impl Pipeline {
             .score
             .then(|| Arc::new(LiveModels::new(Duration::from_secs(cfg.anomaly.reload_s))));
         let sink = Sink {
-            objects: backend.objects,
-            events: backend.events,
+            objects: Arc::clone(&backend.objects),
+            events: Arc::clone(&backend.events),
             cfg: Arc::clone(&cfg),
         };
         let ingest = cfg.ingest.as_ref().and_then(|i| {
             // Config::load compiled its engine config already.
             crate::ingest::Ingest::new(
                 i,
-                backend.devices,
+                &backend,
                 sink.clone(),
-                Arc::clone(&backend.dlq),
                 models.clone(),
                 Arc::clone(&metrics),
+                &owner,
             )
             .map_err(|e| tracing::error!("ingest: {e:#}"))
             .ok()

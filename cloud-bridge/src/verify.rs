@@ -19,13 +19,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use engine::verify::{Previous, Restated, Verdict, against_late, needs_previous, verify};
-use engine::{Engine, Reading, flags};
+use engine::verify::{Previous, Verdict, needs_previous, verify};
+use engine::{Engine, Reading};
 use proto::{EventResult, Stage};
 use tracing::{info, warn};
 
 use crate::config::VerifyConfig;
-use crate::correction::{Applied, Corrector, rewrite_record};
+use crate::correction::{Applied, Corrector, Restatement, rewrite_record};
 use crate::detail::DetailType;
 use crate::dlq::DlqMessage;
 use crate::metrics::Metrics;
@@ -271,58 +271,34 @@ impl Verifier {
                 }
             },
         };
-        let reason = match against_late(
-            &self.corrector.engine,
-            &record,
-            &st.late,
-            &st.late_event,
-            self.tolerance,
-        ) {
-            Restated::Holds => return Ok(()),
-            Restated::Changed { reason } => reason,
-            Restated::Refused { reason } => {
-                // Right as calculated across the gap, refused against the late reading: a
-                // person has to look at it.
-                metrics.incorrect.increment(1);
-                review.dead_letters.push(DlqMessage::for_record(
-                    Stage::Correction,
-                    reason,
-                    &record,
-                    Some(&st.key),
-                    Some(&st.late),
-                    now,
-                ));
-                return Ok(());
-            }
-        };
-        metrics.incorrect.increment(1);
         let request = format!("late:{gateway}:{}", st.edge_seq);
         match self
             .corrector
-            .correct(&record, Some(&st.late), &reason, &request, now)
+            .restate(
+                &record,
+                &st.late,
+                &st.late_event,
+                &request,
+                self.tolerance,
+                metrics,
+                now,
+            )
             .await?
         {
-            Applied::Corrected(mut fixed) => {
-                // Calculated against a reading that arrived after it: a verifier going in
-                // edge_seq order cannot know that reading.
-                fixed.flags.push(flags::PREVIOUS_ARRIVED_LATE.to_string());
-                metrics.corrected.increment(1);
-                info!(gateway, event_id = %fixed.event_id, %reason, "corrected");
-                match here {
-                    Some(i) => records[i] = *fixed,
-                    None => {
-                        if rewrite_record(&*sink.objects, &st.key, &fixed).await? {
-                            sink.put_events(vec![(
-                                DetailType::EventCorrected,
-                                serde_json::to_string(&*fixed)?,
-                            )])
-                            .await?;
-                        }
+            Restatement::Unchanged => {}
+            Restatement::Corrected(fixed) => match here {
+                Some(i) => records[i] = *fixed,
+                None => {
+                    if rewrite_record(&*sink.objects, &st.key, &fixed).await? {
+                        sink.put_events(vec![(
+                            DetailType::EventCorrected,
+                            serde_json::to_string(&*fixed)?,
+                        )])
+                        .await?;
                     }
                 }
-            }
-            Applied::Superseded(_) => {}
-            Applied::DeadLetter(reason) => review.dead_letters.push(DlqMessage::for_record(
+            },
+            Restatement::DeadLetter(reason) => review.dead_letters.push(DlqMessage::for_record(
                 Stage::Correction,
                 reason,
                 &record,
@@ -330,9 +306,6 @@ impl Verifier {
                 Some(&st.late),
                 now,
             )),
-            Applied::Failed(rej) => {
-                warn!(gateway, event_id = %record.event_id, "recalculation after a late arrival failed: {}", rej.reason)
-            }
         }
         Ok(())
     }

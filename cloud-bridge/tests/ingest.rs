@@ -804,3 +804,108 @@ async fn provision_adds_the_sweep_index_to_an_older_table() {
     let report = bridge_json(&cfg, &["sweep", "--json"]);
     assert_eq!(report["due"], 0, "{report}");
 }
+
+/// A bad deploy of the ingest's engine config (a wrong tariff, a too strict power check),
+/// then the fix: the DLQ processor replays the refused event into `events/`, and a correction
+/// run corrects the wrongly computed gateway-less results, each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_less_results_are_corrected_once_and_refusals_replayed_after_a_fix() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let names = AwsNames::unique("fix");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/edge-agent.toml");
+    let good = std::fs::read_to_string(&example).unwrap();
+    let bad = good
+        .replace("tariff_eur_per_kwh = 0.28", "tariff_eur_per_kwh = 0.31")
+        .replace(
+            "power_w <= 50000 && avg_power_w <= 50000",
+            "power_w <= 1000 && avg_power_w <= 1000",
+        );
+    assert_ne!(bad, good);
+    std::fs::write(dir.path().join("bad-engine.toml"), &bad).unwrap();
+    let fixed = ingest_config_with(dir.path(), &endpoint, &names, "fixed", "sweep_every_s = 0");
+    let text = std::fs::read_to_string(&fixed).unwrap();
+    // The cloud verifies with the right config; the ingest ran the bad one.
+    let text = format!(
+        "{}\n[verify]\nengine_config = \"{}\"\n",
+        text,
+        example.display()
+    );
+    let fixed = write_config(dir.path(), "fixed.toml", &text);
+    let broken = write_config(
+        dir.path(),
+        "broken.toml",
+        &text.replace(
+            &format!("engine_config = \"{}\"\nsweep_every_s", example.display()),
+            &format!(
+                "engine_config = \"{}\"\nsweep_every_s",
+                dir.path().join("bad-engine.toml").display()
+            ),
+        ),
+    );
+    assert_ne!(
+        std::fs::read_to_string(&broken).unwrap(),
+        text,
+        "the ingest engine was swapped"
+    );
+    provision(&fixed);
+    let aws = TestAws::new(&endpoint).await;
+    let (bridge, base) = start(dir.path(), &broken, "broken", &[]);
+    let t0 = now_ms() - 3_600_000;
+    // 0.01 kWh a minute is 600 W; 2 A at 230 V is 460 W; 10 A is 2300 W.
+    let reading = |id: &str, seq: u64, kwh: f64, amps: f64| {
+        json!({"id": id, "seq": seq, "ts": t0 + seq as i64 * MIN,
+               "data": {"energy_kwh": kwh, "voltage_v": 230.0, "current_a": amps}})
+    };
+    for (msg, want) in [
+        (reading("f1", 1, 100.0, 2.0), 202),
+        (reading("f2", 2, 100.01, 2.0), 202),
+        (reading("f3", 3, 100.02, 10.0), 400),
+        (reading("f4", 4, 100.03, 2.0), 202),
+    ] {
+        let (code, body) = post_one(&base, KEY, "meter-p1", &msg);
+        assert_eq!(code, want, "{msg}: {body}");
+    }
+    drop(bridge);
+    let before = stored(&aws, &names.bucket).await;
+    assert_eq!(before.len(), 3);
+
+    // The fix is deployed: the refused event is replayed through the right engine.
+    let drained = bridge_json(&fixed, &["dlq", "process", "--json"]);
+    let listed = bridge_json(&fixed, &["dlq", "list", "--json"]);
+    assert_eq!(listed["messages"], json!([]), "{drained} {listed}");
+    assert!(
+        aws.objects(&names.bucket, "failures/").await.is_empty(),
+        "{drained}"
+    );
+    let after = stored(&aws, &names.bucket).await;
+    assert_eq!(after.len(), 4, "{drained}");
+    let f3 = &after["meter-p1/f3"];
+    assert_eq!(f3.result["power_w"], json!(2300.0), "{f3:?}");
+    // f4 was calculated across f3 (against f2): the late f3 corrects it where it is stored.
+    let f4 = &after["meter-p1/f4"];
+    assert_eq!(f4.status, proto::Status::Corrected, "{f4:?}");
+    assert!(
+        f4.flags.iter().any(|f| f == "previous_arrived_late"),
+        "{f4:?}"
+    );
+    let kwh = f4.result["consumption_kwh"].as_f64().unwrap();
+    assert!((kwh - 0.01).abs() < 1e-9, "{f4:?}");
+    assert_eq!(f4.result["cost_eur"], json!(0.0028), "{f4:?}");
+
+    // The wrong tariff: what the bad engine calculated is corrected, once.
+    let day = proto::timestamp::format_rfc3339(now_ms())[..10].to_string();
+    let first = bridge_json(&fixed, &["correct", "--since", &day, "--json"]);
+    let results = stored(&aws, &names.bucket).await;
+    for id in ["meter-p1/f1", "meter-p1/f2"] {
+        let r = &results[id];
+        assert_eq!(r.status, proto::Status::Corrected, "{id}: {r:?} {first}");
+    }
+    assert_eq!(results["meter-p1/f2"].result["cost_eur"], json!(0.0028));
+    assert_eq!(results["meter-p1/f3"].status, proto::Status::Ok);
+    assert_eq!(first["corrected"], 2, "{first}");
+    let second = bridge_json(&fixed, &["correct", "--since", &day, "--json"]);
+    assert_eq!(second["corrected"], 0, "at most once: {second}");
+}

@@ -100,6 +100,73 @@ impl Corrector {
     }
 }
 
+/// What a late arrival does to the result calculated just after it (see [`Corrector::restate`]).
+#[derive(Debug)]
+pub enum Restatement {
+    /// The same values against the late reading, corrected by another request already, or
+    /// not recalculable (logged): nothing to write.
+    Unchanged,
+    /// This request corrected it: store this record in its place.
+    Corrected(Box<EventResult>),
+    /// For a person (stage `correction`): refused against the late reading, or corrected once
+    /// already.
+    DeadLetter(String),
+}
+
+impl Corrector {
+    /// Recalculates `record` — calculated across a gap, before `late` (event `late_event`)
+    /// arrived — against the late reading, and corrects it at most once if its values change
+    /// (`request` names this attempt in the history). The gateways' late results and the
+    /// gateway-less devices' go through here alike.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn restate(
+        &self,
+        record: &EventResult,
+        late: &Reading,
+        late_event: &str,
+        request: &str,
+        tolerance: f64,
+        metrics: &crate::metrics::Metrics,
+        now: i64,
+    ) -> anyhow::Result<Restatement> {
+        use engine::verify::{Restated, against_late};
+        let reason = match against_late(&self.engine, record, late, late_event, tolerance) {
+            Restated::Holds => return Ok(Restatement::Unchanged),
+            Restated::Changed { reason } => reason,
+            // Right as calculated across the gap, refused against the late reading.
+            Restated::Refused { reason } => {
+                metrics.incorrect.increment(1);
+                return Ok(Restatement::DeadLetter(reason));
+            }
+        };
+        metrics.incorrect.increment(1);
+        Ok(
+            match self
+                .correct(record, Some(late), &reason, request, now)
+                .await?
+            {
+                Applied::Corrected(mut fixed) => {
+                    // Calculated against a reading that arrived after it: a verifier going
+                    // in order cannot know that reading.
+                    fixed
+                        .flags
+                        .push(engine::flags::PREVIOUS_ARRIVED_LATE.to_string());
+                    metrics.corrected.increment(1);
+                    tracing::info!(event_id = %fixed.event_id, %reason, "corrected after a late arrival");
+                    Restatement::Corrected(fixed)
+                }
+                Applied::Superseded(_) => Restatement::Unchanged,
+                Applied::DeadLetter(reason) => Restatement::DeadLetter(reason),
+                Applied::Failed(rej) => {
+                    tracing::warn!(event_id = %record.event_id,
+                        "recalculation after a late arrival failed: {}", rej.reason);
+                    Restatement::Unchanged
+                }
+            },
+        )
+    }
+}
+
 /// Attempts at a conditional rewrite before giving up (each conflict means another writer
 /// changed the object in between; the caller retries later).
 const REWRITE_ATTEMPTS: u32 = 8;

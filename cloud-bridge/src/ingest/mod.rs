@@ -49,8 +49,11 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::anomaly::live::LiveModels;
-use crate::backend::{DeadLetterQueue, DeviceItem, DeviceOrigin, DeviceStore, DlqMessage, Entry};
+use crate::backend::{
+    Backend, DeadLetterQueue, DeviceItem, DeviceOrigin, DeviceStore, DlqMessage, Entry,
+};
 use crate::config::IngestConfig;
+use crate::correction::{Corrector, Restatement, rewrite_record};
 use crate::detail::DetailType;
 use crate::layout::ObjectKey;
 use crate::metrics::Metrics;
@@ -64,6 +67,9 @@ pub mod source;
 /// A device that keeps losing the race for its own item (hundreds of concurrent events) is
 /// answered "try again" rather than spinning.
 const MAX_ROUNDS: u32 = 50;
+
+/// Values a late arrival changes by less than this are the same (float noise).
+const LATE_TOLERANCE: f64 = 1e-9;
 
 /// A sweep gives up on a device after this many lost races (its own messages are arriving).
 const SWEEP_ROUNDS: u32 = 3;
@@ -120,6 +126,8 @@ struct Memory {
 #[derive(Debug)]
 pub struct Ingest {
     pub engine: Arc<Engine>,
+    /// Corrects the stored result a late arrival made stale (at most once).
+    corrector: Corrector,
     devices: Arc<dyn DeviceStore>,
     sink: Sink,
     dlq: Arc<dyn DeadLetterQueue>,
@@ -131,23 +139,31 @@ pub struct Ingest {
 }
 
 impl Ingest {
+    /// The ingest over `backend`'s device store, DLQ and correction history (`owner` names
+    /// this process in the history).
     pub fn new(
         cfg: &IngestConfig,
-        devices: Arc<dyn DeviceStore>,
+        backend: &Backend,
         sink: Sink,
-        dlq: Arc<dyn DeadLetterQueue>,
         models: Option<Arc<LiveModels>>,
         metrics: Arc<Metrics>,
+        owner: &str,
     ) -> anyhow::Result<Ingest> {
         let spec = cfg
             .spec
             .as_ref()
             .context("ingest: the engine config was not loaded")?;
+        let engine = Arc::new(Engine::new(spec).context("ingest.engine_config")?);
         Ok(Ingest {
-            engine: Arc::new(Engine::new(spec).context("ingest.engine_config")?),
-            devices,
+            corrector: Corrector {
+                engine: Arc::clone(&engine),
+                history: Arc::clone(&backend.history),
+                owner: owner.to_string(),
+            },
+            engine,
+            devices: Arc::clone(&backend.devices),
             sink,
-            dlq,
+            dlq: Arc::clone(&backend.dlq),
             models,
             metrics,
             name: cfg.name.clone(),
@@ -168,7 +184,7 @@ impl Ingest {
         let topic = self.engine.topic().topic_for(m.device, m.event_type);
         for _ in 0..MAX_ROUNDS {
             let item = self.devices.read(&self.name, m.device).await?;
-            let memory = decode_memory(m.device, &item)?;
+            let memory = self.memory_of(m.device, &item, m.received_at).await?;
             self.publish_unsent(m.device, &item, self.gap_due(&memory))
                 .await?;
             let mut state = State::new();
@@ -198,7 +214,8 @@ impl Ingest {
                     return Ok(Reply::Duplicate { event_id, reason });
                 }
                 Outcome::Accepted { mut result, .. } => {
-                    let (key, entries) = self.write_result(&mut result).await?;
+                    let (key, mut entries) = self.write_result(&mut result).await?;
+                    entries.extend(self.correct_successor(m, &result, &memory.state).await?);
                     let reply = Reply::Stored {
                         event_id: result.event_id,
                         key,
@@ -319,6 +336,94 @@ impl Ingest {
         Ok((key, entries))
     }
 
+    /// A late result makes the device's next stored result stale (calculated across the gap,
+    /// before this one arrived): it is recalculated against this one and corrected where it
+    /// is stored, at most once, as the bridge does for gateways' results. Done before the
+    /// commit, so a crash leaves it to the client's resend; the request id (the late event)
+    /// lets that resend finish the same correction. The events to publish with the commit.
+    async fn correct_successor(
+        &self,
+        m: &Message<'_>,
+        late: &EventResult,
+        state: &DeviceState,
+    ) -> anyhow::Result<Vec<Entry>> {
+        use engine::flags::{EARLIER_PREVIOUS, OUT_OF_ORDER};
+        if !late
+            .flags
+            .iter()
+            .any(|f| f == EARLIER_PREVIOUS || f == OUT_OF_ORDER)
+        {
+            return Ok(Vec::new());
+        }
+        let Some(next) = state
+            .readings(&late.event_type)
+            .and_then(|w| w.after(late.ts))
+        else {
+            return Ok(Vec::new());
+        };
+        let prefix = ObjectKey::device_event_prefix(
+            &self.sink.cfg.aws.prefix,
+            &self.name,
+            &late.device,
+            next.seq,
+            next.ts,
+        );
+        let mut stored = None;
+        for key in self.sink.objects.list(&prefix).await? {
+            if let Some((body, _)) = self.sink.objects.get_versioned(&key).await?
+                && let Some(r) = String::from_utf8_lossy(&body)
+                    .lines()
+                    .filter_map(|l| serde_json::from_str::<EventResult>(l).ok())
+                    .find(|r| r.device == late.device && r.seq == next.seq && r.ts == next.ts)
+            {
+                stored = Some((key, r));
+                break;
+            }
+        }
+        let Some((key, stale)) = stored else {
+            warn!(device = m.device, seq = next.seq, %prefix,
+                "a result made stale by a late arrival is not where it is stored");
+            return Ok(Vec::new());
+        };
+        let request = format!("late:{}:{}", self.name, late.event_id);
+        let reading = engine::Reading::from_result(late);
+        Ok(
+            match self
+                .corrector
+                .restate(
+                    &stale,
+                    &reading,
+                    &late.event_id,
+                    &request,
+                    LATE_TOLERANCE,
+                    &self.metrics,
+                    m.received_at,
+                )
+                .await?
+            {
+                Restatement::Unchanged => Vec::new(),
+                Restatement::Corrected(fixed) => {
+                    if rewrite_record(&*self.sink.objects, &key, &fixed).await? {
+                        vec![(DetailType::EventCorrected, serde_json::to_string(&*fixed)?)]
+                    } else {
+                        Vec::new()
+                    }
+                }
+                Restatement::DeadLetter(reason) => {
+                    let msg = DlqMessage::for_record(
+                        Stage::Correction,
+                        reason,
+                        &stale,
+                        Some(&key),
+                        Some(&reading),
+                        m.received_at,
+                    );
+                    crate::dlq::send(&*self.dlq, std::slice::from_ref(&msg)).await?
+                }
+            },
+        )
+    }
+
     /// Sends the refused message to the DLQ; its `EventDeadLettered` event.
     async fn dead_letter(&self, m: &Message<'_>, rej: &Rejection) -> anyhow::Result<Vec<Entry>> {
         let msg = dlq_message(&self.name, m, rej);
@@ -391,6 +496,42 @@ impl Ingest {
         Ok(())
     }
 
+    /// The device's memory from its item. A state that does not decode (damage, or a newer
+    /// bridge's format after a rollback) would refuse every message of the device forever:
+    /// it is moved to `failures/` (the bytes kept, with the error) and the device starts
+    /// afresh, as a gateway does with a damaged store. The commit that follows is conditional
+    /// on the same version, so one instance's fresh start wins.
+    async fn memory_of(&self, device: &str, item: &DeviceItem, now: i64) -> anyhow::Result<Memory> {
+        let e = match decode_memory(device, item) {
+            Ok(memory) => return Ok(memory),
+            Err(e) => e,
+        };
+        let key = ObjectKey {
+            date: crate::layout::date_of(now),
+            gateway: self.name.clone(),
+            object: crate::layout::Object::DeviceState {
+                device: device.to_string(),
+                version: item.version,
+            },
+        }
+        .to_key(&self.sink.cfg.aws.prefix);
+        let body = json!({
+            "device": device,
+            "ingest": self.name,
+            "version": item.version,
+            "error": format!("{e:#}"),
+            "state": base64::engine::general_purpose::STANDARD.encode(&item.state),
+            "at": proto::timestamp::format_rfc3339(now),
+        });
+        self.sink
+            .put_object(&key, serde_json::to_vec_pretty(&body)?, "application/json")
+            .await?;
+        self.metrics.device_states_quarantined.increment(1);
+        tracing::error!(device, %key, error = %format!("{e:#}"),
+            "a gateway-less device's stored state does not decode: moved aside, the device starts afresh");
+        Ok(Memory::default())
+    }
+
     /// When the device's earliest undeclared gap falls due.
     fn gap_due(&self, memory: &Memory) -> Option<i64> {
         memory
@@ -457,7 +598,7 @@ impl Ingest {
         // A device whose messages keep winning the race is busy: its own messages declare.
         for _ in 0..SWEEP_ROUNDS {
             let item = self.devices.read(&self.name, device).await?;
-            let mut memory = decode_memory(device, &item)?;
+            let mut memory = self.memory_of(device, &item, now).await?;
             let before = self.gap_due(&memory);
             if !item.unsent.is_empty() {
                 // Unpublished and not marked due: an instance committed them a moment ago
@@ -728,6 +869,89 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(missed(dir.path()).len(), 1);
+        // Seq 3 was calculated against seq 1: the late seq 2 corrects it where it is stored.
+        let mut e3 = None;
+        for key in ingest.sink.objects.list("events/").await.unwrap() {
+            let (body, _) = ingest
+                .sink
+                .objects
+                .get_versioned(&key)
+                .await
+                .unwrap()
+                .unwrap();
+            let r: EventResult = serde_json::from_slice(&body).unwrap();
+            if r.seq == 3 {
+                e3 = Some(r);
+            }
+        }
+        let e3 = e3.expect("seq 3 is stored");
+        assert_eq!(e3.status, Status::Corrected, "{e3:?}");
+        assert_eq!(e3.result["consumption_kwh"], json!(0.5), "{e3:?}");
+        // Sent again, the late event is a duplicate: nothing is corrected twice.
+        assert!(matches!(
+            send(&ingest, 2, at + 12 * MIN).await,
+            Reply::Duplicate { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_state_that_does_not_decode_is_moved_aside_and_the_device_starts_afresh() {
+        let dir = tempfile::tempdir().unwrap();
+        let ingest = ingest(dir.path());
+        let at = T0 + 10 * MIN;
+        send(&ingest, 1, at).await;
+        let item = ingest.devices.read("cloud", "meter-s1").await.unwrap();
+        let garbage = b"\xff\x00 not CBOR".to_vec();
+        assert!(
+            ingest
+                .devices
+                .commit("cloud", "meter-s1", item.version, &garbage, &[], None)
+                .await
+                .unwrap()
+        );
+        match send(&ingest, 2, at + MIN).await {
+            Reply::Stored { flags, .. } => {
+                assert!(flags.iter().any(|f| f == "first_reading"), "{flags:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let moved: Vec<String> = ingest
+            .sink
+            .objects
+            .list("failures/")
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|k| k.contains("/gateway=cloud/device-state-"))
+            .collect();
+        assert_eq!(moved.len(), 1, "{moved:?}");
+        let (body, _) = ingest
+            .sink
+            .objects
+            .get_versioned(&moved[0])
+            .await
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let state = base64::engine::general_purpose::STANDARD
+            .decode(v["state"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(state, garbage);
+        assert!(
+            v["error"].as_str().unwrap().contains("does not decode"),
+            "{v}"
+        );
+        assert_eq!(
+            ingest
+                .metrics
+                .get(crate::metrics::DEVICE_STATES_QUARANTINED),
+            1
+        );
+        // The fresh state is a real one: the next event is calculated against seq 2.
+        match send(&ingest, 3, at + 2 * MIN).await {
+            Reply::Stored { flags, .. } => assert!(flags.is_empty(), "{flags:?}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

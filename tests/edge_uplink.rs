@@ -324,3 +324,59 @@ fn mqtt_3_1_1_still_drains() {
     assert!(agent.log_text().contains("protocol=\"3.1.1\""));
     assert!(agent.stop().success());
 }
+
+/// `SIGHUP` with new uplink settings (`edge-agent/src/reload.rs`): the uplink reconnects, and
+/// what the agent stores from then on goes to the new broker, in order, none lost.
+#[test]
+fn a_reload_moves_the_uplink_to_another_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cloud");
+    let (da, db) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&da).unwrap();
+    std::fs::create_dir_all(&db).unwrap();
+    let a = Mosquitto::start_tls(&da, &pki);
+    let b = Mosquitto::start_tls(&db, &pki);
+    let (sub_a, sub_b) = (
+        Subscriber::start(a.port, "bridge-a", RESULTS),
+        Subscriber::start(b.port, "bridge-b", RESULTS),
+    );
+    let mut agent = Agent::embedded(dir.path(), |c| uplink_to(c, &a, &pki, true));
+    publish(&agent, 1..=20);
+    wait_for("broker a to get 1..=20", Duration::from_secs(30), || {
+        batches(&sub_a)
+            .iter()
+            .map(|x| x.results.len())
+            .sum::<usize>()
+            >= 20
+    });
+    assert_in_order_and_complete(&batches(&sub_a), 20);
+
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let (from, to) = (
+        format!("port = {}", a.tls_port.unwrap()),
+        format!("port = {}", b.tls_port.unwrap()),
+    );
+    assert_eq!(text.matches(&from).count(), 1, "{text}");
+    std::fs::write(&agent.config, text.replace(&from, &to)).unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &agent.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    wait_for("the reload", Duration::from_secs(20), || {
+        agent
+            .log_text()
+            .contains("uplink settings changed: reconnecting")
+    });
+    publish(&agent, 21..=40);
+    let on_b = || -> BTreeSet<u64> {
+        batches(&sub_b)
+            .iter()
+            .flat_map(|x| x.results.iter().map(|r| r.edge_seq))
+            .collect()
+    };
+    wait_for("broker b to get 21..=40", Duration::from_secs(30), || {
+        (21..=40).all(|s| on_b().contains(&s))
+    });
+    assert!(agent.stop().success());
+}

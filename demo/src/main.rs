@@ -259,6 +259,7 @@ async fn run(args: DemoArgs) -> anyhow::Result<()> {
             stop: Some(agent_stop.clone()),
             ready: Some(ready_tx),
             uplink_drain: Some(Duration::from_secs(15)),
+            config_path: None,
         },
     ));
     let handles = tokio::select! {

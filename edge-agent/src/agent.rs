@@ -14,7 +14,9 @@ use std::time::Duration;
 use crate::admin;
 use crate::config::AgentConfig;
 use crate::ingest;
+use crate::pipeline::AdminCall;
 use crate::pipeline::Pipeline;
+use crate::reload;
 use crate::status::Live;
 use crate::store::outbox::Outbox;
 use crate::store::{Store, StoreReader};
@@ -32,6 +34,8 @@ pub struct Hooks {
     pub ready: Option<tokio::sync::oneshot::Sender<Handles>>,
     /// On shutdown, wait up to this long for the uplink to send every pending result.
     pub uplink_drain: Option<Duration>,
+    /// The file the config was read from: `SIGHUP` reloads it ([`crate::reload`]).
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// A running agent's handles, read-only: for a live summary.
@@ -99,6 +103,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     // The admin socket (status, dlq …): reads from the store, writes via the pipeline thread.
     let (admin_listener, admin_path) = admin::server::bind(&cfg.data_dir)?;
     let (admin_tx, admin_rx) = mpsc::channel(16);
+    let reload_tx = admin_tx.clone();
     let refused = ingest::Refused::default();
     let admin_server = admin::server::Server {
         reader: pipeline.reader(),
@@ -119,17 +124,21 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
         .context("starting the pipeline thread")?;
 
     let link = LinkStatus::default();
-    let uplink_stop = CancellationToken::new();
-    let uplink = cfg.uplink.enabled.then(|| {
-        tokio::spawn(uplink::run(
-            cfg.uplink.clone(),
-            cfg.gateway_id.clone(),
-            outbox.clone(),
-            reader.clone(),
-            link.clone(),
-            uplink_stop.clone(),
-        ))
-    });
+    let uplink_task = |ucfg: &uplink::UplinkConfig| {
+        let stop = CancellationToken::new();
+        let task = ucfg.enabled.then(|| {
+            tokio::spawn(uplink::run(
+                ucfg.clone(),
+                cfg.gateway_id.clone(),
+                outbox.clone(),
+                reader.clone(),
+                link.clone(),
+                stop.clone(),
+            ))
+        });
+        (task, stop)
+    };
+    let (mut uplink, mut uplink_stop) = uplink_task(&cfg.uplink);
     let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(
         admin::server::Server {
@@ -148,6 +157,40 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
         }),
     };
     let mut ingest = ingest::start(&cfg.broker, devices, refused, tx, shutdown.clone()).await?;
+    // What SIGHUP reloads: the file as it was read at start.
+    let mut running = match &hooks.config_path {
+        Some(path) => {
+            let loaded = reload::Loaded::read(path).map_err(anyhow::Error::msg)?;
+            live.set_config(reload::ConfigInfo {
+                hash: loaded.hash.clone(),
+                loaded_at: crate::ingest::now_ms(),
+                ..reload::ConfigInfo::default()
+            });
+            Some((path.clone(), loaded))
+        }
+        None => None,
+    };
+    let signals = hooks.stop.is_none();
+    let mut hangup = match (signals, &running) {
+        (true, Some(_)) => Some(
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .context("installing the SIGHUP handler")?,
+        ),
+        _ => None,
+    };
+    // Installed before the agent says it is ready: a signal sent on seeing the ready line
+    // must find its handler (the default action of both is to kill the process).
+    let terminated = match signals {
+        true => Some(termination()?),
+        false => None,
+    };
+    let terminated = async move {
+        match terminated {
+            Some(t) => t.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(terminated);
     // The bound addresses (a port 0 in the config is the free port it got), each only when
     // that listener runs: `mqtt` (plain), `mqtt_tls`, `metrics`.
     tracing::info!(
@@ -168,26 +211,49 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
             ingest_addr: ingest.local_addr(),
             ingest_tls_addr: ingest.tls_addr(),
             metrics_addr,
-            live,
+            live: live.clone(),
             outbox: outbox.clone(),
-            reader,
+            reader: reader.clone(),
             link: link.clone(),
         });
     }
 
     let stop = hooks.stop.clone().unwrap_or_default();
-    let stopped_by = tokio::select! {
-        signal = termination(), if hooks.stop.is_none() => signal?,
-        _ = stop.cancelled() => "stop requested",
-        result = ingest.wait() => {
-            if let Err(e) = result {
-                // Ingest stops when the pipeline has gone: its error is the cause to report.
-                return Err(match tokio::task::spawn_blocking(move || pipeline.join()).await? {
-                    Ok(Err(store)) => anyhow::Error::new(store).context("the pipeline stopped"),
-                    _ => e.context("ingest stopped"),
-                });
+    let stopped_by = loop {
+        tokio::select! {
+            signal = &mut terminated => break signal,
+            _ = stop.cancelled() => break "stop requested",
+            Some(()) = async {
+                match hangup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some((path, current)) = running.as_mut() else { continue };
+                let Some(next) = reload(path, current, &reload_tx, &live).await else { continue };
+                if next.uplink {
+                    tracing::info!("uplink settings changed: reconnecting");
+                    uplink_stop.cancel();
+                    if let Some(task) = uplink.take() {
+                        match task.await {
+                            Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "uplink stopped with an error"),
+                            Err(e) => tracing::warn!(error = %e, "the uplink task failed"),
+                            Ok(Ok(())) => {}
+                        }
+                    }
+                    (uplink, uplink_stop) = uplink_task(&current.cfg.uplink);
+                }
             }
-            "ingest"
+            result = ingest.wait() => {
+                if let Err(e) = result {
+                    // Ingest stops when the pipeline has gone: its error is the cause to report.
+                    return Err(match tokio::task::spawn_blocking(move || pipeline.join()).await? {
+                        Ok(Err(store)) => anyhow::Error::new(store).context("the pipeline stopped"),
+                        _ => e.context("ingest stopped"),
+                    });
+                }
+                break "ingest";
+            }
         }
     };
     tracing::info!(by = stopped_by, "shutting down: draining the pipeline");
@@ -217,6 +283,68 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Reloads `path` over `current` (see [`crate::reload`]): refused, it logs and counts why and
+/// leaves `current` as it is; applied, the engine is swapped (when it changed) and `current`
+/// becomes the new file. What the caller still has to apply: `uplink`.
+async fn reload(
+    path: &std::path::Path,
+    current: &mut reload::Loaded,
+    pipeline: &mpsc::Sender<AdminCall>,
+    live: &crate::status::Live,
+) -> Option<reload::Changes> {
+    let refuse = |reason: String| {
+        tracing::error!(%reason, "config reload refused: the running config stays");
+        metrics::counter!(telemetry::CONFIG_RELOADS, "result" => "refused").increment(1);
+        live.update_config(|c| {
+            c.refused += 1;
+            c.last_refusal = Some(reason);
+        });
+        None
+    };
+    let next = match reload::Loaded::read(path) {
+        Ok(n) => n,
+        Err(reason) => return refuse(reason),
+    };
+    let changes = match current.changes(&next) {
+        Ok(c) => c,
+        Err(reason) => return refuse(reason),
+    };
+    if changes.engine {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let swapped = pipeline
+            .send(AdminCall::Engine(Box::new(next.engine.clone()), tx))
+            .await
+            .is_ok()
+            && matches!(rx.await, Ok(Ok(())));
+        if !swapped {
+            return refuse("the pipeline is stopping: the engine was not swapped".into());
+        }
+    }
+    if !changes.restart.is_empty() {
+        tracing::warn!(sections = ?changes.restart, "config sections changed that take effect at the next restart");
+    }
+    tracing::info!(
+        hash = %next.hash,
+        engine = changes.engine,
+        uplink = changes.uplink,
+        calc_versions = %next.calc_versions().join(","),
+        "config reloaded"
+    );
+    metrics::counter!(telemetry::CONFIG_RELOADS, "result" => "applied").increment(1);
+    live.update_config(|c| {
+        c.hash = next.hash.clone();
+        c.loaded_at = crate::ingest::now_ms();
+        c.reloads += 1;
+        c.last_refusal = None;
+        c.pending_restart = changes.restart.clone();
+    });
+    // What waits for a restart keeps its running value.
+    let mut next = next;
+    next.keep_running(current);
+    *current = next;
+    Some(changes)
+}
+
 /// Waits (up to `limit`) until the uplink has sent every pending result.
 async fn drain_uplink(outbox: &Outbox, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
@@ -232,12 +360,15 @@ async fn drain_uplink(outbox: &Outbox, limit: Duration) {
     }
 }
 
-async fn termination() -> anyhow::Result<&'static str> {
+/// Installs the SIGTERM and SIGINT handlers now; the future resolves at the first of them.
+fn termination() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
     })
 }

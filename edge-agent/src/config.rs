@@ -44,6 +44,46 @@ pub struct AgentConfig {
     pub engine: EngineSpec,
 }
 
+/// The agent's own top-level keys; the rest of the file is the engine's (flattened in).
+const AGENT_KEYS: [&str; 9] = [
+    "gateway_id",
+    "data_dir",
+    "broker",
+    "pipeline",
+    "outbox",
+    "uplink",
+    "dlq",
+    "metrics",
+    "log",
+];
+
+/// serde loses the field path inside a flattened struct: an error in the engine's part comes
+/// without one. Reading that part alone names the field.
+fn name_engine_field(text: &str, e: Invalid) -> Invalid {
+    let Invalid::Field {
+        field: None, line, ..
+    } = &e
+    else {
+        return e;
+    };
+    let Ok(mut table) = text.parse::<toml::Table>() else {
+        return e;
+    };
+    table.retain(|k, _| !AGENT_KEYS.contains(&k));
+    match settings::from_toml_value::<EngineSpec>(toml::Value::Table(table)) {
+        Err(Invalid::Field {
+            field: Some(field),
+            message,
+            ..
+        }) => Invalid::Field {
+            field: Some(field),
+            line: *line,
+            message,
+        },
+        _ => e,
+    }
+}
+
 fn default_data_dir() -> PathBuf {
     PathBuf::from("./data")
 }
@@ -57,7 +97,7 @@ impl AgentConfig {
 
     /// Parses and validates; the error names the field (`broker.embedded.listen: ...`).
     pub fn parse(text: &str) -> Result<AgentConfig, Invalid> {
-        let cfg: AgentConfig = settings::from_toml(text)?;
+        let cfg: AgentConfig = settings::from_toml(text).map_err(|e| name_engine_field(text, e))?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -100,6 +140,17 @@ mod tests {
             "gateway_id = \"gw\"\ntopic = \"devices/{{device}}/events/{{type}}\"\n\
              [pipeline]\n{pipeline}\n[event_types.m.fields]\nx = {{ type = \"number\" }}\n"
         ))
+    }
+
+    #[test]
+    fn an_error_in_the_engine_part_names_its_field() {
+        let e = AgentConfig::parse(
+            "gateway_id = \"gw\"\ntopic = \"d/{device}/e/{type}\"\n\
+             [event_types.m.fields]\nx = { type = \"numbr\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("event_types.m.fields.x.type: "), "{e}");
     }
 
     #[test]

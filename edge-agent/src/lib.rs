@@ -23,6 +23,7 @@ pub mod fuzzing;
 pub mod ingest;
 pub mod missed;
 pub mod pipeline;
+pub mod reload;
 pub mod status;
 pub mod store;
 pub mod systemd;

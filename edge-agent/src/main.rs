@@ -138,7 +138,13 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         .thread_name("edge-agent")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(agent::run(cfg))
+    runtime.block_on(agent::run_with(
+        cfg,
+        agent::Hooks {
+            config_path: Some(path),
+            ..agent::Hooks::default()
+        },
+    ))
 }
 
 /// `edge-agent demo …` runs `edge-demo …` from beside this binary (crate `demo/`): the demo

@@ -37,6 +37,8 @@ pub struct Live {
     pub disk_full: AtomicBool,
     last_error: Mutex<Option<LastError>>,
     samples: Mutex<VecDeque<Sample>>,
+    /// The config file running and its reloads (`None` when it was not read from a file).
+    config: Mutex<Option<crate::reload::ConfigInfo>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +69,7 @@ impl Live {
             intake_blocked: AtomicBool::new(false),
             disk_full: AtomicBool::new(false),
             last_error: Mutex::new(None),
+            config: Mutex::new(None),
             samples: Mutex::new(VecDeque::from([Sample {
                 at: started,
                 ingested: 0,
@@ -78,6 +81,29 @@ impl Live {
 
     pub fn set_last_error(&self, at: i64, what: String) {
         *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(LastError { at, what });
+    }
+
+    pub fn set_config(&self, info: crate::reload::ConfigInfo) {
+        *self.config.lock().unwrap_or_else(|e| e.into_inner()) = Some(info);
+    }
+
+    /// Changes the config info in place (a no-op before [`Live::set_config`]).
+    pub fn update_config(&self, f: impl FnOnce(&mut crate::reload::ConfigInfo)) {
+        if let Some(c) = self
+            .config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            f(c);
+        }
+    }
+
+    pub fn config(&self) -> Option<crate::reload::ConfigInfo> {
+        self.config
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn last_error(&self) -> Option<LastError> {
@@ -218,6 +244,9 @@ pub struct AgentInfo {
     #[serde(with = "rfc3339_opt")]
     pub started_at: Option<i64>,
     pub uptime_s: Option<u64>,
+    /// The config running (hash, reloads), while running from a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<crate::reload::ConfigInfo>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -371,6 +400,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
                 pid: Some(std::process::id()),
                 started_at: Some(live.started_at),
                 uptime_s: Some(live.uptime().as_secs()),
+                config: live.config(),
             },
             intake: if live.disk_full.load(Ordering::Relaxed) {
                 "blocked: disk full".into()
@@ -400,6 +430,7 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
                     pid: None,
                     started_at: None,
                     uptime_s: None,
+                    config: None,
                 },
                 intake: "stopped".into(),
                 outbox,

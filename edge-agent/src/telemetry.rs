@@ -28,6 +28,7 @@ pub const MISSED_FILLED_LATE: &str = "edge_missed_filled_late_total";
 pub const MISSED_DROPPED: &str = "edge_missed_records_dropped_total";
 pub const ANOMALIES: &str = "edge_anomalies_total";
 pub const CORRECTED: &str = "edge_corrected_total";
+pub const CONFIG_RELOADS: &str = "edge_config_reloads_total";
 pub const OUTBOX_DEPTH: &str = "edge_outbox_entries";
 pub const STORE_QUARANTINED: &str = "edge_store_quarantined";
 pub const DISK_FULL: &str = "edge_disk_full";
@@ -257,6 +258,10 @@ fn describe() {
     describe_counter!(
         CORRECTED,
         "Results corrected at the edge (made stale by a late arrival in the same batch)"
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Config reloads (SIGHUP), by result: applied or refused"
     );
     describe_gauge!(OUTBOX_DEPTH, "Results waiting in the outbox for the cloud");
     describe_gauge!(

@@ -242,6 +242,16 @@ enum LocalInner {
     Pipeline(Box<Pipeline>),
 }
 
+/// The `data_dir` of a config file that does not validate (its TOML still parses).
+fn data_dir_of(path: &std::path::Path) -> Option<PathBuf> {
+    let table: toml::Table = std::fs::read_to_string(path).ok()?.parse().ok()?;
+    Some(match table.get("data_dir") {
+        Some(toml::Value::String(d)) => PathBuf::from(d),
+        Some(_) => return None,
+        None => PathBuf::from("./data"),
+    })
+}
+
 impl StoreArgs {
     fn load(&self) -> anyhow::Result<(PathBuf, Option<AgentConfig>)> {
         match &self.config {
@@ -255,7 +265,20 @@ impl StoreArgs {
 
     /// The running agent if it answers on its socket, else the store itself.
     fn backend(&self) -> anyhow::Result<Backend> {
-        let (dir, cfg) = self.load()?;
+        let (dir, cfg) = match self.load() {
+            Ok(loaded) => loaded,
+            // A config being edited (before a reload) must not lock a technician out of the
+            // running agent, which answers with the config it runs.
+            Err(e) => match self.config.as_deref().and_then(data_dir_of) {
+                Some(dir) if let Some(client) = Client::connect(&dir)? => {
+                    eprintln!(
+                        "edge-agent: warning: {e:#}\n(the running agent answers, with the config it runs)"
+                    );
+                    return Ok(Backend::Agent(client));
+                }
+                _ => return Err(e),
+            },
+        };
         if let Some(client) = Client::connect(&dir)? {
             return Ok(Backend::Agent(client));
         }

@@ -391,6 +391,28 @@ pub fn status(r: &StatusReport, now: i64) -> String {
         ("uplink", r.uplink.state.clone()),
         ("dlq", dlq),
     ];
+    if let Some(c) = &r.agent.config {
+        let mut line = format!(
+            "{} loaded {} ({})",
+            c.hash,
+            long_time(c.loaded_at),
+            age(now, c.loaded_at)
+        );
+        if c.reloads + c.refused > 0 {
+            let _ = write!(line, "; {} reloads, {} refused", c.reloads, c.refused);
+        }
+        if let Some(why) = &c.last_refusal {
+            let _ = write!(line, "; last refused: {why}");
+        }
+        if !c.pending_restart.is_empty() {
+            let _ = write!(
+                line,
+                "; at the next restart: {}",
+                c.pending_restart.join(", ")
+            );
+        }
+        rows.push(("config", line));
+    }
     let refused: Vec<String> = [("TLS", &r.refused.tls), ("CONNECT", &r.refused.auth)]
         .into_iter()
         .filter(|(_, counts)| !counts.is_empty())

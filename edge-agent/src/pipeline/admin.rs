@@ -1,8 +1,11 @@
 //! The pipeline's side of the admin socket: DLQ writes (`dlq retry`, `dlq purge`) handed to
 //! the pipeline thread, which owns every store write while the agent runs, and served between
-//! batches so they take the same group-commit path as live traffic.
+//! batches so they take the same group-commit path as live traffic; and a reloaded config's
+//! engine, swapped between batches for the same reason (no batch is made by two engines).
 
 use tokio::sync::{mpsc, oneshot};
+
+use engine::Engine;
 
 use super::Pipeline;
 use crate::dlq::{PurgeReport, RetryReport, Selection};
@@ -13,6 +16,8 @@ use crate::store::StoreError;
 pub enum AdminCall {
     Retry(Selection, oneshot::Sender<Result<RetryReport, StoreError>>),
     Purge(Selection, oneshot::Sender<Result<PurgeReport, StoreError>>),
+    /// A reloaded config's engine (`crate::reload`): used from the next batch on.
+    Engine(Box<Engine>, oneshot::Sender<Result<(), StoreError>>),
 }
 
 /// The calls still to come; once every sender is gone it stays quiet instead of waking the
@@ -45,6 +50,10 @@ impl Pipeline {
         match call {
             AdminCall::Retry(sel, reply) => answer(reply, self.retry(&sel)),
             AdminCall::Purge(sel, reply) => answer(reply, self.purge(&sel)),
+            AdminCall::Engine(engine, reply) => {
+                self.engine = *engine;
+                answer(reply, Ok(()))
+            }
         }
     }
 }

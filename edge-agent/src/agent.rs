@@ -102,6 +102,7 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
     .with_dlq(cfg.dlq.clone())?;
     // The admin socket (status, dlq …): reads from the store, writes via the pipeline thread.
     let (admin_listener, admin_path) = admin::server::bind(&cfg.data_dir)?;
+    let admin_stop = CancellationToken::new();
     let (admin_tx, admin_rx) = mpsc::channel(16);
     let reload_tx = admin_tx.clone();
     let refused = ingest::Refused::default();
@@ -113,6 +114,8 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
         dlq: cfg.dlq.clone(),
         uplink: None,
         refused: refused.clone(),
+        tap: pipeline.tap(),
+        stop: admin_stop.clone(),
     };
 
     let (live, reader) = (pipeline.live(), pipeline.reader());
@@ -139,7 +142,6 @@ pub async fn run_with(cfg: AgentConfig, hooks: Hooks) -> anyhow::Result<()> {
         (task, stop)
     };
     let (mut uplink, mut uplink_stop) = uplink_task(&cfg.uplink);
-    let admin_stop = CancellationToken::new();
     let admin = tokio::spawn(
         admin::server::Server {
             uplink: cfg.uplink.enabled.then(|| link.clone()),

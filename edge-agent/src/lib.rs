@@ -28,5 +28,6 @@ pub mod status;
 pub mod store;
 pub mod systemd;
 pub mod tally;
+pub mod tap;
 pub mod telemetry;
 pub mod uplink;

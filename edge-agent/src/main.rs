@@ -39,6 +39,23 @@ enum Command {
         #[command(flatten)]
         store: cli::StoreArgs,
     },
+    /// Follow the running agent: each result and DLQ entry as it is committed (JSON lines
+    /// with --json), until interrupted.
+    Tap {
+        /// Only this event type.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Only this device.
+        #[arg(long)]
+        device: Option<String>,
+        /// DLQ entries only.
+        #[arg(long)]
+        dlq: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        store: cli::StoreArgs,
+    },
     /// Inspect the outbox (results waiting for the cloud).
     Outbox {
         #[command(subcommand)]
@@ -85,6 +102,20 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::CheckConfig { config } => return check_config(config),
         Command::Status { store, json } => return finish(cli::status(&store, json)),
+        Command::Tap {
+            event_type,
+            device,
+            dlq,
+            json,
+            store,
+        } => {
+            let filter = edge_agent::tap::TapFilter {
+                event_type,
+                device,
+                dlq,
+            };
+            return finish(cli::tap(&store, filter, json));
+        }
         Command::Outbox { command } => return finish(cli::outbox(command)),
         Command::Dlq { command } => return finish(cli::dlq(command)),
         Command::Missed { command } => return finish(cli::missed(command)),

@@ -117,6 +117,42 @@ impl Client {
     }
 }
 
+impl Client {
+    /// `tap`: `started` once the agent taps, then every line it streams, until it stops or
+    /// `each` fails (the reader went).
+    pub fn tap(
+        &mut self,
+        filter: &crate::tap::TapFilter,
+        started: impl FnOnce(),
+        mut each: impl FnMut(serde_json::Value) -> std::io::Result<()>,
+    ) -> anyhow::Result<()> {
+        let mut started = Some(started);
+        let mut r = self.send(&Request::Tap {
+            filter: filter.clone(),
+        })?;
+        loop {
+            let mut line = String::new();
+            if r.read_line(&mut line).context("reading the tap")? == 0 {
+                return Ok(()); // the agent stopped
+            }
+            match serde_json::from_str::<Reply>(&line).context("the agent's tap line")? {
+                Reply::Ok(v) if v.get("tapping").is_some() => {
+                    if let Some(f) = started.take() {
+                        f();
+                    }
+                }
+                Reply::Ok(v) => match each(v) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == ErrorKind::BrokenPipe => return Ok(()),
+                    Err(e) => return Err(e).context("writing the tap"),
+                },
+                Reply::Error(e) => bail!("{e}"),
+                Reply::End { .. } => return Ok(()),
+            }
+        }
+    }
+}
+
 /// "user edge-agent (uid 998)", for messages about the socket's owner.
 fn owner(path: &Path) -> String {
     match std::fs::metadata(path) {

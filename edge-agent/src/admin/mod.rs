@@ -40,13 +40,29 @@ pub const MAX_REQUEST: u64 = 64 * 1024;
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Status,
-    DlqList { filter: Filter },
-    DlqShow { id: u64 },
+    DlqList {
+        filter: Filter,
+    },
+    DlqShow {
+        id: u64,
+    },
     DlqStats,
-    DlqRetry { select: Selection },
-    DlqPurge { select: Selection },
-    DlqExport { filter: Filter },
-    MissedList { filter: MissedFilter },
+    DlqRetry {
+        select: Selection,
+    },
+    DlqPurge {
+        select: Selection,
+    },
+    DlqExport {
+        filter: Filter,
+    },
+    MissedList {
+        filter: MissedFilter,
+    },
+    /// Streams committed results and DLQ entries until the client goes (`edge-agent tap`).
+    Tap {
+        filter: crate::tap::TapFilter,
+    },
 }
 
 /// One reply line.

@@ -31,6 +31,10 @@ pub struct Server {
     pub uplink: Option<LinkStatus>,
     /// What the embedded endpoint refused.
     pub refused: crate::ingest::Refused,
+    /// Committed results and DLQ entries, for `tap`.
+    pub tap: crate::tap::Tap,
+    /// Cancelled when the agent stops: ends the taps.
+    pub stop: CancellationToken,
 }
 
 /// Binds `<data_dir>/admin.sock`, mode 0600. Call with the store open: its lock proves that no
@@ -143,6 +147,7 @@ impl Server {
         tracing::debug!(?req, "admin request");
         let reply = match req {
             Request::DlqExport { filter } => return self.export(&filter, &mut out),
+            Request::Tap { filter } => return self.stream_tap(&filter, &stream, &mut out),
             Request::Status => answer(status::report(Sources {
                 reader: &self.reader,
                 outbox: Some(self.outbox.depth()),
@@ -215,6 +220,42 @@ impl Server {
             Ok(count) => write_line(out, &Reply::End { count }),
             Err(dlq::ExportError::Io(e)) => Err(e),
             Err(e) => write_line(out, &Reply::Error(e.to_string())),
+        }
+    }
+}
+
+impl Server {
+    /// `tap`: one `{"tapping": true}` line, then a line per matching committed item, until
+    /// the client goes (the next write fails) or the agent stops. A client too slow to keep
+    /// up gets `{"lagged": n}` for what it missed.
+    fn stream_tap(
+        &self,
+        filter: &crate::tap::TapFilter,
+        stream: &std::os::unix::net::UnixStream,
+        out: &mut impl Write,
+    ) -> std::io::Result<()> {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut rx = self.tap.subscribe();
+        // A client that stops reading must not hold a thread forever.
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        write_line(out, &Reply::Ok(serde_json::json!({ "tapping": true })))?;
+        out.flush()?;
+        let rt = tokio::runtime::Handle::current();
+        loop {
+            let next = rt.block_on(async {
+                tokio::select! {
+                    r = rx.recv() => Some(r),
+                    _ = self.stop.cancelled() => None,
+                }
+            });
+            let line = match next {
+                None | Some(Err(RecvError::Closed)) => return Ok(()),
+                Some(Err(RecvError::Lagged(n))) => serde_json::json!({ "lagged": n }),
+                Some(Ok(t)) if filter.matches(&t) => crate::tap::line(&t),
+                Some(Ok(_)) => continue,
+            };
+            write_line(out, &Reply::Ok(line))?;
+            out.flush()?;
         }
     }
 }

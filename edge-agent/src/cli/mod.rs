@@ -264,6 +264,14 @@ impl StoreArgs {
     }
 
     /// The running agent if it answers on its socket, else the store itself.
+    /// The data dir, also from a config file that does not validate (being edited).
+    fn dir(&self) -> anyhow::Result<PathBuf> {
+        match self.load() {
+            Ok((dir, _)) => Ok(dir),
+            Err(e) => self.config.as_deref().and_then(data_dir_of).ok_or(e),
+        }
+    }
+
     fn backend(&self) -> anyhow::Result<Backend> {
         let (dir, cfg) = match self.load() {
             Ok(loaded) => loaded,
@@ -468,6 +476,32 @@ pub fn status(args: &StoreArgs, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         print_text(&render::status(&report, now_ms()))?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `edge-agent tap`: what the running agent commits, as it commits it, until interrupted.
+pub fn tap(
+    args: &StoreArgs,
+    filter: crate::tap::TapFilter,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let dir = args.dir()?;
+    let Some(mut client) = Client::connect(&dir)? else {
+        bail!(
+            "no agent is running on {}: the tap shows what a running agent commits",
+            dir.display()
+        );
+    };
+    let mut out = std::io::stdout().lock();
+    let started = || eprintln!("tapping the agent on {} (Ctrl-C to stop)", dir.display());
+    client.tap(&filter, started, |v| {
+        if json {
+            writeln!(out, "{v}")?;
+        } else {
+            writeln!(out, "{}", render::tap_line(&v))?;
+        }
+        out.flush()
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

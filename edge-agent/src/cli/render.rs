@@ -586,6 +586,53 @@ pub fn outbox(results: &[EventResult]) -> anyhow::Result<String> {
     Ok(finish(&t))
 }
 
+/// One `tap` line: `10:00:05.120 meter-1/a3 meter ok seq 3 cost_eur=0.07 …` (cut at 80
+/// columns), `10:00:06.004 DLQ #4 meter-1 schema: …` (whole: the reason is the point), or what
+/// the tap missed.
+pub fn tap_line(v: &serde_json::Value) -> String {
+    let time = |ms: Option<i64>| {
+        ms.map(|ms| format_rfc3339(ms)[11..23].to_string())
+            .unwrap_or_else(|| "--:--:--.---".into())
+    };
+    if let Some(r) = v.get("result") {
+        let mut l = format!(
+            "{} {} {} {} seq {}",
+            time(r["processed_at"].as_i64()),
+            r["event_id"].as_str().unwrap_or("?"),
+            r["event_type"].as_str().unwrap_or("?"),
+            r["status"].as_str().unwrap_or("?"),
+            r["seq"]
+        );
+        for f in r["flags"].as_array().into_iter().flatten() {
+            let _ = write!(l, " [{}]", f.as_str().unwrap_or("?"));
+        }
+        for (k, x) in r["result"].as_object().into_iter().flatten() {
+            let _ = write!(l, " {k}={x}");
+        }
+        if l.chars().count() > 80 {
+            l = l.chars().take(79).collect::<String>() + "…";
+        }
+        l
+    } else if let Some(e) = v.get("dlq") {
+        format!(
+            "{} DLQ #{} {} {}: {}",
+            time(
+                e["last_seen"]
+                    .as_str()
+                    .and_then(|t| proto::timestamp::parse_rfc3339(t).ok())
+            ),
+            e["id"],
+            e["device"].as_str().unwrap_or("-"),
+            e["stage"].as_str().unwrap_or("?"),
+            e["reason"].as_str().unwrap_or("")
+        )
+    } else if let Some(n) = v.get("lagged") {
+        format!("… {n} items not shown: the tap fell behind")
+    } else {
+        v.to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -733,5 +780,26 @@ mod tests {
             records: vec![],
         };
         assert_eq!(missed(&empty), "No missed events.\n");
+    }
+
+    #[test]
+    fn tap_lines_fit_80_columns() {
+        let r = serde_json::json!({"result": {"processed_at": 1_764_064_805_120_i64,
+            "event_id": "meter-1/a3", "event_type": "meter", "status": "ok", "seq": 3,
+            "flags": ["late"], "result": {"consumption_kwh": 0.25, "cost_eur": 0.07,
+            "power_w": 920.0, "avg_power_w": 15000.0}}});
+        let line = tap_line(&r);
+        assert!(
+            line.starts_with("10:00:05.120 meter-1/a3 meter ok seq 3 [late] "),
+            "{line}"
+        );
+        assert!(line.chars().count() <= 80, "{line}");
+        let d = serde_json::json!({"dlq": {"id": 4, "device": "meter-1", "stage": "schema",
+            "reason": "field 'voltage_v': 612 is above the maximum 300", "last_seen": "2025-11-25T10:00:06.004Z"}});
+        assert_eq!(
+            tap_line(&d),
+            "10:00:06.004 DLQ #4 meter-1 schema: field 'voltage_v': 612 is above the maximum 300"
+        );
+        assert!(tap_line(&serde_json::json!({"lagged": 7})).contains("7 items not shown"));
     }
 }

@@ -211,6 +211,7 @@ impl Pipeline {
 
     /// After any commit: count its anomalies and corrections, report what the caps evicted.
     pub(super) fn after_commit(&self, commit: &Commit, receipt: &Committed) {
+        self.tap.committed(commit);
         // Counted after the commit, like every other outcome: a result flagged by the
         // engine's anomaly detectors is durable in the outbox by now.
         let anomalies = commit

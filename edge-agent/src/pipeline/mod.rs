@@ -145,6 +145,8 @@ pub struct Pipeline {
     live: Arc<Live>,
     /// Shows systemd's watchdog that batches keep finishing.
     heartbeat: crate::systemd::Heartbeat,
+    /// Committed results and DLQ entries for `edge-agent tap`.
+    tap: crate::tap::Tap,
 }
 
 impl Pipeline {
@@ -178,9 +180,15 @@ impl Pipeline {
             intake: IntakeGate::new(cfg.disk_reserve_mb, Arc::clone(&live)),
             live,
             heartbeat: crate::systemd::Heartbeat::new(),
+            tap: crate::tap::Tap::default(),
         };
         p.publish_gauges();
         Ok(p)
+    }
+
+    /// The tap its commits go to (`edge-agent tap` through the admin socket).
+    pub fn tap(&self) -> crate::tap::Tap {
+        self.tap.clone()
     }
 
     pub fn heartbeat(&self) -> crate::systemd::Heartbeat {

@@ -356,3 +356,48 @@ fn a_flood_of_large_payloads_is_held_to_max_buffered_bytes_in_flight() {
     println!("large payloads: peak RSS {} MiB", peak / MIB);
     assert!(peak < 192 * MIB, "RSS {peak} KiB over 192 MiB");
 }
+
+/// `[outbox] max_age_s`: pending results older than that are dropped, counted exactly (metric,
+/// `status`) and logged; without it nothing is dropped for its age.
+#[test]
+fn results_older_than_max_age_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Agent::embedded(dir.path(), |cfg| {
+        e2e::set(cfg, &["uplink", "enabled"], false.into());
+        e2e::set(cfg, &["outbox", "max_age_s"], 1.into());
+    });
+    for seq in 1..=5 {
+        e2e::mosquitto_pub(
+            agent.mqtt_port,
+            "devices/meter-1/events/meter",
+            &meter(&format!("x{seq}"), seq, 100.0 + seq as f64 * 0.1),
+            1,
+        );
+    }
+    wait_for("the five to expire", Duration::from_secs(30), || {
+        agent.metric("edge_outbox_expired_total") == 5.0
+    });
+    let out = agent.cli(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&status["outbox"]["entries"], &status["outbox"]["expired"]),
+        (&serde_json::json!(0), &serde_json::json!(5)),
+        "{status}"
+    );
+    assert!(agent.log_text().contains("older than outbox.max_age_s"));
+    assert!(agent.stop().success());
+    assert!(agent.outbox().is_empty());
+
+    // Without the limit, results wait as long as it takes.
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    std::fs::write(&agent.config, text.replace("max_age_s = 1\n", "")).unwrap();
+    agent.restart();
+    e2e::mosquitto_pub(
+        agent.mqtt_port,
+        "devices/meter-1/events/meter",
+        &meter("x6", 6, 100.6),
+        1,
+    );
+    assert!(agent.stop().success());
+    assert_eq!(agent.outbox().len(), 1);
+}

@@ -256,6 +256,9 @@ pub struct OutboxInfo {
     pub bytes: u64,
     /// Evicted by the outbox's `drop_oldest`, ever.
     pub dropped: u64,
+    /// Dropped for being older than `outbox.max_age_s`, ever.
+    #[serde(default)]
+    pub expired: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -349,11 +352,13 @@ pub fn report(src: Sources<'_>) -> Result<StatusReport, StoreError> {
             entries: d.entries,
             bytes: d.bytes,
             dropped: d.dropped,
+            expired: d.expired,
         },
         None => OutboxInfo {
             entries: c.outbox_entries,
             bytes: c.outbox_bytes,
             dropped: 0,
+            expired: 0,
         },
     };
     let dlq = DlqInfo {

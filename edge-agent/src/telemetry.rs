@@ -34,6 +34,7 @@ pub const STORE_QUARANTINED: &str = "edge_store_quarantined";
 pub const DISK_FULL: &str = "edge_disk_full";
 pub const OUTBOX_BYTES: &str = "edge_outbox_bytes";
 pub const OUTBOX_DROPPED: &str = "edge_outbox_dropped_total";
+pub const OUTBOX_EXPIRED: &str = "edge_outbox_expired_total";
 pub const OUTBOX_BLOCKED: &str = "edge_outbox_blocked";
 pub const DLQ_ENTRIES: &str = "edge_dlq_entries";
 pub const DLQ_BYTES: &str = "edge_dlq_bytes";
@@ -262,6 +263,10 @@ fn describe() {
     describe_counter!(
         CONFIG_RELOADS,
         "Config reloads (SIGHUP), by result: applied or refused"
+    );
+    describe_counter!(
+        OUTBOX_EXPIRED,
+        "Pending results dropped for being older than outbox.max_age_s"
     );
     describe_gauge!(OUTBOX_DEPTH, "Results waiting in the outbox for the cloud");
     describe_gauge!(

@@ -384,6 +384,9 @@ pub fn status(r: &StatusReport, now: i64) -> String {
     if r.outbox.dropped > 0 {
         let _ = write!(outbox, "; {} dropped by the cap", r.outbox.dropped);
     }
+    if r.outbox.expired > 0 {
+        let _ = write!(outbox, "; {} expired (max_age_s)", r.outbox.expired);
+    }
     let mut rows = vec![
         ("agent", agent),
         ("intake", r.intake.clone()),

@@ -147,6 +147,8 @@ pub struct Pipeline {
     heartbeat: crate::systemd::Heartbeat,
     /// Committed results and DLQ entries for `edge-agent tap`.
     tap: crate::tap::Tap,
+    /// When the oldest pending result grows older than `outbox.max_age_s` (None: no limit).
+    expire_due: Option<i64>,
 }
 
 impl Pipeline {
@@ -168,6 +170,7 @@ impl Pipeline {
         let mut gaps = GapTimer::load(&store, cfg.missed_after_ms())?;
         gaps.adopt(&state, now_ms(), &store.reader())?;
         let live = Arc::new(Live::new(now_ms()));
+        let expire_due = outbox.config().max_age_s.map(|_| now_ms());
         let p = Pipeline {
             engine,
             state,
@@ -181,6 +184,7 @@ impl Pipeline {
             live,
             heartbeat: crate::systemd::Heartbeat::new(),
             tap: crate::tap::Tap::default(),
+            expire_due,
         };
         p.publish_gauges();
         Ok(p)
@@ -243,10 +247,10 @@ impl Pipeline {
         let mut draining = false;
         loop {
             let blocked = !draining && self.intake.closed(&self.store);
-            let due = match (self.retries.due(), self.gaps.due()) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let due = [self.retries.due(), self.gaps.due(), self.expire_due]
+                .into_iter()
+                .flatten()
+                .min();
             let max = self.max_batch;
             let wake = rt.block_on(async {
                 let timer = async {
@@ -283,7 +287,8 @@ impl Pipeline {
         Ok(self.store)
     }
 
-    /// Runs what is due: automatic DLQ retries, the missed-events check.
+    /// Runs what is due: automatic DLQ retries, the missed-events check, the outbox's age
+    /// limit.
     fn timers(&mut self) -> Result<(), StoreError> {
         let now = now_ms();
         if self.retries.due().is_some_and(|t| t <= now) {
@@ -291,6 +296,14 @@ impl Pipeline {
         }
         if self.gaps.due().is_some_and(|t| t <= now) {
             self.declare_missed(now)?;
+        }
+        if self.expire_due.is_some_and(|t| t <= now)
+            && let Some(max_age_s) = self.outbox.config().max_age_s
+        {
+            // The oldest pending result's time, or a new one's (processed from now on).
+            let (_, due) = self.outbox.expire(now)?;
+            let max_age = i64::try_from(max_age_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+            self.expire_due = Some(due.unwrap_or(now.saturating_add(max_age)));
         }
         Ok(())
     }

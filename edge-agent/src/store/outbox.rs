@@ -9,7 +9,8 @@
 //! range is sent twice, which the cloud de-duplicates by `event_id`.
 //!
 //! Invariant: a result leaves the pending range only by an acknowledgement from the cloud
-//! broker or by `drop_oldest` (counted exactly in `edge_outbox_dropped_total`).
+//! broker, by `drop_oldest` (counted exactly in `edge_outbox_dropped_total`) or by growing
+//! older than `max_age_s` (counted exactly in `edge_outbox_expired_total`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -40,6 +41,9 @@ pub struct OutboxConfig {
     pub full_policy: FullPolicy,
     /// Sent results kept so the cloud can ask for them again (`gateways/{id}/replay`).
     pub replay_window: u64,
+    /// Pending results older than this (since they were processed) are dropped, counted
+    /// and logged: data worth nothing after a while, said so in the config. None: kept.
+    pub max_age_s: Option<u64>,
 }
 
 impl Default for OutboxConfig {
@@ -48,6 +52,7 @@ impl Default for OutboxConfig {
             max_bytes: 1 << 30,
             full_policy: FullPolicy::Block,
             replay_window: 100_000,
+            max_age_s: None,
         }
     }
 }
@@ -61,6 +66,9 @@ struct Released {
     dropped: u64,
     /// First `edge_seq` still stored (the replay window starts here).
     window_from: u64,
+    /// Dropped for their age (`max_age_s`), ever.
+    #[serde(default)]
+    expired: u64,
 }
 
 const RELEASED: &str = "uplink";
@@ -71,6 +79,8 @@ pub struct Depth {
     pub entries: u64,
     pub bytes: u64,
     pub dropped: u64,
+    /// Dropped for their age (`max_age_s`), ever.
+    pub expired: u64,
     /// Last committed `edge_seq`.
     pub head: u64,
     pub acked_through: u64,
@@ -143,6 +153,7 @@ impl Outbox {
                 .load(Ordering::Acquire)
                 .saturating_sub(r.bytes),
             dropped: r.dropped,
+            expired: r.expired,
             head,
             acked_through: r.through,
         }
@@ -237,6 +248,60 @@ impl Outbox {
         );
         self.publish_gauges();
         Ok(())
+    }
+
+    /// Drops the pending results processed before `now - max_age_s`, oldest first (they are
+    /// in `edge_seq` order, so in processing order); returns how many, and when the oldest
+    /// one left falls due. A no-op without `max_age_s`.
+    pub(crate) fn expire(&self, now: i64) -> Result<(u64, Option<i64>), StoreError> {
+        let Some(max_age_s) = self.inner.cfg.max_age_s else {
+            return Ok((0, None));
+        };
+        let max_age = i64::try_from(max_age_s.saturating_mul(1000)).unwrap_or(i64::MAX);
+        let mut r = self.released();
+        let head = self.inner.head.load(Ordering::Acquire);
+        let mut batch = sled::Batch::default();
+        let mut next = *r;
+        let mut due = None;
+        for kv in self.range(r.through + 1, head) {
+            let (k, v) = kv?;
+            let processed_at = proto::wire::decode::<proto::EventResult>(&v)
+                .map(|res| res.processed_at)
+                .map_err(|e| StoreError::Corrupt {
+                    key: format!("outbox {}", key::number_of(&k)),
+                    reason: e.to_string(),
+                })?;
+            let at = processed_at.saturating_add(max_age);
+            if at > now {
+                due = Some(at);
+                break;
+            }
+            batch.remove(k);
+            next.through += 1;
+            next.bytes += v.len() as u64;
+            next.expired += 1;
+        }
+        let n = next.expired - r.expired;
+        if n == 0 {
+            return Ok((0, due));
+        }
+        next.window_from = next.window_from.max(next.through + 1);
+        batch.insert(key::named(key::META, RELEASED), proto::wire::encode(&next));
+        self.inner.tree.apply_batch(batch)?;
+        let (from, to) = (r.through + 1, next.through);
+        *r = next;
+        drop(r);
+        metrics::counter!(m::OUTBOX_EXPIRED).increment(n);
+        tracing::warn!(
+            expired = n,
+            from_edge_seq = from,
+            to_edge_seq = to,
+            max_age_s,
+            "outbox: dropped pending results older than outbox.max_age_s"
+        );
+        self.inner.freed.notify_all();
+        self.publish_gauges();
+        Ok((n, due))
     }
 
     /// Pending results from `from` (inclusive), at most `max_n` of them and about `max_bytes`
@@ -393,6 +458,7 @@ mod tests {
             max_bytes: probe * 10,
             full_policy: FullPolicy::DropOldest,
             replay_window: 100,
+            max_age_s: None,
         };
         let (_store, outbox) = store_with(dir.path(), 20, cfg);
         assert!(outbox.make_room().unwrap().is_zero());
@@ -430,5 +496,38 @@ mod tests {
         let bytes = outbox.depth().bytes;
         outbox.release(3, bytes).unwrap();
         assert!(waiter.join().unwrap() > Duration::ZERO, "it waited");
+    }
+
+    #[test]
+    fn expire_drops_exactly_the_results_older_than_max_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = OutboxConfig {
+            max_age_s: Some(60),
+            ..OutboxConfig::default()
+        };
+        let mut store = Store::open(dir.path()).unwrap();
+        let outbox = store.open_outbox(cfg).unwrap();
+        let mut c = store.begin();
+        for i in 1..=10u64 {
+            let mut r = result(i);
+            r.processed_at = 1_000_000 + i as i64 * 10_000; // one every 10 s
+            c.push_result(r);
+        }
+        store.commit(&c).unwrap();
+        // At 1 070 000 the first one is exactly 60 s old and seqs 1..=1 go; seq 2 is due at 1 080 000.
+        assert_eq!(outbox.expire(1_070_000).unwrap(), (1, Some(1_080_000)));
+        assert_eq!(outbox.expire(1_070_000).unwrap(), (0, Some(1_080_000)));
+        assert_eq!(outbox.expire(1_125_000).unwrap(), (5, Some(1_130_000)));
+        let d = outbox.depth();
+        assert_eq!((d.entries, d.expired, d.dropped), (4, 6, 0));
+        assert_eq!(outbox.first_pending(), 7);
+        assert_eq!(outbox.read(1, 100, usize::MAX).unwrap()[0].0, 7);
+        drop(outbox);
+        drop(store);
+        // Counted durably.
+        let mut store = Store::open(dir.path()).unwrap();
+        let outbox = store.open_outbox(OutboxConfig::default()).unwrap();
+        assert_eq!(outbox.depth().expired, 6);
+        assert_eq!(outbox.expire(i64::MAX).unwrap(), (0, None), "no max_age: kept");
     }
 }

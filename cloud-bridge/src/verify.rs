@@ -262,7 +262,7 @@ impl Verifier {
         let here = records.iter().position(|x| x.edge_seq == st.edge_seq);
         let record = match here {
             Some(i) => records[i].clone(),
-            None => match stored_record(sink, &st.key, st.edge_seq).await? {
+            None => match stored_record(sink, &st.key, |r| r.edge_seq == st.edge_seq).await? {
                 Some(r) => r,
                 None => {
                     warn!(gateway, key = %st.key, edge_seq = st.edge_seq,
@@ -311,11 +311,12 @@ impl Verifier {
     }
 }
 
-/// The record with `edge_seq` in the stored object `key`.
-async fn stored_record(
+/// The first record of the stored object `key` that `which` picks; `None` if the object or
+/// the record is gone.
+pub(crate) async fn stored_record(
     sink: &Sink,
     key: &str,
-    edge_seq: u64,
+    which: impl Fn(&EventResult) -> bool,
 ) -> anyhow::Result<Option<EventResult>> {
     let Some((body, _)) = sink.objects.get_versioned(key).await? else {
         return Ok(None);
@@ -323,7 +324,7 @@ async fn stored_record(
     Ok(String::from_utf8_lossy(&body)
         .lines()
         .filter_map(|l| serde_json::from_str::<EventResult>(l).ok())
-        .find(|r| r.edge_seq == edge_seq))
+        .find(|r| which(r)))
 }
 
 /// `None`: unknown; `Some(None)`: known to be none.

@@ -370,12 +370,9 @@ impl Ingest {
         );
         let mut stored = None;
         for key in self.sink.objects.list(&prefix).await? {
-            if let Some((body, _)) = self.sink.objects.get_versioned(&key).await?
-                && let Some(r) = String::from_utf8_lossy(&body)
-                    .lines()
-                    .filter_map(|l| serde_json::from_str::<EventResult>(l).ok())
-                    .find(|r| r.device == late.device && r.seq == next.seq && r.ts == next.ts)
-            {
+            let which =
+                |r: &EventResult| r.device == late.device && r.seq == next.seq && r.ts == next.ts;
+            if let Some(r) = crate::verify::stored_record(&self.sink, &key, which).await? {
                 stored = Some((key, r));
                 break;
             }

@@ -298,11 +298,10 @@ impl Pipeline {
             self.declare_missed(now)?;
         }
         if self.expire_due.is_some_and(|t| t <= now)
-            && let Some(max_age_s) = self.outbox.config().max_age_s
+            && let Some(max_age) = self.outbox.config().max_age_ms()
         {
             // The oldest pending result's time, or a new one's (processed from now on).
             let (_, due) = self.outbox.expire(now)?;
-            let max_age = i64::try_from(max_age_s.saturating_mul(1000)).unwrap_or(i64::MAX);
             self.expire_due = Some(due.unwrap_or(now.saturating_add(max_age)));
         }
         Ok(())

@@ -46,6 +46,14 @@ pub struct OutboxConfig {
     pub max_age_s: Option<u64>,
 }
 
+impl OutboxConfig {
+    /// `max_age_s` in milliseconds.
+    pub fn max_age_ms(&self) -> Option<i64> {
+        self.max_age_s
+            .map(|s| i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX))
+    }
+}
+
 impl Default for OutboxConfig {
     fn default() -> Self {
         OutboxConfig {
@@ -254,10 +262,11 @@ impl Outbox {
     /// in `edge_seq` order, so in processing order); returns how many, and when the oldest
     /// one left falls due. A no-op without `max_age_s`.
     pub(crate) fn expire(&self, now: i64) -> Result<(u64, Option<i64>), StoreError> {
-        let Some(max_age_s) = self.inner.cfg.max_age_s else {
+        let (Some(max_age_s), Some(max_age)) =
+            (self.inner.cfg.max_age_s, self.inner.cfg.max_age_ms())
+        else {
             return Ok((0, None));
         };
-        let max_age = i64::try_from(max_age_s.saturating_mul(1000)).unwrap_or(i64::MAX);
         let mut r = self.released();
         let head = self.inner.head.load(Ordering::Acquire);
         let mut batch = sled::Batch::default();
@@ -528,6 +537,10 @@ mod tests {
         let mut store = Store::open(dir.path()).unwrap();
         let outbox = store.open_outbox(OutboxConfig::default()).unwrap();
         assert_eq!(outbox.depth().expired, 6);
-        assert_eq!(outbox.expire(i64::MAX).unwrap(), (0, None), "no max_age: kept");
+        assert_eq!(
+            outbox.expire(i64::MAX).unwrap(),
+            (0, None),
+            "no max_age: kept"
+        );
     }
 }

@@ -673,6 +673,16 @@ fn the_lambda_reads_the_environment_and_package_the_template_gives_it() {
         (Some("provided.al2023"), Some("arm64"))
     );
     assert_eq!(f["Handler"], "bootstrap");
+    // Both functions run package.sh's zip.
+    let package = std::fs::read_to_string(root().join("deploy/package.sh")).unwrap();
+    assert!(package.contains(r#"out="$here/build/cloud-bridge-lambda-arm64.zip""#));
+    for fun in ["BridgeFunction", "DlqProcessorFunction"] {
+        assert_eq!(
+            resources(&t)[fun]["Properties"]["CodeUri"],
+            "build/cloud-bridge-lambda-arm64.zip",
+            "{fun}"
+        );
+    }
 
     // The packaged config, as package.sh lays it out, loads and takes the stack's names.
     let dir = tempfile::tempdir().unwrap();
@@ -695,7 +705,6 @@ fn the_lambda_reads_the_environment_and_package_the_template_gives_it() {
     assert!(cfg.aws.endpoint_url.is_none() && cfg.mqtt.is_none());
     assert!(cfg.verify.is_some() && cfg.ingest.is_some() && cfg.http.is_some());
     cloud_bridge::ingest::auth::Auth::load(cfg.http.as_ref().unwrap()).unwrap();
-    let package = std::fs::read_to_string(root().join("deploy/package.sh")).unwrap();
     for name in ["cloud-bridge.toml", "edge-agent.toml", "api-keys"] {
         assert!(package.contains(name), "package.sh packs {name}");
     }

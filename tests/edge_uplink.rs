@@ -106,6 +106,66 @@ fn drains_the_outbox_in_order_over_mutual_tls() {
     assert!(agent.stop().success());
 }
 
+/// AWS IoT Core's `aws iot create-keys-and-certificate` writes the private key as PKCS#1 PEM
+/// (`-----BEGIN RSA PRIVATE KEY-----`, RSA 2048) beside the certificate PEM: the uplink takes
+/// those files as they are (README "Connect a gateway to AWS IoT Core").
+#[test]
+fn an_rsa_pkcs1_key_as_aws_iot_writes_it_connects() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "cloud");
+    let pkcs8 = dir.path().join("gw-test.pkcs8.pem");
+    let key = dir.path().join("gw-test.private.key");
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "genpkey".as_ref(),
+        "-algorithm".as_ref(),
+        "RSA".as_ref(),
+        "-pkeyopt".as_ref(),
+        "rsa_keygen_bits:2048".as_ref(),
+        "-out".as_ref(),
+        pkcs8.as_os_str(),
+    ]);
+    openssl(&[
+        "rsa".as_ref(),
+        "-in".as_ref(),
+        pkcs8.as_os_str(),
+        "-traditional".as_ref(),
+        "-out".as_ref(),
+        key.as_os_str(),
+    ]);
+    let pem = std::fs::read_to_string(&key).unwrap();
+    assert!(pem.starts_with("-----BEGIN RSA PRIVATE KEY-----"), "{pem}");
+    let pair = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&pkcs8).unwrap()).unwrap();
+    let cert = pki.issue_client_for_key("gw-test", &pair);
+
+    let broker = Mosquitto::start_tls(dir.path(), &pki);
+    let sub = Subscriber::start(broker.port, "bridge-test", RESULTS);
+    let mut agent = Agent::embedded(dir.path(), |c| {
+        uplink_to(c, &broker, &pki, false);
+        e2e::set(c, &["uplink", "cert"], cert.display().to_string().into());
+        e2e::set(c, &["uplink", "key"], key.display().to_string().into());
+    });
+    publish(&agent, 1..=20);
+    wait_for("the outbox to drain", Duration::from_secs(30), || {
+        drained(&agent)
+    });
+    wait_for("the subscriber", Duration::from_secs(10), || {
+        batches(&sub).iter().map(|b| b.results.len()).sum::<usize>() >= 20
+    });
+    assert_in_order_and_complete(&batches(&sub), 20);
+    assert!(agent.stop().success());
+}
+
 #[test]
 fn a_cloud_outage_leaves_a_backlog_that_drains_in_order() {
     let dir = tempfile::tempdir().unwrap();

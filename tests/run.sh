@@ -32,6 +32,10 @@ CUTFS_PYTHON="$(cutfs_python)"
 export CUTFS_PYTHON
 "$CUTFS_PYTHON" tests/powercut/selfcheck.py
 
+# The cloud tier's SAM template (cloud-bridge/deploy/template.yaml): cfn-lint and `sam validate
+# --lint`, both pinned, each in a venv outside the clone (like the emulator's). Offline.
+bash cloud-bridge/deploy/lint.sh
+
 # Keep build artifacts outside the clone so repeated runs on one machine rebuild little.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/edge-pipeline/target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"

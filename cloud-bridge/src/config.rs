@@ -543,6 +543,53 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The environment variables that override the config's resource names (`lambda`: the
+    /// deployed stack names its bucket, bus, table and queue; the packaged file cannot know
+    /// them), each with the field it replaces.
+    pub const ENV_OVERRIDES: [(&'static str, &'static str); 6] = [
+        ("CLOUD_BRIDGE_BUCKET", "aws.bucket"),
+        ("CLOUD_BRIDGE_PREFIX", "aws.prefix"),
+        ("CLOUD_BRIDGE_EVENT_BUS", "aws.event_bus"),
+        ("CLOUD_BRIDGE_TABLE", "aws.table"),
+        ("CLOUD_BRIDGE_DLQ_QUEUE", "aws.dlq_queue"),
+        ("CLOUD_BRIDGE_METRICS_NAMESPACE", "metrics.namespace"),
+    ];
+
+    /// This config with [`Config::ENV_OVERRIDES`] applied from `get` (set ones only), checked
+    /// again; an error names the variable and its field.
+    pub fn with_env(mut self, get: impl Fn(&str) -> Option<String>) -> Result<Config, Invalid> {
+        for (var, field) in Self::ENV_OVERRIDES {
+            let Some(v) = get(var) else { continue };
+            let slot = match field {
+                "aws.bucket" => &mut self.aws.bucket,
+                "aws.prefix" => &mut self.aws.prefix,
+                "aws.event_bus" => &mut self.aws.event_bus,
+                "aws.table" => &mut self.aws.table,
+                "aws.dlq_queue" => &mut self.aws.dlq_queue,
+                _ => &mut self.metrics.namespace,
+            };
+            *slot = v;
+        }
+        self.validate().map_err(|e| {
+            let var = Self::ENV_OVERRIDES
+                .iter()
+                .find(|(v, f)| get(v).is_some() && e.field() == Some(*f))
+                .map(|(v, _)| *v);
+            match (var, &e) {
+                (
+                    Some(v),
+                    Invalid::Field {
+                        field: Some(f),
+                        message,
+                        ..
+                    },
+                ) => Invalid::at(f.clone(), format!("{message} (from {v})")),
+                _ => e,
+            }
+        })?;
+        Ok(self)
+    }
+
     /// Parses and validates; the error names the field (`aws.detail_types[1]: ...`).
     pub fn parse(text: &str) -> Result<Config, Invalid> {
         let cfg: Config = settings::from_toml(text)?;
@@ -776,6 +823,54 @@ impl MqttConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn env_overrides_name_the_stacks_resources() {
+        let text = "[aws]\nbucket = \"b\"\nevent_bus = \"e\"\ntable = \"t\"\ndlq_queue = \"q\"\n";
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let c = Config::parse(text)
+            .unwrap()
+            .with_env(env(&[
+                ("CLOUD_BRIDGE_BUCKET", "stack-results"),
+                ("CLOUD_BRIDGE_TABLE", "stack-state"),
+                ("CLOUD_BRIDGE_DLQ_QUEUE", "stack-dlq"),
+                ("CLOUD_BRIDGE_EVENT_BUS", "stack-bus"),
+                ("CLOUD_BRIDGE_PREFIX", "prod/"),
+                ("CLOUD_BRIDGE_METRICS_NAMESPACE", "Stack/Bridge"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            (
+                c.aws.bucket.as_str(),
+                c.aws.table.as_str(),
+                c.aws.dlq_queue.as_str()
+            ),
+            ("stack-results", "stack-state", "stack-dlq")
+        );
+        assert_eq!(
+            (c.aws.event_bus.as_str(), c.aws.prefix.as_str()),
+            ("stack-bus", "prod/")
+        );
+        assert_eq!(c.metrics.namespace, "Stack/Bridge");
+        // Unset variables leave the file's values.
+        let c = Config::parse(text).unwrap().with_env(env(&[])).unwrap();
+        assert_eq!(c.aws.bucket, "b");
+        // A bad value is refused like the file's would be, naming the variable.
+        let e = Config::parse(text)
+            .unwrap()
+            .with_env(env(&[("CLOUD_BRIDGE_PREFIX", "prod")]))
+            .unwrap_err();
+        assert_eq!(e.field(), Some("aws.prefix"));
+        assert!(e.to_string().contains("CLOUD_BRIDGE_PREFIX"), "{e}");
+    }
+
     use super::*;
 
     const BASE: &str = r#"

@@ -62,7 +62,11 @@ use crate::service::publish_once;
 #[derive(Debug)]
 pub enum Payload {
     Batch(Batch),
-    Sqs(Vec<Received>),
+    /// An SQS event: `queue` is the source queue's name (from `eventSourceARN`).
+    Sqs {
+        queue: String,
+        records: Vec<Received>,
+    },
     EventBridge {
         detail_type: String,
         detail: Value,
@@ -90,8 +94,17 @@ pub fn classify(v: Value) -> anyhow::Result<Payload> {
                     .unwrap_or_default()
                     .to_string()
             };
-            return Ok(Payload::Sqs(
-                records
+            // One event source mapping, one queue: `arn:aws:sqs:{region}:{account}:{name}`.
+            let queue = records
+                .first()
+                .and_then(|r| r.get("eventSourceARN"))
+                .and_then(Value::as_str)
+                .and_then(|arn| arn.rsplit(':').next())
+                .unwrap_or_default()
+                .to_string();
+            return Ok(Payload::Sqs {
+                queue,
+                records: records
                     .iter()
                     .map(|r| Received {
                         body: text(r, "body"),
@@ -103,7 +116,7 @@ pub fn classify(v: Value) -> anyhow::Result<Payload> {
                         message_id: text(r, "messageId"),
                     })
                     .collect(),
-            ));
+            });
         }
         bail!("unrecognised payload: a Records array that is not an SQS event");
     }
@@ -163,7 +176,7 @@ pub async fn handle_with(
 ) -> anyhow::Result<Value> {
     let batch = match classify(payload)? {
         Payload::Batch(b) => b,
-        Payload::Sqs(records) => return handle_sqs(p, records).await,
+        Payload::Sqs { queue, records } => return handle_sqs(p, &queue, records).await,
         Payload::EventBridge {
             detail_type,
             detail,
@@ -193,6 +206,11 @@ pub async fn handle_with(
         }
         Payload::Iot(event) => return handle_iot(p, event).await,
     };
+    store_batch(p, batch).await
+}
+
+/// Stores one gateway batch (a direct invoke, an IoT rule, or an SQS record of one).
+async fn store_batch(p: &Pipeline, batch: Batch) -> anyhow::Result<Value> {
     check_batch(&batch)?;
     let gateway = batch.gateway.clone();
     let n = batch.results.len();
@@ -374,16 +392,105 @@ async fn handle_device_event(p: &Pipeline, detail: &Value) -> anyhow::Result<Val
     Ok(device_answer(&reply))
 }
 
-/// The DLQ processor over an SQS event's records; failed ones are reported for a retry.
-async fn handle_sqs(p: &Pipeline, records: Vec<Received>) -> anyhow::Result<Value> {
+/// An SQS record's body that is a gateway batch (what the IoT rule on `gateways/+/results`
+/// puts on the results queue: `{"cbor", "gateway"}`, or a JSON batch), decoded; `None` for
+/// any other body (a DLQ message).
+fn uplink_body(body: &str) -> Option<anyhow::Result<Batch>> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let o = v.as_object()?;
+    let uplink = o.contains_key("cbor") || (o.contains_key("gateway") && o.contains_key("results"));
+    if !uplink {
+        return None;
+    }
+    Some(match classify(v) {
+        Ok(Payload::Batch(b)) => Ok(b),
+        Ok(_) => Err(anyhow!("not a gateway batch")),
+        Err(e) => Err(e),
+    })
+}
+
+/// The queue name in `aws.dlq_queue` (a name, or a queue URL ending in it).
+fn queue_name(q: &str) -> &str {
+    q.rsplit('/').next().unwrap_or(q)
+}
+
+/// An SQS event's records: gateway batches from the results queue (the IoT rule's), and DLQ
+/// messages from `aws.dlq_queue`. The response lists the records that failed
+/// (`ReportBatchItemFailures`), so only those come back after the visibility timeout.
+///
+/// Batches are stored in `edge_seq` order per gateway whatever order SQS delivered them in
+/// (a standard queue does not keep it); after one of a gateway's batches failed (a gap still
+/// open after `gap_hold_ms`, an AWS error), its later ones in the event fail at once, so
+/// nothing is held twice. A batch that reached the DLQ (the results queue's redrive policy)
+/// is tried once more per receive; after `dlq.max_receives` it is stored under `failures/`.
+async fn handle_sqs(p: &Pipeline, queue: &str, records: Vec<Received>) -> anyhow::Result<Value> {
+    let from_dlq = !queue.is_empty() && queue == queue_name(&p.cfg.aws.dlq_queue);
     let mut failed = Vec::new();
+    let mut batches: Vec<(&Received, Batch)> = Vec::new();
     for r in &records {
-        if let Err(e) = crate::dlq::processor::settle(p, r).await {
-            warn!(message_id = %r.message_id, "DLQ message not handled: {e:#}");
-            failed.push(json!({ "itemIdentifier": r.message_id }));
+        match uplink_body(&r.body) {
+            Some(Ok(b)) => batches.push((r, b)),
+            Some(Err(e)) => {
+                if let Err(e) = give_up_or_fail(p, from_dlq, r, e).await {
+                    warn!(message_id = %r.message_id, "uplink message not stored: {e:#}");
+                    failed.push(r.message_id.clone());
+                }
+            }
+            None => {
+                if let Err(e) = crate::dlq::processor::settle(p, r).await {
+                    warn!(message_id = %r.message_id, "DLQ message not handled: {e:#}");
+                    failed.push(r.message_id.clone());
+                }
+            }
         }
     }
+    batches.sort_by_key(|(_, b)| {
+        let first = b.results.iter().map(|r| r.edge_seq).min().unwrap_or(0);
+        (b.gateway.clone(), first)
+    });
+    let mut failed_gateways = std::collections::BTreeSet::new();
+    for (r, b) in batches {
+        let gateway = b.gateway.clone();
+        let outcome = if failed_gateways.contains(&gateway) {
+            Err(anyhow!(
+                "an earlier batch of gateway {gateway} in this event was not stored"
+            ))
+        } else {
+            store_batch(p, b).await.map(|_| ())
+        };
+        if let Err(e) = outcome {
+            failed_gateways.insert(gateway);
+            if let Err(e) = give_up_or_fail(p, from_dlq, r, e).await {
+                warn!(message_id = %r.message_id, "batch not stored: {e:#}");
+                failed.push(r.message_id.clone());
+            }
+        }
+    }
+    let failed: Vec<Value> = records
+        .iter()
+        .filter(|r| failed.contains(&r.message_id))
+        .map(|r| json!({ "itemIdentifier": r.message_id }))
+        .collect();
     Ok(json!({ "batchItemFailures": failed }))
+}
+
+/// A batch that could not be stored: on the DLQ after `dlq.max_receives` receives it is put
+/// under `failures/` (Ok), else the error stands (the record is retried).
+async fn give_up_or_fail(
+    p: &Pipeline,
+    from_dlq: bool,
+    r: &Received,
+    e: anyhow::Error,
+) -> anyhow::Result<()> {
+    if from_dlq && r.receive_count >= p.cfg.dlq.max_receives {
+        let reason = format!(
+            "a gateway batch that reached the DLQ was not stored after {} receives; last error: {e:#}",
+            r.receive_count
+        );
+        crate::dlq::processor::store_failure(p, None, &r.body, reason).await?;
+        return Ok(());
+    }
+    Err(e)
 }
 
 /// A correction run for an alarm or an explicit request (see the module doc).
@@ -413,6 +520,9 @@ async fn handle_trigger(
             detail["until"].as_str().map(String::from),
             detail["gateway"].as_str().map(String::from),
         ),
+        ANOMALY_SCAN | ANOMALY_TRAIN => {
+            return handle_anomaly(p, detail_type, detail, time).await;
+        }
         other => bail!(
             "EventBridge event '{other}' is not a correction trigger (expected \
              'CloudWatch Alarm State Change' or 'CorrectionRequested')"
@@ -424,6 +534,101 @@ async fn handle_trigger(
         .await?;
     info!(?report, %since, "correction run finished");
     Ok(serde_json::to_value(report)?)
+}
+
+/// The detail-type of a scheduled `anomaly scan` (see [`handle_anomaly`]).
+pub const ANOMALY_SCAN: &str = "AnomalyScanRequested";
+/// The detail-type of a scheduled `anomaly train` (see [`handle_anomaly`]).
+pub const ANOMALY_TRAIN: &str = "AnomalyTrainRequested";
+
+/// A scheduled anomaly run. The template's EventBridge schedules send
+/// `{"source", "detail-type": ANOMALY_SCAN | ANOMALY_TRAIN, "time": <the schedule's time>,
+/// "detail": {"days": N, "publish"?: bool, "type"?: T}}`: a scan rescores the `dt=`
+/// partitions of the `days` (default 1) days before `time`'s day and that day, publishing
+/// `AnomalyDetected` unless `publish` is false; a training run fits the models on the `days`
+/// (default 30) days before `time`'s day. The answer is the run's report; a scan with no
+/// trained models yet answers `{"skipped"}` (nothing to score with is not a failure to retry).
+async fn handle_anomaly(
+    p: &Pipeline,
+    detail_type: &str,
+    detail: &Value,
+    time: Option<&str>,
+) -> anyhow::Result<Value> {
+    use crate::anomaly::{self as an, history::DateRange, progress::Progress};
+    let now = time
+        .and_then(|t| proto::timestamp::parse_rfc3339(t).ok())
+        .unwrap_or_else(crate::now_ms);
+    let default_days = if detail_type == ANOMALY_SCAN { 1 } else { 30 };
+    let days = match detail.get("days") {
+        None | Some(Value::Null) => default_days,
+        Some(d) => d
+            .as_u64()
+            .filter(|d| (1..=3660).contains(d))
+            .context("detail.days: a whole number of days, 1 to 3660")?,
+    };
+    let event_type = detail.get("type").and_then(Value::as_str).map(String::from);
+    let day = |back: u64| crate::layout::date_of(now - back as i64 * 86_400_000);
+    let a = &p.cfg.anomaly;
+    let objects = &p.sink.objects;
+    let prefix = &p.cfg.aws.prefix;
+    let progress = Progress::hidden();
+    if detail_type == ANOMALY_TRAIN {
+        let range = DateRange::new(Some(&day(days)), Some(&day(1)))?;
+        let opts = an::train::TrainOptions {
+            range,
+            event_type,
+            fit: a.fit_params(),
+            exclude: a.exclude_fields.clone(),
+            max_samples: a.max_samples,
+            concurrency: a.read_concurrency,
+        };
+        let report = an::train::train(objects, prefix, &opts, &progress).await?;
+        info!(
+            trained = report.trained(),
+            "scheduled anomaly training finished"
+        );
+        return Ok(serde_json::to_value(report)?);
+    }
+    let publish = detail
+        .get("publish")
+        .and_then(Value::as_bool)
+        .unwrap_or(true);
+    if publish && !p.cfg.sends(an::DETAIL_TYPE) {
+        bail!(
+            "detail.publish: {} is not in aws.detail_types",
+            an::DETAIL_TYPE
+        );
+    }
+    let models = an::AnomalyModels::load(objects.as_ref(), prefix).await?;
+    if models.is_empty() {
+        return Ok(
+            json!({ "skipped": "no anomaly models yet (the training schedule makes them)" }),
+        );
+    }
+    let opts = an::scan::ScanOptions {
+        range: DateRange::new(Some(&day(days)), Some(&day(0)))?,
+        event_type,
+        concurrency: a.read_concurrency,
+    };
+    let report = an::scan::scan(
+        objects,
+        prefix,
+        &models,
+        &opts,
+        publish.then_some(p.sink.events.as_ref()),
+        &progress,
+    )
+    .await?;
+    info!(
+        anomalies = report.anomalies.len(),
+        published = report.published,
+        "scheduled anomaly scan finished"
+    );
+    let mut v = serde_json::to_value(&report)?;
+    // The full list is in S3 (and on EventBridge when published); keep the answer small.
+    v["anomalies_total"] = json!(report.anomalies.len());
+    v["anomalies"] = serde_json::to_value(&report.anomalies[..report.anomalies.len().min(20)])?;
+    Ok(v)
 }
 
 /// Runs the Lambda runtime loop (`AWS_LAMBDA_RUNTIME_API` names the Runtime API).
@@ -454,8 +659,10 @@ mod tests {
 
     #[test]
     fn classifies_payloads() {
-        let sqs = json!({"Records": [{"eventSource": "aws:sqs", "body": "{}"}]});
-        assert!(matches!(classify(sqs).unwrap(), Payload::Sqs(r) if r.len() == 1));
+        let sqs = json!({"Records": [{"eventSource": "aws:sqs", "body": "{}",
+            "eventSourceARN": "arn:aws:sqs:eu-central-1:123456789012:edge-dlq"}]});
+        assert!(matches!(classify(sqs).unwrap(),
+            Payload::Sqs { queue, records } if records.len() == 1 && queue == "edge-dlq"));
         let eb = json!({"detail-type": "EventCorrected", "source": "x", "detail": {}});
         assert!(matches!(classify(eb).unwrap(), Payload::EventBridge { .. }));
         let batch = Batch {

@@ -181,7 +181,13 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Lambda's provided.al2023 runtime starts `/var/task/bootstrap` (this binary, see
+    // cross/build.sh) with no arguments: that is `cloud-bridge lambda`.
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 1 && std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() {
+        args.push("lambda".into());
+    }
+    let cli = Cli::parse_from(args);
     match cli.command {
         Command::CheckConfig { config } => match load(&config) {
             Ok(cfg) => {
@@ -236,7 +242,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Lambda { config } => {
-            let cfg = match load(&config) {
+            // The deployed stack names its resources: CLOUD_BRIDGE_BUCKET etc. override the
+            // packaged file's (cloud-bridge/deploy/template.yaml sets them).
+            let cfg = match load(&config).and_then(|c| {
+                c.with_env(|k| std::env::var(k).ok()).map_err(|e| {
+                    eprintln!("cloud-bridge: invalid config: {}: {e}", config.display());
+                    ExitCode::from(2)
+                })
+            }) {
                 Ok(c) => Arc::new(c),
                 Err(code) => return code,
             };

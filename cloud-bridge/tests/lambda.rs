@@ -421,3 +421,202 @@ async fn lambda_takes_device_messages_from_api_gateway_iot_rules_and_eventbridge
         "the CBOR event's delta is against the JSON one"
     );
 }
+
+/// A recorded SQS event whose record bodies are replaced by `bodies` (the IoT rule's
+/// `{"cbor", "gateway"}` of batches made here), each from queue `queue`.
+fn sqs_event(name: &str, queue: &str, bodies: &[String]) -> Value {
+    let mut ev = recorded(name);
+    let records = ev["Records"].as_array_mut().unwrap();
+    assert_eq!(records.len(), bodies.len(), "{name}");
+    for (r, body) in records.iter_mut().zip(bodies) {
+        r["body"] = json!(body);
+        r["eventSourceARN"] = json!(format!("arn:aws:sqs:us-east-1:123456789012:{queue}"));
+    }
+    ev
+}
+
+/// The body the template's IoT rule on `gateways/+/results` puts on the results queue.
+fn iot_rule_body(b: &proto::Batch) -> String {
+    let cbor = base64::engine::general_purpose::STANDARD.encode(proto::wire::encode(b));
+    json!({ "cbor": cbor, "gateway": b.gateway }).to_string()
+}
+
+/// Every event shape `cloud-bridge/deploy/template.yaml` wires to the function, as recorded
+/// in `tests/events/`: the results queue's SQS batches (out of order, one with a gap), the
+/// DLQ's (a redriven batch, one given up on, a DLQ message), the anomaly schedules, the
+/// discrepancy alarm's state changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lambda_takes_the_events_the_template_wires_up() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let names = AwsNames::unique("lambdatpl");
+    let engine = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/edge-agent.toml");
+    let cfg = write_config(
+        dir.path(),
+        "lambda.toml",
+        &format!(
+            "{}\n[verify]\nengine_config = \"{}\"\n\n[anomaly]\nmin_samples = 5\n",
+            bridge_config(&endpoint, &names, None, "unused"),
+            engine.display(),
+        ),
+    );
+    provision(&cfg);
+    let aws = TestAws::new(&endpoint).await;
+
+    // SQS keeps no order: 4..=6 arrives before 1..=3; gw-sqs2's batch has a gap.
+    let results = sqs_event(
+        "sqs-iot-results.json",
+        "edge-pipeline-results",
+        &[
+            iot_rule_body(&batch("gw-sqs", 4..=6)),
+            iot_rule_body(&batch("gw-sqs", 1..=3)),
+            iot_rule_body(&batch("gw-sqs2", 10..=12)),
+        ],
+    );
+    let gap_id = results["Records"][2]["messageId"].clone();
+    // The DLQ: a batch redriven there (stored now), one that failed its last receive
+    // (given up on: failures/), and a DLQ message that is not one (failures/).
+    let mut dlq = sqs_event(
+        "sqs-dlq.json",
+        &names.dlq,
+        &[
+            iot_rule_body(&batch("gw-sqs", 7..=8)),
+            iot_rule_body(&batch("gw-sqs2", 10..=12)),
+            "{}".to_string(),
+        ],
+    );
+    dlq["Records"][2]["body"] = json!("{}");
+    let mut alarm_ok = recorded("cloudwatch-alarm-state-change.json");
+    alarm_ok["detail"]["state"]["value"] = json!("OK");
+    let mut api = RuntimeApi::start(vec![
+        results,
+        dlq,
+        recorded("scheduled-anomaly-scan.json"), // before any training: skipped
+        recorded("scheduled-anomaly-train.json"),
+        recorded("scheduled-anomaly-scan.json"),
+        recorded("cloudwatch-alarm-state-change.json"),
+        alarm_ok,
+    ])
+    .await;
+    let mut child = start_lambda(&cfg, &api.addr, dir.path());
+
+    let o = api.next_outcome().await;
+    assert_eq!(o.kind, "response", "{o:?}");
+    assert_eq!(
+        o.body,
+        json!({ "batchItemFailures": [{ "itemIdentifier": gap_id }] })
+    );
+    assert_eq!(aws.hwm(&names.table, "gw-sqs").await, 6);
+
+    let o = api.next_outcome().await;
+    assert_eq!(o.kind, "response", "{o:?}");
+    assert_eq!(o.body, json!({ "batchItemFailures": [] }), "{o:?}");
+    assert_eq!(aws.hwm(&names.table, "gw-sqs").await, 8);
+    assert_eq!(
+        aws.stored_edge_seqs(&names.bucket, "gw-sqs").await,
+        (1..=8).collect::<Vec<_>>()
+    );
+    assert!(
+        aws.stored_edge_seqs(&names.bucket, "gw-sqs2")
+            .await
+            .is_empty()
+    );
+    let failures = aws.objects(&names.bucket, "failures/").await;
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    assert!(
+        failures
+            .values()
+            .any(|f| f.contains("not stored after 5 receives") && f.contains("1..=9 is missing")),
+        "{failures:?}"
+    );
+
+    let o = api.next_outcome().await;
+    assert_eq!(o.kind, "response", "{o:?}");
+    assert!(o.body["skipped"].is_string(), "{o:?}");
+
+    // Training: the 30 days before the schedule's day, which hold gw-sqs's 8 results.
+    let o = api.next_outcome().await;
+    assert_eq!(o.kind, "response", "{o:?}");
+    assert_eq!(o.body["range"]["since"], "2025-10-27", "{o:?}");
+    assert_eq!(o.body["range"]["until"], "2025-11-25", "{o:?}");
+    assert_eq!(o.body["types"][0]["event_type"], "meter", "{o:?}");
+    assert_eq!(o.body["types"][0]["samples"], 8, "{o:?}");
+
+    // The scan: the schedule's day and the one before, scored with that model.
+    let o = api.next_outcome().await;
+    assert_eq!(o.kind, "response", "{o:?}");
+    assert_eq!(o.body["range"]["since"], "2025-11-25", "{o:?}");
+    assert_eq!(o.body["types"]["meter"]["scanned"], 8, "{o:?}");
+
+    // The alarm: a correction run over the alarm's day and the day before.
+    let o = api.next_outcome().await;
+    assert_eq!(o.kind, "response", "{o:?}");
+    assert_eq!(o.body["records"], 8, "{o:?}");
+    assert!(o.body["objects"].as_u64().unwrap() >= 1, "{o:?}");
+    let o = api.next_outcome().await;
+    assert_eq!(o.body, json!({ "ignored": "alarm state OK" }), "{o:?}");
+
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Lambda's provided.al2023 runtime starts the bootstrap with no arguments: with
+/// `AWS_LAMBDA_RUNTIME_API` set that is `cloud-bridge lambda`, and the stack's resource names
+/// come from the environment over the packaged config's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_without_arguments_is_the_lambda_with_the_stacks_names() {
+    let Some(endpoint) = require_aws!() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let names = AwsNames::unique("lambdaboot");
+    // The packaged config names other resources; the environment names the provisioned ones.
+    let packaged = AwsNames::unique("packaged");
+    let cfg = write_config(
+        dir.path(),
+        "lambda.toml",
+        &bridge_config(&endpoint, &packaged, None, "unused"),
+    );
+    let real = write_config(
+        dir.path(),
+        "real.toml",
+        &bridge_config(&endpoint, &names, None, "unused"),
+    );
+    provision(&real);
+    let aws = TestAws::new(&endpoint).await;
+    let mut api = RuntimeApi::start(vec![json!({
+        "cbor": base64::engine::general_purpose::STANDARD
+            .encode(proto::wire::encode(&batch("gw-boot", 1..=3))),
+        "gateway": "gw-boot",
+    })])
+    .await;
+    let mut child = std::process::Command::new(BIN)
+        .env("CLOUD_BRIDGE_CONFIG", &cfg)
+        .env("CLOUD_BRIDGE_BUCKET", &names.bucket)
+        .env("CLOUD_BRIDGE_TABLE", &names.table)
+        .env("CLOUD_BRIDGE_EVENT_BUS", &names.bus)
+        .env("CLOUD_BRIDGE_DLQ_QUEUE", &names.dlq)
+        .env("AWS_LAMBDA_RUNTIME_API", &api.addr)
+        .env("AWS_LAMBDA_FUNCTION_NAME", "cloud-bridge")
+        .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "128")
+        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
+        .env("AWS_LAMBDA_LOG_STREAM_NAME", "test")
+        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/cloud-bridge")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .stdout(std::fs::File::create(dir.path().join("lambda.stdout")).unwrap())
+        .stderr(std::fs::File::create(dir.path().join("lambda.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let o = api.next_outcome().await;
+    assert_eq!(o.kind, "response", "{o:?}");
+    assert_eq!(o.body["hwm"], 3, "{o:?}");
+    assert_eq!(
+        aws.stored_edge_seqs(&names.bucket, "gw-boot").await,
+        vec![1, 2, 3]
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

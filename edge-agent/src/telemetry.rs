@@ -33,6 +33,8 @@ pub const OUTBOX_DEPTH: &str = "edge_outbox_entries";
 pub const STORE_QUARANTINED: &str = "edge_store_quarantined";
 pub const DISK_FULL: &str = "edge_disk_full";
 pub const OUTBOX_BYTES: &str = "edge_outbox_bytes";
+/// `processed_at` of the oldest result waiting for the cloud (epoch s; 0 when none waits).
+pub const OUTBOX_OLDEST: &str = "edge_outbox_oldest_pending_timestamp_seconds";
 pub const OUTBOX_DROPPED: &str = "edge_outbox_dropped_total";
 pub const OUTBOX_EXPIRED: &str = "edge_outbox_expired_total";
 pub const OUTBOX_BLOCKED: &str = "edge_outbox_blocked";
@@ -170,6 +172,7 @@ pub fn init_metrics(cfg: &MetricsConfig) -> anyhow::Result<Option<SocketAddr>> {
     });
     tokio::spawn(serve_metrics(listener, handle));
     describe();
+    register();
     Ok(Some(addr))
 }
 
@@ -214,6 +217,73 @@ async fn metrics_reply(
         hyper::header::HeaderValue::from_static("text/plain"),
     );
     Ok(reply)
+}
+
+/// Every pipeline metric with its value, so a dashboard and `rate()` see each series from
+/// the start rather than only after its first event (and the DLQ panel has every stage).
+/// `increment(0)` registers a series without changing a value already set.
+fn register() {
+    for c in [
+        INGESTED,
+        ACCEPTED,
+        DUPLICATES,
+        GAPS,
+        GAP_SEQS,
+        MISSED,
+        DEVICES_REFUSED,
+        MISSED_FILLED_LATE,
+        MISSED_DROPPED,
+        LATE,
+        ANOMALIES,
+        CORRECTED,
+        OUTBOX_DROPPED,
+        DLQ_DROPPED,
+        UPLINK_RECONNECTS,
+        UPLINK_BATCHES,
+        UPLINK_RESULTS,
+        UPLINK_BYTES,
+        REPLAY_REQUESTS,
+        UPLINK_STATUS,
+        MISSED_REPORTED,
+        REPLAY_UNAVAILABLE,
+        REPLAY_DROPPED,
+    ] {
+        metrics::counter!(c).increment(0);
+    }
+    // The stages the agent's engine dead-letters at (`uplink`, `cloud`, `correction` are
+    // the cloud's).
+    for stage in [
+        proto::Stage::Decode,
+        proto::Stage::Schema,
+        proto::Stage::Rule,
+        proto::Stage::Calc,
+        proto::Stage::Check,
+    ] {
+        metrics::counter!(REJECTED, "stage" => stage.as_str()).increment(0);
+    }
+    for trigger in ["auto", "manual"] {
+        for outcome in ["reprocessed", "failed"] {
+            metrics::counter!(DLQ_RETRIES, "trigger" => trigger, "outcome" => outcome).increment(0);
+        }
+    }
+    for g in [
+        GAPS_OPEN,
+        DEVICES,
+        MISSED_RECORDS,
+        OUTBOX_DEPTH,
+        OUTBOX_BYTES,
+        OUTBOX_OLDEST,
+        OUTBOX_BLOCKED,
+        DLQ_ENTRIES,
+        DLQ_BYTES,
+        DLQ_BLOCKED,
+        UPLINK_CONNECTED,
+        UPLINK_IN_FLIGHT,
+        DISK_FULL,
+        STORE_QUARANTINED,
+    ] {
+        metrics::gauge!(g).increment(0.0);
+    }
 }
 
 fn describe() {
@@ -284,6 +354,10 @@ fn describe() {
     describe_counter!(
         OUTBOX_DROPPED,
         "Pending results deleted unsent by the drop_oldest policy"
+    );
+    describe_gauge!(
+        OUTBOX_OLDEST,
+        "processed_at of the oldest result waiting for the cloud, epoch seconds (0: none waits)"
     );
     describe_gauge!(OUTBOX_BLOCKED, "1 while a full outbox blocks intake");
     describe_gauge!(DLQ_ENTRIES, "Entries in the local dead-letter queue");

@@ -104,6 +104,19 @@ impl Pki {
         (c, k)
     }
 
+    /// A client certificate for `cn` over a key made elsewhere (e.g. an RSA key, as AWS IoT
+    /// Core's `create-keys-and-certificate` makes them); returns the certificate file.
+    pub fn issue_client_for_key(&self, cn: &str, key: &KeyPair) -> PathBuf {
+        let mut p = CertificateParams::new(vec![cn.to_string()]).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        p.serial_number = Some(self.serial_for(cn));
+        let cert = p.signed_by(key, &self.issuer).unwrap();
+        let c = self.dir.join(format!("{cn}.cert.pem"));
+        std::fs::write(&c, cert.pem()).unwrap();
+        c
+    }
+
     /// A new serial number for the certificate of `name` (remembered for [`Pki::crl`]); one
     /// never given out before, even when `name` is issued again.
     fn serial_for(&self, name: &str) -> SerialNumber {

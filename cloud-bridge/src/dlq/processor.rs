@@ -178,7 +178,7 @@ async fn replay(
 }
 
 /// `{prefix}failures/dt=…/gateway=…/dlq-{id}.json`: the message and the final reason.
-async fn store_failure(
+pub(crate) async fn store_failure(
     p: &Pipeline,
     msg: Option<&DlqMessage>,
     body: &str,

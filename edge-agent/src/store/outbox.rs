@@ -387,6 +387,21 @@ impl Outbox {
         let d = self.depth();
         metrics::gauge!(m::OUTBOX_DEPTH).set(d.entries as f64);
         metrics::gauge!(m::OUTBOX_BYTES).set(d.bytes as f64);
+        metrics::gauge!(m::OUTBOX_OLDEST).set(self.oldest_pending_s().unwrap_or(0.0));
+    }
+
+    /// When the oldest pending result was processed (epoch seconds), `None` with nothing
+    /// pending. A gauge of a time rather than an age: Prometheus takes the age as
+    /// `time() - edge_outbox_oldest_pending_timestamp_seconds`, and the agent needs no timer.
+    pub fn oldest_pending_s(&self) -> Option<f64> {
+        let first = self.first_pending();
+        let head = self.inner.head.load(Ordering::Acquire);
+        if first > head {
+            return None;
+        }
+        let (_, v) = self.range(first, head).next()?.ok()?;
+        let r: proto::EventResult = proto::wire::decode(&v).ok()?;
+        Some(r.processed_at as f64 / 1000.0)
     }
 }
 
@@ -409,6 +424,26 @@ mod tests {
         }
         store.commit(&c).unwrap();
         (store, outbox)
+    }
+
+    #[test]
+    fn the_oldest_pending_result_is_the_first_not_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
+        let outbox = store.open_outbox(OutboxConfig::default()).unwrap();
+        assert_eq!(outbox.oldest_pending_s(), None);
+        let mut c = store.begin();
+        for i in 1..=3 {
+            let mut r = result(i);
+            r.processed_at = 1_764_000_000_000 + i as i64 * 1000;
+            c.push_result(r);
+        }
+        store.commit(&c).unwrap();
+        assert_eq!(outbox.oldest_pending_s(), Some(1_764_000_001.0));
+        outbox.release(2, 0).unwrap();
+        assert_eq!(outbox.oldest_pending_s(), Some(1_764_000_003.0));
+        outbox.release(3, 0).unwrap();
+        assert_eq!(outbox.oldest_pending_s(), None);
     }
 
     #[test]

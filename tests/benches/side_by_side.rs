@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use e2e::load::{self, Load, Outcome, Pace};
 use e2e::{Agent, Mosquitto, Subscriber, set, wait_for};
 
+/// The columns of each `ROW` line.
 const HEADER: &str =
     "HEADER\tscenario\tevents/s\tp50 ms\tp99 ms\tp999 ms\tpeak RSS MB\tCPU s/10k\tnotes";
 
@@ -50,10 +51,10 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let sizes = if quick {
         Sizes {
-            sustained: 40_000,
-            open_secs: 4.0,
-            scaling: 15_000,
-            backlog: 100_000,
+            sustained: 30_000,
+            open_secs: 3.0,
+            scaling: 10_000,
+            backlog: 60_000,
         }
     } else {
         Sizes {
@@ -160,6 +161,36 @@ fn bench_config(cfg: &mut toml::Table) {
     );
 }
 
+/// The agent's group commits so far: (batches, messages, engine seconds, commit seconds),
+/// from its `edge_batch_size` and `edge_stage_seconds` histograms.
+fn commits(agent: &Agent) -> [f64; 4] {
+    let body = e2e::http_get(agent.metrics_port, "/metrics");
+    let get = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    [
+        get("edge_batch_size_count"),
+        get("edge_batch_size_sum"),
+        get("edge_stage_seconds_sum{stage=\"engine\"}"),
+        get("edge_stage_seconds_sum{stage=\"commit\"}"),
+    ]
+}
+
+/// "N commits of M messages, engine a ms + commit b ms each" between two [`commits`].
+fn per_commit(before: [f64; 4], after: [f64; 4]) -> String {
+    let d: Vec<f64> = (0..4).map(|i| after[i] - before[i]).collect();
+    let n = d[0].max(1.0);
+    format!(
+        "{:.0} commits of {:.0} msgs: engine {:.1} ms + store/fsync {:.1} ms each",
+        d[0],
+        d[1] / n,
+        d[2] / n * 1e3,
+        d[3] / n * 1e3
+    )
+}
+
 fn embedded(dir: &Path) -> Agent {
     Agent::embedded(dir, bench_config)
 }
@@ -196,6 +227,7 @@ fn agent_embedded(scratch: &Path, sizes: &Sizes) -> (f64, f64, f64) {
     let mut agent = embedded(dir.path());
     let pid = agent.pid();
     let cpu0 = load::cpu_seconds(pid);
+    let c0 = commits(&agent);
     let out = load::run(&Load::new(agent.mqtt_port, sizes.sustained));
     let cpu = load::cpu_seconds(pid) - cpu0;
     let rss = load::peak_rss_kib(pid);
@@ -206,7 +238,10 @@ fn agent_embedded(scratch: &Path, sizes: &Sizes) -> (f64, f64, f64) {
         Some(&out),
         Some(rss),
         Some(cpu / sizes.sustained as f64 * 10_000.0),
-        "closed loop: 4 conns × 1000 in flight, 100 devices, ~100 B",
+        &format!(
+            "closed loop, 4 conns × 1000 in flight, 100 devices, ~100 B; {}",
+            per_commit(c0, commits(&agent))
+        ),
     );
     let mut total = sizes.sustained;
     let mut p99_at_half = f64::NAN;
@@ -214,6 +249,7 @@ fn agent_embedded(scratch: &Path, sizes: &Sizes) -> (f64, f64, f64) {
         let target = rate * share;
         let events = (target * sizes.open_secs) as usize;
         let cpu0 = load::cpu_seconds(pid);
+        let c0 = commits(&agent);
         let o = load::run(&Load {
             pace: Pace::Rate(target),
             name: format!("o{}", (share * 100.0) as u32),
@@ -231,8 +267,9 @@ fn agent_embedded(scratch: &Path, sizes: &Sizes) -> (f64, f64, f64) {
             Some(load::peak_rss_kib(pid)),
             Some(cpu / events as f64 * 10_000.0),
             &format!(
-                "fixed {target:.0}/s for {:.0} s; latency from the scheduled send",
-                sizes.open_secs
+                "fixed {target:.0}/s for {:.0} s, latency from the scheduled send; {}",
+                sizes.open_secs,
+                per_commit(c0, commits(&agent))
             ),
         );
     }
@@ -405,6 +442,7 @@ fn scaling(scratch: &Path, sizes: &Sizes) {
         let mut agent = embedded(dir.path());
         let pid = agent.pid();
         let cpu0 = load::cpu_seconds(pid);
+        let c0 = commits(&agent);
         let o = load::run(&Load {
             devices,
             payload_bytes: bytes,
@@ -419,7 +457,11 @@ fn scaling(scratch: &Path, sizes: &Sizes) {
             Some(&o),
             Some(load::peak_rss_kib(pid)),
             Some(cpu / events as f64 * 10_000.0),
-            &format!("closed loop, {} conn(s) × 1000 in flight", 4.min(devices)),
+            &format!(
+                "closed loop, {} conn(s) × 1000 in flight; {}",
+                4.min(devices),
+                per_commit(c0, commits(&agent))
+            ),
         );
         assert!(agent.stop().success());
     }
@@ -430,6 +472,7 @@ fn scaling(scratch: &Path, sizes: &Sizes) {
     let mut agent = embedded(dir.path());
     let pid = agent.pid();
     let cpu0 = load::cpu_seconds(pid);
+    let c0 = commits(&agent);
     let o = load::run(&Load {
         devices: 10_000,
         pace: Pace::Rate(rate),
@@ -443,7 +486,10 @@ fn scaling(scratch: &Path, sizes: &Sizes) {
         Some(&o),
         Some(load::peak_rss_kib(pid)),
         Some(cpu / events as f64 * 10_000.0),
-        "open loop; ~100 B; every device's state held",
+        &format!(
+            "open loop, ~100 B, every device's state held; {}",
+            per_commit(c0, commits(&agent))
+        ),
     );
     assert!(agent.stop().success());
 }

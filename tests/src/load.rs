@@ -349,3 +349,28 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readings_are_padded_to_about_their_size_within_the_default_limits() {
+        let plain = reading(7, 0);
+        let v: serde_json::Value = serde_json::from_str(&plain).unwrap();
+        assert_eq!(v["seq"], 7);
+        assert!(v["data"].get("trace").is_none());
+        for size in [1024usize, 8 * 1024] {
+            let p = reading(7, size);
+            let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+            let trace = v["data"]["trace"].as_array().unwrap();
+            assert!(trace.len() <= 256, "proto's default max_fields");
+            assert!(
+                p.len() <= size && p.len() + 64 >= size,
+                "{size}: {}",
+                p.len()
+            );
+            assert!(p.len() <= 16384, "the example config's max_payload_bytes");
+        }
+    }
+}

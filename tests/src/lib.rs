@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 pub mod aws;
 pub mod cli;
 pub mod cutfs;
+pub mod load;
 pub mod mosquitto_pub;
 pub mod moto;
 pub mod pki;

@@ -6,6 +6,8 @@
 //! lose acknowledged messages, or the test proves nothing.
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use e2e::cutfs::{CutFs, Metadata};
@@ -59,20 +61,35 @@ fn assert_exactly_once(agent: &Agent, n: u64) {
 fn cuts_lose_nothing(mode: Metadata, seed: u64, torn: bool) {
     let dir = tempfile::tempdir().unwrap();
     let fs = CutFs::mount(dir.path(), mode, seed);
-    let mut agent = agent_on(dir.path(), &fs, &[]);
+    // Untorn cuts on a slow card: each sync waits 15 ms first, so most cuts land while a
+    // commit is applied but not yet durable (its acks must still be held). Torn cuts keep the
+    // syncs fast, so they meet writes in flight.
+    let slow: &[(&str, &str)] = if torn {
+        &[]
+    } else {
+        &[("EDGE_AGENT_FAULT_SLOW_SYNC_MS", "15")]
+    };
+    let mut agent = agent_on(dir.path(), &fs, slow);
     let n = 3000;
     let port = agent.mqtt_port;
+    // The cuts follow the device's acks, not the agent's metrics: a metric is published after
+    // a sync, so a cut timed by it would always land just after one, where an ack released
+    // ahead of its sync could never be caught.
+    let acked = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&acked);
     let device = std::thread::spawn(move || {
         let mut publisher = Publisher::new(port, "powercut-meter");
-        publisher.publish_all(messages(n), 64, Duration::from_secs(300), |_| {});
+        publisher.publish_all(messages(n), 64, Duration::from_secs(300), |a| {
+            seen.store(a, Ordering::Relaxed)
+        });
         publisher.acked.len() as u64
     });
     let cuts = cut_points(seed, n, 4);
     for at in &cuts {
         wait_for(
-            "the stream to reach the cut",
+            "the device's acks to reach the cut",
             Duration::from_secs(120),
-            || agent.metric("edge_outbox_entries") as usize >= *at,
+            || acked.load(Ordering::Relaxed) >= *at,
         );
         if torn {
             // The power fails under the running agent: a commit in flight meets the cut (its

@@ -8,6 +8,10 @@
 //! The power-cut test's negative control: `EDGE_AGENT_FAULT_SKIP_SYNC=1` leaves out the store's
 //! own syncs (`store::sync`), so a commit ends at sled's `sync_file_range`, as before the fix;
 //! the test then expects acknowledged messages to be lost.
+//!
+//! `EDGE_AGENT_FAULT_SLOW_SYNC_MS=N` makes each sync of the store wait N ms first (a slow SD
+//! card): the power-cut tests then cut while commits are applied but not yet durable, where
+//! an ack released too early would be lost.
 
 use std::ops::RangeInclusive;
 use std::sync::OnceLock;
@@ -56,6 +60,22 @@ pub fn skip_sync() -> bool {
         }
         skip
     })
+}
+
+/// How long each store sync waits before it starts (zero unless the test hook is set).
+pub fn slow_sync() -> std::time::Duration {
+    static MS: OnceLock<u64> = OnceLock::new();
+    let ms = *MS.get_or_init(|| {
+        let ms = std::env::var("EDGE_AGENT_FAULT_SLOW_SYNC_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if ms > 0 {
+            tracing::warn!(ms, "fault hook: every store sync waits first");
+        }
+        ms
+    });
+    std::time::Duration::from_millis(ms)
 }
 
 #[cfg(test)]

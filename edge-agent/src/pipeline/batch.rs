@@ -1,5 +1,5 @@
 //! The engine driver and group commit: a batch of inbound messages through the engine into
-//! one durable commit, and only then their acks.
+//! one commit, and only once it is durable their acks.
 //!
 //! Invariant: a message's ack is released only after the commit that holds its outcome
 //! (result or DLQ entry) returned, and commits happen in arrival order.
@@ -14,16 +14,34 @@ use proto::{CorrectedBy, DlqEntry, Subject};
 use super::Pipeline;
 use crate::ingest::{AckSet, Inbound, now_ms};
 use crate::status::describe_rejection;
-use crate::store::{Commit, Committed, CorrectionMark, StoreError};
+use crate::store::{Commit, Committed, CorrectionMark, StoreError, SyncPoint};
 use crate::telemetry as m;
 
 impl Pipeline {
-    /// One group commit. Public for benchmarks and tests that drive the pipeline directly.
+    /// One group commit, synced on this thread before the acks are released. Public for
+    /// benchmarks and tests that drive the pipeline directly; the running pipeline applies
+    /// here and syncs on its commit stage ([`super::commit`]).
     pub fn process(
         &mut self,
         batch: &mut Vec<Inbound>,
         acks: &mut AckSet,
     ) -> Result<(), StoreError> {
+        let (point, started) = self.apply(batch, acks)?;
+        self.store.durable().sync_through(point)?;
+        acks.release();
+        metrics::histogram!(m::STAGE_SECONDS, "stage" => "commit")
+            .record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// The batch through the engine and into the store, applied but not yet synced: `acks`
+    /// holds its acks, which may be released only once `SyncPoint` is durable. Returns when
+    /// the apply began.
+    pub(super) fn apply(
+        &mut self,
+        batch: &mut Vec<Inbound>,
+        acks: &mut AckSet,
+    ) -> Result<(SyncPoint, Instant), StoreError> {
         let n = batch.len();
         let started = Instant::now();
         let mut commit = self.store.begin();
@@ -100,10 +118,8 @@ impl Pipeline {
         // A full outbox blocks here (policy `block`) with the batch's acks still held, so
         // devices see back-pressure instead of loss; `drop_oldest` makes room instead.
         self.outbox.make_room()?;
-        let receipt = self.store.commit(&commit)?;
-        acks.release();
-        let committed = Instant::now();
-        self.after_commit(&commit, &receipt);
+        let applied = self.store.apply(&commit)?;
+        self.after_commit(&commit, &applied.receipt);
         let live = &self.live;
         live.ingested.fetch_add(n as u64, Ordering::Relaxed);
         live.accepted.fetch_add(accepted, Ordering::Relaxed);
@@ -129,10 +145,8 @@ impl Pipeline {
         metrics::histogram!(m::BATCH_SIZE).record(n as f64);
         metrics::histogram!(m::STAGE_SECONDS, "stage" => "engine")
             .record((engine_done - started).as_secs_f64());
-        metrics::histogram!(m::STAGE_SECONDS, "stage" => "commit")
-            .record((committed - engine_done).as_secs_f64());
         self.publish_gauges();
-        Ok(())
+        Ok((applied.point, engine_done))
     }
 
     /// Brings the device's tracked gaps in line with the engine's state after one of its

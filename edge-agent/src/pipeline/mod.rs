@@ -1,12 +1,14 @@
 //! The pipeline thread: batches of inbound messages → engine → one durable commit → acks.
 //!
-//! It runs on a thread of its own because both halves of its work block: the engine is pure
-//! CPU and the commit waits for `fsync`. Batching is natural group commit: while one batch is
+//! It runs on a thread of its own because the engine is pure CPU, and its commits' `fsync`s
+//! wait on a second one (the commit stage). Batching is natural group commit: while one batch is
 //! being flushed the ingest side keeps filling the channel, so under load the next batch is
 //! larger and the fsync cost per message falls, while a lone message is committed at once.
 //!
 //! The thread owns every store write while the agent runs. Its parts, one file each:
 //! - [`batch`]: the engine driver and group commit (and the edge's own corrections);
+//! - [`commit`]: the commit stage, a thread that syncs each applied batch and then releases
+//!   its acks, so the engine works on the next batch while the disk syncs this one;
 //! - [`admin`]: DLQ writes from the admin socket, served between batches;
 //! - [`retry`]: the automatic-retry scheduler and the retry/purge runs (a stopped agent's CLI
 //!   runs the very same [`Pipeline::retry`] / [`Pipeline::purge`] in-process);
@@ -20,6 +22,7 @@
 
 mod admin;
 mod batch;
+mod commit;
 mod gaps;
 mod intake;
 mod retry;
@@ -34,6 +37,7 @@ use tokio::sync::mpsc;
 
 pub use admin::AdminCall;
 use admin::AdminInbox;
+use commit::CommitStage;
 use gaps::GapTimer;
 use intake::IntakeGate;
 use retry::RetryScheduler;
@@ -241,6 +245,8 @@ impl Pipeline {
             .build()
             .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
         let mut admin = AdminInbox::new(admin);
+        let mut stage = CommitStage::start(self.store.durable())
+            .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut acks = AckSet::default();
         // Set once ingest has closed while intake was blocked: drain what is queued anyway.
@@ -276,7 +282,8 @@ impl Pipeline {
                 Wake::Timer => self.timers()?,
                 Wake::Ingest(0) => break,
                 Wake::Ingest(_) => {
-                    self.process(&mut batch, &mut acks)?;
+                    let (point, started) = self.apply(&mut batch, &mut acks)?;
+                    stage.submit(point, &mut acks, started)?;
                     // Under constant load the timer branch may not get its turn.
                     self.timers()?;
                 }
@@ -284,6 +291,7 @@ impl Pipeline {
             }
             self.heartbeat.batch_done();
         }
+        stage.finish()?;
         Ok(self.store)
     }
 

@@ -1,7 +1,8 @@
 //! The durable store: outbox, local DLQ, device state and counters, in one sled tree.
 //!
 //! Everything a batch changes goes into one `sled::Batch`, which sled applies atomically, and
-//! the batch is flushed before [`Store::commit`] returns. One tree with key prefixes (rather than
+//! the batch is flushed before [`Store::commit`] returns (or, split in two, [`Store::apply`]
+//! now and [`Durable::sync_through`] on the pipeline's commit stage). One tree with key prefixes (rather than
 //! one tree per concept) is what makes the whole batch atomic without sled's slower
 //! multi-tree transactions: after a crash a batch is either entirely there or entirely absent,
 //! so a result, its device state and the gateway counters never disagree.
@@ -35,6 +36,7 @@ mod sync;
 mod watermark;
 
 pub use quarantine::Quarantine;
+pub use sync::{Durable, SyncPoint};
 
 /// Cloneable (the sources are shared), so one failure can both stop the pipeline and answer
 /// the admin request that met it.
@@ -208,8 +210,15 @@ pub struct Commit {
     pub corrections: Vec<(String, CorrectionMark)>,
 }
 
+/// A commit written into sled but not yet synced ([`Store::apply`]).
+#[derive(Debug)]
+pub struct Applied {
+    pub receipt: Committed,
+    pub point: SyncPoint,
+}
+
 /// The receipt of a commit: where the outbox stands now and what the caps evicted to make it
-/// fit. The store has already told the outbox (and so the uplink).
+/// fit. Once the commit is synced the outbox (and so the uplink) is told.
 #[derive(Debug, Default)]
 pub struct Committed {
     /// The last `edge_seq` in the outbox.
@@ -277,15 +286,12 @@ impl Commit {
 }
 
 pub struct Store {
-    db: sled::Db,
-    /// Told of every commit (the uplink waits on it), once the pipeline opened it.
-    outbox: Option<Outbox>,
     tree: sled::Tree,
     /// `data_dir/store`.
     path: PathBuf,
-    syncer: sync::Syncer,
-    /// Told the numbering after each durable commit.
-    watermark: watermark::Watermark,
+    /// Syncs commits, then tells the watermark and the outbox (the uplink waits on it).
+    durable: Arc<Durable>,
+    /// The numbering of the last applied commit (synced or not).
     counters: Counters,
     dlq_cap: DlqCap,
     /// Most missed records kept (the oldest go first).
@@ -354,13 +360,15 @@ impl Store {
             Some(had) if had == has => {}
             _ => watermark.set(has).map_err(|e| StoreError::sync(&path, e))?,
         }
+        let at = SyncPoint {
+            mark: has,
+            outbox_bytes: counters.outbox_bytes,
+        };
+        let durable = Arc::new(Durable::new(db, syncer, path.clone(), watermark, at));
         let mut store = Store {
-            db,
-            outbox: None,
             tree,
             path,
-            syncer,
-            watermark,
+            durable,
             counters,
             dlq_cap: DlqCap::UNLIMITED,
             missed_cap: u64::MAX,
@@ -381,7 +389,7 @@ impl Store {
             self.counters.next_edge_seq - 1,
             self.counters.outbox_bytes,
         )?;
-        self.outbox = Some(outbox.clone());
+        self.durable.set_outbox(outbox.clone());
         Ok(outbox)
     }
 
@@ -397,6 +405,16 @@ impl Store {
     /// Writes the commit atomically and makes it durable, then tells the outbox. Only after
     /// this returns may the commit's messages be acknowledged.
     pub fn commit(&mut self, commit: &Commit) -> Result<Committed, StoreError> {
+        let applied = self.apply(commit)?;
+        self.durable.sync_through(applied.point)?;
+        Ok(applied.receipt)
+    }
+
+    /// Writes the commit atomically into sled, not yet durable: nothing in it may be
+    /// acknowledged before [`Durable::sync_through`] of its point returned. The pipeline's
+    /// commit stage syncs on a thread of its own, so the engine runs on the next batch
+    /// meanwhile; commits applied later are numbered after this one all the same.
+    pub fn apply(&mut self, commit: &Commit) -> Result<Applied, StoreError> {
         self.check_numbering(commit)?;
         let mut batch = sled::Batch::default();
         let mut next = self.counters;
@@ -422,20 +440,22 @@ impl Store {
         }
         batch.insert(key::named(key::META, COUNTERS), proto::wire::encode(&next));
         self.tree.apply_batch(batch)?;
-        self.flush()?;
         self.counters = next;
-        self.watermark
-            .set(watermark::Mark {
-                next_edge_seq: next.next_edge_seq,
-                next_dlq_id: next.next_dlq_id,
-            })
-            .map_err(|e| StoreError::sync(&self.path, e))?;
         receipt.head = next.next_edge_seq - 1;
         receipt.outbox_bytes = next.outbox_bytes;
-        if let Some(outbox) = &self.outbox {
-            outbox.committed(receipt.head, receipt.outbox_bytes);
-        }
-        Ok(receipt)
+        let point = SyncPoint {
+            mark: watermark::Mark {
+                next_edge_seq: next.next_edge_seq,
+                next_dlq_id: next.next_dlq_id,
+            },
+            outbox_bytes: next.outbox_bytes,
+        };
+        Ok(Applied { receipt, point })
+    }
+
+    /// What syncs this store's commits (the pipeline's commit stage holds it).
+    pub fn durable(&self) -> Arc<Durable> {
+        Arc::clone(&self.durable)
     }
 
     /// New results and DLQ entries must continue the store's numbering without a gap: a
@@ -491,13 +511,7 @@ impl Store {
     /// Makes everything written so far durable (the uplink's release marks are written
     /// without a flush of their own).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        if crate::fault::skip_sync() {
-            return Ok(());
-        }
-        self.syncer
-            .sync()
-            .map_err(|e| StoreError::sync(&self.path, e))
+        self.durable.flush()
     }
 
     /// Every device's persisted engine state, for the engine to resume where it stopped.

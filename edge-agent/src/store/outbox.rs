@@ -167,7 +167,7 @@ impl Outbox {
         }
     }
 
-    /// Called by the pipeline after a commit that appended up to `head`.
+    /// Called once a commit that appended up to `head` is durable (`store::Durable`).
     pub(crate) fn committed(&self, head: u64, appended_bytes: u64) {
         self.inner.head.store(head, Ordering::Release);
         self.inner

@@ -8,6 +8,8 @@
 //! group commit with `fdatasync(db)` + `fsync(store/)`; at open it syncs every file and
 //! directory sled may have created, up to the data dir's parent.
 //!
+//! [`Durable`] is where that happens for every commit, on whichever thread syncs it.
+//!
 //! Also here: in-process reopening. sled releases its file lock when the last handle to the
 //! database drops, which may be a background thread a moment after the `Store` is dropped;
 //! [`reopen_guard`] waits for that release instead of failing with `Locked`.
@@ -16,8 +18,12 @@ use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
+
+use super::StoreError;
+use super::outbox::Outbox;
+use super::watermark::{Mark, Watermark};
 
 /// sled's log (and heap) file inside the store directory, the one its lock is taken on.
 const LOG_FILE: &str = "db";
@@ -53,6 +59,92 @@ impl Syncer {
     pub(super) fn sync(&self) -> io::Result<()> {
         self.log.sync_data()?;
         self.dir.sync_all()
+    }
+}
+
+/// How far a commit applied to sled reaches: what [`Durable::sync_through`] publishes once
+/// it is on the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncPoint {
+    pub(super) mark: Mark,
+    /// Encoded bytes ever appended to the outbox by then.
+    pub(super) outbox_bytes: u64,
+}
+
+/// Makes applied commits durable and only then tells the readers (the watermark, the
+/// outbox and so the uplink). Shared by the store's own commits and the pipeline's commit
+/// stage, which syncs on a thread of its own while the engine runs on the next batch.
+///
+/// Invariant: what the watermark and the outbox's head say was committed has been synced;
+/// neither ever moves back.
+pub struct Durable {
+    db: sled::Db,
+    syncer: Syncer,
+    path: PathBuf,
+    watermark: Watermark,
+    /// The furthest point published.
+    synced: Mutex<SyncPoint>,
+    outbox: OnceLock<Outbox>,
+}
+
+impl Durable {
+    pub(super) fn new(
+        db: sled::Db,
+        syncer: Syncer,
+        path: PathBuf,
+        watermark: Watermark,
+        at: SyncPoint,
+    ) -> Durable {
+        Durable {
+            db,
+            syncer,
+            path,
+            watermark,
+            synced: Mutex::new(at),
+            outbox: OnceLock::new(),
+        }
+    }
+
+    /// The outbox told of each durable commit (the store opens it after itself).
+    pub(super) fn set_outbox(&self, outbox: Outbox) {
+        // A second outbox of one store would be a second queue view of the same tree.
+        let _ = self.outbox.set(outbox);
+    }
+
+    /// Makes everything applied so far durable: sled's flush, then the syncs it leaves out.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        let slow = crate::fault::slow_sync();
+        if !slow.is_zero() {
+            std::thread::sleep(slow);
+        }
+        self.db.flush()?;
+        if crate::fault::skip_sync() {
+            return Ok(());
+        }
+        self.syncer
+            .sync()
+            .map_err(|e| StoreError::sync(&self.path, e))
+    }
+
+    /// Syncs (everything applied so far, so also `point`'s commit) and then publishes
+    /// `point` unless a later one was published meanwhile. Only after this returns may the
+    /// commit's messages be acknowledged.
+    pub fn sync_through(&self, point: SyncPoint) -> Result<(), StoreError> {
+        self.flush()?;
+        let mut synced = self.synced.lock().unwrap_or_else(PoisonError::into_inner);
+        if synced.mark != point.mark && synced.mark.covers(point.mark) {
+            return Ok(()); // behind what another sync published
+        }
+        if synced.mark != point.mark {
+            self.watermark
+                .set(point.mark)
+                .map_err(|e| StoreError::sync(&self.path, e))?;
+        }
+        *synced = point;
+        if let Some(outbox) = self.outbox.get() {
+            outbox.committed(point.mark.next_edge_seq - 1, point.outbox_bytes);
+        }
+        Ok(())
     }
 }
 

@@ -20,8 +20,10 @@ use crate::store::{Durable, StoreError, SyncPoint};
 use crate::telemetry as m;
 
 /// Applied batches waiting for their sync at most; beyond it the pipeline waits (their acks
-/// hold the devices' byte budgets, so ingest slows down before memory grows).
-const IN_FLIGHT: usize = 8;
+/// hold the devices' byte budgets, so ingest slows down before memory grows). A batch or
+/// two ahead is what overlaps the engine with the disk (with 8, the quick bench's peak RSS
+/// was 47 MB against 33 MB without the stage).
+const IN_FLIGHT: usize = 2;
 
 /// An applied batch: what its sync must reach, and the acks it releases then.
 struct Ticket {

@@ -379,28 +379,7 @@ struct Report {
 }
 
 fn measure(seed: u64) -> Report {
-    let mut spec: EngineSpec = toml::from_str(EXAMPLE).expect("example parses");
-    // Tuning aid: ANOMALY_KNOBS="drift_alpha=0.03,drift_threshold=15" overrides knobs.
-    if let Ok(knobs) = std::env::var("ANOMALY_KNOBS") {
-        for t in spec.event_types.values_mut() {
-            let Some(a) = t.anomaly.as_mut() else {
-                continue;
-            };
-            for kv in knobs.split(',') {
-                let (k, v) = kv.split_once('=').expect("knob=value");
-                let v: f64 = v.parse().expect("a number");
-                match k {
-                    "alpha" => a.alpha = v,
-                    "drift_alpha" => a.drift_alpha = v,
-                    "drift_threshold" => a.drift_threshold = v,
-                    "z_threshold" => a.z_threshold = v,
-                    "stuck_repeats" => a.stuck_repeats = v as u32,
-                    "warmup" => a.warmup = v as u32,
-                    other => panic!("unknown knob {other}"),
-                }
-            }
-        }
-    }
+    let spec: EngineSpec = toml::from_str(EXAMPLE).expect("example parses");
     let engine = Engine::new(&spec).expect("example compiles");
     let mut rng = Rng(seed);
     let mut report = Report {

@@ -36,14 +36,23 @@ impl Default for Tap {
 impl Tap {
     /// After a commit is durable: its new results and DLQ entries, in order.
     pub fn committed(&self, commit: &Commit) {
+        self.send(self.items(commit));
+    }
+
+    /// A commit's new results and DLQ entries, in order, to [`send`](Self::send) once it is
+    /// durable (none when nobody taps).
+    pub fn items(&self, commit: &Commit) -> Vec<Arc<Tapped>> {
         if self.0.receiver_count() == 0 {
-            return;
+            return Vec::new();
         }
-        for r in commit.results() {
-            let _ = self.0.send(Arc::new(Tapped::Result(r.clone())));
-        }
-        for e in commit.dlq() {
-            let _ = self.0.send(Arc::new(Tapped::DeadLetter(e.clone())));
+        let results = commit.results().iter().cloned().map(Tapped::Result);
+        let dlq = commit.dlq().iter().cloned().map(Tapped::DeadLetter);
+        results.chain(dlq).map(Arc::new).collect()
+    }
+
+    pub fn send(&self, items: Vec<Arc<Tapped>>) {
+        for item in items {
+            let _ = self.0.send(item);
         }
     }
 

@@ -4,6 +4,7 @@
 //! Invariant: a message's ack is released only after the commit that holds its outcome
 //! (result or DLQ entry) returned, and commits happen in arrival order.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -15,7 +16,17 @@ use super::Pipeline;
 use crate::ingest::{AckSet, Inbound, now_ms};
 use crate::status::describe_rejection;
 use crate::store::{Commit, Committed, CorrectionMark, StoreError, SyncPoint};
+use crate::tap::Tapped;
 use crate::telemetry as m;
+
+/// A batch applied to the store, waiting for its sync.
+pub(super) struct Applied {
+    pub point: SyncPoint,
+    /// Its results and DLQ entries for the tap, shown once it is durable.
+    pub tapped: Vec<Arc<Tapped>>,
+    /// When its apply began: its commit time runs from there to its acks.
+    pub started: Instant,
+}
 
 impl Pipeline {
     /// One group commit, synced on this thread before the acks are released. Public for
@@ -26,22 +37,23 @@ impl Pipeline {
         batch: &mut Vec<Inbound>,
         acks: &mut AckSet,
     ) -> Result<(), StoreError> {
-        let (point, started) = self.apply(batch, acks)?;
-        self.store.durable().sync_through(point)?;
+        let applied = self.apply(batch, acks)?;
+        self.store.durable().sync_through(applied.point)?;
         acks.release();
+        self.tap.send(applied.tapped);
         metrics::histogram!(m::STAGE_SECONDS, "stage" => "commit")
-            .record(started.elapsed().as_secs_f64());
+            .record(applied.started.elapsed().as_secs_f64());
         Ok(())
     }
 
     /// The batch through the engine and into the store, applied but not yet synced: `acks`
-    /// holds its acks, which may be released only once `SyncPoint` is durable. Returns when
-    /// the apply began.
+    /// holds its acks, which may be released (and its items tapped) only once its point is
+    /// durable.
     pub(super) fn apply(
         &mut self,
         batch: &mut Vec<Inbound>,
         acks: &mut AckSet,
-    ) -> Result<(SyncPoint, Instant), StoreError> {
+    ) -> Result<Applied, StoreError> {
         let n = batch.len();
         let started = Instant::now();
         let mut commit = self.store.begin();
@@ -119,7 +131,8 @@ impl Pipeline {
         // devices see back-pressure instead of loss; `drop_oldest` makes room instead.
         self.outbox.make_room()?;
         let applied = self.store.apply(&commit)?;
-        self.after_commit(&commit, &applied.receipt);
+        self.count_commit(&commit, &applied.receipt);
+        let tapped = self.tap.items(&commit);
         let live = &self.live;
         live.ingested.fetch_add(n as u64, Ordering::Relaxed);
         live.accepted.fetch_add(accepted, Ordering::Relaxed);
@@ -146,7 +159,11 @@ impl Pipeline {
         metrics::histogram!(m::STAGE_SECONDS, "stage" => "engine")
             .record((engine_done - started).as_secs_f64());
         self.publish_gauges();
-        Ok((applied.point, engine_done))
+        Ok(Applied {
+            point: applied.point,
+            tapped,
+            started: engine_done,
+        })
     }
 
     /// Brings the device's tracked gaps in line with the engine's state after one of its
@@ -223,9 +240,15 @@ impl Pipeline {
         Ok(())
     }
 
-    /// After any commit: count its anomalies and corrections, report what the caps evicted.
+    /// After a durable commit: show it to the tap, and [`count_commit`](Self::count_commit).
     pub(super) fn after_commit(&self, commit: &Commit, receipt: &Committed) {
         self.tap.committed(commit);
+        self.count_commit(commit, receipt);
+    }
+
+    /// After any commit (applied or durable): count its anomalies and corrections, report
+    /// what the caps evicted.
+    fn count_commit(&self, commit: &Commit, receipt: &Committed) {
         // Counted after the commit, like every other outcome: a result flagged by the
         // engine's anomaly detectors is durable in the outbox by now.
         let anomalies = commit

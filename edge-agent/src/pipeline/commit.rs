@@ -6,17 +6,20 @@
 //! and at moderate rates the fixed cost of each sync set the latency. Batches that arrive
 //! while a sync runs share the next one (group commit across batches).
 //!
-//! Invariant: an ack is released only after a sync that began after its batch was applied
-//! returned. A failed sync releases nothing (devices send again) and stops the stage; the
-//! pipeline meets the error at its next batch, or when it finishes.
+//! Invariant: an ack is released (and the batch shown to `edge-agent tap`) only after a sync
+//! that began after its batch was applied returned. A failed sync releases nothing (devices
+//! send again) and stops the stage; the pipeline meets the error at its next batch, or when
+//! it finishes.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::batch::Applied;
 use crate::ingest::AckSet;
-use crate::store::{Durable, StoreError, SyncPoint};
+use crate::store::{Durable, StoreError};
+use crate::tap::Tap;
 use crate::telemetry as m;
 
 /// Applied batches waiting for their sync at most; beyond it the pipeline waits (their acks
@@ -25,12 +28,10 @@ use crate::telemetry as m;
 /// was 47 MB against 33 MB without the stage).
 const IN_FLIGHT: usize = 2;
 
-/// An applied batch: what its sync must reach, and the acks it releases then.
+/// An applied batch and the acks it releases once synced.
 struct Ticket {
-    point: SyncPoint,
+    applied: Applied,
     acks: AckSet,
-    /// When its apply began: the batch's commit time runs from there to its acks.
-    started: Instant,
 }
 
 pub(super) struct CommitStage {
@@ -41,12 +42,12 @@ pub(super) struct CommitStage {
 }
 
 impl CommitStage {
-    pub(super) fn start(durable: Arc<Durable>) -> std::io::Result<CommitStage> {
+    pub(super) fn start(durable: Arc<Durable>, tap: Tap) -> std::io::Result<CommitStage> {
         let (tx, rx) = sync_channel::<Ticket>(IN_FLIGHT);
         let (spare_tx, spare) = sync_channel::<AckSet>(IN_FLIGHT + 1);
         let thread = std::thread::Builder::new()
             .name("commit".into())
-            .spawn(move || run(&durable, &rx, &spare_tx))?;
+            .spawn(move || run(&durable, &tap, &rx, &spare_tx))?;
         Ok(CommitStage {
             tx: Some(tx),
             spare,
@@ -54,19 +55,13 @@ impl CommitStage {
         })
     }
 
-    /// Hands the batch applied up to `point` to the stage with its acks; `acks` is left as
-    /// an empty set to fill next.
-    pub(super) fn submit(
-        &mut self,
-        point: SyncPoint,
-        acks: &mut AckSet,
-        started: Instant,
-    ) -> Result<(), StoreError> {
+    /// Hands an applied batch to the stage with its acks; `acks` is left as an empty set to
+    /// fill next.
+    pub(super) fn submit(&mut self, applied: Applied, acks: &mut AckSet) -> Result<(), StoreError> {
         let next = self.spare.try_recv().unwrap_or_default();
         let ticket = Ticket {
-            point,
+            applied,
             acks: std::mem::replace(acks, next),
-            started,
         };
         let sent = self.tx.as_ref().map(|tx| tx.send(ticket).is_ok());
         if sent == Some(true) {
@@ -97,6 +92,7 @@ impl Drop for CommitStage {
 
 fn run(
     durable: &Durable,
+    tap: &Tap,
     rx: &Receiver<Ticket>,
     spare: &SyncSender<AckSet>,
 ) -> Result<(), StoreError> {
@@ -104,14 +100,15 @@ fn run(
     while let Ok(first) = rx.recv() {
         tickets.push(first);
         tickets.extend(rx.try_iter());
-        let last = tickets.last().expect("one ticket at least").point;
+        let last = tickets.last().expect("one ticket at least").applied.point;
         // On failure the tickets drop here with their acks unreleased.
         durable.sync_through(last)?;
         let synced = Instant::now();
         for mut t in tickets.drain(..) {
             t.acks.release();
+            tap.send(t.applied.tapped);
             metrics::histogram!(m::STAGE_SECONDS, "stage" => "commit")
-                .record((synced - t.started).as_secs_f64());
+                .record((synced - t.applied.started).as_secs_f64());
             let _ = spare.try_send(t.acks);
         }
     }

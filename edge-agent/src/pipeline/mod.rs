@@ -245,7 +245,7 @@ impl Pipeline {
             .build()
             .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
         let mut admin = AdminInbox::new(admin);
-        let mut stage = CommitStage::start(self.store.durable())
+        let mut stage = CommitStage::start(self.store.durable(), self.tap.clone())
             .map_err(|e| StoreError::from(sled::Error::Io(e)))?;
         let mut batch = Vec::with_capacity(self.max_batch);
         let mut acks = AckSet::default();
@@ -282,8 +282,8 @@ impl Pipeline {
                 Wake::Timer => self.timers()?,
                 Wake::Ingest(0) => break,
                 Wake::Ingest(_) => {
-                    let (point, started) = self.apply(&mut batch, &mut acks)?;
-                    stage.submit(point, &mut acks, started)?;
+                    let applied = self.apply(&mut batch, &mut acks)?;
+                    stage.submit(applied, &mut acks)?;
                     // Under constant load the timer branch may not get its turn.
                     self.timers()?;
                 }
